@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch: from the local wheel cache when this machine has one, else from
+# PyTorch's CPU index. A plain `pip install torch` would pull several GB of CUDA packages.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+DEMO_OUT    ?= demo-out
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SRC) numpy
+	$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch is installed; remove .venv' if torch.version.cuda else 0)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o $(DEMO_OUT)/resnet_demo.onnx
+	$(VENV)/bin/compress profile $(DEMO_OUT)/resnet_demo.onnx --device host --json $(DEMO_OUT)/profile.json
+	@echo "demo outputs: $(abspath $(DEMO_OUT))/resnet_demo.onnx  $(abspath $(DEMO_OUT))/profile.json"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

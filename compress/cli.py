@@ -1,0 +1,81 @@
+"""The `compress` command: a click group whose subcommands live in small cli_* modules.
+
+`main` maps every EdgeError to a one-line message and its exit code (2 usage, 1 otherwise); a traceback
+is shown only with --debug, because users asked for answers, not stack traces.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from compress import __version__
+from compress.errors import EdgeError
+
+EPILOG = """\b
+Examples:
+  compress devices list
+  compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o out/resnet.onnx
+  compress profile out/resnet.onnx --device host --json out/profile.json
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, envvar="EDGE_COMPRESS_DEBUG", help="Show tracebacks on errors.")
+@click.version_option(__version__, prog_name="compress")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Prune, quantize, export and profile PyTorch models for edge devices."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from compress.cli_devices import devices
+    from compress.cli_export import export
+    from compress.cli_profile import profile
+
+    for cmd in (devices, export, profile):
+        cli.add_command(cmd)
+
+
+_register()
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("EDGE_COMPRESS_DEBUG", "") not in ("", "0", "false")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        rc = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:  # usage errors from click itself
+        e.show()
+        sys.exit(e.exit_code)
+    except EdgeError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug or an unforeseen failure: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: {type(e).__name__}: {msg} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

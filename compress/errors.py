@@ -1,0 +1,44 @@
+"""One error type per failure class, so the CLI can map each to an exit code and a one-line message.
+
+Every message names the file or field at fault and what to do about it; tracebacks are for `--debug`.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base class: a failure the user can act on. Exit code 1 unless a subclass says otherwise."""
+
+    exit_code = 1
+    kind = "error"
+
+
+class UsageError(EdgeError):
+    """The command line itself is wrong (bad option values, conflicting flags)."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class InputError(EdgeError):
+    """An input file or value is missing, unreadable or does not fit (weights, calibration data, YAML)."""
+
+    kind = "input"
+
+
+class ModelError(EdgeError):
+    """The model cannot be loaded, run, exported, or its export does not match torch."""
+
+    kind = "model"
+
+
+class DeviceError(EdgeError):
+    """A device profile is unknown or invalid, or the device cannot run what the profile asks."""
+
+    kind = "device"
+
+
+class RuntimeFailure(EdgeError):
+    """onnxruntime or a subprocess failed while running a model that loaded fine."""
+
+    kind = "runtime"

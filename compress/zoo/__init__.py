@@ -1,0 +1,1 @@
+"""Models shipped with the project for demos, tests and benchmarks (no hub downloads)."""
