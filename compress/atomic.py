@@ -50,18 +50,19 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
     """Yield a temp folder beside the target; its files are moved into the target folder on success.
 
     Used where one output is several files (an ONNX model with external data): each file is renamed
-    into place only after all of them were written.
+    into place only after all of them were written, and `last` (the file that refers to the others)
+    goes last, so a reader never finds it before its data.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
     try:
         yield tmp
-        for f in sorted(tmp.iterdir()):
+        for f in sorted(tmp.iterdir(), key=lambda f: (f.name == last, f.name)):
             os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,3 +42,9 @@ class RuntimeFailure(EdgeError):
     """onnxruntime or a subprocess failed while running a model that loaded fine."""
 
     kind = "runtime"
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message: library errors span lines, ours take one."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

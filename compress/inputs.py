@@ -1,0 +1,174 @@
+"""Example and calibration inputs, keyed by the model's forward() parameter names.
+
+`--input-shape` gives shapes (random data, for export and profiling only); `--calib DATA.npz` gives real
+samples (first axis = samples) and is what quantization must use.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from compress.errors import InputError, UsageError
+from compress.loading import LoadedModel
+
+DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+_SHAPE_RE = re.compile(r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<dims>\d+(?:[,x]\d+)*)(?::(?P<dtype>[a-z0-9]+))?$")
+
+
+@dataclass(frozen=True)
+class ShapeArg:
+    name: str | None
+    shape: tuple[int, ...]
+    dtype: str | None
+
+
+@dataclass
+class InputSpec:
+    """What a graph input looks like; travels in the ONNX metadata so the profiler feeds realistic data."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    low: float | None = None
+    high: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_input_shape(text: str) -> ShapeArg:
+    """Parse `1,3,224,224`, `input_ids=1,128` or `input_ids=1,128:int64`."""
+    m = _SHAPE_RE.match(text.strip().replace(" ", ""))
+    if not m:
+        raise UsageError(f"--input-shape {text!r}: expected [NAME=]D1,D2,...[:DTYPE], e.g. 1,3,224,224 or input_ids=1,128:int64")
+    dims = tuple(int(d) for d in re.split(r"[,x]", m["dims"]))
+    if any(d < 1 for d in dims) or any(d > 1_000_000 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: every dimension must be between 1 and 1000000")
+    if np.prod(dims, dtype=np.float64) > 2**31:
+        raise UsageError(f"--input-shape {text!r}: {np.prod(dims, dtype=np.float64):.0f} elements is more than one input may hold")
+    dtype = m["dtype"]
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--input-shape {text!r}: unknown dtype {dtype!r}; one of {', '.join(sorted(DTYPES))}")
+    return ShapeArg(m["name"], dims, dtype)
+
+
+def load_calib(path: str | Path, max_samples: int | None = None) -> dict[str, np.ndarray]:
+    """Read an .npz of named arrays (no pickles) whose first axis is the sample axis."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"calibration file {path} not found")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz of plain arrays ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    if not data:
+        raise InputError(f"{path} holds no arrays")
+    counts = {}
+    for k, v in data.items():
+        if v.ndim < 1 or v.dtype.kind not in "fiub":
+            raise InputError(f"{path}: array {k!r} must be numeric with a leading sample axis (got dtype {v.dtype}, shape {v.shape})")
+        counts[k] = v.shape[0]
+    if len(set(counts.values())) != 1:
+        raise InputError(f"{path}: arrays disagree on the number of samples: {counts}")
+    if next(iter(counts.values())) == 0:
+        raise InputError(f"{path}: no samples")
+    if max_samples is not None:
+        data = {k: v[:max_samples] for k, v in data.items()}
+    return data
+
+
+def check_calib_names(calib: dict[str, np.ndarray], loaded: LoadedModel, source: str) -> None:
+    names = loaded.input_names
+    unknown = [k for k in calib if k not in names]
+    if unknown:
+        raise InputError(f"{source}: {', '.join(map(repr, unknown))} not an input of the model; its inputs are {', '.join(names) or '(none)'}")
+    missing = [k for k in loaded.required_inputs if k not in calib]
+    if missing:
+        raise InputError(f"{source}: missing required input(s) {', '.join(missing)}")
+
+
+def example_inputs(loaded: LoadedModel, shapes: Iterable[ShapeArg] = (), calib: dict[str, np.ndarray] | None = None,
+                   batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for one forward pass, in forward() order: from the calibration data when given, else random."""
+    if calib is not None:
+        ordered = [n for n in loaded.input_names if n in calib]
+        return {n: torch.from_numpy(np.ascontiguousarray(calib[n][:batch])) for n in ordered}
+    shapes = list(shapes)
+    if not shapes:
+        raise UsageError("give --input-shape or --calib so the model can be run")
+    named = _name_shapes(loaded, shapes)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name in loaded.input_names:
+        if name in named:
+            arg = named[name]
+            out[name] = dummy_tensor(name, arg.shape, arg.dtype or _default_dtype(name), loaded.config, gen)
+    return out
+
+
+def calib_samples(calib: dict[str, np.ndarray], names: list[str], start: int = 0, count: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Single-sample feeds (batch 1) from the calibration data, samples start..start+count-1."""
+    n = next(iter(calib.values())).shape[0]
+    return [{k: torch.from_numpy(np.ascontiguousarray(calib[k][i:i + 1])) for k in names} for i in range(start, min(n, start + count))]
+
+
+def _name_shapes(loaded: LoadedModel, shapes: list[ShapeArg]) -> dict[str, ShapeArg]:
+    names = loaded.input_names
+    named: dict[str, ShapeArg] = {}
+    unnamed = [s for s in shapes if s.name is None]
+    if len(unnamed) > 1:
+        raise UsageError("several --input-shape values without names; write them as NAME=SHAPE (inputs: " + ", ".join(names) + ")")
+    for s in shapes:
+        name = s.name
+        if name is None:
+            if not names:
+                raise UsageError("the model's forward() takes no named inputs")
+            name = names[0]
+        if name not in names:
+            raise UsageError(f"--input-shape names {name!r}, which is not an input of the model; its inputs are {', '.join(names)}")
+        if name in named:
+            raise UsageError(f"--input-shape gives {name!r} twice")
+        named[name] = ShapeArg(name, s.shape, s.dtype)
+    # Text models run with an attention mask; add it as Optimum does when only the ids were given.
+    if loaded.kind == "hf" and "input_ids" in named and "attention_mask" in names and "attention_mask" not in named:
+        named["attention_mask"] = ShapeArg("attention_mask", named["input_ids"].shape, "int64")
+    missing = [n for n in loaded.required_inputs if n not in named]
+    if missing:
+        raise UsageError(f"no --input-shape for required input(s) {', '.join(missing)} (give NAME=SHAPE for each)")
+    return named
+
+
+def _default_dtype(name: str) -> str:
+    return "int64" if name.endswith("_ids") or "mask" in name else "float32"
+
+
+def dummy_tensor(name: str, shape: tuple[int, ...], dtype: str, config: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    """Random data that a real model accepts: token ids below the vocabulary size, masks of ones."""
+    tdtype = getattr(torch, dtype)
+    if tdtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(tdtype)
+    if tdtype == torch.bool or "mask" in name:
+        return torch.ones(shape, dtype=tdtype)
+    high = {"input_ids": int(config.get("vocab_size", 100)), "token_type_ids": int(config.get("type_vocab_size", 1))}.get(name, 2)
+    if name == "position_ids":
+        return torch.arange(shape[-1], dtype=tdtype).expand(shape).contiguous()
+    return torch.randint(0, max(high, 1), shape, generator=gen, dtype=tdtype)
+
+
+def input_specs(example: dict[str, torch.Tensor]) -> list[InputSpec]:
+    """Shape, dtype and observed value range of each example input."""
+    specs = []
+    for name, t in example.items():
+        arr = t.detach().float() if t.numel() else t
+        low = float(arr.min()) if t.numel() else None
+        high = float(arr.max()) if t.numel() else None
+        specs.append(InputSpec(name, list(t.shape), str(t.dtype).removeprefix("torch."), low, high))
+    return specs

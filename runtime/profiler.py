@@ -1,0 +1,327 @@
+"""Host side of profiling: check the model, settle the execution providers, run `runner.py`, read its JSON.
+
+The runner always runs in a subprocess, even on the host, so that peak RSS is the runner's own (not this
+tool's torch-laden process) and so that the code that times a model here is the code copied to devices.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Callable, Optional
+
+from compress.errors import DeviceError, EdgeError, InputError, ModelError, RuntimeFailure, UsageError
+from compress.errors import first_line
+from devices.schema import DeviceProfile
+from export.metadata import get_metadata
+from runtime import providers as ep_registry
+
+RUNNER = Path(__file__).with_name("runner.py")
+
+# Defaults chosen so that two profiles of one model agree on p50 within a few percent on a noisy machine:
+# at least 30 timed runs over at least 1 s, then on until the median's 95% CI is within 2% (relative width)
+# and the medians of four time-ordered blocks agree within 4% (no drift), for at most 20 s.
+DEFAULT_WARMUP = 10
+DEFAULT_MIN_RUNS = 30
+DEFAULT_MIN_SECONDS = 1.0
+DEFAULT_TARGET_CI = 0.02
+DEFAULT_MAX_SECONDS = 20.0
+
+ProgressFn = Callable[[int, Optional[int], str], None]
+
+_ERROR_KINDS: dict[str, type[EdgeError]] = {
+    "model": ModelError,
+    "device": DeviceError,
+    "config": UsageError,
+    "runtime": RuntimeFailure,
+}
+
+
+def profile_model(
+    onnx_path: str | Path,
+    profile: DeviceProfile,
+    *,
+    runs: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
+    hotspots: bool = False,
+    max_seconds: float | None = None,
+    inputs: dict[str, dict[str, Any]] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Time ONNX_PATH as PROFILE would run it and return the runner's result plus device and host facts.
+
+    runs=None is adaptive (see DEFAULT_*). `inputs` overrides, per input name, the shape/value-range specs
+    read from the model's edge_compress metadata, key by key (a given shape keeps the metadata's value range).
+    """
+    path = Path(onnx_path).expanduser()
+    meta_inputs = check_model(path)
+    chosen, missing = resolve_providers(profile)
+    user = inputs or {}
+    specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
+    config = {
+        "providers": chosen,
+        "threads": threads if threads is not None else profile.threads,
+        "graph_optimization_level": profile.graph_optimization_level,
+        "warmup": DEFAULT_WARMUP if warmup is None else warmup,
+        "runs": runs,
+        "min_runs": DEFAULT_MIN_RUNS,
+        "min_seconds": DEFAULT_MIN_SECONDS,
+        "target_ci": DEFAULT_TARGET_CI,
+        "max_seconds": DEFAULT_MAX_SECONDS if max_seconds is None else max_seconds,
+        "seed": 0,
+        "hotspots": hotspots,
+        "inputs": specs or None,
+    }
+    _warn_oversubscribed(config["threads"])
+    result = run_runner(path, config, on_progress)
+    dropped = _silently_dropped(profile, result, missing)
+    if dropped and not profile.cpu_fallback:
+        # onnxruntime listed the EP but could not start it (e.g. CUDA libraries absent) and fell back itself
+        raise DeviceError(f"device {profile.name!r} needs {', '.join(dropped)}: this onnxruntime has it but could not "
+                          f"start it (missing driver or libraries?) and ran on {', '.join(result.get('providers') or ['?'])}")
+    missing = missing + dropped
+    result["device"] = {"name": profile.name, "arch": profile.arch, "source": str(profile.source) if profile.source else None}
+    result["fallback"] = bool(missing)
+    result["missing_providers"] = missing
+    result["host"] = _describe_host()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def check_model(path: Path) -> dict[str, dict[str, Any]]:
+    """Refuse a missing or malformed file before spending a subprocess on it; return metadata input specs."""
+    import onnx
+
+    if not path.exists():
+        raise InputError(f"model {path} not found")
+    if not path.is_file():
+        raise InputError(f"model {path} is not a file")
+    try:
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, ValidationError, OSError: all mean "not a usable model"
+        raise InputError(f"{path} is not a valid ONNX model: {first_line(e)}") from e
+    return metadata_input_specs(proto)
+
+
+def metadata_input_specs(proto: Any) -> dict[str, dict[str, Any]]:
+    """Input specs the exporter stored (metadata_props 'edge_compress'); optional, so bad JSON is ignored."""
+    meta = get_metadata(proto)
+    if meta is not None:
+        listed = meta.get("inputs") if isinstance(meta, dict) else None
+        specs = {}
+        for spec in listed if isinstance(listed, list) else []:
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+                specs[spec["name"]] = {k: spec[k] for k in ("shape", "dtype", "low", "high") if spec.get(k) is not None}
+        return _fit_shapes(proto, specs)
+    return {}
+
+
+def _fit_shapes(proto: Any, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Drop metadata shapes the graph contradicts (a later edit changed an input): the graph is the truth.
+
+    Only metadata is treated this leniently; shapes the caller passes are checked strictly by the runner.
+    """
+    graph_dims = {}
+    weights = {t.name for t in proto.graph.initializer}  # old IRs list weights as inputs; they are not fed
+    for vi in proto.graph.input:
+        if vi.name not in weights and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            graph_dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    out = {}
+    for name, spec in specs.items():
+        if name not in graph_dims:
+            continue  # an input the graph no longer has (or an initializer): the runner would refuse it
+        shape, dims = spec.get("shape"), graph_dims[name]
+        if shape is not None and not (
+            isinstance(shape, list) and len(shape) == len(dims)
+            and all(isinstance(s, int) and (d is None or s == d) for s, d in zip(shape, dims))
+        ):
+            spec = {k: v for k, v in spec.items() if k != "shape"}
+        out[name] = spec
+    return out
+
+
+# ----------------------------------------------------------------------------------------- providers
+
+
+def resolve_providers(profile: DeviceProfile) -> tuple[list[list[Any]], list[str]]:
+    """The profile's EPs that this onnxruntime has, plus CPU when falling back; and the ones it lacks.
+
+    A missing EP is an error unless the profile allows CPU fallback, because figures from another EP
+    describe another device.
+    """
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    missing = [ep.name for ep in profile.execution_providers if ep.name not in available]
+    if missing and not profile.cpu_fallback:
+        raise DeviceError(_missing_message(profile, missing, available))
+    chosen = [[ep.name, dict(ep.options)] for ep in profile.execution_providers if ep.name in available]
+    if missing:
+        from compress.console import warn
+
+        if "CPUExecutionProvider" not in [name for name, _ in chosen]:
+            chosen.append(["CPUExecutionProvider", {}])
+        warn(_fallback_message(profile, missing, [name for name, _ in chosen]))
+    return chosen, missing
+
+
+def _silently_dropped(profile: DeviceProfile, result: dict[str, Any], already: list[str]) -> list[str]:
+    """EPs the session was asked for but did not use: onnxruntime drops one that fails to initialise."""
+    used = set(result.get("providers") or [])
+    dropped = [ep.name for ep in profile.execution_providers if ep.name not in used and ep.name not in already]
+    if dropped and profile.cpu_fallback:
+        from compress.console import warn
+
+        warn(f"device {profile.name!r}: onnxruntime could not start {', '.join(dropped)} and ran on "
+             f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
+    return dropped
+
+
+def _package(name: str) -> str:
+    try:
+        return ep_registry.resolve(name).package
+    except KeyError:
+        return "an onnxruntime build that has it"
+
+
+def _missing_message(profile: DeviceProfile, missing: list[str], available: list[str]) -> str:
+    import onnxruntime as ort
+
+    needs = "; ".join(f"{m} (install {_package(m)})" for m in missing)
+    return (f"device {profile.name!r} needs {needs}, which this onnxruntime {ort.__version__} lacks; "
+            f"available: {', '.join(available)}. Set cpu_fallback: true in the profile to profile on CPU anyway")
+
+
+def _packages(missing: list[str]) -> str:
+    """Distinct packages, dropping one another names more precisely ('onnxruntime-gpu' vs '... (with TensorRT)')."""
+    pkgs = list(dict.fromkeys(_package(m) for m in missing))
+    return " or ".join(p for p in pkgs if not any(q != p and q.startswith(p) for q in pkgs))
+
+
+def _fallback_message(profile: DeviceProfile, missing: list[str], used: list[str]) -> str:
+    asks = " and ".join(missing)
+    install = f"install {_packages(missing)}"
+    return (f"device {profile.name!r} asks for {asks}, which this onnxruntime lacks ({install}); profiling on "
+            f"{', '.join(used)} instead — these figures are not the device's")
+
+
+# ---------------------------------------------------------------------------------------- subprocess
+
+
+def run_runner(model: Path, config: dict[str, Any], on_progress: ProgressFn | None = None,
+               python: str | None = None) -> dict[str, Any]:
+    """Run runner.py on MODEL with CONFIG on stdin; stream progress; map an error document to EdgeError."""
+    cmd = [python or sys.executable, str(RUNNER), str(model), "--config", "-"]
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise RuntimeFailure(f"cannot start the runner ({cmd[0]}): {e.strerror or e}") from e
+    stdout_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        _send_config(proc, config)
+        last_line = _pump_stderr(proc.stderr, on_progress)  # type: ignore[arg-type]
+        rc = proc.wait()
+        reader.join()
+    except BaseException:  # Ctrl-C (or a failing on_progress): never leave the runner behind
+        _stop(proc)
+        raise
+    return _parse_output("".join(stdout_chunks), rc, last_line)
+
+
+def _send_config(proc: subprocess.Popen, config: dict[str, Any]) -> None:
+    try:
+        proc.stdin.write(json.dumps(config))  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    except BrokenPipeError:
+        pass  # the runner died before reading; its exit status and stderr say why
+
+
+def _pump_stderr(stream: IO[str], on_progress: ProgressFn | None) -> str:
+    """Forward progress lines; remember the last other line, which is the best crash message there is."""
+    last = ""
+    for line in stream:
+        line = line.strip()
+        if not line:
+            continue
+        msg = _progress_line(line)
+        if msg is None:
+            last = line
+        elif on_progress is not None:
+            on_progress(*msg)
+    return last
+
+
+def _progress_line(line: str) -> tuple[int, int | None, str] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(d, dict) or "progress" not in d:
+        return None
+    return int(d["progress"]), (int(d["total"]) if d.get("total") is not None else None), str(d.get("phase", ""))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _parse_output(stdout: str, rc: int, last_stderr: str) -> dict[str, Any]:
+    doc = None
+    text = stdout.strip()
+    if text:
+        try:
+            doc = json.loads(text.splitlines()[-1])
+        except json.JSONDecodeError:
+            doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        err = doc["error"]
+        cls = _ERROR_KINDS.get(err.get("kind", ""), RuntimeFailure)
+        raise cls(str(err.get("message", "the runner failed")))
+    if rc != 0 or not isinstance(doc, dict):
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        hint = " (out of memory?)" if rc == -9 else ""
+        detail = f": {last_stderr}" if last_stderr else ""
+        raise RuntimeFailure(f"the profiling runner {how}{hint} without a result{detail}")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------- misc
+
+
+def _warn_oversubscribed(threads: int) -> None:
+    """More intra-op threads than cores makes every run wait on preempted workers: noise, not the device."""
+    import os
+
+    cores = os.cpu_count() or 0
+    if cores and threads > cores:
+        from compress.console import warn
+
+        warn(f"{threads} threads on a machine with {cores} cores: runs will queue for CPUs and the figures will "
+             f"be slow and noisy; pass --threads {cores} or profile on the device itself")
+
+
+def _describe_host() -> dict[str, Any] | None:
+    try:
+        from devices.host import describe_host
+    except ImportError:
+        return None
+    return describe_host()
+

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models and files built in the test's own folder (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    """A user model file with a factory, importing a sibling helper module as users' projects do."""
+    (tmp_path / "helpers.py").write_text("WIDTH = 6\n")
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\nfrom helpers import WIDTH\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, WIDTH, 3, padding=1)\n"
+        "        self.fc = nn.Linear(WIDTH, 4)\n"
+        "    def forward(self, pixels):\n"
+        "        return self.fc(self.conv(pixels).relu().mean((2, 3)))\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Net()\n\n"
+        "def not_a_model():\n    return 42\n\n"
+        "def broken():\n    raise ValueError('no such checkpoint')\n"
+    )
+    return tmp_path / "net.py"
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory):
+    """A tiny BERT saved as a Hugging Face folder (config.json + model.safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("bert")
+    cfg = transformers.BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    import torch
+
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
