@@ -26,7 +26,11 @@ def info(msg: str) -> None:
 
 def warn(msg: str) -> None:
     """Warnings always reach stderr: they change what the user should trust."""
-    err_console.print(f"[yellow]warning:[/yellow] {msg}" if interactive() else f"warning: {msg}")
+    if interactive():
+        err_console.print(f"[yellow]warning:[/yellow] {msg}")
+    else:  # one unwrapped line per warning, for logs and scripts
+        sys.stderr.write(f"warning: {msg}\n")
+        sys.stderr.flush()
 
 
 def emit_json(obj: Any) -> None:

@@ -263,6 +263,19 @@ def channel_multiple(arch: str, isa: Iterable[str]) -> int:
     return 4
 
 
+def session_defaults(threads: int, cores: int) -> dict[str, str]:
+    """onnxruntime session entries for a thread pool of `threads` on `cores` usable cores.
+
+    When the pool takes every core, a spinning worker competes with everything else on the machine. On
+    the project's shared 2-vCPU machines that made the p50 of one encoder flip between two levels
+    (11.3 and 13.4 ms) from one second to the next with spinning on, and hold 13.2-13.6 ms with it off
+    (measured interleaved; see bench/profile_repeatability.py). Stable figures are worth more there.
+    """
+    if threads >= cores:
+        return {"session.intra_op.allow_spinning": "0"}
+    return {}
+
+
 def int8_dot(isa: Iterable[str]) -> bool:
     """Whether the CPU has INT8 dot-product instructions, the thing that makes INT8 pay on CPU."""
     return bool(set(isa) & {"vnni", "avx_vnni", "amx", "dotprod", "i8mm"})

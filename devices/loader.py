@@ -192,6 +192,7 @@ def apply_host_detection(profile: DeviceProfile, shown: str) -> DeviceProfile:
         quantization=quant.model_dump(),
         pruning={"channel_multiple": host.channel_multiple(h.arch, h.isa)},
         int8_dot=host.int8_dot(h.isa),
+        session_config={**host.session_defaults(h.cores, h.cores), **profile.session_config},
     )
     return _validate(data, shown)
 

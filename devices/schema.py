@@ -83,6 +83,10 @@ class DeviceProfile(_Strict):
     execution_providers: list[ExecutionProvider] = Field(min_length=1)
     cpu_fallback: bool = Field(True, description="run on CPU when this onnxruntime lacks the profile's EPs")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    session_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="onnxruntime session config entries, e.g. session.intra_op.allow_spinning: '0'",
+    )
     opset: int = Field(18, ge=13, le=23)
     quantization: QuantizationPrefs = Field(default_factory=QuantizationPrefs)
     pruning: PruningPrefs = Field(default_factory=PruningPrefs)

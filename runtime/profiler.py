@@ -66,6 +66,7 @@ def profile_model(
         "providers": chosen,
         "threads": threads if threads is not None else profile.threads,
         "graph_optimization_level": profile.graph_optimization_level,
+        "session_config": dict(profile.session_config),
         "warmup": DEFAULT_WARMUP if warmup is None else warmup,
         "runs": runs,
         "min_runs": DEFAULT_MIN_RUNS,

@@ -33,6 +33,7 @@ DEFAULTS = {
     "providers": [["CPUExecutionProvider", {}]],
     "threads": 1,
     "graph_optimization_level": "all",
+    "session_config": {},  # onnxruntime session config entries (string -> string)
     "warmup": 10,
     "runs": None,  # None: adaptive, until the median's confidence interval is tight enough
     "max_seconds": 20.0,
@@ -153,6 +154,8 @@ def validate_config(cfg: Dict[str, Any]) -> None:
             raise RunnerError("config", "each provider must be [name, {options}] (got {!r})".format(p))
         norm.append((p[0], dict(p[1])))
     cfg["providers"] = norm
+    if not isinstance(cfg["session_config"], dict):
+        raise RunnerError("config", "session_config must be an object of string entries")
     if not isinstance(cfg["hotspots"], bool):
         raise RunnerError("config", "hotspots must be true or false")
     if cfg["inputs"] is not None and not isinstance(cfg["inputs"], dict):
@@ -206,6 +209,11 @@ def session_options(ort: Any, cfg: Dict[str, Any], profile_prefix: Optional[str]
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[cfg["graph_optimization_level"]]
     so.log_severity_level = 3  # warnings would interleave with the progress lines on stderr
+    for key, value in cfg["session_config"].items():
+        try:
+            so.add_session_config_entry(str(key), str(value))
+        except Exception as e:
+            raise RunnerError("config", "session config {}={}: {}".format(key, value, one_line(e)))
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -722,6 +730,7 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         "requested_providers": [name for name, _ in cfg["providers"]],
         "threads": cfg["threads"],
         "graph_optimization_level": cfg["graph_optimization_level"],
+        "session_config": dict(cfg["session_config"]),
         "runs": len(lat),
         "warmup": cfg["warmup"],
         "timing_s": timing_s,

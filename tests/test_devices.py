@@ -497,3 +497,10 @@ def test_subprocess_list_json_and_unknown_device(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "nosuch" in lines[0] and "rpi4-cortex-a72" in lines[0] and "host" in lines[0]
+
+
+def test_session_defaults_stop_spinning_only_when_the_pool_takes_every_core():
+    from devices.host import session_defaults
+
+    assert session_defaults(2, 2) == {"session.intra_op.allow_spinning": "0"}
+    assert session_defaults(2, 8) == {}

@@ -95,7 +95,7 @@ def _run_runner(model: Path, config: dict, *extra: str) -> tuple[int, dict, str]
 
 RESULT_KEYS = {
     "schema", "model", "model_size_bytes", "providers", "requested_providers", "threads", "graph_optimization_level",
-    "runs", "warmup", "latency_ms", "spread", "throughput_per_s", "load_ms", "peak_rss_mb", "inputs", "outputs",
+    "session_config", "runs", "warmup", "latency_ms", "spread", "throughput_per_s", "load_ms", "peak_rss_mb", "inputs", "outputs",
     "onnxruntime_version", "available_providers", "platform", "hotspots",
 }
 
@@ -128,6 +128,13 @@ def test_runner_schema_fixed_runs(mm_model: Path) -> None:
     assert doc["hotspots"] is None
     phases = [json.loads(ln)["phase"] for ln in stderr.splitlines() if ln.startswith('{"progress"')]
     assert "warmup" in phases and phases[-1] == "timing"
+
+
+def test_runner_applies_session_config(mm_model: Path) -> None:
+    rc, doc, _ = _run_runner(mm_model, {"runs": 3, "warmup": 0, "session_config": {"session.intra_op.allow_spinning": "0"}})
+    assert rc == 0 and doc["session_config"] == {"session.intra_op.allow_spinning": "0"}
+    rc, doc, _ = _run_runner(mm_model, {"runs": 3, "session_config": ["not", "a", "mapping"]})
+    assert rc == 1 and doc["error"]["kind"] == "config"
 
 
 def test_runner_adaptive_stops_and_reports_spread(mm_model: Path) -> None:
@@ -404,6 +411,8 @@ def test_cli_profile_default_device_is_host(mm_model: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["device"]["name"] == "host" and doc["fallback"] is False
+    # the host's pool takes every core, so workers must not spin (see devices.host.session_defaults)
+    assert doc["session_config"] == {"session.intra_op.allow_spinning": "0"}
 
 
 def test_cli_profile_missing_model_exits_1(tmp_path: Path) -> None:
