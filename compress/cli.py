@@ -20,6 +20,7 @@ Examples:
   compress devices list
   compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o out/resnet.onnx
   compress profile out/resnet.onnx --device host --json out/profile.json
+  compress prune compress.zoo:resnet_demo --input-shape 1,3,224,224 --ratio 0.5 -o out/pruned.onnx
 """
 
 
@@ -37,8 +38,9 @@ def _register() -> None:
     from compress.cli_devices import devices
     from compress.cli_export import export
     from compress.cli_profile import profile
+    from compress.cli_prune import prune
 
-    for cmd in (devices, export, profile):
+    for cmd in (devices, export, profile, prune):
         cli.add_command(cmd)
 
 

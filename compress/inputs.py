@@ -172,3 +172,26 @@ def input_specs(example: dict[str, torch.Tensor]) -> list[InputSpec]:
         high = float(arr.max()) if t.numel() else None
         specs.append(InputSpec(name, list(t.shape), str(t.dtype).removeprefix("torch."), low, high))
     return specs
+
+
+def calib_batches(calib: dict[str, np.ndarray], names: list[str], batch_size: int = 8, start: int = 0,
+                  stop: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Samples start..stop of the calibration data as batches of up to batch_size, in forward() order."""
+    n = next(iter(calib.values())).shape[0]
+    stop = n if stop is None else min(stop, n)
+    return [{k: torch.from_numpy(np.ascontiguousarray(calib[k][i:min(i + batch_size, stop)])) for k in names}
+            for i in range(start, stop, batch_size)]
+
+
+def random_batches(loaded: LoadedModel, example: dict[str, torch.Tensor], count: int, batch_size: int = 8,
+                   seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Synthetic batches shaped like the example (batch axis = batch_size), for when no --calib is given.
+
+    Only a stand-in: weights tuned or scored on random inputs fit random inputs, so callers warn.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        out.append({k: dummy_tensor(k, (batch_size, *v.shape[1:]), str(v.dtype).removeprefix("torch."), loaded.config, gen)
+                    for k, v in example.items()})
+    return out
