@@ -74,8 +74,10 @@ def main() -> int:
               f"{s1 / mx:>8.2f} {full.wall_ms[n]:>13.2f} {sw:>7.2f}x")
     mx = macs0 / stats["ours"][0]
     s1 = one.speedup("ours", "cpu")
-    print(f"goal: MACs down >= 3.5x: {mx:.2f}x {'ok' if mx >= 3.5 else 'MISSED'}; "
-          f"latency down >= 0.9 x MACs reduction ({0.9 * mx:.2f}x): {s1:.2f}x {'ok' if s1 >= 0.9 * mx else 'MISSED'}")
+    goals = [f"latency down >= 0.9 x MACs reduction ({0.9 * mx:.2f}x): {s1:.2f}x {'ok' if s1 >= 0.9 * mx else 'MISSED'}"]
+    if args.ratio == 0.5:  # the MACs goal is stated for 50% of channels
+        goals.insert(0, f"MACs down >= 3.5x: {mx:.2f}x {'ok' if mx >= 3.5 else 'MISSED'}")
+    print("goal (ours): " + "; ".join(goals))
     return 0
 
 

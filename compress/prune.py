@@ -288,8 +288,8 @@ def prune_model(
         more than `max_layer_ratio` of its channels. Heads are still removed at `ratio` per attention layer:
         head scores of different layers are not comparable enough to let one layer lose all of its heads.
     ignore: module names (or prefixes, `layers.3`) to leave exactly as they are, inputs and outputs alike.
-    round_to: channel counts (and attention widths) are rounded down to multiples of this; a layer that would
-        round to zero keeps its width.
+    round_to: channel counts (and attention widths) are rounded to the nearest multiple of this (never below
+        one multiple).
     calib: batches for gradient-based criteria (the example is used when none are given).
     prune_heads: False keeps every attention head; MLP neurons and conv channels are still removed.
     """
@@ -616,13 +616,21 @@ class _GuardedPruner(tp.pruner.MetaPruner):
         return super()._is_atten_group(group)
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        """Channels to prune so that the kept width is the multiple of round_to NEAREST the asked-for width.
+
+        Torch-Pruning rounds the kept width down, which at ratio 0.3 took a 64-channel conv to 32 (50%
+        pruned); nearest keeps 48. A width that would round to zero keeps one step.
+        """
         groups = self._ch_groups_now
         if groups <= 1 or current_channels % groups:
-            return super()._round_to(n_pruned, current_channels, round_to)
+            groups = 1
         per_group = current_channels // groups
         step = round_to // math.gcd(round_to, groups)
-        kept = (per_group - n_pruned) // step * step
-        return per_group - kept if kept > 0 else per_group  # all: the group is then refused, widths stay
+        kept = int(math.floor((per_group - n_pruned) / step + 0.5)) * step
+        kept = min(max(kept, step), per_group)
+        if kept >= per_group or kept <= 0:
+            return 0 if kept >= per_group else per_group  # nothing to prune / all: the group is refused
+        return per_group - kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -630,12 +638,12 @@ class _GuardedPruner(tp.pruner.MetaPruner):
 
 
 def _kept_heads(heads: int, head_dim: int, ratio: float, round_to: int | None, max_layer_ratio: float) -> int:
-    """Heads to keep: floor(heads * (1 - ratio)), in steps that keep heads * head_dim a multiple of round_to,
+    """Heads to keep: heads * (1 - ratio) rounded to the nearest step, in steps that keep heads * head_dim a multiple of round_to,
     never fewer than one step nor than (1 - max_layer_ratio) of the heads; all heads if no step fits."""
     step = round_to // math.gcd(round_to, head_dim) if round_to else 1
     if step > heads:
         return heads
-    keep = math.floor(heads * (1.0 - ratio) / step + 1e-9) * step
+    keep = math.floor(heads * (1.0 - ratio) / step + 0.5) * step
     floor_keep = math.ceil(heads * (1.0 - max_layer_ratio) - 1e-9)
     while keep < max(step, floor_keep):
         keep += step
