@@ -41,6 +41,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
     tmp_p = Path(tmp)
+    os.chmod(tmp_p, default_mode(0o666))  # mkstemp makes 0600; an output file gets the usual permissions
     try:
         yield tmp_p
         os.replace(tmp_p, target)
@@ -60,12 +61,20 @@ def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[P
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
+    os.chmod(tmp, default_mode(0o777))
     try:
         yield tmp
         for f in sorted(tmp.iterdir(), key=lambda f: (f.name == last, f.name)):
             os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_mode(base: int) -> int:
+    """`base` with the process umask applied, as open()/mkdir() would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

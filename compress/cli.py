@@ -39,8 +39,9 @@ def _register() -> None:
     from compress.cli_export import export
     from compress.cli_profile import profile
     from compress.cli_prune import prune
+    from compress.cli_run import run
 
-    for cmd in (devices, export, profile, prune):
+    for cmd in (devices, export, profile, prune, run):
         cli.add_command(cmd)
 
 

@@ -53,8 +53,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
     from compress.importance import get_importance
-    from compress.inputs import (calib_batches, check_calib_names, example_inputs, load_calib, parse_input_shape,
-                                 random_batches)
+    from compress.inputs import prepare_inputs
     from compress.loading import load_model
     from compress.prune_stage import PruneOptions, prune_stage
     from devices.loader import load_profile
@@ -72,29 +71,13 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     profile = load_profile(device)
     if opts.round_to is None and opts.ratio is not None:
         opts.round_to = profile.pruning.channel_multiple
-    shapes = [parse_input_shape(s) for s in input_shapes]
 
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
-        data = load_calib(calib) if calib else None
-        if data is not None:
-            check_calib_names(data, loaded, calib)
-        example = example_inputs(loaded, shapes, data)
-        names = list(example)
-        if data is not None:
-            n = next(iter(data.values())).shape[0]
-            cut = n - max(1, n // 4) if n >= 8 else n  # hold out a quarter for fidelity when there is enough
-            train = calib_batches(data, names, start=0, stop=cut)
-            held = calib_batches(data, names, start=cut) if cut < n else train
-            calib_info = {"source": calib, "samples": n, "train_samples": cut, "held_out": cut < n}
-        else:
-            console.warn("no --calib: channel scores, recovery and fidelity use random inputs, which say little about "
-                         "real data; pass --calib DATA.npz with real samples")
-            train = random_batches(loaded, example, count=8)
-            held = random_batches(loaded, example, count=2, seed=99)
-            calib_info = {"source": "random", "samples": 0, "train_samples": 64, "held_out": True}
-        pruned, report = prune_stage(loaded.module, example, train, held, opts, on_stage=lambda s: step.update(description=s))
-        report["calibration"] = calib_info
+        prep = prepare_inputs(loaded, input_shapes, calib)
+        example = prep.example
+        pruned, report = prune_stage(loaded.module, example, prep.train, prep.held_out, opts, on_stage=lambda s: step.update(description=s))
+        report["calibration"] = prep.info
         step.update(description="exporting")
         from export.onnx_export import export_onnx
 
@@ -136,7 +119,7 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
         providers, _ = resolve_providers(profile)
         feeds = {k: v.numpy() for k, v in example.items()}
         ab = interleaved_latency({"original": base, "pruned": pruned_path}, feeds=feeds, providers=[p for p, _ in providers],
-                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30)
+                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30, min_seconds=3.0)
         measured["latency"] = ab.to_json()
     return measured
 

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Piped output is read by people in logs and CI too; rich's 80-column default folds tables into unreadable cells.
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def interactive() -> bool:

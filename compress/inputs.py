@@ -195,3 +195,39 @@ def random_batches(loaded: LoadedModel, example: dict[str, torch.Tensor], count:
         out.append({k: dummy_tensor(k, (batch_size, *v.shape[1:]), str(v.dtype).removeprefix("torch."), loaded.config, gen)
                     for k, v in example.items()})
     return out
+
+
+@dataclass
+class Prepared:
+    """Everything a compression stage needs to run the model: an example, batches to tune on, batches to judge."""
+
+    example: dict[str, torch.Tensor]
+    train: list[dict[str, torch.Tensor]]
+    held_out: list[dict[str, torch.Tensor]]
+    info: dict[str, Any]
+
+
+def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib: str | None = None) -> Prepared:
+    """Example, tuning and held-out batches from --calib (a quarter held out when there are 8+ samples), or
+    random ones shaped by --input-shape with a loud warning: scores and recovery tuned on noise fit noise."""
+    if bool(list(input_shapes)) == bool(calib):
+        raise UsageError("give either --input-shape or --calib (exactly one)")
+    shapes = [parse_input_shape(s) for s in input_shapes]
+    data = load_calib(calib) if calib else None
+    if data is not None:
+        check_calib_names(data, loaded, calib)
+    example = example_inputs(loaded, shapes, data)
+    names = list(example)
+    if data is None:
+        from compress.console import warn
+
+        warn("no --calib: channel scores, recovery and fidelity use random inputs, which say little about "
+             "real data; pass --calib DATA.npz with real samples")
+        train = random_batches(loaded, example, count=8)
+        held = random_batches(loaded, example, count=2, seed=99)
+        return Prepared(example, train, held, {"source": "random", "samples": 0, "train_samples": 64, "held_out": True})
+    n = next(iter(data.values())).shape[0]
+    cut = n - max(1, n // 4) if n >= 8 else n
+    train = calib_batches(data, names, start=0, stop=cut)
+    held = calib_batches(data, names, start=cut) if cut < n else train
+    return Prepared(example, train, held, {"source": calib, "samples": n, "train_samples": cut, "held_out": cut < n})

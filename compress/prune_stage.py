@@ -28,11 +28,12 @@ class PruneOptions:
     lr: float = 1e-4
     finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
 
-    def check(self) -> None:
+    def check(self, ratio_flag: str = "--ratio") -> None:
+        """Validate; `ratio_flag` is the option that set `ratio`, so the message names what the user typed."""
         if self.ratio is None and self.sparsity is None:
-            raise UsageError("give --ratio (structural pruning) and/or --sparsity (weight masks)")
+            raise UsageError(f"give {ratio_flag} (structural pruning) and/or --sparsity (weight masks)")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            raise UsageError(f"--ratio {self.ratio}: must be between 0 and 1 (exclusive)")
+            raise UsageError(f"{ratio_flag} {self.ratio}: must be between 0 and 1 (exclusive)")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
             raise UsageError(f"--sparsity {self.sparsity}: must be between 0 and 1 (exclusive)")
         if self.round_to is not None and self.round_to < 1:

@@ -82,6 +82,7 @@ def interleaved_latency(
     threads: int = 1,
     session_config: Optional[dict[str, str]] = None,
     rounds: int = 30,
+    min_seconds: float = 0.0,
     warmup: int = 5,
     baseline: Optional[str] = None,
     on_round: Optional[Callable[[int, int], None]] = None,
@@ -89,7 +90,8 @@ def interleaved_latency(
     """Time each model once per round, rounds in alternating order, and take per-model medians.
 
     All models must take the same inputs (one model and its compressed variants); `feeds` defaults to
-    random data shaped for the first model.
+    random data shaped for the first model. `min_seconds` raises the round count for fast models, whose
+    sub-millisecond runs need many rounds before a median means anything.
     """
     if not models:
         raise ValueError("no models to time")
@@ -104,9 +106,13 @@ def interleaved_latency(
         f = {k: v for k, v in feeds.items() if k in wanted}
         outs = [o.name for o in s.get_outputs()]
         runners[n] = (lambda s=s, f=f, outs=outs: s.run(outs, f))
+    t0 = time.perf_counter()
     for run in runners.values():
         for _ in range(warmup):
             run()
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+    if min_seconds > 0 and per_round > 0:
+        rounds = max(rounds, min(int(min_seconds / per_round) + 1, 20000))
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):

@@ -31,7 +31,7 @@ def test_prune_cnn_report_and_model(tmp_path):
         assert key in rep["fidelity"] and key in rep["fidelity_before_recovery"]
     assert rep["onnx"]["parity"]["ok"]
     lat = rep["measured"]["latency"]
-    assert set(lat["wall_ms"]) == {"original", "pruned"} and lat["rounds"] == 30
+    assert set(lat["wall_ms"]) == {"original", "pruned"} and lat["rounds"] >= 30
     n_params = sum(int(np.prod(t.dims)) for t in onnx.load(str(out)).graph.initializer)
     assert n_params < 0.5 * s["params_before"]
 

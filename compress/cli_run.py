@@ -1,0 +1,102 @@
+"""`compress run`: the whole pipeline in one command, one recommended artifact."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compress import console
+from compress.errors import UsageError
+
+EPILOG = """\b
+Examples:
+  compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
+  compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
+  compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
+"""
+
+
+@click.command("run", epilog=EPILOG)
+@click.argument("model")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict: .safetensors, or .pt/.pth (weights_only=True).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]", help="Example input shape; repeat per input.")
+@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names; first axis samples).")
+@click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
+@click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
+@click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
+@click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
+@click.option("--quant", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Quantization (int8/fp8 are not in this version yet).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine.")
+@click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
+def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
+        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, tolerance: float, runs: int | None,
+        json_out: str | None, output: str) -> None:
+    """Build every variant of MODEL for a device, profile each there, and recommend one.
+
+    Variants: fp32 always; 'pruned' with --prune. Each is exported (verified against torch), profiled with the
+    device profile, timed against fp32 interleaved, and compared with fp32 on held-out inputs. The
+    recommendation is the fastest variant within --tolerance, and fp32 when nothing else pays.
+    Writes OUTDIR/report.json and one .onnx per variant.
+    """
+    from compress.atomic import check_output_path
+    from compress.loading import load_model
+    from compress.inputs import prepare_inputs
+    from compress.pipeline import RunOptions, run_pipeline
+    from compress.prune_stage import PruneOptions
+    from devices.loader import load_profile
+
+    if bool(input_shapes) == bool(calib):
+        raise UsageError("give either --input-shape or --calib (exactly one)")
+    outdir = check_output_path(output, [model, weights, calib])
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {output} is a file; give a folder")
+    profile = load_profile(device)
+    prune_opts = None
+    if prune_ratio is not None:
+        prune_opts = PruneOptions(ratio=prune_ratio, importance=importance, recover=not no_recover,
+                                  round_to=profile.pruning.channel_multiple)
+        prune_opts.check("--prune")
+        from compress.importance import get_importance
+
+        get_importance(importance)
+    opts = RunOptions(prune=prune_opts, quant=quant, tolerance=tolerance, runs=runs, source=model,
+                      command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    with console.progress("loading model") as step:
+        loaded = load_model(model, weights)
+        prep = prepare_inputs(loaded, input_shapes, calib)
+        report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, Path(outdir), opts,
+                              on_stage=lambda s: step.update(description=s), extra={"calibration": prep.info})
+    if json_out == "-":
+        console.emit_json(report)
+        return
+    if json_out:
+        from compress.atomic import write_json
+
+        write_json(json_out, report)
+    _print_table(report, outdir)
+
+
+def _print_table(r: dict[str, Any], outdir: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{r['device']['name']}: variants", header_style="bold")
+    for col in ("variant", "p50 ms", "p90 ms", "speedup", "size MB", "params M", "GMACs", "fidelity", "ok"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in r["variants"]:
+        f = v["fidelity"]
+        fid = f"top-1 {f['top1_agreement']:.1%}" if f.get("top1_agreement") is not None else f"cos {f['cosine_min'] or 0:.4f}"
+        mark = "*" if v["name"] == r["recommended"] else ""
+        t.add_row(v["name"] + mark, f"{v['latency_ms']['p50']:.2f}", f"{v['latency_ms']['p90']:.2f}", f"{v['speedup_vs_fp32']:.2f}x",
+                  f"{v['size_bytes'] / 1e6:.1f}", f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.3f}", fid,
+                  "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
+    console.out_console.print(t)
+    console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
+    console.out_console.print(f"report: {outdir / 'report.json'}")

@@ -1,0 +1,164 @@
+"""`compress run`: load -> (prune) -> export -> profile every variant on the device -> report.json.
+
+Each variant is profiled with the device profile, its speedup over fp32 is measured interleaved (so both
+numbers see the same machine), and its fidelity to the fp32 model is measured on held-out inputs. The
+recommended variant is the fastest one within tolerance, which may honestly be fp32.
+
+The whole output folder is built beside OUTDIR and swapped in at the end: a failed or interrupted run
+leaves OUTDIR as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import onnx
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.atomic import default_mode, write_json
+from compress.prune_stage import PruneOptions, prune_stage
+from devices.schema import DeviceProfile
+
+SCHEMA = "edge-compress/report/1"
+
+
+@dataclass
+class RunOptions:
+    prune: Optional[PruneOptions] = None
+    quant: str = "none"
+    tolerance: float = 0.01  # allowed loss: 1 - top-1 agreement for classifiers, else 1 - min cosine
+    runs: Optional[int] = None
+    max_seconds: Optional[float] = None
+    ab_rounds: int = 30
+    source: str = ""
+    command: str = ""
+
+
+def _params(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(_numel(t.dims)) for t in model.graph.initializer))
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def within_tolerance(fid: dict[str, Any], tolerance: float) -> bool:
+    """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine."""
+    if fid.get("top1_agreement") is not None:
+        return fid["top1_agreement"] >= 1.0 - tolerance
+    return fid.get("cosine_min") is not None and fid["cosine_min"] >= 1.0 - tolerance
+
+
+def recommend(variants: list[dict[str, Any]], tolerance: float) -> tuple[str, str]:
+    ok = [v for v in variants if v["name"] == "fp32" or v["within_tolerance"]]
+    best = max(ok, key=lambda v: (v["speedup_vs_fp32"] or 0.0, v["name"] == "fp32"))
+    others = [v for v in variants if v["name"] != "fp32"]
+    if best["name"] != "fp32":
+        return best["name"], (f"{best['name']} is {best['speedup_vs_fp32']:.2f}x faster than fp32 on this device "
+                              f"and within tolerance {tolerance:g}")
+    if not others:
+        return "fp32", "only fp32 was built"
+    why = []
+    for v in others:
+        if not v["within_tolerance"]:
+            why.append(f"{v['name']} is outside tolerance {tolerance:g}")
+        else:
+            why.append(f"{v['name']} is not faster ({v['speedup_vs_fp32']:.2f}x)")
+    return "fp32", "; ".join(why) + ": keeping fp32"
+
+
+def run_pipeline(
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    train: list[dict[str, torch.Tensor]],
+    held_out: list[dict[str, torch.Tensor]],
+    profile: DeviceProfile,
+    outdir: Path,
+    opts: RunOptions,
+    on_stage: Callable[[str], None] = lambda s: None,
+    extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    from compress.fidelity import fidelity, onnx_outputs, torch_outputs
+    from export.onnx_export import export_onnx
+    from runtime.abtest import interleaved_latency
+    from runtime.profiler import profile_model, resolve_providers
+
+    outdir = Path(outdir)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    os.chmod(work, default_mode(0o777))
+    try:
+        modules: dict[str, nn.Module] = {"fp32": model}
+        stages: dict[str, Any] = {}
+        if opts.prune is not None:
+            pruned, stages["prune"] = prune_stage(model, example, train, held_out, opts.prune, on_stage)
+            modules["pruned"] = pruned
+        reference = torch_outputs(model, held_out)
+        variants = []
+        for name, module in modules.items():
+            on_stage(f"exporting {name}")
+            path = work / f"{name}.onnx"
+            res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
+                              extra_meta={"variant": name})
+            macs, _ = tp.utils.count_ops_and_params(module, example)
+            variants.append({"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
+                             "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []})
+        for v in variants:
+            on_stage(f"profiling {v['name']} on {profile.name}")
+            prof = profile_model(work / v["onnx"], profile, runs=opts.runs, max_seconds=opts.max_seconds)
+            v["latency_ms"] = {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")}
+            v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
+            v["fidelity"] = fidelity(reference, onnx_outputs(work / v["onnx"], held_out))
+            v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
+        on_stage("timing the variants against fp32, interleaved")
+        providers, _ = resolve_providers(profile)
+        ab = interleaved_latency({v["name"]: work / v["onnx"] for v in variants}, feeds={k: t.numpy() for k, t in example.items()},
+                                 providers=[p for p, _ in providers], threads=profile.threads,
+                                 session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
+        for v in variants:
+            v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall")
+        name, reason = recommend(variants, opts.tolerance)
+        from devices.host import describe_host
+
+        report = {
+            "schema": SCHEMA,
+            "device": {**profile.model_dump(mode="json", exclude={"remote"}), "source": str(profile.source) if profile.source else None},
+            "host": describe_host(),
+            "variants": variants,
+            "recommended": name,
+            "reason": reason,
+            "tolerance": opts.tolerance,
+            "speedup_measure": f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads",
+            "stages": stages,
+            "command": opts.command,
+            **(extra or {}),
+        }
+        write_json(work / "report.json", report)
+        _swap_in(work, outdir)
+        return report
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _swap_in(work: Path, outdir: Path) -> None:
+    """Replace OUTDIR by the finished folder with two renames; the old one is removed only afterwards."""
+    old = None
+    if outdir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
+        os.rmdir(old)
+        os.replace(outdir, old)
+    os.replace(work, outdir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

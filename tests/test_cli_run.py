@@ -1,0 +1,64 @@
+"""`compress run`: report.json schema, variants, recommendation, and all-or-nothing output folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+
+VARIANT_KEYS = {"name", "onnx", "size_bytes", "params", "macs", "latency_ms", "speedup_vs_fp32", "fidelity", "simulated",
+                "excluded_layers", "within_tolerance"}
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_run_prune_quant_none_report(tmp_path):
+    out = tmp_path / "out"
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--device", "host", "--prune", "0.5",
+             "--quant", "none", "--runs", "5", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in rep["variants"]] == ["fp32", "pruned"]
+    fp32, pruned = rep["variants"]
+    for v in rep["variants"]:
+        assert VARIANT_KEYS <= set(v)
+        assert set(v["latency_ms"]) == {"p50", "p90", "p99", "mean", "std"}
+        assert {"cosine_min", "cosine_mean", "rel_l2", "top1_agreement"} <= set(v["fidelity"])
+        assert v["simulated"] is False and v["speedup_vs_fp32"] > 0
+        sess = ort.InferenceSession(str(out / v["onnx"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert pruned["params"] < 0.4 * fp32["params"] and pruned["macs"] < fp32["macs"]
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["fidelity"]["top1_agreement"] == 1.0
+    assert rep["recommended"] in ("fp32", "pruned") and rep["reason"]
+    assert rep["device"]["name"] == "host" and rep["host"]["arch"] in ("x86_64", "arm64")
+    assert "recommended:" in r.stdout
+
+
+def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
+    (tmp_path / "noisy.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Noisy(nn.Module):\n    def forward(self, x):\n        return x + torch.rand_like(x)\n\n"
+        "def build():\n    return Noisy()\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    r = _cli("run", f"{tmp_path / 'noisy.py'}:build", "--input-shape", "2,8", "--runs", "3", "-o", str(out))
+    assert r.returncode == 1 and "differs from torch" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noisy.py", "out"]  # no partial folders left
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--input-shape", "1,3,32,32", "--prune", "0"], "--prune 0.0"),
+    (["--input-shape", "1,3,32,32", "--quant", "int8"], "int8"),
+    (["--input-shape", "1,3,32,32", "--device", "nosuch"], "unknown device"),
+])
+def test_run_usage_errors(tmp_path, args, text):
+    r = _cli("run", "compress.zoo:resnet_tiny", *args, "-o", str(tmp_path / "o"))
+    assert r.returncode in (1, 2) and text in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
