@@ -33,6 +33,14 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] = 
     return out_p
 
 
+def check_onnx_output(out: str, inputs: list[str | os.PathLike | None] = ()) -> Path:
+    """check_output_path for a command whose -o is one .onnx file."""
+    path = check_output_path(out, inputs)
+    if not str(out).lower().endswith(".onnx"):
+        raise UsageError(f"-o {out}: the output must end in .onnx")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it onto the target only if the block succeeds."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from compress import console
-from compress.atomic import check_output_path
+from compress.atomic import check_onnx_output
 from compress.errors import UsageError
 
 EPILOG = """\b
@@ -43,9 +43,7 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
 
     if bool(input_shapes) == bool(calib):
         raise UsageError("give either --input-shape or --calib (exactly one)")
-    out = check_output_path(output, [model, weights, calib])
-    if not output.lower().endswith(".onnx"):
-        raise UsageError(f"-o {output}: the output must end in .onnx")
+    out = check_onnx_output(output, [model, weights, calib])
     shapes = [parse_input_shape(s) for s in input_shapes]
     if opset is None:
         opset = 18

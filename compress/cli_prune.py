@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from compress import console
-from compress.atomic import check_output_path, write_json
+from compress.atomic import check_onnx_output, write_json
 from compress.errors import UsageError
 
 EPILOG = """\b
@@ -60,9 +60,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
 
     if bool(input_shapes) == bool(calib):
         raise UsageError("give either --input-shape or --calib (exactly one)")
-    out = check_output_path(output, [model, weights, calib])
-    if not output.lower().endswith(".onnx"):
-        raise UsageError(f"-o {output}: the output must end in .onnx")
+    out = check_onnx_output(output, [model, weights, calib])
     opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
                         round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
                         recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune)
