@@ -228,7 +228,7 @@ def export_onnx(
             }
             metadata.set_metadata(proto, meta)
             stage("writing")
-            _write(proto, out_path, external)
+            write_model(proto, out_path, external)
             return ExportResult(
                 path=out_path, exporter=name, opset=got_opset, inputs=specs, outputs=out_names, parity=par.to_json(),
                 size_bytes=_size_with_data(out_path), external_data=external, attempts=attempts,
@@ -237,7 +237,8 @@ def export_onnx(
     raise ModelError(f"export failed ({reasons})")
 
 
-def _write(proto: onnx.ModelProto, out_path: Path, external: bool) -> None:
+def write_model(proto: onnx.ModelProto, out_path: Path, external: bool) -> None:
+    """Write an ONNX model atomically, its weights in `<name>.data` when `external` (models over 2 GB)."""
     data_name = out_path.name + ".data"
     with atomic_dir(out_path.parent, last=out_path.name) as tmp:
         target = tmp / out_path.name
