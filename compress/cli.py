@@ -39,9 +39,10 @@ def _register() -> None:
     from compress.cli_export import export
     from compress.cli_profile import profile
     from compress.cli_prune import prune
+    from compress.cli_quantize import quantize
     from compress.cli_run import run
 
-    for cmd in (devices, export, profile, prune, run):
+    for cmd in (devices, export, profile, prune, quantize, run):
         cli.add_command(cmd)
 
 

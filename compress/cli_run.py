@@ -17,6 +17,7 @@ Examples:
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
   compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
   compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
+  compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
 """
 
 
@@ -29,22 +30,24 @@ Examples:
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
-@click.option("--quant", type=click.Choice(["none"]), default="none", show_default=True,
-              help="Quantization (int8/fp8 are not in this version yet).")
+@click.option("--quant", type=click.Choice(["int8", "fp8", "none"]), default="int8", show_default=True,
+              help="Quantize the final model (kept only if it pays: see the recommendation).")
+@click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine.")
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
-        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, tolerance: float, runs: int | None,
+        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, tolerance: float, runs: int | None,
         json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
-    Variants: fp32 always; 'pruned' with --prune. Each is exported (verified against torch), profiled with the
-    device profile, timed against fp32 interleaved, and compared with fp32 on held-out inputs. The
-    recommendation is the fastest variant within --tolerance, and fp32 when nothing else pays.
-    Writes OUTDIR/report.json and one .onnx per variant.
+    Variants: fp32 always; 'pruned' with --prune; 'int8' or 'fp8' with --quant (the final model: pruned too
+    when --prune is given). Each is exported (verified against torch), profiled with the device profile,
+    timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
+    fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
+    fidelity only. Writes OUTDIR/report.json and one .onnx per variant.
     """
     from compress.atomic import check_output_path
     from compress.loading import load_model
@@ -67,7 +70,11 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         from compress.importance import get_importance
 
         get_importance(importance)
-    opts = RunOptions(prune=prune_opts, quant=quant, tolerance=tolerance, runs=runs, source=model,
+    if quant != "none":
+        from compress.quant_stage import QuantOptions, check_format
+
+        check_format(profile, QuantOptions(to=quant, simulate=simulate))
+    opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
@@ -94,7 +101,9 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
         f = v["fidelity"]
         fid = f"top-1 {f['top1_agreement']:.1%}" if f.get("top1_agreement") is not None else f"cos {f['cosine_min'] or 0:.4f}"
         mark = "*" if v["name"] == r["recommended"] else ""
-        t.add_row(v["name"] + mark, f"{v['latency_ms']['p50']:.2f}", f"{v['latency_ms']['p90']:.2f}", f"{v['speedup_vs_fp32']:.2f}x",
+        lat = v["latency_ms"]
+        t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",
+                  f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-",
                   f"{v['size_bytes'] / 1e6:.1f}", f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.3f}", fid,
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)

@@ -33,6 +33,8 @@ SCHEMA = "edge-compress/report/1"
 class RunOptions:
     prune: Optional[PruneOptions] = None
     quant: str = "none"
+    calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
+    simulate: bool = False
     tolerance: float = 0.01  # allowed loss: 1 - top-1 agreement for classifiers, else 1 - min cosine
     runs: Optional[int] = None
     max_seconds: Optional[float] = None
@@ -61,7 +63,7 @@ def within_tolerance(fid: dict[str, Any], tolerance: float) -> bool:
 
 
 def recommend(variants: list[dict[str, Any]], tolerance: float) -> tuple[str, str]:
-    ok = [v for v in variants if v["name"] == "fp32" or v["within_tolerance"]]
+    ok = [v for v in variants if v["name"] == "fp32" or (v["within_tolerance"] and not v["simulated"])]
     best = max(ok, key=lambda v: (v["speedup_vs_fp32"] or 0.0, v["name"] == "fp32"))
     others = [v for v in variants if v["name"] != "fp32"]
     if best["name"] != "fp32":
@@ -71,7 +73,9 @@ def recommend(variants: list[dict[str, Any]], tolerance: float) -> tuple[str, st
         return "fp32", "only fp32 was built"
     why = []
     for v in others:
-        if not v["within_tolerance"]:
+        if v["simulated"]:
+            why.append(f"{v['name']} is simulated (no such hardware on this device)")
+        elif not v["within_tolerance"]:
             why.append(f"{v['name']} is outside tolerance {tolerance:g}")
         else:
             why.append(f"{v['name']} is not faster ({v['speedup_vs_fp32']:.2f}x)")
@@ -114,20 +118,38 @@ def run_pipeline(
             macs, _ = tp.utils.count_ops_and_params(module, example)
             variants.append({"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
                              "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []})
+        if opts.quant != "none":
+            from compress.quant_stage import QuantOptions, quant_stage
+
+            base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
+            q = quant_stage(work / base["onnx"], work / f"{opts.quant}.onnx", profile, opts.calib,
+                            QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False), on_stage)
+            stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
+            path = work / f"{opts.quant}.onnx"
+            variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
+                             "macs": base["macs"], "parity": None, "simulated": q["simulated"],
+                             "excluded_layers": q["excluded_layers"], "from": base["name"]})
         for v in variants:
-            on_stage(f"profiling {v['name']} on {profile.name}")
-            prof = profile_model(work / v["onnx"], profile, runs=opts.runs, max_seconds=opts.max_seconds)
-            v["latency_ms"] = {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")}
-            v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
-            v["fidelity"] = fidelity(reference, onnx_outputs(work / v["onnx"], held_out))
+            runner = onnx_outputs
+            if v["simulated"]:  # no FP8 kernels here: fidelity only, under session options that run FP8 Q/DQ
+                from compress.quant_fp8 import fp8_outputs as runner
+
+                v["latency_ms"], v["profile"] = None, None
+            else:
+                on_stage(f"profiling {v['name']} on {profile.name}")
+                prof = profile_model(work / v["onnx"], profile, runs=opts.runs, max_seconds=opts.max_seconds)
+                v["latency_ms"] = {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")}
+                v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
+            v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
             v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
         on_stage("timing the variants against fp32, interleaved")
         providers, _ = resolve_providers(profile)
-        ab = interleaved_latency({v["name"]: work / v["onnx"] for v in variants}, feeds={k: t.numpy() for k, t in example.items()},
+        timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
+        ab = interleaved_latency(timed, feeds={k: t.numpy() for k, t in example.items()},
                                  providers=[p for p, _ in providers], threads=profile.threads,
                                  session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
         for v in variants:
-            v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall")
+            v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall") if v["name"] in timed else None
         name, reason = recommend(variants, opts.tolerance)
         from devices.host import describe_host
 

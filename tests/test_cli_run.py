@@ -55,10 +55,30 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
 
 @pytest.mark.parametrize("args,text", [
     (["--input-shape", "1,3,32,32", "--prune", "0"], "--prune 0.0"),
-    (["--input-shape", "1,3,32,32", "--quant", "int8"], "int8"),
+    (["--input-shape", "1,3,32,32", "--quant", "fp8"], "no FP8 hardware"),
     (["--input-shape", "1,3,32,32", "--device", "nosuch"], "unknown device"),
 ])
 def test_run_usage_errors(tmp_path, args, text):
     r = _cli("run", "compress.zoo:resnet_tiny", *args, "-o", str(tmp_path / "o"))
     assert r.returncode in (1, 2) and text in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_run_int8_and_simulated_fp8_variants(tmp_path):
+    out = tmp_path / "q"
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "int8", "--runs", "5", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in rep["variants"]] == ["fp32", "int8"]
+    int8 = rep["variants"][1]
+    assert int8["simulated"] is False and int8["latency_ms"]["p50"] > 0 and int8["speedup_vs_fp32"] > 0
+    assert int8["fidelity"]["cosine_mean"] > 0.98 and rep["stages"]["quantize"]["preset"]["name"]
+    out8 = tmp_path / "f"
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "fp8", "--simulate", "--runs", "5",
+             "-o", str(out8))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out8 / "report.json").read_text())
+    fp8 = rep["variants"][1]
+    assert fp8["name"] == "fp8" and fp8["simulated"] is True and fp8["latency_ms"] is None and fp8["speedup_vs_fp32"] is None
+    assert fp8["fidelity"]["cosine_mean"] > 0.98
+    assert rep["recommended"] == "fp32" and "simulated" in rep["reason"]

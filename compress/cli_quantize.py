@@ -1,0 +1,80 @@
+"""`compress quantize`: INT8 or FP8 for a device, with fidelity, fallback and the measured speedup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compress import console
+
+EPILOG = """\b
+Examples:
+  compress quantize model.onnx --to int8 --device host --calib calib.npz -o model.int8.onnx
+  compress quantize model.onnx --to int8 --device rpi4-cortex-a72 --calib calib.npz --tolerance 0.01 -o m.int8.onnx
+  compress quantize model.onnx --to fp8 --device nvidia-h100-trt-fp8 --calib calib.npz -o model.fp8.onnx
+  compress quantize model.onnx --to fp8 --device host --simulate --calib calib.npz --json - -o model.fp8.onnx
+"""
+
+
+@click.command("quantize", epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True)
+@click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
+@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="INT8 activation calibration.")
+@click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine is within this.")
+@click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
+@click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
+@click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
+@click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None, simulate: bool,
+             fp8_format: str, max_calib: int | None, no_measure: bool, json_out: str | None, output: str) -> None:
+    """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
+
+    INT8 follows the device profile's preset (QDQ/QOperator, U8S8/S8S8, per-channel, reduce_range); where the
+    guidance is ambiguous (ARM) both are built and the faster kept. FP8 (E4M3FN/E5M2) uses scales from amax
+    and needs an FP8 profile, or --simulate. Fidelity to fp32 is measured on held-out inputs, and with
+    --tolerance the most sensitive layers stay in float.
+    """
+    from compress.atomic import check_onnx_output, write_json
+    from compress.quant_stage import QuantOptions, check_format, quant_stage
+    from devices.loader import load_profile
+    from runtime.profiler import check_model
+
+    out = check_onnx_output(output, [model, calib])
+    opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
+                        max_calib=max_calib, measure=not no_measure)
+    profile = load_profile(device)
+    check_format(profile, opts)
+    check_model(Path(model))
+    if calib is None and to == "fp8":  # the INT8 quantizer warns about synthetic calibration itself
+        console.warn("no --calib: quantization scales come from synthetic inputs, which are wrong for real data; "
+                     "pass --calib DATA.npz with real samples")
+    with console.progress("quantizing") as step:
+        report = quant_stage(Path(model), out, profile, calib, opts, on_stage=lambda s: step.update(description=s))
+    if json_out == "-":
+        console.emit_json(report)
+        return
+    if json_out:
+        write_json(json_out, report)
+    f = report["fidelity"]
+    fid = f"cosine min {f['cosine_min']:.4f} / mean {f['cosine_mean']:.4f}" if f.get("cosine_min") is not None else "cosine n/a"
+    if f.get("top1_agreement") is not None:
+        fid += f", top-1 agreement {f['top1_agreement']:.1%}"
+    console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
+                              f"{(report.get('preset') or {}).get('name', '-')})")
+    console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")
+    if report["excluded_layers"]:
+        names = ", ".join(e["node"] for e in report["excluded_layers"])
+        console.out_console.print(f"kept in float (most sensitive first): {names}")
+    if "speedup_vs_fp32" in report:
+        lat = report["latency"]
+        console.out_console.print(f"latency ({lat['threads']} threads, interleaved medians): fp32 {lat['wall_ms']['fp32']:.2f} ms, "
+                                  f"{to} {lat['wall_ms'][to]:.2f} ms: {report['speedup_vs_fp32']:.2f}x")
+        if report["speedup_vs_fp32"] < 1.0:
+            console.warn(f"{to} is slower than fp32 on {profile.name}: keep fp32 there")
+    elif report["simulated"]:
+        console.out_console.print("simulated FP8: no FP8 hardware on this device, so no latency is reported")

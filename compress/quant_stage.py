@@ -1,0 +1,152 @@
+"""The quantize stage: INT8 (device presets, faster-preset choice) or FP8 (our own scales), then fidelity on
+held-out inputs, accuracy-aware fallback under a tolerance, and the measured speedup against fp32.
+
+`compress quantize` and `compress run --quant` both go through here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from compress.errors import UsageError
+from devices.schema import DeviceProfile
+
+FORMATS = ("int8", "fp8")
+
+
+@dataclass
+class QuantOptions:
+    to: str = "int8"
+    method: str = "minmax"
+    tolerance: Optional[float] = None  # None: no fallback search
+    simulate: bool = False
+    fp8_format: str = "e4m3fn"
+    max_calib: Optional[int] = None
+    measure: bool = True
+
+
+def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
+    """FP8 only where the device has FP8 hardware, unless the user asks for a simulation of its fidelity."""
+    if opts.to not in FORMATS:
+        raise UsageError(f"--to {opts.to}: one of {', '.join(FORMATS)}")
+    if opts.to == "fp8" and not profile.fp8 and not opts.simulate:
+        raise UsageError(f"device {profile.name!r} has no FP8 hardware: use --to int8 (INT8 dot-product units: "
+                         f"{'yes' if profile.int8_dot else 'no'}), or add --simulate to measure FP8 fidelity only")
+    if opts.tolerance is not None and not 0.0 <= opts.tolerance < 1.0:
+        raise UsageError(f"--tolerance {opts.tolerance}: must be in [0, 1)")
+
+
+def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, Any, dict[str, Any]]:
+    """Calibration arrays and held-out arrays (a quarter, when there are 8+ samples); None means synthetic."""
+    if calib is None:
+        return None, None, {"source": "synthetic", "samples": 0, "held_out": True}
+    from compress.inputs import load_calib
+
+    data = load_calib(calib, max_samples=max_calib)
+    n = next(iter(data.values())).shape[0]
+    if n < 8:
+        return data, data, {"source": calib, "samples": n, "held_out": False}
+    cut = n - max(1, n // 4)
+    return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()},
+            {"source": calib, "samples": n, "calibration_samples": cut, "held_out": True})
+
+
+def _feeds(model: Path, source: Any, seed: int, max_samples: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+    from compress.quant_calib import CalibReader
+
+    reader = CalibReader(model, source, seed=seed, max_samples=max_samples)
+    try:
+        return [reader.feed(i) for i in range(reader.count)]
+    finally:
+        reader.close()
+
+
+def _metric(reference: list[list[np.ndarray]]) -> str:
+    first = reference[0][0]
+    return "top1" if first.ndim == 2 and first.shape[1] > 1 else "cosine_min"
+
+
+def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
+                on_stage: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded."""
+    from compress.fidelity import fidelity, onnx_outputs
+    from compress.quant_sensitivity import fallback, layer_sensitivity, quantizable_nodes
+
+    check_format(profile, opts)
+    calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
+    held = _feeds(fp32, held_part, seed=99, max_samples=64)
+    report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
+                              "simulated": opts.to == "fp8" and not profile.fp8}
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+        work = Path(tmp)
+        first = work / "quantized.onnx"
+        if opts.to == "int8":
+            from compress.quant_int8 import quantize_int8, try_presets
+
+            on_stage(f"quantizing to INT8 for {profile.name}")
+            result = try_presets(fp32, first, profile, calib_part, method=opts.method)
+            runner = onnx_outputs
+            preset = result.get("preset")
+
+            def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
+                kw = {"include": nodes} if only else {"exclude": nodes}
+                quantize_int8(src, out, profile, calib_part, method=opts.method, **kw)
+        else:
+            from compress.quant_fp8 import fp8_outputs, quantize_fp8
+
+            on_stage(f"quantizing to FP8 ({opts.fp8_format}{', simulated' if report['simulated'] else ''})")
+            feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 64)
+            result = quantize_fp8(fp32, first, feeds, fmt=opts.fp8_format, simulated=report["simulated"])
+            runner, preset = fp8_outputs, None
+
+            def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
+                kw = {"include": nodes} if only else {"exclude": nodes}
+                quantize_fp8(src, out, feeds, fmt=opts.fp8_format, simulated=report["simulated"], **kw)
+        report["quantizer"] = {k: v for k, v in result.items() if k not in ("path",)}
+        reference = onnx_outputs(fp32, held)
+        on_stage("measuring fidelity on held-out inputs")
+        report["fidelity"] = fidelity(reference, runner(first, held))
+        report["excluded_layers"] = []
+        final = first
+        if opts.tolerance is not None:
+            metric = _metric(reference)
+            err = 1.0 - (report["fidelity"]["top1_agreement"] if metric == "top1" else report["fidelity"]["cosine_min"] or 0.0)
+            report["fallback"] = {"metric": metric, "tolerance": opts.tolerance, "error_before": err}
+            if err > opts.tolerance:
+                on_stage("ranking layers by sensitivity")
+                cands = [n["node"] for n in quantizable_nodes(fp32)]
+                sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
+                on_stage("keeping the most sensitive layers in float")
+                second = work / "fallback.onnx"
+                fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, reference,
+                              opts.tolerance, metric, runner=runner)
+                report["fallback"].update({k: v for k, v in fb.items() if k not in ("fidelity", "path")})
+                if fb.get("within_tolerance", True) and second.exists():
+                    final = second
+                    report["fidelity"] = fb["fidelity"]
+                    report["excluded_layers"] = fb.get("excluded", [])
+        if opts.measure and not report["simulated"]:
+            from runtime.abtest import interleaved_latency
+            from runtime.profiler import resolve_providers
+
+            on_stage(f"timing fp32 vs {opts.to} on {profile.name}")
+            providers, _ = resolve_providers(profile)
+            ab = interleaved_latency({"fp32": fp32, opts.to: final}, feeds=held[0], providers=[p for p, _ in providers],
+                                     threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
+                                     min_seconds=3.0, baseline="fp32")
+            report["latency"] = ab.to_json()
+            report["speedup_vs_fp32"] = ab.speedup(opts.to, "wall")
+        import onnx
+
+        from export.onnx_export import TWO_GB, write_model
+
+        proto = onnx.load(str(final))  # with its external data, rewritten under dst's own name
+        write_model(proto, dst, external=proto.ByteSize() >= TWO_GB if proto.ByteSize() > 0 else False)
+    report["onnx"] = str(dst)
+    report["preset"] = preset
+    return report

@@ -1,0 +1,297 @@
+"""INT8 quantization: presets per device profile, pre-processing that recovers, calibration inputs, and INT8
+models of the shipped CNN and encoder that stay close to fp32 on held-out inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from compress.errors import InputError
+from compress.fidelity import fidelity, onnx_outputs
+from compress.quant_calib import CalibReader
+from compress.quant_int8 import detect_family, quantize_int8, residual_add_to_sum, space_to_depth_stem, try_presets
+from compress.quant_prep import preprocess
+from compress.quant_presets import candidates, preset_for
+from compress.zoo import encoder_tiny, resnet_tiny
+from devices.loader import load_profile
+from export.metadata import read_metadata
+from export.onnx_export import export_onnx
+
+SEQ = 16
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _per_sample(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    n = next(iter(arrays.values())).shape[0]
+    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cnn") / "resnet_tiny.onnx"
+    export_onnx(resnet_tiny(), {"image": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("enc") / "encoder_tiny.onnx"
+    ids = torch.randint(1, 1000, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    export_onnx(encoder_tiny(), {"input_ids": ids, "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}, path)
+    return path
+
+
+def _images(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"image": np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)}
+
+
+def _tokens(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, SEQ), np.int64)
+    for i in range(n):  # varied lengths, padded like real batches
+        mask[i, rng.integers(4, SEQ + 1):] = 0
+    return {"input_ids": (rng.integers(1, 1000, (n, SEQ)) * mask).astype(np.int64), "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+def test_presets_follow_each_profile():
+    host = load_profile("host")
+    h = preset_for(host)
+    vnni = bool({"vnni", "avx_vnni", "amx"} & set(host.isa)) if host.arch == "x86_64" else None
+    if vnni is not None:
+        assert (h.signedness, h.quant_format, h.per_channel, h.reduce_range) == ("U8S8", "qdq", True, not vnni)
+
+    p = preset_for(load_profile("x86-avx512-vnni"))
+    assert (p.signedness, p.quant_format, p.per_channel, p.reduce_range, p.target) == ("U8S8", "qdq", True, False, "cpu")
+    assert preset_for(load_profile("x86-avx2")).reduce_range is True
+
+    rpi = candidates(load_profile("rpi4-cortex-a72"))
+    assert [c.signedness for c in rpi] == ["S8S8", "U8S8"] and all(not c.reduce_range for c in rpi)
+    assert [c.signedness for c in candidates(load_profile("x86-avx512-vnni"))] == ["U8S8"]
+
+    qnn = preset_for(load_profile("snapdragon-8gen2-qnn"))
+    assert (qnn.signedness, qnn.per_channel, qnn.target) == ("U8U8", False, "QNNExecutionProvider")
+    assert qnn.options()["WeightSymmetric"] is False and qnn.options()["MinimumRealRange"] == 0.0001
+    trt = preset_for(load_profile("jetson-orin-trt"))
+    assert (trt.signedness, trt.target) == ("S8S8", "TensorrtExecutionProvider")
+    assert trt.options() == {"ActivationSymmetric": True, "WeightSymmetric": True}
+    assert trt.static_only and not p.static_only
+
+    json.dumps([c.to_json() for c in rpi + [qnn, trt, h]])  # JSON-ready
+
+
+def test_op_types_per_family_and_signedness_override():
+    vnni = load_profile("x86-avx512-vnni")
+    assert preset_for(vnni, family="transformer").op_types == ("MatMul", "Gemm", "Attention")
+    cnn_ops = preset_for(vnni, family="cnn").op_types
+    assert {"Conv", "Gemm", "MatMul", "Add", "MaxPool"} <= set(cnn_ops)
+    # an accelerator quantizes everything it can run, transformers included
+    assert "LayerNormalization" in preset_for(load_profile("snapdragon-8gen2-qnn"), family="transformer").op_types
+    s8 = preset_for(vnni, "S8S8")
+    assert (s8.activation_type, s8.weight_type) == ("int8", "int8")
+    dyn = preset_for(vnni, family="transformer").dynamic_args()
+    assert dyn["op_types_to_quantize"] == ["MatMul", "Attention"] and dyn["extra_options"]["MatMulConstBOnly"] is True
+
+
+# -------------------------------------------------------------------------------------- pre-processing
+
+
+def test_preprocess_recovers_when_quant_pre_process_fails(cnn, tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as si
+
+    before = _sha(cnn)
+
+    def broken(*args, **kwargs):
+        raise TypeError("object of type 'NoneType' has no len()")  # what it raises on real transformer exports
+
+    monkeypatch.setattr(si, "quant_pre_process", broken)
+    info = preprocess(cnn, tmp_path / "pre.onnx")
+    assert info["step"] == "onnx-shape"
+    assert [a["step"] for a in info["attempts"]] == ["symbolic", "no-symbolic", "onnx-shape"]
+    assert "TypeError" in info["attempts"][0]["error"] and info["attempts"][-1]["error"] == ""
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", broken)
+    info = preprocess(cnn, tmp_path / "pre2.onnx")
+    assert info["step"] == "ort-basic"
+    ort.InferenceSession(str(tmp_path / "pre2.onnx"), providers=["CPUExecutionProvider"])
+    assert _sha(cnn) == before  # the source is only ever read
+
+
+# ----------------------------------------------------------------------------------------- calibration
+
+
+def test_calib_reader_streams_casts_and_checks(encoder, tmp_path):
+    data = _tokens(10, 0)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input_ids=data["input_ids"].astype(np.int32), attention_mask=data["attention_mask"], extra=np.zeros(10))
+    reader = CalibReader(encoder, npz, max_samples=4)
+    feeds = []
+    while (f := reader.get_next()) is not None:
+        feeds.append(f)
+    assert len(feeds) == 4 and feeds[0]["input_ids"].dtype == np.int64 and feeds[0]["input_ids"].shape == (1, SEQ)
+    assert reader.info()["ignored_arrays"] == ["extra"]
+    reader.rewind()
+    assert np.array_equal(reader.get_next()["input_ids"], data["input_ids"][:1])
+    reader.close()
+
+    with pytest.raises(InputError, match="attention_mask"):
+        CalibReader(encoder, {"input_ids": data["input_ids"]})
+    with pytest.raises(InputError, match="axis 1"):
+        CalibReader(encoder, {"input_ids": data["input_ids"][:, :8], "attention_mask": data["attention_mask"][:, :8]})
+
+    synthetic = CalibReader(encoder, None, synthetic_samples=3)
+    f0 = synthetic.feed(0)
+    assert synthetic.info()["synthetic"] and f0["input_ids"].shape == (1, SEQ) and (f0["attention_mask"] == 1).all()
+    assert np.array_equal(f0["input_ids"], synthetic.feed(0)["input_ids"])  # same after a rewind
+
+
+# ---------------------------------------------------------------------------------------- quantization
+
+
+def test_resnet_tiny_int8_matches_fp32_on_held_out_inputs(cnn, tmp_path):
+    before = _sha(cnn)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, **_images(32, 0))
+    dst = tmp_path / "int8.onnx"
+    result = quantize_int8(cnn, dst, load_profile("host"), npz)
+    assert result["family"] == "cnn" and result["mode"] == "static"
+    assert result["graph"]["variant"] in ("as-exported", "s2d-stem") and "int8_timing" in result["graph"]
+
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops or any(o.startswith("QLinear") for o in ops)
+    held = _per_sample(_images(32, 1))
+    fid = fidelity(onnx_outputs(cnn, held), onnx_outputs(dst, held))
+    assert fid["cosine_mean"] >= 0.98, fid
+
+    meta = read_metadata(dst)
+    q = meta["quantization"]
+    assert {"preset", "method", "excluded", "calibration"} <= set(q)
+    assert q["preset"]["signedness"] == result["preset"]["signedness"] and q["method"] == "minmax"
+    assert q["calibration"]["source"] == "npz" and q["calibration"]["samples"] == 32
+    assert meta["inputs"][0]["name"] == "image"  # the export's metadata is kept
+    assert _sha(cnn) == before
+    assert not list(tmp_path.glob(".quant-*"))  # no work folders left behind
+
+
+def test_encoder_tiny_int8_keeps_per_sample_cosine(encoder, tmp_path):
+    dst = tmp_path / "int8.onnx"
+    result = quantize_int8(encoder, dst, load_profile("x86-avx512-vnni"), _tokens(24, 0))
+    assert result["family"] == "transformer" and result["mode"] == "dynamic"
+    assert "smoothing" in result and result["smoothing"]["alpha"] in (None, 0.5, 0.7, 0.85)
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    held = _per_sample(_tokens(24, 1))
+    fid = fidelity(onnx_outputs(encoder, held), onnx_outputs(dst, held))
+    assert fid["cosine_min"] >= 0.99, fid
+    assert read_metadata(dst)["quantization"]["mode"] == "dynamic"
+
+
+def _weight_is_float(model: onnx.ModelProto, node_name: str) -> bool:
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    w = inits.get(node.input[1])
+    return w is not None and w.data_type == onnx.TensorProto.FLOAT
+
+
+def test_exclude_keeps_the_named_node_in_float(cnn, tmp_path):
+    src = onnx.load(str(cnn))
+    convs = [n.name for n in src.graph.node if n.op_type == "Conv"]
+    dst = tmp_path / "int8.onnx"
+    result = quantize_int8(cnn, dst, load_profile("host"), _images(8, 0), exclude=[convs[1]], tune=False)
+    out = onnx.load(str(dst))
+    assert _weight_is_float(out, convs[1]) and not _weight_is_float(out, convs[2])
+    assert result["excluded"] == [convs[1]] and read_metadata(dst)["quantization"]["excluded"] == [convs[1]]
+
+    only = tmp_path / "only.onnx"
+    result = quantize_int8(cnn, only, load_profile("host"), _images(8, 0), include=[convs[2]])
+    out = onnx.load(str(only))
+    assert not _weight_is_float(out, convs[2]) and _weight_is_float(out, convs[1])
+    assert convs[1] in result["excluded"] and convs[2] not in result["excluded"]
+
+    with pytest.raises(InputError, match="no node named 'nope'"):
+        quantize_int8(cnn, tmp_path / "x.onnx", load_profile("host"), _images(8, 0), exclude=["nope"])
+
+
+def test_encoder_exclude_keeps_matmul_float(encoder, tmp_path):
+    src = onnx.load(str(encoder))
+    inits = {t.name for t in src.graph.initializer}
+    mm = [n.name for n in src.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    dst = tmp_path / "int8.onnx"
+    quantize_int8(encoder, dst, load_profile("host"), _tokens(8, 0), exclude=[mm[0]], tune=False)
+    out = onnx.load(str(dst))
+    kept = [n for n in out.graph.node if n.name == mm[0]]
+    assert kept and kept[0].op_type == "MatMul"
+    assert not any(n.name == mm[1] and n.op_type == "MatMul" for n in out.graph.node)
+
+
+def test_synthetic_calibration_warns(cnn, tmp_path, capsys):
+    result = quantize_int8(cnn, tmp_path / "int8.onnx", load_profile("host"), None, tune=False)
+    assert result["calibration"]["synthetic"] and "no calibration data" in capsys.readouterr().err
+
+
+def test_try_presets_times_both_arm_candidates(cnn, tmp_path):
+    dst = tmp_path / "int8.onnx"
+    result = try_presets(cnn, dst, load_profile("rpi4-cortex-a72"), _images(8, 0), rounds=10, tune=False)
+    presets = result["presets"]
+    assert presets["tried"] == ["S8S8-QDQ-perchannel", "U8S8-QDQ-perchannel"]
+    assert set(presets["timing"]) == {"S8S8", "U8S8"} and presets["chosen"] in presets["tried"]
+    assert read_metadata(dst)["quantization"]["candidates"]["chosen"] == presets["chosen"]
+    ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------- graph rewrites
+
+
+def test_graph_rewrites_are_exact(cnn, encoder, tmp_path):
+    assert detect_family(onnx.load(str(cnn))) == "cnn" and detect_family(onnx.load(str(encoder))) == "transformer"
+    m = onnx.load(str(cnn))
+    assert space_to_depth_stem(m) == 1
+    onnx.save(m, str(tmp_path / "s2d.onnx"))
+    held = _per_sample(_images(4, 2))
+    assert fidelity(onnx_outputs(cnn, held), onnx_outputs(tmp_path / "s2d.onnx", held))["rel_l2"] < 1e-5
+
+    e = onnx.load(str(encoder))
+    assert residual_add_to_sum(e) == 5  # embeddings + 2 per layer
+    onnx.save(e, str(tmp_path / "sum.onnx"))
+    held = _per_sample(_tokens(4, 2))
+    assert fidelity(onnx_outputs(encoder, held), onnx_outputs(tmp_path / "sum.onnx", held))["rel_l2"] < 1e-5
+
+
+def test_external_data_source_is_read_not_touched(cnn, tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(cnn)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=1024)
+    before = (_sha(src), _sha(tmp_path / "ext.onnx.data"))
+    info = preprocess(src, tmp_path / "pre.onnx")
+    assert info["external_data"] and (tmp_path / "pre.onnx.data").exists()
+    dst = tmp_path / "int8.onnx"
+    quantize_int8(src, dst, load_profile("host"), _images(8, 0), tune=False)
+    held = _per_sample(_images(8, 1))
+    assert fidelity(onnx_outputs(src, held), onnx_outputs(dst, held))["cosine_mean"] >= 0.98
+    assert (_sha(src), _sha(tmp_path / "ext.onnx.data")) == before
+
+
+def test_recipe_replays_the_measured_choices(encoder, cnn, tmp_path):
+    first = quantize_int8(encoder, tmp_path / "a.onnx", load_profile("host"), _tokens(8, 0))
+    recipe = first["recipe"]
+    assert recipe["graph"] == first["graph"]["variant"] and "smoothing_alpha" in recipe
+    again = quantize_int8(encoder, tmp_path / "b.onnx", load_profile("host"), _tokens(8, 0), recipe=recipe)
+    assert again["recipe"] == recipe and again["smoothing"]["chosen_on"] == "recipe"
+    assert "fp32_timing" not in again["graph"]  # nothing measured again
+    assert read_metadata(tmp_path / "b.onnx")["quantization"]["recipe"] == recipe
+
+    c = quantize_int8(cnn, tmp_path / "c.onnx", load_profile("host"), _images(8, 0), recipe={"graph": "s2d-stem"})
+    assert c["graph"]["variant"] == "s2d-stem" and "int8_timing" not in c["graph"]
+    assert any(n.op_type == "SpaceToDepth" for n in onnx.load(str(tmp_path / "c.onnx")).graph.node)
