@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: $(STAMP)
 	$(VENV)/bin/compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o $(DEMO_OUT)/resnet_demo.onnx
 	$(VENV)/bin/compress profile $(DEMO_OUT)/resnet_demo.onnx --device host --json $(DEMO_OUT)/profile.json
 	@echo "demo outputs: $(abspath $(DEMO_OUT))/resnet_demo.onnx  $(abspath $(DEMO_OUT))/profile.json"
+
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 
 test: $(STAMP)
 	$(PY) -m pytest -q

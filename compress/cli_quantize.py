@@ -60,6 +60,9 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
         return
     if json_out:
         write_json(json_out, report)
+    warning = ((report.get("quantizer") or {}).get("presets") or {}).get("warning")
+    if warning:
+        console.warn(warning)
     f = report["fidelity"]
     fid = f"cosine min {f['cosine_min']:.4f} / mean {f['cosine_mean']:.4f}" if f.get("cosine_min") is not None else "cosine n/a"
     if f.get("top1_agreement") is not None:

@@ -66,6 +66,11 @@ def _feeds(model: Path, source: Any, seed: int, max_samples: Optional[int] = Non
         reader.close()
 
 
+def _signedness(preset: dict[str, Any]) -> str:
+    short = {"uint8": "U8", "int8": "S8"}
+    return short[preset["activation_type"]] + short[preset["weight_type"]]
+
+
 def _metric(reference: list[list[np.ndarray]]) -> str:
     first = reference[0][0]
     return "top1" if first.ndim == 2 and first.shape[1] > 1 else "cosine_min"
@@ -89,13 +94,17 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
             from compress.quant_int8 import quantize_int8, try_presets
 
             on_stage(f"quantizing to INT8 for {profile.name}")
+            from compress.quant_presets import preset_for
+
             result = try_presets(fp32, first, profile, calib_part, method=opts.method)
             runner = onnx_outputs
             preset = result.get("preset")
+            chosen = preset_for(profile, _signedness(preset), family=result.get("family"))  # the faster candidate
 
             def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
+                # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
                 kw = {"include": nodes} if only else {"exclude": nodes}
-                quantize_int8(src, out, profile, calib_part, method=opts.method, **kw)
+                quantize_int8(src, out, profile, calib_part, method=opts.method, preset=chosen, recipe=result.get("recipe"), **kw)
         else:
             from compress.quant_fp8 import fp8_outputs, quantize_fp8
 
