@@ -176,14 +176,15 @@ def torch_outputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> lis
     return results
 
 
-def onnx_outputs(path: str | Path, batches: Sequence[Mapping[str, Any]]) -> list[list[np.ndarray]]:
+def onnx_outputs(path: str | Path, batches: Sequence[Mapping[str, Any]], session_options: Any = None) -> list[list[np.ndarray]]:
     """Run an ONNX file with onnxruntime's CPU provider on each batch, feeding only the graph's own inputs.
 
     Batches may carry inputs the export dropped (unused by the graph); those are left out rather than rejected.
+    `session_options` is for graphs the default optimisation level cannot run (FP8 Q/DQ).
     """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options or ort.SessionOptions()
     opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business here
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -471,20 +471,6 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def fp8_outputs(path: str | Path, batches: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """compress.fidelity.onnx_outputs for an FP8 QDQ model: the same CPU run under fp8_session_options()."""
-    import onnxruntime as ort
+    from compress.fidelity import onnx_outputs
 
-    try:
-        sess = ort.InferenceSession(str(path), fp8_session_options(), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
-    names = [i.name for i in sess.get_inputs()]
-    results = []
-    for i, batch in enumerate(batches):
-        missing = [n for n in names if n not in batch]
-        if missing:
-            raise ModelError(f"{path} needs input(s) {', '.join(missing)} that batch {i} does not have")
-        try:
-            results.append(list(sess.run(None, {n: np.ascontiguousarray(batch[n]) for n in names})))
-        except Exception as e:
-            raise RuntimeFailure(f"onnxruntime failed running {path} on batch {i}: {_first_line(e)}") from e
-    return results
+    return onnx_outputs(path, batches, session_options=fp8_session_options())
