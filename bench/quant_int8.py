@@ -14,6 +14,7 @@ Rows marked "(rewrites)" are fp32 with the graph rewrites our INT8 recipe chose,
 that is not INT8 can be read off. All variants of a model are timed interleaved in one process
 (runtime.abtest): medians of the calling thread's CPU time with one intra-op thread (the stable ratio on this
 shared machine) and wall-clock medians with the host profile's threads (what a user sees).
+Simulated FP8 (E4M3FN, E5M2; scales from amax) is listed next to INT8 for its fidelity only.
 Goals: (a) ours >= 3.5x fp32 with top-1 agreement >= 99%; (b) ours >= 2.5x fp32 with per-sentence cosine
 >= 0.99 (goal 0.995).
 """
@@ -153,6 +154,23 @@ def print_table(title: str, names: list[str], one: Any, full: Any, fid: dict[str
               f"{fmt(f.get('top1_agreement'), '.3f')} | {fmt(f.get('cosine_min'), '.4f')} | {fmt(f.get('cosine_mean'), '.4f')} |")
 
 
+def print_fp8(work: Path, fp32: Path, calib: list[dict[str, np.ndarray]], held: list[dict[str, np.ndarray]],
+              ref: Any, int8: dict[str, Any], classifier: bool) -> None:
+    """FP8 next to INT8, fidelity only: this CPU has no FP8 units, so its FP8 latency would mean nothing."""
+    from compress.quant_fp8 import fp8_outputs, quantize_fp8
+
+    print("| simulated FP8 (fidelity only) | top-1 agree | cos min | cos mean | rel_l2 |")
+    print("|---|---|---|---|---|")
+    rows = {"int8 (ours, for reference)": int8}
+    for fmt_name in ("e4m3fn", "e5m2"):
+        path = work / f"{fp32.stem}_{fmt_name}.onnx"
+        quantize_fp8(fp32, path, calib, fmt=fmt_name, simulated=True)
+        rows[f"fp8 {fmt_name}"] = fidelity(ref, fp8_outputs(path, held))
+    for n, f in rows.items():
+        top1 = fmt(f.get("top1_agreement"), ".3f") if classifier else "-"
+        print(f"| {n} | {top1} | {fmt(f.get('cosine_min'), '.4f')} | {fmt(f.get('cosine_mean'), '.4f')} | {fmt(f.get('rel_l2'), '.4f')} |")
+
+
 # --------------------------------------------------------------------------------------------- (a) CNN
 
 
@@ -190,6 +208,7 @@ def bench_cnn(work: Path, rounds: int, held_out: int) -> list[str]:
     one, full = time_all(paths, held[0], rounds)
     print_table(f"(a) resnet_demo 1x3x224x224: calibrated on {CALIB_SAMPLES} random images, top-1 agreement with fp32 "
                 f"on {held_out} other random images; {one.rounds} interleaved rounds", list(paths), one, full, fid, host.threads)
+    print_fp8(work, fp32, per_sample(calib), held, ref, fid["ours"], classifier=True)
     print(f"ours: preset {res['preset']['name']}, graph {res['graph']['variant']} "
           f"(int8 timing of the candidates: {res['graph'].get('int8_timing')}), pre-processing step {res['preprocess']['step']}, "
           f"quantized in {res['seconds']} s")
@@ -288,6 +307,7 @@ def bench_text(work: Path, rounds: int) -> list[str]:
     print_table(f"(b) all-MiniLM-L6-v2 (real weights) 1x{SEQ}: {CALIB_SAMPLES} calibration sentences, per-sentence cosine "
                 f"to fp32 on {len(held)} others ({lengths.min()}-{lengths.max()} tokens, padded to {SEQ}); "
                 f"{one.rounds} interleaved rounds", list(paths), one, full, fid, host.threads)
+    print_fp8(work, fp32, per_sample(calib), held, ref, fid["ours"], classifier=False)
     sm = res["smoothing"]
     print(f"ours: {res['mode']} INT8 MatMuls, preset {res['preset']['name']}, graph {variant}, smoothing alpha "
           f"{sm['alpha']} (calibration-set cosine min per alpha: "
