@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from compress import console
+from compress.cli_options import model_input_options, require_one_input_source
 from compress.atomic import check_onnx_output
-from compress.errors import UsageError
 
 EPILOG = """\b
 Examples:
@@ -19,9 +19,7 @@ Examples:
 
 @click.command("export", epilog=EPILOG)
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help="State dict: .safetensors, or .pt/.pth (loaded with weights_only=True).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]", help="Example input shape, e.g. 1,3,224,224 or input_ids=1,128:int64; repeat per input.")
-@click.option("--calib", type=click.Path(dir_okay=False), help=".npz whose keys are the forward() input names; first axis is samples.")
+@model_input_options
 @click.option("--device", default=None, help="Device profile (name or YAML) whose opset to use.")
 @click.option("--opset", type=click.IntRange(7, 23), default=None, help="ONNX opset (default: the device profile's, else 18).")
 @click.option("--dynamic-batch", is_flag=True, help="Make the first axis of every input symbolic.")
@@ -41,8 +39,7 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     """
     from compress.inputs import calib_samples, check_calib_names, load_calib, parse_input_shape
 
-    if bool(input_shapes) == bool(calib):
-        raise UsageError("give either --input-shape or --calib (exactly one)")
+    require_one_input_source(input_shapes, calib)
     out = check_onnx_output(output, [model, weights, calib])
     shapes = [parse_input_shape(s) for s in input_shapes]
     if opset is None:

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from compress import console
+from compress.cli_options import model_input_options, require_one_input_source
 from compress.atomic import check_onnx_output, write_json
-from compress.errors import UsageError
 
 EPILOG = """\b
 Examples:
@@ -23,9 +23,7 @@ Examples:
 
 @click.command("prune", epilog=EPILOG)
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help="State dict: .safetensors, or .pt/.pth (weights_only=True).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]", help="Example input shape; repeat per input.")
-@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names): scores, recovery and fidelity use it.")
+@model_input_options
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion (see --importance list).")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
@@ -58,8 +56,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     from compress.prune_stage import PruneOptions, prune_stage
     from devices.loader import load_profile
 
-    if bool(input_shapes) == bool(calib):
-        raise UsageError("give either --input-shape or --calib (exactly one)")
+    require_one_input_source(input_shapes, calib)
     out = check_onnx_output(output, [model, weights, calib])
     opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
                         round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,

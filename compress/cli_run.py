@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from compress import console
+from compress.cli_options import model_input_options, require_one_input_source
 from compress.errors import UsageError
 
 EPILOG = """\b
@@ -23,9 +24,7 @@ Examples:
 
 @click.command("run", epilog=EPILOG)
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help="State dict: .safetensors, or .pt/.pth (weights_only=True).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]", help="Example input shape; repeat per input.")
-@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names; first axis samples).")
+@model_input_options
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
@@ -56,8 +55,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.prune_stage import PruneOptions
     from devices.loader import load_profile
 
-    if bool(input_shapes) == bool(calib):
-        raise UsageError("give either --input-shape or --calib (exactly one)")
+    require_one_input_source(input_shapes, calib)
     outdir = check_output_path(output, [model, weights, calib])
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {output} is a file; give a folder")

@@ -210,8 +210,9 @@ class Prepared:
 def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib: str | None = None) -> Prepared:
     """Example, tuning and held-out batches from --calib (a quarter held out when there are 8+ samples), or
     random ones shaped by --input-shape with a loud warning: scores and recovery tuned on noise fit noise."""
-    if bool(list(input_shapes)) == bool(calib):
-        raise UsageError("give either --input-shape or --calib (exactly one)")
+    from compress.cli_options import require_one_input_source
+
+    require_one_input_source(list(input_shapes), calib)
     shapes = [parse_input_shape(s) for s in input_shapes]
     data = load_calib(calib) if calib else None
     if data is not None:

@@ -1,0 +1,29 @@
+"""Options shared by the commands that take a PyTorch MODEL (export, prune, run), declared once."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from compress.errors import UsageError
+
+
+def model_input_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--weights, --input-shape (repeatable) and --calib, with one wording everywhere."""
+    for opt in reversed([
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="State dict: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]",
+                     help="Example input shape, e.g. 1,3,224,224 or input_ids=1,128:int64; repeat per input."),
+        click.option("--calib", type=click.Path(dir_okay=False),
+                     help=".npz of real samples: keys are the forward() input names, first axis is samples."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def require_one_input_source(input_shapes: tuple[str, ...] | list[str], calib: str | None) -> None:
+    """The model runs on shapes (random data) or on real samples, never on both or neither."""
+    if bool(list(input_shapes)) == bool(calib):
+        raise UsageError("give either --input-shape or --calib (exactly one)")
