@@ -21,6 +21,9 @@ Examples:
   compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o out/resnet.onnx
   compress profile out/resnet.onnx --device host --json out/profile.json
   compress prune compress.zoo:resnet_demo --input-shape 1,3,224,224 --ratio 0.5 -o out/pruned.onnx
+  compress quantize out/resnet.onnx --to int8 --device host --calib calib.npz -o out/resnet.int8.onnx
+  compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host -o out/run/
+  compress report out/run/ -o out/run/summary.md --plot out/run/tradeoff.png
 """
 
 
@@ -40,9 +43,10 @@ def _register() -> None:
     from compress.cli_profile import profile
     from compress.cli_prune import prune
     from compress.cli_quantize import quantize
+    from compress.cli_report import report
     from compress.cli_run import run
 
-    for cmd in (devices, export, profile, prune, quantize, run):
+    for cmd in (devices, export, profile, prune, quantize, report, run):
         cli.add_command(cmd)
 
 

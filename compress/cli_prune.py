@@ -113,7 +113,7 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
         step.update(description=f"timing original vs pruned on {profile.name}")
         providers, _ = resolve_providers(profile)
         feeds = {k: v.numpy() for k, v in example.items()}
-        ab = interleaved_latency({"original": base, "pruned": pruned_path}, feeds=feeds, providers=[p for p, _ in providers],
+        ab = interleaved_latency({"original": base, "pruned": pruned_path}, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
                                  threads=profile.threads, session_config=dict(profile.session_config), rounds=30, min_seconds=3.0)
         measured["latency"] = ab.to_json()
     return measured

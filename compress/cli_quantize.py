@@ -28,14 +28,16 @@ Examples:
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
 @click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
+@click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None, simulate: bool,
-             fp8_format: str, max_calib: int | None, no_measure: bool, json_out: str | None, output: str) -> None:
+             fp8_format: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
     INT8 follows the device profile's preset (QDQ/QOperator, U8S8/S8S8, per-channel, reduce_range); where the
-    guidance is ambiguous (ARM) both are built and the faster kept. FP8 (E4M3FN/E5M2) uses scales from amax
+    guidance is ambiguous (ARM) both are built and the faster kept. Each INT8 op is then timed alone against
+    its fp32 self, and ops INT8 does not speed up are kept in fp32 when that makes the whole model faster. FP8 (E4M3FN/E5M2) uses scales from amax
     and needs an FP8 profile, or --simulate. Fidelity to fp32 is measured on held-out inputs, and with
     --tolerance the most sensitive layers stay in float.
     """
@@ -46,7 +48,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
 
     out = check_onnx_output(output, [model, calib])
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
-                        max_calib=max_calib, measure=not no_measure)
+                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select)
     profile = load_profile(device)
     check_format(profile, opts)
     check_model(Path(model))
@@ -60,9 +62,10 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
         return
     if json_out:
         write_json(json_out, report)
-    warning = ((report.get("quantizer") or {}).get("presets") or {}).get("warning")
-    if warning:
-        console.warn(warning)
+    for warning in (((report.get("quantizer") or {}).get("presets") or {}).get("warning"),
+                    (report.get("op_selection") or {}).get("warning")):
+        if warning:
+            console.warn(warning)
     f = report["fidelity"]
     fid = f"cosine min {f['cosine_min']:.4f} / mean {f['cosine_mean']:.4f}" if f.get("cosine_min") is not None else "cosine n/a"
     if f.get("top1_agreement") is not None:
@@ -70,9 +73,12 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")
+    if report.get("op_selection"):
+        console.out_console.print(f"op selection: {report['op_selection']['decision']}")
     if report["excluded_layers"]:
-        names = ", ".join(e["node"] for e in report["excluded_layers"])
-        console.out_console.print(f"kept in float (most sensitive first): {names}")
+        names = ", ".join(f"{e['node']} ({'sensitive' if e.get('salience') is not None else 'not faster in INT8'})"
+                          for e in report["excluded_layers"])
+        console.out_console.print(f"kept in float: {names}")
     if "speedup_vs_fp32" in report:
         lat = report["latency"]
         console.out_console.print(f"latency ({lat['threads']} threads, interleaved medians): fp32 {lat['wall_ms']['fp32']:.2f} ms, "

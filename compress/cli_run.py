@@ -32,14 +32,15 @@ Examples:
 @click.option("--quant", type=click.Choice(["int8", "fp8", "none"]), default="int8", show_default=True,
               help="Quantize the final model (kept only if it pays: see the recommendation).")
 @click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
+@click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine.")
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
-        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, tolerance: float, runs: int | None,
-        json_out: str | None, output: str) -> None:
+        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
+        tolerance: float, runs: int | None, json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     Variants: fp32 always; 'pruned' with --prune; 'int8' or 'fp8' with --quant (the final model: pruned too
@@ -73,6 +74,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
 
         check_format(profile, QuantOptions(to=quant, simulate=simulate))
     opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
+                      select_ops=not no_op_select,
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
@@ -106,4 +108,4 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)
     console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
-    console.out_console.print(f"report: {outdir / 'report.json'}")
+    console.out_console.print(f"report: {outdir / 'report.md'} ({outdir / 'report.json'} for machines)")

@@ -23,10 +23,10 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.atomic import default_mode, write_json
+from compress.errors import first_line
 from compress.prune_stage import PruneOptions, prune_stage
+from compress.report_md import SCHEMA
 from devices.schema import DeviceProfile
-
-SCHEMA = "edge-compress/report/1"
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RunOptions:
     runs: Optional[int] = None
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
+    select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quant_opselect)
     source: str = ""
     command: str = ""
 
@@ -123,7 +124,8 @@ def run_pipeline(
 
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
             q = quant_stage(work / base["onnx"], work / f"{opts.quant}.onnx", profile, opts.calib,
-                            QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False), on_stage)
+                            QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
+                                         select_ops=opts.select_ops), on_stage)
             stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
             path = work / f"{opts.quant}.onnx"
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
@@ -146,7 +148,7 @@ def run_pipeline(
         providers, _ = resolve_providers(profile)
         timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
         ab = interleaved_latency(timed, feeds={k: t.numpy() for k, t in example.items()},
-                                 providers=[p for p, _ in providers], threads=profile.threads,
+                                 providers=[(p, dict(o)) for p, o in providers], threads=profile.threads,
                                  session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
         for v in variants:
             v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall") if v["name"] in timed else None
@@ -164,14 +166,34 @@ def run_pipeline(
             "speedup_measure": f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads",
             "stages": stages,
             "command": opts.command,
+            "model": opts.source,
             **(extra or {}),
         }
         write_json(work / "report.json", report)
+        _write_readable(report, work)
         _swap_in(work, outdir)
         return report
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_readable(report: dict[str, Any], work: Path) -> None:
+    """report.md for people (and a PR), with the speed/fidelity plot when matplotlib can draw it: a plot that
+    fails costs the picture, not the finished run."""
+    from compress.report_md import write_markdown
+
+    plot = None
+    try:
+        from compress.report_plot import plot_tradeoff
+
+        plot_tradeoff(report, work / "tradeoff.png")
+        plot = "tradeoff.png"
+    except Exception as e:
+        from compress.console import warn
+
+        warn(f"trade-off plot not written: {first_line(e)}")
+    write_markdown(report, work / "report.md", plot=plot)
 
 
 def _swap_in(work: Path, outdir: Path) -> None:

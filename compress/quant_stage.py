@@ -28,6 +28,7 @@ class QuantOptions:
     fp8_format: str = "e4m3fn"
     max_calib: Optional[int] = None
     measure: bool = True
+    select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
@@ -76,6 +77,53 @@ def _metric(reference: list[list[np.ndarray]]) -> str:
     return "top1" if first.ndim == 2 and first.shape[1] > 1 else "cosine_min"
 
 
+def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
+                quantize: Callable[[Path, Path, list[str], bool], None], feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """compress.quant_opselect with the device's providers, threads and session options; timed on this machine."""
+    from compress.quant_opselect import SELECT_OPS, select_ops
+    from devices.host import describe_host, usable_cores
+    from runtime.abtest import interleaved_latency
+    from runtime.profiler import resolve_providers
+
+    providers, missing = resolve_providers(profile)
+    if missing:  # another EP's answer cannot come from this one
+        return {"ops": [], "kept_fp32": [], "path": int8,
+                "decision": f"skipped: {', '.join(missing)} not available here, and op timings on another provider "
+                            "describe another device"}
+    threads = max(1, min(profile.threads, usable_cores()))
+    providers = [(name, dict(o)) for name, o in providers]  # onnxruntime takes (name, options) tuples only
+    clock = "cpu" if threads == 1 else "wall"
+
+    def whole(models: dict[str, Path]) -> dict[str, float]:
+        res = interleaved_latency({k: str(v) for k, v in models.items()}, feeds=feed, providers=providers,
+                                  threads=threads, session_config=dict(profile.session_config), rounds=30, warmup=3,
+                                  min_seconds=1.0)
+        return res.cpu_ms if clock == "cpu" else res.wall_ms
+
+    sel = select_ops(fp32, int8, work, lambda s, o, n: quantize(s, o, n, False), whole, feed, SELECT_OPS, providers,
+                     threads, dict(profile.session_config))
+    host = describe_host()
+    sel["measured_on"] = f"{host['arch']} {host['cpu']}"
+    sel["clock"] = clock
+    if host["arch"] != profile.arch:
+        sel["warning"] = (f"ops timed on this {host['arch']} machine, not on the {profile.arch} device: run the "
+                          "quantization on the device for its own answer")
+    return sel
+
+
+def _op_selection_reasons(sel: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not sel or not sel.get("kept_fp32"):
+        return []
+    ops = {o["node"]: o for o in sel["ops"]}
+    out = []
+    for node in sel["kept_fp32"]:
+        o = ops[node]
+        out.append({"node": node, "op_type": o["op_type"], "salience": None,
+                    "why": f"not faster in INT8 on the device: {o['int8_us']:.0f} us vs {o['fp32_us']:.0f} us in fp32 "
+                           f"(op timed alone); the whole model is faster with it in fp32"})
+    return out
+
+
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
                 on_stage: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded."""
@@ -103,7 +151,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
 
             def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
                 # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
-                kw = {"include": nodes} if only else {"exclude": nodes}
+                kw = {"include": nodes} if only else {"exclude": sorted(set(nodes) | set(slow_ops))}
                 quantize_int8(src, out, profile, calib_part, method=opts.method, preset=chosen, recipe=result.get("recipe"), **kw)
         else:
             from compress.quant_fp8 import fp8_outputs, quantize_fp8
@@ -117,10 +165,16 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                 kw = {"include": nodes} if only else {"exclude": nodes}
                 quantize_fp8(src, out, feeds, fmt=opts.fp8_format, simulated=report["simulated"], **kw)
         report["quantizer"] = {k: v for k, v in result.items() if k not in ("path",)}
+        slow_ops: list[str] = []  # ops that op selection keeps in fp32; every later quantization leaves them too
+        if opts.to == "int8" and opts.select_ops:
+            on_stage(f"timing each quantized op against fp32 on {profile.name}")
+            sel = _select_ops(fp32, first, work, profile, quantize, held[0])
+            report["op_selection"] = {k: v for k, v in sel.items() if k != "path"}
+            first, slow_ops = Path(sel["path"]), list(sel["kept_fp32"])
         reference = onnx_outputs(fp32, held)
         on_stage("measuring fidelity on held-out inputs")
         report["fidelity"] = fidelity(reference, runner(first, held))
-        report["excluded_layers"] = []
+        report["excluded_layers"] = _op_selection_reasons(report.get("op_selection"))
         final = first
         if opts.tolerance is not None:
             metric = _metric(reference)
@@ -138,14 +192,14 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                 if fb.get("within_tolerance", True) and second.exists():
                     final = second
                     report["fidelity"] = fb["fidelity"]
-                    report["excluded_layers"] = fb.get("excluded", [])
+                    report["excluded_layers"] = fb.get("excluded", []) + report["excluded_layers"]
         if opts.measure and not report["simulated"]:
             from runtime.abtest import interleaved_latency
             from runtime.profiler import resolve_providers
 
             on_stage(f"timing fp32 vs {opts.to} on {profile.name}")
             providers, _ = resolve_providers(profile)
-            ab = interleaved_latency({"fp32": fp32, opts.to: final}, feeds=held[0], providers=[p for p, _ in providers],
+            ab = interleaved_latency({"fp32": fp32, opts.to: final}, feeds=held[0], providers=[(p, dict(o)) for p, o in providers],
                                      threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
                                      min_seconds=3.0, baseline="fp32")
             report["latency"] = ab.to_json()

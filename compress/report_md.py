@@ -1,0 +1,610 @@
+"""The human-readable side of `compress run`: report.json rendered as Markdown a user can paste into a PR.
+
+Everything here reads the report defensively: a report with fewer variants, missing stages or null fields
+(an older run, a hand-edited file) renders with "n/a" where a figure is missing, never a traceback.
+`validate_report` is the one place that refuses a file, and it does so with an InputError of one line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from typing import Any, Iterable, Optional
+
+from compress.errors import InputError
+
+SCHEMA = "edge-compress/report/1"  # declared here, not in compress.pipeline: reading a report must not import torch
+SCHEMA_PREFIX = "edge-compress/report/"
+NA = "n/a"
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def validate_report(obj: Any, source: Optional[str] = None) -> None:
+    """Raise InputError (one line) unless `obj` looks like an edge-compress run report.
+
+    Checks only what every renderer relies on: a JSON object whose "schema" is this version's and whose
+    "variants" is a list of objects. `source` (a file name) is named in the message when given.
+    """
+    where = f"{source}: " if source else ""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}not an edge-compress report (expected a JSON object, found {_json_type(obj)})")
+    schema = obj.get("schema")
+    if schema is None:
+        raise InputError(f'{where}not an edge-compress report (no "schema" field; expected "{SCHEMA}", '
+                         "as `compress run` writes in OUTDIR/report.json)")
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
+        raise InputError(f'{where}not an edge-compress report (schema {_short(schema)}, expected "{SCHEMA}")')
+    if schema != SCHEMA:
+        raise InputError(f'{where}report schema "{_short(schema, 60)}" is not supported by this version '
+                         f'(it reads "{SCHEMA}"); use the edge-compress version that wrote it')
+    variants = obj.get("variants")
+    if not isinstance(variants, list):
+        what = "no" if variants is None else f'a non-list ({_json_type(variants)})'
+        raise InputError(f'{where}not a complete edge-compress report ({what} "variants" field)')
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict):
+            raise InputError(f'{where}variants[{i}] is {_json_type(v)}, expected an object')
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    s = repr(v) if not isinstance(v, str) else f'"{v}"'
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# --- small formatters (also used by the plot) -------------------------------------------------------------
+
+
+def _num(v: Any) -> Optional[float]:
+    """A finite float, or None for anything else (null, strings, NaN, booleans)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _d(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _l(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def fmt_ms(v: Any) -> str:
+    """Milliseconds to three significant-ish digits: 0.176, 12.35, 250.4."""
+    x = _num(v)
+    if x is None:
+        return NA
+    if x < 1:
+        return f"{x:.3f}"
+    if x < 100:
+        return f"{x:.2f}"
+    return f"{x:.1f}"
+
+
+def fmt_count(v: Any) -> str:
+    """Parameters and MACs: 950, 78.6K, 11.69M, 1.82G."""
+    x = _num(v)
+    if x is None:
+        return NA
+    for div, unit, digits in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 1)):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}f}{unit}"
+    return f"{x:.0f}"
+
+
+def fmt_mb(v: Any) -> str:
+    """Bytes as MB (10^6, as `compress run` prints them)."""
+    x = _num(v)
+    if x is None:
+        return NA
+    mb = x / 1e6
+    return f"{mb:.2f}" if mb < 10 else f"{mb:.1f}"
+
+
+def fmt_speedup(v: Any) -> str:
+    x = _num(v)
+    return NA if x is None else f"{x:.2f}×"
+
+
+def fmt_pct(v: Any) -> str:
+    x = _num(v)
+    return NA if x is None else f"{x:.1%}"
+
+
+def fmt_cos(v: Any) -> str:
+    x = _num(v)
+    if x is None:
+        return NA
+    return f"{x:.4f}" if x < 0.999 else f"{x:.6f}"  # near 1 the interesting digits are further right
+
+
+def fidelity_metric(report: dict[str, Any]) -> str:
+    """'top1_agreement' when every variant that has fidelity reports it (a classifier), else 'cosine_min'.
+
+    The same rule as compress.pipeline.within_tolerance, applied to the whole report so that one column
+    (and one plot axis) compares like with like.
+    """
+    fids = [_d(v.get("fidelity")) for v in variants_of(report)]
+    fids = [f for f in fids if f]
+    if fids and all(_num(f.get("top1_agreement")) is not None for f in fids):
+        return "top1_agreement"
+    return "cosine_min"
+
+
+def fmt_fidelity(fid: Any, metric: str) -> str:
+    f = _d(fid)
+    if metric == "top1_agreement" and _num(f.get("top1_agreement")) is not None:
+        return f"top-1 {fmt_pct(f['top1_agreement'])}"
+    if _num(f.get("cosine_min")) is not None:
+        return f"cos min {fmt_cos(f['cosine_min'])}"
+    if _num(f.get("top1_agreement")) is not None:
+        return f"top-1 {fmt_pct(f['top1_agreement'])}"
+    return NA
+
+
+def variants_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in _l(report.get("variants")) if isinstance(v, dict)]
+
+
+def variant_label(v: dict[str, Any], i: int = 0) -> str:
+    name = v.get("name")
+    return str(name) if name not in (None, "") else f"variant {i + 1}"
+
+
+def model_name(report: dict[str, Any]) -> Optional[str]:
+    """The MODEL argument: a "model"/"source" field when the report has one, else read off the command line."""
+    for key in ("model", "source"):
+        if isinstance(report.get(key), str) and report[key]:
+            return report[key]
+    cmd = report.get("command")
+    if not isinstance(cmd, str):
+        return None
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return None
+    if "run" in words:
+        rest = words[words.index("run") + 1:]
+        if rest and not rest[0].startswith("-"):  # the documented order: `compress run MODEL [options]`
+            return rest[0]
+    return None
+
+
+# --- Markdown helpers -------------------------------------------------------------------------------------
+
+
+def _cell(v: Any) -> str:
+    """Table cell text: pipes escaped, newlines folded."""
+    return " ".join(str(v).split()).replace("|", "\\|")
+
+
+def _code(v: Any) -> str:
+    s = str(v)
+    fence = "``" if "`" in s else "`"
+    return f"{fence}{s}{fence}" if fence == "`" else f"{fence} {s} {fence}"
+
+
+def _table(header: list[str], rows: Iterable[list[Any]], align: Optional[list[str]] = None) -> list[str]:
+    align = align or ["l"] * len(header)
+    sep = {"l": "---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(sep[a] for a in align) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def render_markdown(report: dict[str, Any], plot: Optional[str] = None) -> str:
+    """The run report as Markdown: recommendation first, then the variants, layers kept in float, the stages,
+    how the speedup was measured, and the command. `plot` (a path relative to where the Markdown will live)
+    embeds the trade-off PNG under the table.
+    """
+    r = report if isinstance(report, dict) else {}
+    variants = variants_of(r)
+    dev, host = _d(r.get("device")), _d(r.get("host"))
+    model = model_name(r)
+    title = "edge-compress report"
+    if model:
+        title += f": {model}"
+    if dev.get("name"):
+        title += f" on {dev['name']}"
+    lines = [f"# {title}", ""]
+    lines += _device_lines(dev, host, variants)
+    lines.append("")
+    rec = r.get("recommended")
+    reason = r.get("reason")
+    if rec:
+        lines.append(f"> **Recommended: {_code(rec)}**" + (f" — {reason}" if reason else ""))
+    else:
+        lines.append("> **No recommendation in this report.**" + (f" {reason}" if reason else ""))
+    lines.append("")
+    lines += _warnings(r, variants)
+    lines += _variants_section(r, variants, plot)
+    lines += _excluded_section(variants)
+    lines += _stages_section(r, variants)
+    lines += _measure_section(r, variants)
+    cmd = r.get("command")
+    if isinstance(cmd, str) and cmd.strip():
+        fence = "```"
+        while fence in cmd:
+            fence += "`"
+        lines += ["## Command", "", f"{fence}sh", cmd.strip(), fence, ""]
+    from compress import __version__
+
+    lines.append(f"<sub>edge-compress {__version__} · {r.get('schema', SCHEMA)}</sub>")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_markdown(report: dict[str, Any], path: str | os.PathLike, plot: Optional[str] = None) -> None:
+    """render_markdown written atomically to `path` (the pipeline's OUTDIR/report.md)."""
+    from compress.atomic import atomic_path
+
+    text = render_markdown(report, plot=plot)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _device_lines(dev: dict[str, Any], host: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    out = []
+    if dev:
+        bits = [_code(dev.get("name") or "?")]
+        if dev.get("description"):
+            bits.append(str(dev["description"]))
+        facts = [str(dev[k]) for k in ("arch",) if dev.get(k)]
+        if _num(dev.get("threads")) is not None:
+            facts.append(f"{dev['threads']} threads")
+        eps = [e.get("name") if isinstance(e, dict) else str(e) for e in _l(dev.get("execution_providers"))]
+        if any(eps):
+            facts.append(", ".join(str(e) for e in eps if e))
+        if dev.get("opset") is not None:
+            facts.append(f"opset {dev['opset']}")
+        if dev.get("fp8") is not None:
+            facts.append("FP8 hardware" if dev["fp8"] else "no FP8 hardware")
+        line = f"**Device:** {bits[0]}" + (f" ({', '.join(facts)})" if facts else "") + (f" — {bits[1]}" if len(bits) > 1 else "")
+        out.append(line + "  ")  # two spaces: a Markdown line break
+    if host:
+        cpu = host.get("cpu") or host.get("arch") or "unknown CPU"
+        hw = [str(host[k]) for k in ("arch",) if host.get(k) and host.get(k) != cpu]
+        if host.get("cores") is not None:
+            hw.append(f"{host['cores']} cores")
+        sw = [str(host["os"])] if host.get("os") else []
+        if host.get("python"):
+            sw.append(f"Python {host['python']}")
+        if host.get("onnxruntime"):
+            sw.append(f"onnxruntime {host['onnxruntime']}")
+        out.append(f"**Measured on:** {cpu}" + (f" ({', '.join(hw)})" if hw else "") + (f"; {', '.join(sw)}" if sw else ""))
+    if not out:
+        out.append("**Device:** n/a")
+    return out
+
+
+def _warnings(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    """Things that change what a reader should trust, shown before any figure."""
+    warns = []
+    fallback = [variant_label(v, i) for i, v in enumerate(variants) if _d(v.get("profile")).get("fallback")]
+    if fallback:
+        warns.append(f"Timed on a **CPU fallback** ({', '.join(fallback)}): this onnxruntime lacks the device's "
+                     "execution provider, so these latencies are not the device's.")
+    calib = _d(r.get("calibration"))
+    if calib.get("source") in ("random", "synthetic"):
+        warns.append(f"Fidelity was measured on {calib['source']} inputs (no `--calib`): agreement on real data "
+                     "may differ; rerun with `--calib DATA.npz`.")
+    q = _d(_d(r.get("stages")).get("quantize"))
+    if _d(q.get("calibration")).get("source") == "synthetic" and calib.get("source") not in ("random", "synthetic"):
+        warns.append("Quantization scales came from synthetic inputs: pass `--calib DATA.npz` with real samples.")
+    w = _d(_d(q.get("quantizer")).get("presets")).get("warning")
+    if w:
+        warns.append(str(w))
+    return [f"> ⚠️ {w}" for w in warns] + ([""] if warns else [])
+
+
+def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: Optional[str]) -> list[str]:
+    tol = _num(r.get("tolerance"))
+    metric = fidelity_metric(r)
+    out = ["## Variants", ""]
+    if not variants:
+        return out + ["No variants in this report.", ""]
+    header = ["variant", "p50 ms", "p90 ms", "speedup vs fp32", "size MB", "params", "MACs",
+              "fidelity vs fp32", "within tolerance" + (f" ({tol:g})" if tol is not None else "")]
+    rows = []
+    for i, v in enumerate(variants):
+        name = variant_label(v, i)
+        cell = f"**{name}** ★" if name == r.get("recommended") else name
+        if v.get("from") and v.get("from") != name:
+            cell += f" (from {v['from']})"
+        simulated = bool(v.get("simulated"))
+        if simulated:
+            cell += " *(simulated)*"
+        lat = _d(v.get("latency_ms"))
+        if simulated and not lat:
+            p50 = p90 = "— (simulated)"
+        else:
+            p50, p90 = fmt_ms(lat.get("p50")), fmt_ms(lat.get("p90"))
+        speed = fmt_speedup(v.get("speedup_vs_fp32"))
+        if name == "fp32" and speed != NA:
+            speed += " (baseline)"
+        elif simulated and speed == NA:
+            speed = "— (simulated)"
+        fid = "reference" if name == "fp32" else fmt_fidelity(v.get("fidelity"), metric)
+        ok = v.get("within_tolerance")
+        okc = "✓" if ok is True else "✗" if ok is False else NA
+        if simulated and ok is not None:
+            okc += " (fidelity only)"
+        rows.append([cell, p50, p90, speed, fmt_mb(v.get("size_bytes")), fmt_count(v.get("params")),
+                     fmt_count(v.get("macs")), fid, okc])
+    out += _table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r", "c"])
+    out.append("")
+    notes = ["★ recommended."]
+    if metric == "top1_agreement":
+        notes.append("Fidelity: top-1 agreement with fp32 on held-out inputs.")
+    else:
+        notes.append("Fidelity: the worst per-sample cosine similarity to fp32's outputs on held-out inputs.")
+    if tol is not None:
+        notes.append(f"Within tolerance: loss vs fp32 ≤ {tol:g} (1 − top-1 agreement for classifiers, "
+                     "else 1 − min cosine).")
+    if any(v.get("simulated") for v in variants):
+        notes.append("Simulated variants have no hardware here: fidelity only, no latency, never recommended.")
+    out += [" ".join(notes), ""]
+    if plot:
+        out += [f"![speedup vs fidelity]({plot})", ""]
+    return out
+
+
+def _excluded_section(variants: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for i, v in enumerate(variants):
+        layers = [e for e in _l(v.get("excluded_layers")) if e is not None]
+        if not layers:
+            continue
+        if not out:
+            out += ["## Layers kept in float", "",
+                    "Two reasons keep a layer in float. Sensitivity: each quantizable layer was quantized alone and "
+                    "ranked by how far it moved the output, and the fewest most sensitive ones were left in float until "
+                    "the model met the tolerance. Speed: each quantized op was timed alone in fp32 and INT8 on the "
+                    "device, and ops INT8 does not speed up were left in float when that made the whole model faster.",
+                    ""]
+        out += [f"**{variant_label(v, i)}**: {len(layers)} layer{'s' if len(layers) != 1 else ''}", ""]
+        rows = []
+        for e in layers:
+            if isinstance(e, dict):
+                why = e.get("why") or (f"salience {_num(e.get('salience')):.4g}" if _num(e.get("salience")) is not None else NA)
+                rows.append([_code(e.get("node") or "?"), e.get("op_type") or NA, why])
+            else:
+                rows.append([_code(e), NA, NA])
+        out += _table(["layer", "op", "why"], rows) + [""]
+    return out
+
+
+def _stages_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    stages = _d(r.get("stages"))
+    out: list[str] = []
+    if stages.get("prune") is not None:
+        out += ["### Prune", ""] + _prune_lines(_d(stages["prune"])) + [""]
+    if stages.get("quantize") is not None:
+        out += ["### Quantize", ""] + _quant_lines(_d(stages["quantize"]), variants) + [""]
+    for name, st in stages.items():  # stages added later render as their raw keys rather than vanish
+        if name not in ("prune", "quantize") and st is not None:
+            out += [f"### {str(name).capitalize()}", ""] + _generic_lines(st) + [""]
+    return (["## Stages", ""] + out) if out else []
+
+
+def _fid_pair(f: Any) -> str:
+    f = _d(f)
+    parts = []
+    if _num(f.get("top1_agreement")) is not None:
+        parts.append(f"top-1 {fmt_pct(f['top1_agreement'])}")
+    if _num(f.get("cosine_min")) is not None:
+        parts.append(f"cos min {fmt_cos(f['cosine_min'])}")
+    return ", ".join(parts) or NA
+
+
+def _ratio(before: Any, after: Any) -> str:
+    b, a = _num(before), _num(after)
+    return f" ({b / a:.2f}× fewer)" if b and a else ""
+
+
+def _prune_lines(p: dict[str, Any]) -> list[str]:
+    out = []
+    s = _d(p.get("structural"))
+    if s:
+        how = []
+        if s.get("importance"):
+            how.append(f"{_code(s['importance'])} importance")
+        how.append("global" if s.get("global_pruning") else "per layer")
+        if s.get("round_to"):
+            how.append(f"channels rounded to multiples of {s['round_to']}")
+        ratio = _num(s.get("ratio"))
+        head = f"{ratio:.0%} of channels" if ratio is not None else "channels"
+        out.append(f"- **Structural:** {head} ({', '.join(how)}): params {fmt_count(s.get('params_before'))} → "
+                   f"{fmt_count(s.get('params_after'))}{_ratio(s.get('params_before'), s.get('params_after'))}, "
+                   f"MACs {fmt_count(s.get('macs_before'))} → {fmt_count(s.get('macs_after'))}"
+                   f"{_ratio(s.get('macs_before'), s.get('macs_after'))}; {len(_l(s.get('layers')))} layers changed")
+        heads = _d(s.get("heads"))
+        if heads:
+            hs = ", ".join(f"{_code(k)} {v[0]} → {v[1]}" if isinstance(v, list) and len(v) == 2 else f"{_code(k)} {v}"
+                           for k, v in heads.items())
+            out.append(f"- **Attention heads:** {hs}")
+        kept = [*(_l(s.get("protected"))), *(_l(s.get("ignored")))]
+        if kept:
+            out.append(f"- **Left at full width:** {', '.join(_code(k) for k in kept)}")
+        for n in _l(s.get("notes")):
+            out.append(f"- Note: {n}")
+    sp = _d(p.get("sparsity"))
+    if sp:
+        ach = _num(sp.get("sparsity"))
+        out.append(f"- **Sparsity:** {sp.get('pattern', NA)} masks, target {fmt_pct(sp.get('ratio'))}"
+                   + (f", achieved {ach:.1%}" if ach is not None else "")
+                   + f" over {fmt_count(sp.get('covered_params'))} params in {len(_l(sp.get('layers')))} layers"
+                   + (f" ({len(_l(sp.get('skipped')))} skipped)" if _l(sp.get("skipped")) else ""))
+        if sp.get("note"):
+            out.append(f"  {sp['note']}")
+    rec = p.get("recovery")
+    if "recovery" in p or "structural" in p:
+        out.append(f"- **Recovery:** {_recovery_text(rec)}")
+    if p.get("fidelity") is not None:
+        before = p.get("fidelity_before_recovery")
+        txt = f"{_fid_pair(before)} → {_fid_pair(p['fidelity'])}" if before is not None and rec else _fid_pair(p["fidelity"])
+        out.append(f"- **Fidelity vs fp32 (torch, held-out):** {txt}")
+    if s and _l(s.get("layers")):
+        rows = []
+        for layer in _l(s.get("layers")):
+            layer = _d(layer)
+            rows.append([_code(layer.get("name", "?")), layer.get("kind", NA), _shape(layer.get("before")),
+                         _shape(layer.get("after"))])
+        out += ["", "<details><summary>Pruned layers</summary>", ""]
+        out += _table(["layer", "kind", "before", "after"], rows)
+        out += ["", "</details>"]
+    return out or ["No details recorded."]
+
+
+def _shape(v: Any) -> str:
+    return " × ".join(str(x) for x in v) if isinstance(v, list) else (NA if v is None else str(v))
+
+
+def _recovery_text(rec: Any) -> str:
+    rec = _d(rec)
+    if not rec:
+        return "none (`--no-recover`)"
+    if rec.get("method") == "finetune":
+        return f"user fine-tuning {_code(rec.get('fn', '?'))}"
+    if rec.get("method") == "distillation":
+        txt = f"distillation from the unpruned model, {rec.get('steps', NA)} steps"
+        if _num(rec.get("seconds")) is not None:
+            txt += f" in {rec['seconds']:.1f} s"
+        lb, la = _num(rec.get("loss_before")), _num(rec.get("loss_after"))
+        if lb is not None and la is not None:
+            txt += f", calibration loss {lb:.4g} → {la:.4g}"
+        if rec.get("restored"):
+            txt += " (did not help: the pre-recovery weights were kept)"
+        if rec.get("stopped"):
+            txt += f"; stopped: {rec['stopped']}"
+        return txt
+    return ", ".join(f"{k} {v}" for k, v in rec.items())
+
+
+def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    out = []
+    qz = _d(q.get("quantizer"))
+    fmt = str(q.get("format") or "?")
+    preset = _d(q.get("preset")) or _d(qz.get("preset"))
+    base = next((v.get("from") for v in variants if v.get("name") == fmt and v.get("from")), None)
+    details = [fmt.upper()]
+    if preset.get("name"):
+        details.append(f"preset {_code(preset['name'])}")
+    if qz.get("fp8_format"):
+        details.append(str(qz["fp8_format"]))
+    if qz.get("activations"):
+        details.append(str(qz["activations"]))
+    elif qz.get("method"):
+        details.append(f"{qz['method']} calibration")
+    if q.get("simulated"):
+        details.append("**simulated** (no FP8 hardware on this device)")
+    if base:
+        details.append(f"applied to {_code(base)}")
+    out.append("- **Format:** " + " · ".join(details))
+    calib = _d(q.get("calibration"))
+    if calib:
+        src = calib.get("source", NA)
+        n = calib.get("calibration_samples") or calib.get("samples") or _d(qz.get("calibration")).get("samples")
+        out.append(f"- **Calibration:** {src}" + (f", {n} samples" if n else "")
+                   + (" — scales fit synthetic inputs, not your data" if src == "synthetic" else ""))
+    presets = _d(qz.get("presets"))
+    if presets.get("tried"):
+        out.append(f"- **Preset choice:** tried {', '.join(_code(t) for t in _l(presets['tried']))}; chose "
+                   f"{_code(presets.get('chosen', '?'))}" + (f": {presets['why']}" if presets.get("why") else ""))
+    graph = _d(qz.get("graph"))
+    if graph.get("variant"):
+        out.append(f"- **Graph:** {_code(graph['variant'])}" + (" (chosen by timing the candidates)" if graph.get("tuned") else ""))
+    if _l(qz.get("quantized")):
+        out.append(f"- **Quantized nodes:** {len(qz['quantized'])}"
+                   + (f"; skipped {len(_l(qz.get('skipped')))}" if _l(qz.get("skipped")) else ""))
+    sel = _d(q.get("op_selection"))
+    if sel.get("decision"):
+        timed = len(_l(sel.get("ops")))
+        out.append(f"- **Op selection** ({timed} op{'s' if timed != 1 else ''} timed alone in fp32 and INT8"
+                   + (f" on {sel['measured_on']}" if sel.get("measured_on") else "") + f"): {sel['decision']}"
+                   + (f" — {sel['warning']}" if sel.get("warning") else ""))
+    fid = q.get("fidelity")
+    if fid is not None:
+        n = _d(fid).get("samples")
+        out.append(f"- **Fidelity vs {_code(base) if base else 'its input model'}:** {_fid_pair(fid)}"
+                   + (f" ({n} held-out samples)" if n else ""))
+    fb = _d(q.get("fallback"))
+    if fb:
+        metric = {"top1": "top-1 error", "cosine_min": "1 − min cosine"}.get(fb.get("metric"), fb.get("metric", "error"))
+        eb, ea = _num(fb.get("error_before")), _num(fb.get("error"))
+        txt = f"- **Fallback** (tolerance {fb.get('tolerance', NA)} on {metric}): "
+        txt += f"error {eb:.4g} with every layer quantized" if eb is not None else "error n/a with every layer quantized"
+        excl = _l(fb.get("excluded")) or _l(q.get("excluded_layers"))
+        if "within_tolerance" not in fb:
+            txt += ", within tolerance: nothing kept in float"
+        elif fb.get("within_tolerance"):
+            txt += f"; {len(excl)} layer{'s' if len(excl) != 1 else ''} kept in float" + (f" → error {ea:.4g}" if ea is not None else "")
+            total = _quantizable_count(qz, excl)
+            if total and len(excl) >= total:
+                txt += (f". **All {total} quantizable layers are in float: this variant is not quantized in effect**; "
+                        "a looser `--tolerance` or real `--calib` data may let some layers be quantized")
+        else:
+            txt += "; keeping layers in float did not reach the tolerance, so the fully quantized model was kept"
+        out.append(txt)
+    if _num(q.get("speedup_vs_fp32")) is not None:
+        out.append(f"- **Stage speedup vs its input:** {fmt_speedup(q['speedup_vs_fp32'])}")
+    return out or ["No details recorded."]
+
+
+def _quantizable_count(qz: dict[str, Any], excluded: list[Any]) -> Optional[int]:
+    """How many layers the quantizer could have quantized: its own list (FP8), else the sensitivity ranking's
+    "rank k of N" in the fallback's explanations (INT8)."""
+    if _l(qz.get("quantized")):
+        return len(qz["quantized"])
+    import re
+
+    for e in excluded:
+        m = re.search(r"rank \d+ of (\d+)", str(_d(e).get("why", "")))
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _generic_lines(st: Any) -> list[str]:
+    if not isinstance(st, dict):
+        return [f"- {st}"]
+    out = []
+    for k, v in st.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out.append(f"- **{k}:** {v}")
+    return out or ["No details recorded."]
+
+
+def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    out = ["## How the speedup was measured", ""]
+    how = r.get("speedup_measure")
+    out.append(f"Speedup vs fp32: {how}." if how else "Speedup vs fp32: not recorded.")
+    out.append("Every round runs each variant once in turn, so all of them see the same machine state; the "
+               "speedup is the ratio of medians and is what the recommendation uses. The p50/p90 columns come "
+               "from profiling each variant on its own, so their ratio can differ on a noisy machine.")
+    runs, loose = [], []
+    for i, v in enumerate(variants):
+        prof = _d(v.get("profile"))
+        if not prof:
+            continue
+        if prof.get("runs") is not None:
+            runs.append(f"{variant_label(v, i)} {prof['runs']}")
+        if _d(prof.get("spread")).get("converged") is False:
+            loose.append(variant_label(v, i))
+    if runs:
+        out.append(f"Profiled runs per variant: {', '.join(runs)}.")
+    if loose:
+        out.append(f"The p50's 95% confidence interval did not converge for {', '.join(loose)}: read those p50s as "
+                   "rough (omit `--runs` for adaptive timing).")
+    return out + [""]
