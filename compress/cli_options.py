@@ -1,4 +1,4 @@
-"""Options shared by the commands that take a PyTorch MODEL (export, prune, run), declared once."""
+"""Options shared by several commands (export, prune, quantize, run), declared once."""
 
 from __future__ import annotations
 
@@ -27,3 +27,10 @@ def require_one_input_source(input_shapes: tuple[str, ...] | list[str], calib: s
     """The model runs on shapes (random data) or on real samples, never on both or neither."""
     if bool(list(input_shapes)) == bool(calib):
         raise UsageError("give either --input-shape or --calib (exactly one)")
+
+
+def eval_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--eval: the user's metric, for quantize and run."""
+    return click.option("--eval", "eval_spec", metavar="FILE.py:FN",
+                        help="Your metric: FN(model_path) returns a score, higher is better (accuracy on your labelled "
+                             "data, ...); --tolerance then bounds its drop from fp32 instead of fidelity.")(f)

@@ -7,11 +7,13 @@ from pathlib import Path
 import click
 
 from compress import console
+from compress.cli_options import eval_option
 
 EPILOG = """\b
 Examples:
   compress quantize model.onnx --to int8 --device host --calib calib.npz -o model.int8.onnx
   compress quantize model.onnx --to int8 --device rpi4-cortex-a72 --calib calib.npz --tolerance 0.01 -o m.int8.onnx
+  compress quantize model.onnx --calib calib.npz --eval my_eval.py:accuracy --tolerance 0.005 -o m.int8.onnx
   compress quantize model.onnx --to fp8 --device nvidia-h100-trt-fp8 --calib calib.npz -o model.fp8.onnx
   compress quantize model.onnx --to fp8 --device host --simulate --calib calib.npz --json - -o model.fp8.onnx
 """
@@ -23,7 +25,8 @@ Examples:
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
 @click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="INT8 activation calibration.")
-@click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine is within this.")
+@click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
+@eval_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
 @click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
@@ -31,7 +34,7 @@ Examples:
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
-def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None, simulate: bool,
+def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None, eval_spec: str | None, simulate: bool,
              fp8_format: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
@@ -43,12 +46,14 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     """
     from compress.atomic import check_onnx_output, write_json
     from compress.quant_stage import QuantOptions, check_format, quant_stage
+    from compress.user_metric import load_metric
     from devices.loader import load_profile
     from runtime.profiler import check_model
 
     out = check_onnx_output(output, [model, calib])
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
-                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select)
+                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
+                        evaluate=load_metric(eval_spec))
     profile = load_profile(device)
     check_format(profile, opts)
     check_model(Path(model))
@@ -73,6 +78,9 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")
+    if report.get("eval"):
+        e = report["eval"]
+        console.out_console.print(f"--eval {e['function']}: fp32 {e['fp32']:.4g}, {to} {e[to]:.4g} (drop {e['fp32'] - e[to]:.4g})")
     if report.get("op_selection"):
         console.out_console.print(f"op selection: {report['op_selection']['decision']}")
     if report["excluded_layers"]:

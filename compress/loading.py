@@ -57,7 +57,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         target, _, fn_name = spec.rpartition(":")
         if not target or not fn_name:
             raise UsageError(f"MODEL {spec!r} must be {MODEL_FORMS}")
-        factory = _factory_from_file(target, fn_name) if target.endswith(".py") else _factory_from_module(target, fn_name)
+        factory = load_callable(target, fn_name)
         loaded = LoadedModel(module=_call_factory(factory, spec), source=spec, kind="factory")
     elif path.suffix == ".py":
         raise UsageError(f"MODEL {spec!r} names a file but no factory; write it as {spec}:factory_name")
@@ -83,10 +83,29 @@ def forward_params(module: nn.Module) -> list[inspect.Parameter]:
     return [p for p in sig.parameters.values() if p.kind in kinds]
 
 
-def _factory_from_file(file: str, fn_name: str) -> Callable[..., Any]:
+def load_callable(target: str, fn_name: str, what: str = "model") -> Callable[..., Any]:
+    """A user's function from FILE.py or an importable module: model factories and --eval metrics alike."""
+    if target.endswith(".py"):
+        return _callable_from_file(target, fn_name, what)
+    return _callable_from_module(target, fn_name, what)
+
+
+def load_option_function(spec: str, option: str, forms: str) -> Callable[..., Any]:
+    """A function named by a command-line option (`--finetune`, `--eval`) as FILE.py:FN or module:FN; errors
+    name the option."""
+    target, _, fn_name = spec.strip().rpartition(":")
+    if not target or not fn_name:
+        raise UsageError(f"{option} {spec!r} must be {forms}")
+    try:
+        return load_callable(target, fn_name, what="function")
+    except (InputError, ModelError) as e:
+        raise type(e)(f"{option} {spec}: {e}") from e
+
+
+def _callable_from_file(file: str, fn_name: str, what: str) -> Callable[..., Any]:
     path = Path(file).expanduser()
     if not path.is_file():
-        raise InputError(f"model file {file} not found")
+        raise InputError(f"{what} file {file} not found")
     mod_name = f"_edge_compress_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
@@ -102,27 +121,28 @@ def _factory_from_file(file: str, fn_name: str) -> Callable[..., Any]:
         raise ModelError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         sys.path.pop(0)
-    return _get_callable(module, fn_name, file)
+    return _get_callable(module, fn_name, file, what)
 
 
-def _factory_from_module(mod: str, fn_name: str) -> Callable[..., Any]:
+def _callable_from_module(mod: str, fn_name: str, what: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(mod)
     except ModuleNotFoundError as e:
         if e.name and mod.startswith(e.name):
-            raise ModelError(f"no module named {mod!r} (MODEL must be {MODEL_FORMS})") from e
+            form = f"MODEL must be {MODEL_FORMS}" if what == "model" else "write it as FILE.py:FUNCTION or module:FUNCTION"
+            raise ModelError(f"no module named {mod!r} ({form})") from e
         raise ModelError(f"importing {mod} failed: {_first_line(e)}") from e
     except Exception as e:
         raise ModelError(f"importing {mod} failed: {type(e).__name__}: {_first_line(e)}") from e
-    return _get_callable(module, fn_name, mod)
+    return _get_callable(module, fn_name, mod, what)
 
 
-def _get_callable(module: Any, fn_name: str, where: str) -> Callable[..., Any]:
+def _get_callable(module: Any, fn_name: str, where: str, what: str = "model") -> Callable[..., Any]:
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         choices = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
         hint = f"; callables there: {', '.join(choices[:10])}" if choices else ""
-        raise ModelError(f"{where} has no factory {fn_name!r}{hint}")
+        raise ModelError(f"{where} has no {'factory' if what == 'model' else 'function'} {fn_name!r}{hint}")
     return fn
 
 

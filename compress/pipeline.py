@@ -26,6 +26,7 @@ from compress.atomic import default_mode, write_json
 from compress.errors import first_line
 from compress.prune_stage import PruneOptions, prune_stage
 from compress.report_md import SCHEMA
+from compress.user_metric import UserMetric
 from devices.schema import DeviceProfile
 
 
@@ -40,6 +41,7 @@ class RunOptions:
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quant_opselect)
+    evaluate: Optional[UserMetric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
     source: str = ""
     command: str = ""
 
@@ -125,16 +127,19 @@ def run_pipeline(
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
             q = quant_stage(work / base["onnx"], work / f"{opts.quant}.onnx", profile, opts.calib,
                             QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
-                                         select_ops=opts.select_ops), on_stage)
+                                         select_ops=opts.select_ops, evaluate=opts.evaluate), on_stage)
             stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
             path = work / f"{opts.quant}.onnx"
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],
                              "excluded_layers": q["excluded_layers"], "from": base["name"]})
         for v in variants:
-            runner = onnx_outputs
+            runner, session_options = onnx_outputs, None
             if v["simulated"]:  # no FP8 kernels here: fidelity only, under session options that run FP8 Q/DQ
                 from compress.quant_fp8 import fp8_outputs as runner
+                from compress.quant_fp8 import fp8_session_options
+
+                session_options = fp8_session_options()
 
                 v["latency_ms"], v["profile"] = None, None
             else:
@@ -144,6 +149,10 @@ def run_pipeline(
                 v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
             v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
             v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
+            if opts.evaluate is not None:
+                on_stage(f"scoring {v['name']} with --eval")
+                v["eval_score"] = opts.evaluate(work / v["onnx"], session_options=session_options)
+                v["within_tolerance"] = variants[0]["eval_score"] - v["eval_score"] <= opts.tolerance
         on_stage("timing the variants against fp32, interleaved")
         providers, _ = resolve_providers(profile)
         timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
@@ -163,6 +172,7 @@ def run_pipeline(
             "recommended": name,
             "reason": reason,
             "tolerance": opts.tolerance,
+            "tolerance_on": f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
             "speedup_measure": f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads",
             "stages": stages,
             "command": opts.command,

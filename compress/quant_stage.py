@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from compress.errors import UsageError
+from compress.user_metric import UserMetric
 from devices.schema import DeviceProfile
 
 FORMATS = ("int8", "fp8")
@@ -28,6 +29,7 @@ class QuantOptions:
     fp8_format: str = "e4m3fn"
     max_calib: Optional[int] = None
     measure: bool = True
+    evaluate: Optional[UserMetric] = None  # --eval: the user's score; --tolerance then bounds its drop
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
 
 
@@ -38,8 +40,10 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
     if opts.to == "fp8" and not profile.fp8 and not opts.simulate:
         raise UsageError(f"device {profile.name!r} has no FP8 hardware: use --to int8 (INT8 dot-product units: "
                          f"{'yes' if profile.int8_dot else 'no'}), or add --simulate to measure FP8 fidelity only")
-    if opts.tolerance is not None and not 0.0 <= opts.tolerance < 1.0:
-        raise UsageError(f"--tolerance {opts.tolerance}: must be in [0, 1)")
+    if opts.tolerance is not None and opts.evaluate is None and not 0.0 <= opts.tolerance < 1.0:
+        raise UsageError(f"--tolerance {opts.tolerance}: must be in [0, 1) (a loss of fidelity; with --eval, any drop >= 0)")
+    if opts.tolerance is not None and opts.tolerance < 0:
+        raise UsageError(f"--tolerance {opts.tolerance}: must be >= 0")
 
 
 def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, Any, dict[str, Any]]:
@@ -124,11 +128,50 @@ def _op_selection_reasons(sel: Optional[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
+              runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
+              tolerance: float, score: Optional[Callable[[Path], float]], report: dict[str, Any],
+              on_stage: Callable[[str], None]) -> Path:
+    """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity, then the fewest most
+    sensitive kept in float until fidelity (or the drop of the user's score) is within it. Returns the model
+    to keep and records what happened in `report`."""
+    from compress.fidelity import fidelity
+    from compress.quant_sensitivity import fallback, layer_sensitivity, quantizable_nodes
+
+    if score is not None:
+        metric = "score_drop"
+        err = report["eval"]["fp32"] - report["eval"][report["format"]]
+    else:
+        metric = _metric(reference)
+        err = 1.0 - (report["fidelity"]["top1_agreement"] if metric == "top1" else report["fidelity"]["cosine_min"] or 0.0)
+    report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err}
+    if err <= tolerance:
+        return first
+    on_stage("ranking layers by sensitivity")
+    cands = [n["node"] for n in quantizable_nodes(fp32)]
+    # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
+    # labelled set ties at zero drop
+    sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
+    on_stage("keeping the most sensitive layers in float")
+    second = work / "fallback.onnx"
+    fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, reference, tolerance,
+                  "cosine_min" if metric == "score_drop" else metric, runner=runner, evaluate=score)
+    report["fallback"].update({k: v for k, v in fb.items() if k not in ("fidelity", "path")})
+    if not (fb.get("within_tolerance", True) and second.exists()):
+        return first
+    if score is not None:
+        report["eval"][report["format"]] = fb["fidelity"]["score"]
+        report["fidelity"] = fidelity(reference, runner(second, held))
+    else:
+        report["fidelity"] = fb["fidelity"]
+    report["excluded_layers"] = fb.get("excluded", []) + report["excluded_layers"]
+    return second
+
+
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
                 on_stage: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded."""
     from compress.fidelity import fidelity, onnx_outputs
-    from compress.quant_sensitivity import fallback, layer_sensitivity, quantizable_nodes
 
     check_format(profile, opts)
     calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
@@ -145,7 +188,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
             from compress.quant_presets import preset_for
 
             result = try_presets(fp32, first, profile, calib_part, method=opts.method)
-            runner = onnx_outputs
+            runner, runner_options = onnx_outputs, None
             preset = result.get("preset")
             chosen = preset_for(profile, _signedness(preset), family=result.get("family"))  # the faster candidate
 
@@ -154,12 +197,12 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                 kw = {"include": nodes} if only else {"exclude": sorted(set(nodes) | set(slow_ops))}
                 quantize_int8(src, out, profile, calib_part, method=opts.method, preset=chosen, recipe=result.get("recipe"), **kw)
         else:
-            from compress.quant_fp8 import fp8_outputs, quantize_fp8
+            from compress.quant_fp8 import fp8_outputs, fp8_session_options, quantize_fp8
 
             on_stage(f"quantizing to FP8 ({opts.fp8_format}{', simulated' if report['simulated'] else ''})")
             feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 64)
             result = quantize_fp8(fp32, first, feeds, fmt=opts.fp8_format, simulated=report["simulated"])
-            runner, preset = fp8_outputs, None
+            runner, runner_options, preset = fp8_outputs, fp8_session_options(), None
 
             def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
                 kw = {"include": nodes} if only else {"exclude": nodes}
@@ -176,23 +219,13 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         report["fidelity"] = fidelity(reference, runner(first, held))
         report["excluded_layers"] = _op_selection_reasons(report.get("op_selection"))
         final = first
+        score = None  # the user's --eval metric, bound to the session options the quantized format needs
+        if opts.evaluate is not None:
+            on_stage(f"scoring fp32 and {opts.to} with --eval")
+            score = opts.evaluate.bind(runner_options)
+            report["eval"] = {"function": opts.evaluate.spec, "fp32": score(fp32), opts.to: score(first)}
         if opts.tolerance is not None:
-            metric = _metric(reference)
-            err = 1.0 - (report["fidelity"]["top1_agreement"] if metric == "top1" else report["fidelity"]["cosine_min"] or 0.0)
-            report["fallback"] = {"metric": metric, "tolerance": opts.tolerance, "error_before": err}
-            if err > opts.tolerance:
-                on_stage("ranking layers by sensitivity")
-                cands = [n["node"] for n in quantizable_nodes(fp32)]
-                sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
-                on_stage("keeping the most sensitive layers in float")
-                second = work / "fallback.onnx"
-                fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, reference,
-                              opts.tolerance, metric, runner=runner)
-                report["fallback"].update({k: v for k, v in fb.items() if k not in ("fidelity", "path")})
-                if fb.get("within_tolerance", True) and second.exists():
-                    final = second
-                    report["fidelity"] = fb["fidelity"]
-                    report["excluded_layers"] = fb.get("excluded", []) + report["excluded_layers"]
+            final = _fallback(fp32, first, work, quantize, runner, held, reference, opts.tolerance, score, report, on_stage)
         if opts.measure and not report["simulated"]:
             from runtime.abtest import interleaved_latency
             from runtime.profiler import resolve_providers

@@ -20,7 +20,7 @@ from torch import nn
 
 from compress.errors import InputError, ModelError, UsageError
 from compress.errors import first_line as _first_line
-from compress.loading import _factory_from_file, _factory_from_module
+from compress.loading import load_option_function
 from export.onnx_export import flatten_outputs
 
 Batch = Mapping[str, Any]
@@ -206,13 +206,7 @@ def _check_finite_weights(student: nn.Module, steps: int) -> None:
 
 def load_finetune(spec: str) -> Callable[..., Any]:
     """Import the `--finetune` function from `file.py:fn` or `package.module:fn`, as MODEL factories are imported."""
-    target, _, fn_name = spec.strip().rpartition(":")
-    if not target or not fn_name:
-        raise UsageError(f"--finetune {spec!r} must be {FINETUNE_FORMS}")
-    try:
-        return _factory_from_file(target, fn_name) if target.endswith(".py") else _factory_from_module(target, fn_name)
-    except (InputError, ModelError) as e:  # loading.py words these for MODEL factories; say which option failed
-        raise type(e)(f"--finetune {spec}: {e}") from e
+    return load_option_function(spec, "--finetune", FINETUNE_FORMS)
 
 
 def run_finetune(fn: Callable[..., Any], model: nn.Module, batches: Sequence[Batch]) -> nn.Module:

@@ -55,3 +55,71 @@ def test_tolerance_reports_layers_kept_in_float(cnn, tmp_path):
     assert fb["metric"] == "top1" and fb["tolerance"] == 0.0
     if fb["error_before"] > 0:  # something to fall back from: the most sensitive layers are named, with why
         assert rep["excluded_layers"] and all({"node", "op_type", "salience", "why"} <= set(e) for e in rep["excluded_layers"])
+
+
+EVAL_FILE = '''
+import numpy as np, onnxruntime as ort
+
+def agreement(model_path, session_options=None):
+    """A user's metric: accuracy against labels stored next to this file (here: fp32's own top-1)."""
+    d = np.load(__file__.replace("metric.py", "labelled.npz"))
+    sess = ort.InferenceSession(model_path, session_options, providers=["CPUExecutionProvider"])
+    pred = np.concatenate([sess.run(None, {"image": d["image"][i:i + 1]})[0] for i in range(len(d["image"]))])
+    return float((pred.argmax(1) == d["label"]).mean())
+
+def broken(model_path):
+    raise RuntimeError("dataset not mounted")
+
+def text(model_path):
+    return "high"
+'''
+
+
+@pytest.fixture(scope="module")
+def user_metric(cnn, tmp_path_factory):
+    """--eval FILE: labels are fp32's predictions on 64 images, so fp32 scores 1.0 and a drop is quantization's."""
+    import numpy as np
+    import onnxruntime as ort
+
+    d = tmp_path_factory.mktemp("eval")
+    images = np.random.default_rng(11).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(cnn), providers=["CPUExecutionProvider"])
+    labels = np.concatenate([sess.run(None, {"image": images[i:i + 1]})[0].argmax(1) for i in range(64)])
+    np.savez(d / "labelled.npz", image=images, label=labels)
+    (d / "metric.py").write_text(EVAL_FILE)
+    np.savez(d / "calib.npz", image=np.random.default_rng(12).standard_normal((32, 3, 32, 32)).astype(np.float32))
+    return d
+
+
+def test_eval_metric_drives_the_fallback(cnn, user_metric, tmp_path):
+    out = tmp_path / "e.onnx"
+    r = _cli("quantize", str(cnn), "--calib", str(user_metric / "calib.npz"), "--eval", f"{user_metric / 'metric.py'}:agreement",
+             "--tolerance", "0.0", "--no-measure", "--no-op-select", "--json", "-", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    ev, fb = rep["eval"], rep["fallback"]
+    assert ev["fp32"] == 1.0 and fb["metric"] in ("score_drop", "drop of the user's score")
+    if fb["error_before"] > 0:  # the user's score, not fidelity, decided how many layers stay float
+        assert fb["within_tolerance"] is True and ev["int8"] == 1.0
+        assert rep["excluded_layers"] and all("user's score" in e["why"] for e in rep["excluded_layers"])
+    else:
+        assert ev["int8"] == 1.0 and not rep["excluded_layers"]
+    assert out.exists()
+
+
+def test_eval_gets_the_session_options_fp8_needs(cnn, user_metric, tmp_path):
+    r = _cli("quantize", str(cnn), "--to", "fp8", "--simulate", "--calib", str(user_metric / "calib.npz"),
+             "--eval", f"{user_metric / 'metric.py'}:agreement", "--json", "-", "-o", str(tmp_path / "f.onnx"))
+    assert r.returncode == 0, r.stderr  # with default options onnxruntime refuses FP8 Q/DQ: the metric got ours
+    rep = json.loads(r.stdout)
+    assert rep["eval"]["fp32"] == 1.0 and 0.5 < rep["eval"]["fp8"] <= 1.0
+
+
+@pytest.mark.parametrize("fn, message", [("broken", "raised RuntimeError"), ("text", "must return one number"),
+                                         ("missing", "has no function 'missing'")])
+def test_eval_errors_are_one_line(cnn, user_metric, tmp_path, fn, message):
+    out = tmp_path / "x.onnx"
+    r = _cli("quantize", str(cnn), "--no-measure", "--no-op-select", "--eval", f"{user_metric / 'metric.py'}:{fn}",
+             "--tolerance", "0.01", "-o", str(out))
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()[-1]) > 0 and not out.exists()

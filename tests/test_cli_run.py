@@ -76,12 +76,23 @@ def test_run_int8_and_simulated_fp8_variants(tmp_path):
     int8 = rep["variants"][1]
     assert int8["simulated"] is False and int8["latency_ms"]["p50"] > 0 and int8["speedup_vs_fp32"] > 0
     assert int8["fidelity"]["cosine_mean"] > 0.98 and rep["stages"]["quantize"]["preset"]["name"]
+    assert "int8" in rep["stages"]["quantize"]["op_selection"]["decision"].lower()
     out8 = tmp_path / "f"
+    # --eval: a user's score decides "within tolerance"; the FP8 variant is scored under the options it needs
+    (tmp_path / "score.py").write_text(
+        "import numpy as np, onnxruntime as ort\n"
+        "def score(path, session_options=None):\n"
+        "    s = ort.InferenceSession(path, session_options, providers=['CPUExecutionProvider'])\n"
+        "    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)\n"
+        "    return float(s.run(None, {'image': x})[0].max())\n")
     r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "fp8", "--simulate", "--runs", "5",
-             "-o", str(out8))
+             "--eval", f"{tmp_path / 'score.py'}:score", "--tolerance", "1000", "-o", str(out8))
     assert r.returncode == 0, r.stderr
     rep = json.loads((out8 / "report.json").read_text())
+    assert rep["tolerance_on"].startswith("drop of --eval")
     fp8 = rep["variants"][1]
+    assert isinstance(rep["variants"][0]["eval_score"], float) and fp8["within_tolerance"] is True
+    assert fp8["eval_score"] == pytest.approx(rep["variants"][0]["eval_score"], rel=0.2)
     assert fp8["name"] == "fp8" and fp8["simulated"] is True and fp8["latency_ms"] is None and fp8["speedup_vs_fp32"] is None
     assert fp8["fidelity"]["cosine_mean"] > 0.98
     assert rep["recommended"] == "fp32" and "simulated" in rep["reason"]
