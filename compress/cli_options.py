@@ -29,8 +29,14 @@ def require_one_input_source(input_shapes: tuple[str, ...] | list[str], calib: s
         raise UsageError("give either --input-shape or --calib (exactly one)")
 
 
-def eval_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--eval: the user's metric, for quantize and run."""
-    return click.option("--eval", "eval_spec", metavar="FILE.py:FN",
-                        help="Your metric: FN(model_path) returns a score, higher is better (accuracy on your labelled "
-                             "data, ...); --tolerance then bounds its drop from fp32 instead of fidelity.")(f)
+def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--eval and --metric: the user's score, for quantize and run (see compress.user_metric)."""
+    for opt in reversed([
+        click.option("--eval", "eval_spec", metavar="DATA.npz|FILE.py:FN",
+                     help="Score each model: labelled DATA.npz (inputs + 'y': top-1 accuracy, or --metric), or your "
+                          "FN(model_path) -> score. --tolerance then bounds the drop of that score from fp32."),
+        click.option("--metric", "metric_spec", metavar="FILE.py:FN",
+                     help="With --eval DATA.npz: FN(outputs, y) -> score (higher is better) instead of top-1."),
+    ]):
+        f = opt(f)
+    return f

@@ -26,7 +26,7 @@ from compress.atomic import default_mode, write_json
 from compress.errors import first_line
 from compress.prune_stage import PruneOptions, prune_stage
 from compress.report_md import SCHEMA
-from compress.user_metric import UserMetric
+from compress.user_metric import Metric
 from devices.schema import DeviceProfile
 
 
@@ -41,7 +41,7 @@ class RunOptions:
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quant_opselect)
-    evaluate: Optional[UserMetric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
+    evaluate: Optional[Metric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
     source: str = ""
     command: str = ""
 
@@ -151,8 +151,8 @@ def run_pipeline(
             v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
             if opts.evaluate is not None:
                 on_stage(f"scoring {v['name']} with --eval")
-                v["eval_score"] = opts.evaluate(work / v["onnx"], session_options=session_options)
-                v["within_tolerance"] = variants[0]["eval_score"] - v["eval_score"] <= opts.tolerance
+                v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
+                v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
         on_stage("timing the variants against fp32, interleaved")
         providers, _ = resolve_providers(profile)
         timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
@@ -173,6 +173,7 @@ def run_pipeline(
             "reason": reason,
             "tolerance": opts.tolerance,
             "tolerance_on": f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
+            "eval": opts.evaluate.spec if opts.evaluate else None,
             "speedup_measure": f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads",
             "stages": stages,
             "command": opts.command,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from compress.errors import UsageError
-from compress.user_metric import UserMetric
+from compress.user_metric import Metric
 from devices.schema import DeviceProfile
 
 FORMATS = ("int8", "fp8")
@@ -29,7 +29,7 @@ class QuantOptions:
     fp8_format: str = "e4m3fn"
     max_calib: Optional[int] = None
     measure: bool = True
-    evaluate: Optional[UserMetric] = None  # --eval: the user's score; --tolerance then bounds its drop
+    evaluate: Optional[Metric] = None  # --eval: the user's score; --tolerance then bounds its drop
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
 
 

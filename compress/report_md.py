@@ -314,8 +314,10 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     out = ["## Variants", ""]
     if not variants:
         return out + ["No variants in this report.", ""]
+    scored = any(_num(v.get("accuracy")) is not None for v in variants)
     header = ["variant", "p50 ms", "p90 ms", "speedup vs fp32", "size MB", "params", "MACs",
-              "fidelity vs fp32", "within tolerance" + (f" ({tol:g})" if tol is not None else "")]
+              "fidelity vs fp32"] + (["accuracy (--eval)"] if scored else []) + [
+              "within tolerance" + (f" ({tol:g})" if tol is not None else "")]
     rows = []
     for i, v in enumerate(variants):
         name = variant_label(v, i)
@@ -340,16 +342,19 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
         okc = "✓" if ok is True else "✗" if ok is False else NA
         if simulated and ok is not None:
             okc += " (fidelity only)"
+        acc = [f"{_num(v.get('accuracy')):.4g}" if _num(v.get("accuracy")) is not None else NA] if scored else []
         rows.append([cell, p50, p90, speed, fmt_mb(v.get("size_bytes")), fmt_count(v.get("params")),
-                     fmt_count(v.get("macs")), fid, okc])
-    out += _table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r", "c"])
+                     fmt_count(v.get("macs")), fid, *acc, okc])
+    out += _table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r"] + (["r"] if scored else []) + ["c"])
     out.append("")
     notes = ["★ recommended."]
     if metric == "top1_agreement":
         notes.append("Fidelity: top-1 agreement with fp32 on held-out inputs.")
     else:
         notes.append("Fidelity: the worst per-sample cosine similarity to fp32's outputs on held-out inputs.")
-    if tol is not None:
+    if tol is not None and r.get("eval"):
+        notes.append(f"Within tolerance: the --eval score ({r['eval']}) is at most {tol:g} below fp32's.")
+    elif tol is not None:
         notes.append(f"Within tolerance: loss vs fp32 ≤ {tol:g} (1 − top-1 agreement for classifiers, "
                      "else 1 − min cosine).")
     if any(v.get("simulated") for v in variants):

@@ -85,7 +85,7 @@ def user_metric(cnn, tmp_path_factory):
     images = np.random.default_rng(11).standard_normal((64, 3, 32, 32)).astype(np.float32)
     sess = ort.InferenceSession(str(cnn), providers=["CPUExecutionProvider"])
     labels = np.concatenate([sess.run(None, {"image": images[i:i + 1]})[0].argmax(1) for i in range(64)])
-    np.savez(d / "labelled.npz", image=images, label=labels)
+    np.savez(d / "labelled.npz", image=images, label=labels, y=labels)
     (d / "metric.py").write_text(EVAL_FILE)
     np.savez(d / "calib.npz", image=np.random.default_rng(12).standard_normal((32, 3, 32, 32)).astype(np.float32))
     return d
@@ -123,3 +123,41 @@ def test_eval_errors_are_one_line(cnn, user_metric, tmp_path, fn, message):
              "--tolerance", "0.01", "-o", str(out))
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) > 0 and not out.exists()
+
+
+METRIC_FILE = """
+import numpy as np
+
+def balanced_accuracy(outputs, y):
+    pred = outputs[0].argmax(1)
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+"""
+
+
+def test_eval_labelled_npz_with_and_without_metric(cnn, user_metric, tmp_path):
+    (user_metric / "bal.py").write_text(METRIC_FILE)
+    import numpy as np
+
+    d = np.load(user_metric / "labelled.npz")
+    np.savez(tmp_path / "eval.npz", image=d["image"], y=d["y"])  # inputs by name plus 'y'
+    for extra, spec in (([], "top-1 accuracy"), (["--metric", f"{user_metric / 'bal.py'}:balanced_accuracy"], "balanced_accuracy")):
+        r = _cli("quantize", str(cnn), "--calib", str(user_metric / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), *extra,
+                 "--no-measure", "--no-op-select", "--json", "-", "-o", str(tmp_path / "l.onnx"))
+        assert r.returncode == 0, r.stderr
+        ev = json.loads(r.stdout)["eval"]
+        assert spec in ev["function"] and ev["fp32"] == 1.0 and 0.5 < ev["int8"] <= 1.0  # labels are fp32's own top-1
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--metric", "x.py:f"], 2, "--metric scores labelled data"),
+    (["--eval", "nolabels.npz"], 1, "needs a 'y' array"),
+    (["--eval", "missing.npz"], 1, "not found"),
+])
+def test_eval_data_errors(cnn, tmp_path, monkeypatch, args, code, message):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "nolabels.npz", image=np.zeros((4, 3, 32, 32), np.float32))
+    r = _cli("quantize", str(cnn), "--no-measure", *args, "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x.onnx").exists()

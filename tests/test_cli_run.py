@@ -91,8 +91,8 @@ def test_run_int8_and_simulated_fp8_variants(tmp_path):
     rep = json.loads((out8 / "report.json").read_text())
     assert rep["tolerance_on"].startswith("drop of --eval")
     fp8 = rep["variants"][1]
-    assert isinstance(rep["variants"][0]["eval_score"], float) and fp8["within_tolerance"] is True
-    assert fp8["eval_score"] == pytest.approx(rep["variants"][0]["eval_score"], rel=0.2)
+    assert isinstance(rep["variants"][0]["accuracy"], float) and fp8["within_tolerance"] is True
+    assert fp8["accuracy"] == pytest.approx(rep["variants"][0]["accuracy"], rel=0.2)
     assert fp8["name"] == "fp8" and fp8["simulated"] is True and fp8["latency_ms"] is None and fp8["speedup_vs_fp32"] is None
     assert fp8["fidelity"]["cosine_mean"] > 0.98
     assert rep["recommended"] == "fp32" and "simulated" in rep["reason"]
