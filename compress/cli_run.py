@@ -38,25 +38,30 @@ Examples:
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
 @eval_options
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
+@click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
+              "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
         prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
-        tolerance: float, eval_spec: str | None, metric_spec: str | None, runs: int | None, json_out: str | None,
-        output: str) -> None:
+        tolerance: float, eval_spec: str | None, metric_spec: str | None, runs: int | None, force: bool,
+        json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     Variants: fp32 always; 'pruned' with --prune; 'int8' or 'fp8' with --quant (the final model: pruned too
     when --prune is given). Each is exported (verified against torch), profiled with the device profile,
     timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
     fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
-    fidelity only. Writes OUTDIR/report.json and one .onnx per variant.
+    fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
+    the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
+    measured again every time.
     """
     from compress.atomic import check_output_path
     from compress.loading import load_model
     from compress.inputs import prepare_inputs
     from compress.pipeline import RunOptions, run_pipeline
     from compress.prune_stage import PruneOptions
+    from compress.stage_cache import StageCache
     from compress.user_metric import load_metric
     from devices.loader import load_profile
 
@@ -81,6 +86,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         check_format(profile, QuantOptions(to=quant, simulate=simulate))
     opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
                       select_ops=not no_op_select, evaluate=load_metric(eval_spec, metric_spec),
+                      cache=StageCache(force=force),
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,6 +26,7 @@ from compress.atomic import default_mode, write_json
 from compress.errors import first_line
 from compress.prune_stage import PruneOptions, prune_stage
 from compress.report_md import SCHEMA
+from compress.stage_cache import StageCache, key_of
 from compress.user_metric import Metric
 from devices.schema import DeviceProfile
 
@@ -42,6 +43,7 @@ class RunOptions:
     ab_rounds: int = 30
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quant_opselect)
     evaluate: Optional[Metric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
+    cache: Optional[StageCache] = None  # None: every stage computed (library callers); the CLI passes one
     source: str = ""
     command: str = ""
 
@@ -106,30 +108,44 @@ def run_pipeline(
     work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
     os.chmod(work, default_mode(0o777))
     try:
-        modules: dict[str, nn.Module] = {"fp32": model}
+        cache = opts.cache or StageCache(enabled=False)
         stages: dict[str, Any] = {}
-        if opts.prune is not None:
-            pruned, stages["prune"] = prune_stage(model, example, train, held_out, opts.prune, on_stage)
-            modules["pruned"] = pruned
-        reference = torch_outputs(model, held_out)
-        variants = []
-        for name, module in modules.items():
+        base_key = [example, profile.opset, opts.source]
+
+        def export_variant(name: str, module: nn.Module) -> dict[str, Any]:
             on_stage(f"exporting {name}")
             path = work / f"{name}.onnx"
             res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
                               extra_meta={"variant": name})
             macs, _ = tp.utils.count_ops_and_params(module, example)
-            variants.append({"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
-                             "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []})
+            return {"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
+                    "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []}
+
+        variants = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
+                              lambda: export_variant("fp32", model))]
+        if opts.prune is not None:
+            def prune_and_export() -> dict[str, Any]:
+                pruned, report = prune_stage(model, example, train, held_out, opts.prune, on_stage)
+                return {"stage": report, "variant": export_variant("pruned", pruned)}
+
+            parts = [*base_key, train, held_out, asdict(opts.prune), _function_file(opts.prune.finetune)]
+            got = cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export)
+            stages["prune"] = got["stage"]
+            variants.append(got["variant"])
+        reference = torch_outputs(model, held_out)
         if opts.quant != "none":
             from compress.quant_stage import QuantOptions, quant_stage
 
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
-            q = quant_stage(work / base["onnx"], work / f"{opts.quant}.onnx", profile, opts.calib,
-                            QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
-                                         select_ops=opts.select_ops, evaluate=opts.evaluate), on_stage)
-            stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
+            qopts = QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
+                                 select_ops=opts.select_ops, evaluate=opts.evaluate)
             path = work / f"{opts.quant}.onnx"
+            parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
+                     {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
+                     profile.model_dump(mode="json", exclude={"source"})]
+            q = cache.run("quantize", key_of("quantize", parts), [path],
+                          lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage))
+            stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],
                              "excluded_layers": q["excluded_layers"], "from": base["name"]})
@@ -178,6 +194,7 @@ def run_pipeline(
             "stages": stages,
             "command": opts.command,
             "model": opts.source,
+            "cache": {"stages": dict(cache.events), "root": str(cache.root) if cache.enabled else None},
             **(extra or {}),
         }
         write_json(work / "report.json", report)
@@ -187,6 +204,24 @@ def run_pipeline(
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _function_file(spec: Optional[str]) -> Any:
+    """A user function's source file, so that editing it invalidates what it produced."""
+    if not spec:
+        return None
+    target = spec.rpartition(":")[0]
+    return [spec, Path(target)] if target.endswith(".py") else spec
+
+
+def _metric_parts(metric: Optional[Metric]) -> Any:
+    from compress.user_metric import LabelledMetric
+
+    if metric is None:
+        return None
+    if isinstance(metric, LabelledMetric):
+        return [Path(metric.data_path), _function_file(metric.metric_spec)]
+    return _function_file(metric.spec)
 
 
 def _write_readable(report: dict[str, Any], work: Path) -> None:

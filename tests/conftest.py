@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path, monkeypatch):
+    """Each test (and the commands it starts) gets an empty stage cache of its own: no test passes on another's
+    results, and nothing is written to the user's ~/.cache."""
+    monkeypatch.setenv("EDGE_COMPRESS_CACHE", str(tmp_path / ".stage-cache"))
+
+
 @pytest.fixture()
 def model_file(tmp_path):
     """A user model file with a factory, importing a sibling helper module as users' projects do."""

@@ -96,3 +96,51 @@ def test_run_int8_and_simulated_fp8_variants(tmp_path):
     assert fp8["name"] == "fp8" and fp8["simulated"] is True and fp8["latency_ms"] is None and fp8["speedup_vs_fp32"] is None
     assert fp8["fidelity"]["cosine_mean"] > 0.98
     assert rep["recommended"] == "fp32" and "simulated" in rep["reason"]
+
+
+def test_rerun_reuses_finished_stages_and_force_redoes_them(tmp_path):
+    base = ["run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--no-recover",
+            "--quant", "int8", "--no-op-select", "--runs", "3"]
+    first = tmp_path / "a"
+    r = _cli(*base, "-o", str(first))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((first / "report.json").read_text())
+    assert rep["cache"]["stages"] == {"export": "miss", "prune": "miss", "quantize": "miss"}
+    second = tmp_path / "b"
+    r = _cli(*base, "-o", str(second))
+    assert r.returncode == 0, r.stderr
+    rep2 = json.loads((second / "report.json").read_text())
+    assert rep2["cache"]["stages"] == {"export": "hit", "prune": "hit", "quantize": "hit"}
+    for name in ("fp32.onnx", "pruned.onnx", "int8.onnx"):  # the same artifacts, measured again
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert rep2["stages"]["prune"] == rep["stages"]["prune"]
+    assert all(v["latency_ms"]["p50"] > 0 for v in rep2["variants"])
+    # a changed option invalidates only what depends on it; --force redoes everything
+    r = _cli(*base, "--tolerance", "0.2", "-o", str(tmp_path / "c"))
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["cache"]["stages"] == {
+        "export": "hit", "prune": "hit", "quantize": "miss"}
+    r = _cli(*base, "--force", "-o", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads((tmp_path / "d" / "report.json").read_text())["cache"]["stages"].values()) == {"forced"}
+
+
+def test_cache_entry_without_meta_is_never_read(tmp_path):
+    from compress.stage_cache import StageCache, key_of
+
+    cache = StageCache(tmp_path / "c")
+    out = tmp_path / "m.onnx"
+    key = key_of("export", ["x"])
+    (tmp_path / "c" / "export" / key).mkdir(parents=True)
+    (tmp_path / "c" / "export" / key / "m.onnx").write_bytes(b"half-written")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        out.write_bytes(b"real")
+        return {"ok": True}
+
+    assert cache.run("export", key, [out], compute) == {"ok": True} and calls == [1]
+    out.unlink()
+    assert cache.run("export", key, [out], compute) == {"ok": True} and calls == [1]  # now a hit
+    assert out.read_bytes() == b"real" and cache.events["export"] == "hit"
+    assert key_of("export", ["x"]) != key_of("export", ["x", None]) != key_of("export", [["x"]])
