@@ -361,7 +361,7 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
         notes.append("Simulated variants have no hardware here: fidelity only, no latency, never recommended.")
     out += [" ".join(notes), ""]
     if plot:
-        out += [f"![speedup vs fidelity]({plot})", ""]
+        out += [f"![p50 latency vs fidelity or accuracy, with the Pareto front]({plot})", ""]
     return out
 
 

@@ -1,17 +1,20 @@
-"""`compress report`: Markdown and PNG from a real `compress run` report.json, validation, and the CLI's errors."""
+"""`compress report`: Markdown, HTML and PNG from a real `compress run` report.json, validation, and the CLI's errors."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from compress.errors import InputError
+from compress.report_html import render_html, write_html
 from compress.report_md import render_markdown, validate_report
-from compress.report_plot import plot_tradeoff
+from compress.report_plot import build_figure, pareto_front, plot_tradeoff, render_png, tradeoff_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,7 +90,7 @@ def test_markdown_recommendation_and_variant_rows(rep):
 
 def test_markdown_sections(rep):
     md = render_markdown(rep, plot="tradeoff.png")
-    assert "![speedup vs fidelity](tradeoff.png)" in md
+    assert "](tradeoff.png)" in md and "![p50 latency vs" in md
     excluded = rep["variants"][2]["excluded_layers"]
     if excluded:
         assert "## Layers kept in float" in md
@@ -132,15 +135,19 @@ def test_markdown_never_crashes_on_missing_or_null_fields(rep):
         for how in ("null", "drop"):
             r = _apply(rep, p, how)
             assert r.get("schema") and render_markdown(r).startswith("# edge-compress report")
+            assert "<h1>edge-compress report" in render_html(r)
 
 
 @pytest.mark.parametrize("variants", [[], [{"name": "fp32"}], [{}], [{"name": "fp32", "latency_ms": None, "fidelity": None,
                                                                      "speedup_vs_fp32": None, "size_bytes": None}]])
 def test_markdown_minimal_reports(variants):
-    md = render_markdown({"schema": "edge-compress/report/1", "variants": variants, "stages": {"prune": {}, "quantize": {}}})
+    rep = {"schema": "edge-compress/report/1", "variants": variants, "stages": {"prune": {}, "quantize": {}}}
+    md = render_markdown(rep)
     assert md.startswith("# edge-compress report") and md.endswith("\n")
     if variants:
         assert "n/a" in md
+    page = render_html(rep)
+    assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n") and "<img" not in page
 
 
 def test_markdown_fp32_only_recommendation():
@@ -216,6 +223,63 @@ def test_plot_odd_reports(rep, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
+def _scored():
+    """A hand-made report scored with --eval: `slow-bad` is dominated (int8 is faster and better); fp8 is simulated."""
+    def v(name, p50, acc, ok=True, **kw):
+        return {"name": name, "latency_ms": {"p50": p50, "p90": p50 * 1.1}, "speedup_vs_fp32": 20.0 / p50, "accuracy": acc,
+                "fidelity": {"top1_agreement": acc + 0.05, "cosine_min": 0.99}, "within_tolerance": ok, "simulated": False, **kw}
+
+    return {"schema": "edge-compress/report/1", "tolerance": 0.02, "recommended": "int8", "reason": "fastest within tolerance",
+            "eval": "val.npz (top-1 accuracy)", "tolerance_on": "drop of --eval val.npz (top-1 accuracy)",
+            "variants": [v("fp32", 20.0, 0.91), v("pruned", 12.0, 0.90), v("int8", 6.0, 0.895), v("slow-bad", 14.0, 0.85, False),
+                         v("tiny", 4.0, 0.80, False),
+                         {"name": "fp8", "simulated": True, "latency_ms": None, "accuracy": 0.95, "within_tolerance": True}]}
+
+
+def test_pareto_front_membership():
+    data = tradeoff_data(_scored())
+    assert [p.name for p in data["front"]] == ["tiny", "int8", "pruned", "fp32"]  # by latency; slow-bad is dominated
+    assert [p.name for p in data["untimed"]] == ["fp8"]  # simulated: off the latency axis, off the front, however good
+    # the rule itself: dominated needs no worse on both and better on one; equal points stay; no x or y, no part
+    P = data["front"][0].__class__
+    pts = [P("a", 1.0, 0.9, {}), P("b", 1.0, 0.9, {}), P("c", 1.0, 0.8, {}), P("d", 2.0, 0.9, {}), P("e", 3.0, 0.95, {}),
+           P("f", None, 1.0, {}), P("g", 0.5, None, {})]
+    assert [p.name for p in pareto_front(pts)] == ["a", "b", "e"]
+    assert pareto_front([]) == []
+
+
+def test_plot_y_is_accuracy_when_every_timed_variant_has_one(tmp_path):
+    rep = _scored()
+    data = tradeoff_data(rep)
+    assert data["y"] == "accuracy"
+    assert {p.name: p.y for p in data["timed"]}["int8"] == 0.895 and data["untimed"][0].y == 0.95
+    assert data["threshold"] == pytest.approx(0.91 - 0.02)  # fp32's score minus the tolerance
+    fig = build_figure(rep)
+    ax = fig.axes[0]
+    assert "--eval" in ax.get_ylabel() and "val.npz" in ax.get_ylabel() and "latency" in ax.get_xlabel()
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
+    assert list(front.get_xdata())[:-1] == [4.0, 6.0, 12.0, 20.0]  # then flat to the right edge
+    assert list(front.get_ydata()) == [0.80, 0.895, 0.90, 0.91, 0.91]
+    assert any(line.get_ydata()[0] == pytest.approx(0.89) for line in ax.get_lines() if line.get_linestyle() == "--")
+    plot_tradeoff(rep, tmp_path / "s.png")
+    _assert_png_alone(tmp_path, "s.png")
+
+    del rep["variants"][1]["accuracy"]  # one timed variant unscored: fidelity, like with like
+    data = tradeoff_data(rep)
+    assert data["y"] == "top1_agreement" and data["threshold"] == pytest.approx(0.98)
+    assert {p.name: p.y for p in data["timed"]}["pruned"] == pytest.approx(0.95)
+
+
+def test_plot_of_a_real_report_uses_p50_and_fidelity(rep):
+    data = tradeoff_data(rep)
+    assert data["y"] == "top1_agreement"
+    assert [(p.name, p.x) for p in data["timed"]] == [(v["name"], v["latency_ms"]["p50"]) for v in rep["variants"][:2]]
+    assert [p.name for p in data["untimed"]] == ["fp8"]
+    fp32, pruned = data["timed"]
+    assert fp32 in data["front"]  # nothing beats fp32 on fidelity
+    assert (pruned in data["front"]) == (pruned.x < fp32.x)
+
+
 def test_failed_plot_leaves_the_old_png(rep, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
@@ -229,6 +293,57 @@ def test_failed_plot_leaves_the_old_png(rep, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         plot_tradeoff(rep, target)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["t.png"]
+
+
+# --- HTML -------------------------------------------------------------------------------------------------
+
+
+def test_html_has_the_markdown_content_and_the_plot(rep):
+    png = render_png(rep)
+    page = render_html(rep, png)
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    assert re.search(r"<(script|link|iframe)\b", page) is None and "http" not in page.split("<main>")[0]  # self-contained
+    m = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert m and base64.b64decode(m.group(1)) == png
+    assert f"<strong>Recommended: <code>{rep['recommended']}</code></strong>" in page
+    for v in rep["variants"]:  # one row per variant, its first cell the name
+        assert re.search(rf"<tr><td>(<strong>)?{v['name']}\b", page), v["name"]
+    md = render_markdown(rep)
+    for heading in re.findall(r"^#{2,3} (.+)$", md, flags=re.M):
+        assert re.search(rf"<h[23]>{re.escape(heading)}</h[23]>", page), heading
+    assert "<em>(simulated)</em>" in page and "<details><summary>Pruned layers</summary>" in page
+    assert f'<code class="language-sh">{rep["command"]}</code>' in page
+    assert "accuracy (--eval)" not in page
+
+
+def test_html_accuracy_column_and_escaping():
+    rep = _scored()
+    rep["variants"][1]["name"] = "<script>alert(1)</script>"
+    rep["recommended"] = rep["variants"][1]["name"]
+    rep["reason"] = 'because <b onclick="x()">fast</b> & good'
+    rep["command"] = "compress run m.py:build --eval '<script>steal()</script>' -o out/"
+    page = render_html(rep, b"\x89PNG fake")
+    assert "<script" not in page and "<b " not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;script&gt;steal()&lt;/script&gt;" in page
+    assert "&lt;b onclick=&quot;x()&quot;&gt;fast&lt;/b&gt; &amp; good" in page
+    assert "<th style=\"text-align:right\">accuracy (--eval)</th>" in page
+    assert '<td style="text-align:right">0.895</td>' in page  # int8's score, as the Markdown writes it
+
+
+def test_write_html_is_atomic(rep, tmp_path, monkeypatch):
+    target = tmp_path / "r.html"
+    target.write_text("old")
+    real = type(target).write_text
+
+    def half_then_fail(self, text, *a, **k):
+        real(self, text[:10], *a, **k)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(target), "write_text", half_then_fail)
+    with pytest.raises(OSError):
+        write_html(rep, target)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.html"]
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -256,6 +371,31 @@ def test_cli_json_format_reemits_the_report(run_dir, tmp_path, capsys, monkeypat
     assert rc == 0 and json.loads(out) == json.loads((run_dir / "report.json").read_text())
     rc, out, _ = _report_cli(capsys, monkeypatch, run_dir, "--format", "json", "-o", tmp_path / "r.json")
     assert rc == 0 and out == "" and json.loads((tmp_path / "r.json").read_text())["schema"] == "edge-compress/report/1"
+
+
+def test_cli_writes_html(run_dir, tmp_path, capsys, monkeypatch):
+    page, png = tmp_path / "site" / "report.html", tmp_path / "site" / "t.png"
+    rc, out, err = _report_cli(capsys, monkeypatch, run_dir, "--format", "html", "-o", page, "--plot", png)
+    assert rc == 0 and out == "", err
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<h2>Variants</h2>" in text
+    m = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert m and base64.b64decode(m.group(1)) == png.read_bytes()  # one drawing, in the file and in the page
+    assert sorted(p.name for p in page.parent.iterdir()) == ["report.html", "t.png"]  # no temp files left
+    rc, out, _ = _report_cli(capsys, monkeypatch, run_dir / "report.json", "--format", "html")
+    assert rc == 0 and out.startswith("<!DOCTYPE html>") and "data:image/png;base64," in out
+
+
+def test_cli_html_without_a_plot_still_renders(run_dir, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def boom(*a, **k):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(Figure, "savefig", boom)
+    rc, out, err = _report_cli(capsys, monkeypatch, run_dir, "--format", "html")
+    assert rc == 0 and out.startswith("<!DOCTYPE html>") and "<img" not in out
+    assert "plot not embedded: no fonts" in err
 
 
 @pytest.mark.parametrize("content,text", [
