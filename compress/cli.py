@@ -57,9 +57,19 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("EDGE_COMPRESS_DEBUG", "") not in ("", "0", "false")
 
 
+# Libraries that log at import: torchao (pulled in by transformers and INC) warns about CUDA kernels a CPU
+# build cannot load, torch about deprecated pytree registrations. Not the user's business unless --debug.
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "neural_compressor")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    if not debug:
+        import logging
+
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         rc = cli.main(args=argv, prog_name="compress", standalone_mode=False)
     except click.exceptions.Abort:

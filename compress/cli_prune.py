@@ -60,7 +60,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     out = check_onnx_output(output, [model, weights, calib])
     opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
                         round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
-                        recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune)
+                        recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
+                        real_data=calib is not None)
     opts.check()
     get_importance(importance)  # an unknown criterion fails before the model is loaded
     profile = load_profile(device)

@@ -75,7 +75,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     prune_opts = None
     if prune_ratio is not None:
         prune_opts = PruneOptions(ratio=prune_ratio, importance=importance, recover=not no_recover,
-                                  round_to=profile.pruning.channel_multiple)
+                                  round_to=profile.pruning.channel_multiple, real_data=calib is not None)
         prune_opts.check("--prune")
         from compress.importance import get_importance
 
@@ -107,7 +107,9 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
     from rich.table import Table
 
     t = Table(title=f"{r['device']['name']}: variants", header_style="bold")
-    for col in ("variant", "p50 ms", "p90 ms", "speedup", "size MB", "params M", "GMACs", "fidelity", "ok"):
+    scored = any(v.get("accuracy") is not None for v in r["variants"])
+    cols = ["variant", "p50 ms", "p90 ms", "speedup", "size MB", "params M", "GMACs", "fidelity"]
+    for col in cols + (["accuracy"] if scored else []) + ["ok"]:
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in r["variants"]:
         f = v["fidelity"]
@@ -117,6 +119,7 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
         t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",
                   f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-",
                   f"{v['size_bytes'] / 1e6:.1f}", f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.3f}", fid,
+                  *([f"{v['accuracy']:.4g}" if v.get("accuracy") is not None else "-"] if scored else []),
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)
     console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")

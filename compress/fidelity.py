@@ -132,8 +132,17 @@ def _rel_l2(ref: np.ndarray, cand: np.ndarray) -> float | None:
 
 
 def _top1(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray) -> float | None:
-    """Agreement of the predicted class; only meaningful for classifier-shaped [N, C] outputs."""
+    """Agreement of the predicted class; only meaningful for classifier-shaped [N, C] outputs.
+
+    Sentence/image embeddings are [N, D] too, but their argmax is no class: a 0.997-cosine INT8 MiniLM
+    "disagrees" on a third of its rows. L2-normalised rows (every finite row of unit length) are taken as
+    embeddings and judged by cosine only.
+    """
     if ref.ndim != 2 or ref.shape[1] <= 1:
+        return None
+    rows = ref[finite] if finite.any() else ref
+    norms = np.linalg.norm(rows, axis=1)
+    if len(norms) and np.allclose(norms, 1.0, atol=1e-3):
         return None
     agree = (ref.argmax(axis=1) == cand.argmax(axis=1)) & finite
     return float(agree.mean())

@@ -173,6 +173,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{cfg_path}: not valid JSON ({_first_line(e)})") from e
     try:
+        transformers.utils.logging.disable_progress_bar()  # our own progress shows; theirs is noise when piped
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None

@@ -19,11 +19,11 @@ from typing import Any, Callable, Optional
 
 import onnx
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from compress.atomic import default_mode, write_json
 from compress.errors import first_line
+from compress.prune import count_macs
 from compress.prune_stage import PruneOptions, prune_stage
 from compress.report_md import SCHEMA
 from compress.stage_cache import StageCache, key_of
@@ -117,7 +117,7 @@ def run_pipeline(
             path = work / f"{name}.onnx"
             res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
                               extra_meta={"variant": name})
-            macs, _ = tp.utils.count_ops_and_params(module, example)
+            macs, _ = count_macs(module, example)
             return {"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
                     "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []}
 

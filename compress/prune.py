@@ -301,7 +301,7 @@ def prune_model(
     ignored_modules = _resolve_ignore(model, ignore)
     trace = _trace_outputs(model, example)
     before = _widths(model)
-    macs_before, params_before = _count(model, example)
+    macs_before, params_before = count_macs(model, example)
     notes: list[str] = []
     if crit.needs_gradients:
         used = accumulate_gradients(model, calib or [example])
@@ -332,7 +332,7 @@ def prune_model(
 
     for p in model.parameters():
         p.grad = None
-    macs_after, params_after = _count(model, example)
+    macs_after, params_after = count_macs(model, example)
     head_dims = {a.name: a.head_dim for a in attention}
     layers = _changed(before, _widths(model), swapped) + [
         {"name": n, "kind": "attention", "before": [b, head_dims[n]], "after": [a, head_dims[n]]}
@@ -705,7 +705,8 @@ def _prune_channels(pruner: _GuardedPruner, guard: _Guard) -> None:
 # Measuring and checking
 
 
-def _count(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[int, int]:
+def count_macs(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(MACs, params) of one forward pass on `example`, as Torch-Pruning counts them, without its prints."""
     try:
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # it prints a batch-size guess per call
             macs, params = tp.utils.count_ops_and_params(model, example)

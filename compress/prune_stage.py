@@ -27,6 +27,7 @@ class PruneOptions:
     recover_seconds: Optional[float] = 120.0
     lr: float = 1e-4
     finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
+    real_data: bool = True  # the tuning batches are real samples (--calib): BatchNorm statistics may be re-estimated
 
     def check(self, ratio_flag: str = "--ratio") -> None:
         """Validate; `ratio_flag` is the option that set `ratio`, so the message names what the user typed."""
@@ -74,6 +75,13 @@ def prune_stage(
         after_step = sp.reapply
         report["sparsity"] = sp.to_json()
     report["fidelity_before_recovery"] = fidelity(reference, torch_outputs(student, held_out))
+    if opts.ratio is not None and opts.recover and opts.real_data:
+        from compress.recover import recalibrate_batchnorm
+
+        on_stage("re-estimating BatchNorm statistics on the calibration samples")
+        report["batchnorm"] = recalibrate_batchnorm(student, train)
+        if report["batchnorm"]["layers"]:
+            report["fidelity_after_batchnorm"] = fidelity(reference, torch_outputs(student, held_out))
     if opts.finetune:
         from compress.recover import load_finetune, run_finetune
 

@@ -2,9 +2,14 @@
 fine-tuning function (`--finetune file.py:fn` / `module:fn`).
 
 There are no labels on the calibration set, so the only target available is what the original model itself
-outputs; distillation pulls the compressed student back towards it. Both models stay in eval() mode throughout:
-the calibration set is small and unlabelled, and letting BatchNorm re-estimate its statistics (or dropout fire)
-on it would move the student away from the teacher rather than towards it.
+outputs; distillation pulls the compressed student back towards it. Both models stay in eval() mode throughout
+distillation: dropout must not fire, and BatchNorm statistics must not drift with each small batch.
+
+Before that, `recalibrate_batchnorm` re-estimates BatchNorm running statistics once, on the real calibration
+samples: removing channels changes the mean and variance of what every following BatchNorm sees, and its old
+statistics then mis-normalise. Measured on the shipped trained demo (compress.zoo:shapes_resnet): 25% of
+channels pruned, held-out accuracy 51% -> 96% from re-estimation alone; 50%: 10% -> 37%, and 66% after
+distillation. On random inputs (no --calib) it would fit the statistics to noise, so it runs on real data only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,63 @@ from export.onnx_export import flatten_outputs
 
 Batch = Mapping[str, Any]
 FINETUNE_FORMS = "path/to/file.py:fn or package.module:fn, where fn(model, calib_batches) returns a model or None"
+
+
+def _merged(batches: Sequence[Batch], size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches joined into batches of up to `size` samples where their shapes allow: BatchNorm in
+    train mode needs more than one value per channel, and batch-1 samples of a net pooled to 1x1 have one."""
+    feeds = [_to_tensors(b) for b in batches]
+    out: list[dict[str, torch.Tensor]] = []
+    group: list[dict[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if group:
+            out.append({k: torch.cat([g[k] for g in group]) for k in group[0]})
+            group.clear()
+
+    for f in feeds:
+        fits = group and all(k in f and f[k].shape[1:] == v.shape[1:] for k, v in group[0].items()) and len(f) == len(group[0])
+        if group and (not fits or sum(next(iter(g.values())).shape[0] for g in group) >= size):
+            flush()
+        group.append(f)
+    flush()
+    return out
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence[Batch]) -> dict[str, Any]:
+    """Reset every BatchNorm's running mean/var and re-estimate them as a plain average over `batches`.
+
+    Only the BatchNorm layers run in train mode (dropout and everything else stay in eval); no weight changes.
+    If the statistics cannot be estimated (a BatchNorm that sees one value per channel), the old ones are put
+    back and the result says why. Returns {"layers", "samples"} (and "skipped" with the reason).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not batches:
+        return {"layers": 0, "samples": 0}
+    was_training = model.training
+    saved = [(m.momentum, m.training) for m in bns]
+    stats = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    model.eval()
+    samples = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts equally
+            m.train()
+        with torch.no_grad():
+            for feeds in _merged(batches):
+                model(**feeds)
+                samples += int(next(iter(feeds.values())).shape[0])
+    except Exception as e:
+        for m, st in zip(bns, stats):
+            m.load_state_dict(st)
+        return {"layers": 0, "samples": 0, "skipped": f"{type(e).__name__}: {_first_line(e)}"}
+    finally:
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return {"layers": len(bns), "samples": samples}
 
 
 def distill(

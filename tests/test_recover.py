@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 import torch_pruning as tp
 
 from compress.errors import InputError, ModelError, UsageError
@@ -150,6 +151,7 @@ def test_bad_arguments(teacher, calib):
 FINETUNE_FILE = """
 import torch
 from torch import nn
+from torch import nn
 
 def in_place(model, batches):
     assert isinstance(batches, list) and "image" in batches[0]
@@ -208,3 +210,33 @@ def test_training_that_makes_things_worse_is_undone(teacher, calib):
     _assert_same_state(_state(student), before)
     res = distill(student, teacher, calib, steps=10, lr=1e-5)
     assert not res["restored"] and res["loss_after"] < res["loss_before"]
+
+
+def test_batchnorm_statistics_are_reestimated_from_the_calibration_samples():
+    from compress.recover import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4), nn.BatchNorm1d(4)).eval()
+    bn = net[1]
+    bn.running_mean.fill_(5.0)  # stale statistics, as after pruning the channels before it
+    bn.running_var.fill_(9.0)
+    batches = [{"input": torch.randn(1, 3, 8, 8) * 2 + 1} for _ in range(64)]  # batch 1: merged to 2 x 32
+    x = torch.cat([b["input"] for b in batches])
+    with torch.no_grad():
+        feats = net[0](x)
+    res = recalibrate_batchnorm(net, batches)
+    assert res == {"layers": 2, "samples": 64} and not net.training and not bn.training
+    torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert bn.momentum == 0.1  # put back for any later training
+
+
+def test_batchnorm_left_as_it_was_when_it_cannot_be_estimated():
+    from compress.recover import recalibrate_batchnorm
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    before = {k: v.clone() for k, v in net[2].state_dict().items()}
+    res = recalibrate_batchnorm(net, [{"input": torch.randn(1, 4)}])  # one value per channel: no variance
+    assert res["layers"] == 0 and "more than 1 value" in res["skipped"]
+    for k, v in net[2].state_dict().items():
+        assert torch.equal(v, before[k])
