@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o $(DEMO_OUT)/resnet_demo.onnx
-	$(VENV)/bin/compress profile $(DEMO_OUT)/resnet_demo.onnx --device host --json $(DEMO_OUT)/profile.json
-	@echo "demo outputs: $(abspath $(DEMO_OUT))/resnet_demo.onnx  $(abspath $(DEMO_OUT))/profile.json"
+	mkdir -p $(DEMO_OUT)
+	$(PY) -m compress.zoo.shapes data --calib $(DEMO_OUT)/calib.npz --eval $(DEMO_OUT)/eval.npz
+	$(VENV)/bin/compress run compress.zoo:shapes_resnet --calib $(DEMO_OUT)/calib.npz --eval $(DEMO_OUT)/eval.npz \
+		--device host --prune 0.25 --tolerance 0.02 -o $(DEMO_OUT)/run
+	@echo "demo report: $(abspath $(DEMO_OUT))/run/report.md (and report.json, tradeoff.png, one .onnx per variant)"
 
 bench-deps: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

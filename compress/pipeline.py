@@ -143,8 +143,11 @@ def run_pipeline(
             parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
                      {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
                      profile.model_dump(mode="json", exclude={"source"})]
+            judge = work / "fp32.onnx" if base["name"] != "fp32" else None  # tolerance is on the whole chain
+            parts.append(judge)
             q = cache.run("quantize", key_of("quantize", parts), [path],
-                          lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage))
+                          lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage,
+                                              reference_model=judge))
             stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],

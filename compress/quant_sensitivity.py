@@ -173,6 +173,7 @@ def fallback(
     runner: Runner = onnx_outputs,
     evaluate: Evaluate | None = None,
     growth: str = "auto",
+    reference_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Keep the most sensitive layers in fp32, as few as reach the tolerance; write that model to dst.
 
@@ -180,7 +181,8 @@ def fallback(
     with `tolerance` is metric_error(fidelity, metric) (or, with `evaluate`, the drop of the user's score).
     growth: "linear" adds one layer per step; "doubling" adds 1, 2, 4, ... then bisects between the last
     failing and the first passing count (assuming more exclusions never hurt); "auto" is linear up to
-    LINEAR_UP_TO candidates. When nothing passes — even with every ranked layer excluded, which can only happen
+    LINEAR_UP_TO candidates. `reference_model` (default: src) is what the error is measured against, e.g. the
+    unpruned fp32 model when src was pruned first: the tolerance is then on the whole chain. When nothing passes — even with every ranked layer excluded, which can only happen
     when the quantizer touches more than the ranked layers or the evaluation is noisy — dst is not written and
     the result says so (within_tolerance False).
     """
@@ -194,7 +196,7 @@ def fallback(
         growth = "linear" if len(ranked) <= LINEAR_UP_TO else "doubling"
     if growth not in ("linear", "doubling"):
         raise UsageError(f"growth {growth!r}: one of auto, linear, doubling")
-    scorer = _Scorer(src, eval_feeds, reference, runner, evaluate)
+    scorer = _Scorer(Path(reference_model) if reference_model else src, eval_feeds, reference, runner, evaluate)
     steps: list[dict[str, Any]] = []
     tried: dict[int, dict[str, Any]] = {}
 

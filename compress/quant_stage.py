@@ -128,23 +128,35 @@ def _op_selection_reasons(sel: Optional[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+@dataclass
+class _Judge:
+    """What the tolerance is measured against: the quantizer's input, or an earlier model of the chain (the
+    unpruned fp32 when `compress run` prunes first), by its outputs on the held-out feeds or the user's score."""
+
+    model: Path
+    outputs: list[list[np.ndarray]]
+    score: Optional[Callable[[Path], float]] = None
+
+
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
-              tolerance: float, score: Optional[Callable[[Path], float]], report: dict[str, Any],
-              on_stage: Callable[[str], None]) -> Path:
-    """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity, then the fewest most
-    sensitive kept in float until fidelity (or the drop of the user's score) is within it. Returns the model
-    to keep and records what happened in `report`."""
+              tolerance: float, judge: _Judge, report: dict[str, Any], on_stage: Callable[[str], None]) -> Path:
+    """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
+    quantizer's input, `reference`), then the fewest most sensitive kept in float until fidelity to the judge's
+    model (or the drop of the user's score) is within it. Returns the model to keep; records it in `report`."""
     from compress.fidelity import fidelity
     from compress.quant_sensitivity import fallback, layer_sensitivity, quantizable_nodes
 
+    score = judge.score
     if score is not None:
         metric = "score_drop"
         err = report["eval"]["fp32"] - report["eval"][report["format"]]
     else:
-        metric = _metric(reference)
-        err = 1.0 - (report["fidelity"]["top1_agreement"] if metric == "top1" else report["fidelity"]["cosine_min"] or 0.0)
-    report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err}
+        metric = _metric(judge.outputs)
+        fid = report["fidelity"] if judge.model == fp32 else fidelity(judge.outputs, runner(first, held))
+        err = 1.0 - (fid["top1_agreement"] if metric == "top1" else fid["cosine_min"] or 0.0)
+    report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,
+                          "against": "input" if judge.model == fp32 else "reference"}
     if err <= tolerance:
         return first
     on_stage("ranking layers by sensitivity")
@@ -154,23 +166,26 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
     on_stage("keeping the most sensitive layers in float")
     second = work / "fallback.onnx"
-    fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, reference, tolerance,
-                  "cosine_min" if metric == "score_drop" else metric, runner=runner, evaluate=score)
+    fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, judge.outputs, tolerance,
+                  "cosine_min" if metric == "score_drop" else metric, runner=runner, evaluate=score,
+                  reference_model=judge.model)
     report["fallback"].update({k: v for k, v in fb.items() if k not in ("fidelity", "path")})
     if not (fb.get("within_tolerance", True) and second.exists()):
         return first
     if score is not None:
         report["eval"][report["format"]] = fb["fidelity"]["score"]
-        report["fidelity"] = fidelity(reference, runner(second, held))
-    else:
-        report["fidelity"] = fb["fidelity"]
+    report["fidelity"] = fidelity(reference, runner(second, held))
     report["excluded_layers"] = fb.get("excluded", []) + report["excluded_layers"]
     return second
 
 
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
-                on_stage: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded."""
+                on_stage: Callable[[str], None] = lambda s: None, reference_model: Optional[Path] = None) -> dict[str, Any]:
+    """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded.
+
+    `reference_model`: what --tolerance is measured against when it is not `fp32` itself (the unpruned model
+    when `compress run` quantizes a pruned one): the tolerance then bounds the loss of the whole chain.
+    """
     from compress.fidelity import fidelity, onnx_outputs
 
     check_format(profile, opts)
@@ -219,13 +234,15 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         report["fidelity"] = fidelity(reference, runner(first, held))
         report["excluded_layers"] = _op_selection_reasons(report.get("op_selection"))
         final = first
-        score = None  # the user's --eval metric, bound to the session options the quantized format needs
-        if opts.evaluate is not None:
+        judge = _Judge(Path(reference_model) if reference_model else fp32, reference)
+        if reference_model is not None:
+            judge.outputs = onnx_outputs(judge.model, held)
+        if opts.evaluate is not None:  # the user's --eval metric, bound to the session options the format needs
             on_stage(f"scoring fp32 and {opts.to} with --eval")
-            score = opts.evaluate.bind(runner_options)
-            report["eval"] = {"function": opts.evaluate.spec, "fp32": score(fp32), opts.to: score(first)}
+            judge.score = opts.evaluate.bind(runner_options)
+            report["eval"] = {"function": opts.evaluate.spec, "fp32": judge.score(judge.model), opts.to: judge.score(first)}
         if opts.tolerance is not None:
-            final = _fallback(fp32, first, work, quantize, runner, held, reference, opts.tolerance, score, report, on_stage)
+            final = _fallback(fp32, first, work, quantize, runner, held, reference, opts.tolerance, judge, report, on_stage)
         if opts.measure and not report["simulated"]:
             from runtime.abtest import interleaved_latency
             from runtime.profiler import resolve_providers

@@ -106,6 +106,7 @@ def test_rerun_reuses_finished_stages_and_force_redoes_them(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads((first / "report.json").read_text())
     assert rep["cache"]["stages"] == {"export": "miss", "prune": "miss", "quantize": "miss"}
+    assert rep["stages"]["quantize"]["fallback"]["against"] == "reference"  # the tolerance is on fp32 -> int8
     second = tmp_path / "b"
     r = _cli(*base, "-o", str(second))
     assert r.returncode == 0, r.stderr
