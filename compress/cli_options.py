@@ -40,3 +40,10 @@ def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]):
         f = opt(f)
     return f
+
+
+def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend for INT8, for quantize and run; the default follows bench/quant_inc.py (see quant_stage.BACKENDS)."""
+    return click.option("--backend", type=click.Choice(["ort", "inc"]), default="ort", show_default=True,
+                        help="INT8 backend: onnxruntime's quantizer on the ONNX graph (faster on both benchmark models), "
+                             "or Intel Neural Compressor's PT2E static INT8 in torch (needs the PyTorch model: run).")(f)

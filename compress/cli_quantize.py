@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compress import console
-from compress.cli_options import eval_options
+from compress.cli_options import backend_option, eval_options
 
 EPILOG = """\b
 Examples:
@@ -28,6 +28,7 @@ Examples:
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="INT8 activation calibration.")
 @click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
 @eval_options
+@backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
 @click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
@@ -36,7 +37,7 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None,
-             eval_spec: str | None, metric_spec: str | None, simulate: bool,
+             eval_spec: str | None, metric_spec: str | None, backend: str, simulate: bool,
              fp8_format: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
@@ -55,7 +56,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     out = check_onnx_output(output, [model, calib])
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
                         max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
-                        evaluate=load_metric(eval_spec, metric_spec))
+                        evaluate=load_metric(eval_spec, metric_spec), backend=backend)
     profile = load_profile(device)
     check_format(profile, opts)
     check_model(Path(model))

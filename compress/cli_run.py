@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from compress import console
-from compress.cli_options import eval_options, model_input_options, require_one_input_source
+from compress.cli_options import backend_option, eval_options, model_input_options, require_one_input_source
 from compress.errors import UsageError
 
 EPILOG = """\b
@@ -18,6 +18,7 @@ Examples:
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
   compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
   compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
+  compress run compress.zoo:shapes_resnet --calib calib.npz --backend inc -o out-inc/
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
 """
@@ -37,6 +38,7 @@ Examples:
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
 @eval_options
+@backend_option
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
               "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
@@ -44,7 +46,8 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
         prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
-        tolerance: float, eval_spec: str | None, metric_spec: str | None, runs: int | None, force: bool,
+        tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
+        force: bool,
         json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
@@ -83,9 +86,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     if quant != "none":
         from compress.quant_stage import QuantOptions, check_format
 
-        check_format(profile, QuantOptions(to=quant, simulate=simulate))
+        check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend))
     opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
-                      select_ops=not no_op_select, evaluate=load_metric(eval_spec, metric_spec),
+                      select_ops=not no_op_select, evaluate=load_metric(eval_spec, metric_spec), backend=backend,
                       cache=StageCache(force=force),
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:

@@ -41,6 +41,7 @@ class RunOptions:
     runs: Optional[int] = None
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
+    backend: str = "ort"  # INT8 backend: ort or inc (compress.quant_stage.BACKENDS)
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quant_opselect)
     evaluate: Optional[Metric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
     cache: Optional[StageCache] = None  # None: every stage computed (library callers); the CLI passes one
@@ -123,13 +124,17 @@ def run_pipeline(
 
         variants = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
                               lambda: export_variant("fp32", model))]
+        modules = {"fp32": model}
         if opts.prune is not None:
             def prune_and_export() -> dict[str, Any]:
-                pruned, report = prune_stage(model, example, train, held_out, opts.prune, on_stage)
-                return {"stage": report, "variant": export_variant("pruned", pruned)}
+                modules["pruned"], report = prune_stage(model, example, train, held_out, opts.prune, on_stage)
+                return {"stage": report, "variant": export_variant("pruned", modules["pruned"])}
 
             parts = [*base_key, train, held_out, asdict(opts.prune), _function_file(opts.prune.finetune)]
-            got = cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export)
+            # INC quantizes the torch module, which a cache hit does not bring back (only its ONNX export)
+            prune_cache = StageCache(enabled=False) if opts.backend == "inc" and opts.quant == "int8" else cache
+            got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export)
+            cache.events["prune"] = prune_cache.events["prune"]
             stages["prune"] = got["stage"]
             variants.append(got["variant"])
         reference = torch_outputs(model, held_out)
@@ -138,7 +143,8 @@ def run_pipeline(
 
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
             qopts = QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
-                                 select_ops=opts.select_ops, evaluate=opts.evaluate)
+                                 select_ops=opts.select_ops, evaluate=opts.evaluate, backend=opts.backend)
+            source = (modules[base["name"]], example, train) if opts.backend == "inc" else None
             path = work / f"{opts.quant}.onnx"
             parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
                      {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
@@ -147,7 +153,7 @@ def run_pipeline(
             parts.append(judge)
             q = cache.run("quantize", key_of("quantize", parts), [path],
                           lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage,
-                                              reference_model=judge))
+                                              reference_model=judge, torch_source=source))
             stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],

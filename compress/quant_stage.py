@@ -18,6 +18,12 @@ from compress.user_metric import Metric
 from devices.schema import DeviceProfile
 
 FORMATS = ("int8", "fp8")
+# INT8 backends. bench/quant_inc.py, 2026-11-22: onnxruntime's quantizer with our recipe beat INC's PT2E path on
+# both benchmark models (resnet_demo 3.40x vs 3.18x over fp32, 1 thread; MiniLM 2.57x vs 2.50x at cosine min
+# 0.997 vs 0.991), so "ort" is the default.
+BACKENDS = ("ort", "inc")
+
+TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
 
 
 @dataclass
@@ -29,6 +35,7 @@ class QuantOptions:
     fp8_format: str = "e4m3fn"
     max_calib: Optional[int] = None
     measure: bool = True
+    backend: str = "ort"  # INT8: "ort" (onnxruntime's quantizer on the ONNX graph) or "inc" (INC PT2E in torch)
     evaluate: Optional[Metric] = None  # --eval: the user's score; --tolerance then bounds its drop
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
 
@@ -40,6 +47,10 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
     if opts.to == "fp8" and not profile.fp8 and not opts.simulate:
         raise UsageError(f"device {profile.name!r} has no FP8 hardware: use --to int8 (INT8 dot-product units: "
                          f"{'yes' if profile.int8_dot else 'no'}), or add --simulate to measure FP8 fidelity only")
+    if opts.backend not in BACKENDS:
+        raise UsageError(f"--backend {opts.backend}: one of {', '.join(BACKENDS)}")
+    if opts.backend == "inc" and opts.to != "int8":
+        raise UsageError("--backend inc makes INT8 only; FP8 goes through --backend ort")
     if opts.tolerance is not None and opts.evaluate is None and not 0.0 <= opts.tolerance < 1.0:
         raise UsageError(f"--tolerance {opts.tolerance}: must be in [0, 1) (a loss of fidelity; with --eval, any drop >= 0)")
     if opts.tolerance is not None and opts.tolerance < 0:
@@ -180,15 +191,20 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
 
 
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
-                on_stage: Callable[[str], None] = lambda s: None, reference_model: Optional[Path] = None) -> dict[str, Any]:
+                on_stage: Callable[[str], None] = lambda s: None, reference_model: Optional[Path] = None,
+                torch_source: Optional[TorchSource] = None) -> dict[str, Any]:
     """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded.
 
     `reference_model`: what --tolerance is measured against when it is not `fp32` itself (the unpruned model
     when `compress run` quantizes a pruned one): the tolerance then bounds the loss of the whole chain.
+    `torch_source`: the PyTorch model `fp32` was exported from, which --backend inc quantizes.
     """
     from compress.fidelity import fidelity, onnx_outputs
 
     check_format(profile, opts)
+    if opts.backend == "inc" and torch_source is None:
+        raise UsageError("--backend inc quantizes the PyTorch model, and this command has only ONNX: use "
+                         "`compress run MODEL --backend inc ...`")
     calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
     held = _feeds(fp32, held_part, seed=99, max_samples=64)
     report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
@@ -196,7 +212,15 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
         work = Path(tmp)
         first = work / "quantized.onnx"
-        if opts.to == "int8":
+        quantize: Optional[Callable[[Path, Path, list[str], bool], None]] = None  # re-quantize with a node set
+        if opts.to == "int8" and opts.backend == "inc":
+            from compress.quant_inc import quantize_inc
+
+            on_stage("quantizing to INT8 with Intel Neural Compressor (PT2E, in torch)")
+            module, example, batches = torch_source
+            result = quantize_inc(module, example, batches, first, profile, on_stage=on_stage)
+            runner, runner_options, preset = onnx_outputs, None, result.get("preset")
+        elif opts.to == "int8":
             from compress.quant_int8 import quantize_int8, try_presets
 
             on_stage(f"quantizing to INT8 for {profile.name}")
@@ -223,8 +247,9 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                 kw = {"include": nodes} if only else {"exclude": nodes}
                 quantize_fp8(src, out, feeds, fmt=opts.fp8_format, simulated=report["simulated"], **kw)
         report["quantizer"] = {k: v for k, v in result.items() if k not in ("path",)}
+        report["backend"] = opts.backend if opts.to == "int8" else "ort"
         slow_ops: list[str] = []  # ops that op selection keeps in fp32; every later quantization leaves them too
-        if opts.to == "int8" and opts.select_ops:
+        if opts.to == "int8" and opts.select_ops and quantize is not None:
             on_stage(f"timing each quantized op against fp32 on {profile.name}")
             sel = _select_ops(fp32, first, work, profile, quantize, held[0])
             report["op_selection"] = {k: v for k, v in sel.items() if k != "path"}
@@ -241,7 +266,10 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
             on_stage(f"scoring fp32 and {opts.to} with --eval")
             judge.score = opts.evaluate.bind(runner_options)
             report["eval"] = {"function": opts.evaluate.spec, "fp32": judge.score(judge.model), opts.to: judge.score(first)}
-        if opts.tolerance is not None:
+        if opts.tolerance is not None and quantize is None:
+            report["fallback"] = {"tolerance": opts.tolerance, "note": "no per-layer fallback with --backend inc "
+                                  "(its graph is quantized in torch); use --backend ort for it"}
+        elif opts.tolerance is not None:
             final = _fallback(fp32, first, work, quantize, runner, held, reference, opts.tolerance, judge, report, on_stage)
         if opts.measure and not report["simulated"]:
             from runtime.abtest import interleaved_latency

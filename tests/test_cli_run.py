@@ -145,3 +145,19 @@ def test_cache_entry_without_meta_is_never_read(tmp_path):
     assert cache.run("export", key, [out], compute) == {"ok": True} and calls == [1]  # now a hit
     assert out.read_bytes() == b"real" and cache.events["export"] == "hit"
     assert key_of("export", ["x"]) != key_of("export", ["x", None]) != key_of("export", [["x"]])
+
+
+def test_run_with_the_inc_backend(tmp_path):
+    """--backend inc quantizes the torch module (pruned here: the prune stage keeps it for INC) through INC's PT2E
+    path; `compress quantize`, which has only ONNX, refuses it with a usage error."""
+    out = tmp_path / "inc"
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.25", "--no-recover",
+             "--backend", "inc", "--tolerance", "0.5", "--runs", "3", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    q = rep["stages"]["quantize"]
+    assert q["backend"] == "inc" and q["quantizer"]["backend"] == "inc" and q["quantizer"]["int8_kernels"]
+    int8 = rep["variants"][-1]
+    assert int8["name"] == "int8" and int8["from"] == "pruned" and int8["fidelity"]["cosine_mean"] > 0.9
+    r = _cli("quantize", str(out / "fp32.onnx"), "--backend", "inc", "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2 and "compress run" in r.stderr and not (tmp_path / "x.onnx").exists()
