@@ -87,9 +87,9 @@ def _signedness(preset: dict[str, Any]) -> str:
     return short[preset["activation_type"]] + short[preset["weight_type"]]
 
 
-def _metric(reference: list[list[np.ndarray]]) -> str:
-    first = reference[0][0]
-    return "top1" if first.ndim == 2 and first.shape[1] > 1 else "cosine_min"
+def _metric(fid: dict[str, Any]) -> str:
+    """Classifiers are judged by top-1 agreement; anything else (embeddings, hidden states) by the worst cosine."""
+    return "top1" if fid.get("top1_agreement") is not None else "cosine_min"
 
 
 def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
@@ -163,8 +163,8 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
         metric = "score_drop"
         err = report["eval"]["fp32"] - report["eval"][report["format"]]
     else:
-        metric = _metric(judge.outputs)
         fid = report["fidelity"] if judge.model == fp32 else fidelity(judge.outputs, runner(first, held))
+        metric = _metric(fid)
         err = 1.0 - (fid["top1_agreement"] if metric == "top1" else fid["cosine_min"] or 0.0)
     report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,
                           "against": "input" if judge.model == fp32 else "reference"}
