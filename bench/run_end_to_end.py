@@ -40,7 +40,7 @@ def shapes_case(work: Path) -> tuple[list[str], str]:
     np.savez(work / "shapes_calib.npz", image=images[:128])
     np.savez(work / "shapes_eval.npz", image=images[128:], y=labels[128:])
     return (["compress.zoo:shapes_resnet", "--calib", str(work / "shapes_calib.npz"), "--eval", str(work / "shapes_eval.npz"),
-             "--prune", "0.3"], "shapes_resnet 1x3x64x64 (--prune 0.3, --eval)")
+             "--prune", "0.25", "--tolerance", "0.02"], "shapes_resnet 1x3x64x64 (make demo: --prune 0.25 --tolerance 0.02 --eval)")
 
 
 CASES = {"minilm": minilm_case, "shapes": shapes_case}

@@ -6,6 +6,7 @@ unpickling it must never run code.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -106,7 +107,7 @@ def _callable_from_file(file: str, fn_name: str, what: str) -> Callable[..., Any
     path = Path(file).expanduser()
     if not path.is_file():
         raise InputError(f"{what} file {file} not found")
-    mod_name = f"_edge_compress_user_{abs(hash(str(path.resolve())))}"
+    mod_name = f"_edge_compress_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise InputError(f"cannot import {file} as Python")

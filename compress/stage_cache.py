@@ -87,8 +87,9 @@ class Hasher:
                     self._bytes(b"f", hashlib.file_digest(f, "sha256").digest())
 
     def module(self, module: Any) -> "Hasher":
-        """A torch module by what defines its outputs: class, structure (repr) and every tensor of its state."""
-        self.add(type(module).__module__ + "." + type(module).__qualname__, repr(module))
+        """A torch module by what defines its outputs: class, structure (repr) and every tensor of its state.
+        (The class's __module__ is left out: a user's file is imported under a generated module name.)"""
+        self.add(type(module).__qualname__, repr(module))
         for name, t in module.state_dict().items():
             self.add(name, t)
         return self
