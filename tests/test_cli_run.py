@@ -161,3 +161,13 @@ def test_run_with_the_inc_backend(tmp_path):
     assert int8["name"] == "int8" and int8["from"] == "pruned" and int8["fidelity"]["cosine_mean"] > 0.9
     r = _cli("quantize", str(out / "fp32.onnx"), "--backend", "inc", "-o", str(tmp_path / "x.onnx"))
     assert r.returncode == 2 and "compress run" in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_cache_key_of_a_user_file_model_is_the_same_in_every_process(model_file):
+    """A model from FILE.py:factory is imported under a generated module name; the key must not depend on it
+    (Python's str hash changes per process)."""
+    code = ("import sys; from compress.loading import load_model; from compress.stage_cache import key_of; "
+            f"print(key_of('export', ['x'], [load_model(sys.argv[1]).module]))")
+    keys = {subprocess.run([sys.executable, "-c", code, f"{model_file}:build"], capture_output=True, text=True,
+                           check=True).stdout.strip() for _ in range(2)}
+    assert len(keys) == 1 and len(next(iter(keys))) == 64
