@@ -34,11 +34,9 @@ gap being quant_int8's space-to-depth stem rewrite (ort's graph without it: 5.67
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import importlib
 import inspect
-import io
 import logging
 import tempfile
 import time
@@ -60,7 +58,7 @@ from compress.fidelity import fidelity, onnx_outputs, torch_outputs
 from compress.quant_presets import Preset, preset_for
 from devices.schema import DeviceProfile
 from export.metadata import get_metadata, set_metadata
-from export.onnx_export import flatten_outputs, write_model
+from export.onnx_export import flatten_outputs, silenced, write_model
 
 BACKEND = "inc"
 METHODS = {"minmax": "minmax", "kl": "kl"}  # INC act_algo: MovingAverageMinMaxObserver / HistogramObserver
@@ -80,18 +78,10 @@ _ONNX_QTYPE = {"uint8": onnx.TensorProto.UINT8, "int8": onnx.TensorProto.INT8}
 # --------------------------------------------------------------------------------------------- quiet INC
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> Any:
     """INC logs INFO/WARNING lines on every call, torchao and torch.export log warnings, torch.onnx prints
     progress: none of it is for the user (failures come back as exceptions and become one-line ModelErrors)."""
-    buf = io.StringIO()
-    logging.disable(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
+    return silenced(True, logging.CRITICAL)
 
 
 def _inc() -> Any:

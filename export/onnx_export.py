@@ -83,13 +83,14 @@ def run_torch(model: nn.Module, feeds: dict[str, torch.Tensor]) -> list[tuple[st
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    """The exporters print progress, warnings and stack dumps; keep them off the user's terminal."""
+def silenced(enabled: bool = True, level: int = logging.WARNING) -> Iterator[None]:
+    """Exporters (and INC, torchao, torch.export) print progress, warnings and stack dumps: keep them off the
+    user's terminal; their failures come back as exceptions. Log records up to `level` are dropped."""
     if not enabled:
         yield
         return
     buf = io.StringIO()
-    logging.disable(logging.WARNING)
+    logging.disable(level)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             warnings.simplefilter("ignore")
@@ -191,7 +192,7 @@ def export_onnx(
             raw.parent.mkdir()
             stage(f"exporting with the {name} exporter")
             try:
-                with _quiet(quiet):
+                with silenced(quiet):
                     _EXPORTERS[name](model, trace_feeds, raw, opset, out_names, dynamic_batch, external)
                 proto = onnx.load(str(raw), load_external_data=True)
             except Exception as e:  # any exporter failure: try the next one, keep the reason

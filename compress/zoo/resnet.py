@@ -30,10 +30,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, num_classes: int = 1000) -> None:
+    """Stem (stride-2 conv, max-pool), stages of BasicBlocks doubling the width, global pool, classifier.
+    stem_kernel: 7 as in ResNet-18; 3 for small inputs (the 64x64 shapes model)."""
+
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, num_classes: int = 1000,
+                 stem_kernel: int = 7) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+            nn.Conv2d(3, width, stem_kernel, 2, stem_kernel // 2, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
         )
         layers, cin = [], width
         for i, n in enumerate(blocks):

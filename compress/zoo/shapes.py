@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.zoo.resnet import BasicBlock
+from compress.zoo.resnet import ResNet
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring",
            "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "blob_pair")
@@ -235,31 +235,12 @@ def _segment_distance(gx: np.ndarray, gy: np.ndarray, p0: np.ndarray, p1: np.nda
 
 # ---------------------------------------------------------------------------------------------------- model
 
-class ShapesResNet(nn.Module):
+def ShapesResNet() -> ResNet:  # noqa: N802  (named like the class it used to be: weights metadata names it)
     """ResNet-style: 3x3 stride-2 stem + max-pool (64 -> 16 px), four one-block stages (32-64-128-256), GAP, FC."""
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: tuple[int, ...] = (1, 1, 1, 1),
-                 num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        w0 = widths[0]
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        )
-        layers, cin = [], w0
-        for i, (w, n) in enumerate(zip(widths, blocks)):
-            for j in range(n):
-                layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
-                cin = w
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(image))
-        return self.fc(torch.flatten(self.pool(x), 1))
+    return ResNet((1, 1, 1, 1), 32, NUM_CLASSES, stem_kernel=3)
 
 
-def shapes_resnet() -> ShapesResNet:
+def shapes_resnet() -> ResNet:
     """The trained shapes classifier (1.2 M parameters, 3x64x64 input, 10 classes), in eval mode."""
     from safetensors.torch import load_file
 
