@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo test venv bench-deps clean
+.PHONY: demo test test-arm64 venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,13 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not arm64"
+
+# The device-side runner on aarch64 Linux under qemu user-mode emulation (needs qemu-user-static; the first run
+# fetches an arm64 Python from Debian and aarch64 wheels from PyPI into ~/.cache/edge-compress/arm64, ~205 MB).
+test-arm64: $(STAMP)
+	$(PY) tools/arm64_sysroot.py
+	$(PY) -m pytest -q -m arm64
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
