@@ -19,6 +19,7 @@ Examples:
   compress devices list
   compress devices show rpi4-cortex-a72
   compress devices show host --json
+  compress devices probe --remote pi@raspberrypi.local > my-pi.yaml
 """
 
 LIST_EPILOG = """\b
@@ -32,6 +33,13 @@ Examples:
   compress devices show host
   compress devices show snapdragon-8gen2-qnn --json
   compress devices show ./my-board.yaml
+"""
+
+PROBE_EPILOG = """\b
+Examples:
+  compress devices probe --remote pi@raspberrypi.local > my-pi.yaml
+  compress devices probe --remote pi@10.0.0.7:2222 --identity ~/.ssh/pi_ed25519 --remote-python /home/pi/venv/bin/python
+  compress profile model.onnx --device my-pi.yaml        (profiles on the Pi: the YAML keeps the remote: section)
 """
 
 
@@ -136,3 +144,38 @@ def show_cmd(device: str, as_json: bool) -> None:
         console.emit_json(data)
         return
     console.out_console.print(_show_text(profile).rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
+@devices.command("probe", epilog=PROBE_EPILOG)
+@click.option("--remote", "remote_target", required=True, metavar="USER@HOST[:PORT]", help="The device to probe, over SSH.")
+@click.option("--identity", metavar="KEY", type=click.Path(dir_okay=False), default=None,
+              help="Private key (ssh -i; only this key is offered).")
+@click.option("--known-hosts", metavar="FILE", type=click.Path(dir_okay=False), default=None,
+              help="Verify the device's host key against FILE only (default: ~/.ssh/known_hosts).")
+@click.option("--remote-python", metavar="PATH", default=None, help="Python on the device (default python3); "
+              "the one that has onnxruntime, to see its execution providers.")
+@click.option("--name", default=None, help="Profile name (default: the device's host name).")
+def probe_cmd(remote_target: str, identity: str | None, known_hosts: str | None, remote_python: str | None,
+              name: str | None) -> None:
+    """Print a device profile (YAML) for a machine reached over SSH: arch, ISA, cores, onnxruntime's EPs.
+
+    A small Python script runs on the device (standard library; onnxruntime if installed); nothing is left
+    there. The profile keeps a remote: section, so `compress profile/run --device FILE.yaml` profiles on the
+    device. Review it before use: threads, opset and the EPs' options are starting points.
+    """
+    import re
+
+    from compress.errors import UsageError
+    from devices.probed import header_lines, profile_from_probe
+    from runtime.remote import probe, resolve_spec
+
+    if name is not None and not re.match(r"^[a-z0-9][a-z0-9._-]*$", name):
+        raise UsageError(f"--name {name!r}: use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit")
+    spec = resolve_spec(None, target=remote_target, identity=identity, known_hosts=known_hosts, python=remote_python)
+    assert spec is not None
+    with console.progress(f"probing {remote_target}"):
+        facts = probe(spec)
+    prof = profile_from_probe(facts, spec, name)
+    body = yaml.dump(prof.model_dump(mode="json", exclude_none=True, exclude={"detect"}), Dumper=_FlowListDumper,
+                     sort_keys=False, width=120)
+    click.echo("\n".join(header_lines(facts)) + "\n" + body.rstrip("\n"))  # plain text: it is meant to be saved

@@ -15,6 +15,8 @@ Examples:
   compress profile model.onnx --device ./my-board.yaml --runs 200 --threads 2
   compress profile model.onnx --device host --json profile.json
   compress profile model.onnx --json - | jq .latency_ms.p50
+  compress profile model.onnx --device rpi4-cortex-a72 --remote pi@raspberrypi.local --remote-python '~/venv/bin/python'
+  compress profile model.onnx --device ./my-pi.yaml            (a profile with a remote: section)
 """
 
 _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling operators"}
@@ -29,8 +31,17 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Time budget of adaptive timing (default 20).")
 @click.option("--hotspots", is_flag=True, help="Also report the slowest operator types and nodes (onnxruntime profiler).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the result as JSON to FILE ('-' for stdout, instead of the table).")
+@click.option("--remote", "remote_target", metavar="USER@HOST[:PORT]", default=None,
+              help="Profile on that machine over SSH (overrides the profile's remote: host, user and port).")
+@click.option("--identity", metavar="KEY", type=click.Path(dir_okay=False), default=None,
+              help="Private key for --remote (ssh -i; only this key is offered).")
+@click.option("--known-hosts", metavar="FILE", type=click.Path(dir_okay=False), default=None,
+              help="Verify the device's host key against FILE only (default: ~/.ssh/known_hosts). Unknown or changed keys are refused.")
+@click.option("--remote-python", metavar="PATH", default=None,
+              help="Python on the device that has onnxruntime and numpy (default: the profile's remote.python, else python3).")
 def profile(model: str, device: str, runs: int | None, warmup: int | None, threads: int | None,
-            max_seconds: float | None, hotspots: bool, json_out: str | None) -> None:
+            max_seconds: float | None, hotspots: bool, json_out: str | None, remote_target: str | None,
+            identity: str | None, known_hosts: str | None, remote_python: str | None) -> None:
     """Time MODEL.onnx with onnxruntime as the device profile configures it.
 
     By default timing runs for at least 30 runs and 1 s, then until the median's 95% confidence interval
@@ -38,17 +49,30 @@ def profile(model: str, device: str, runs: int | None, warmup: int | None, threa
     for at most --max-seconds; the spread is reported with the figures. If this onnxruntime lacks the
     device's execution provider and the profile allows it, the model is timed on CPU instead and the
     output says so.
+
+    With --remote (or a profile with a remote: section) the model and a small runner are copied over SSH to a
+    private temporary folder on the device, timed there by the device's own onnxruntime, and removed. The
+    device's host key must already be in known_hosts: unknown or changed keys are refused.
     """
     from compress.atomic import check_output_path, write_json
     from devices.loader import load_profile
     from runtime.profiler import DEFAULT_MAX_SECONDS, profile_model
+    from runtime.remote import Target, resolve_spec
 
     out_path = check_output_path(json_out, [model]) if json_out and json_out != "-" else None
     dev = load_profile(device)
+    remote = resolve_spec(dev.remote, target=remote_target, identity=identity, known_hosts=known_hosts, python=remote_python,
+                          base_dir=dev.source.parent if dev.source else None)
+    where = dev.name
+    if remote is not None:
+        where = f"{dev.name} at {Target(remote.user, remote.host, remote.port)}"
+        if dev.detect:
+            console.warn(f"--remote with the {dev.name!r} profile: its ISA, cores and threads were detected on THIS machine, "
+                         "not on the device; `compress devices probe --remote ...` writes a profile for the device itself")
     budget = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS
-    with console.progress(f"profiling on {dev.name}", total=1) as step:
+    with console.progress(f"profiling on {where}", total=1) as step:
         result = profile_model(model, dev, runs=runs, warmup=warmup, threads=threads, hotspots=hotspots,
-                               max_seconds=max_seconds, on_progress=_Bar(step, budget))
+                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote)
     if json_out == "-":
         console.emit_json(result)
         return
@@ -90,10 +114,12 @@ def _print_summary(r: dict[str, Any]) -> None:
 
     out = console.out_console
     dev = r.get("device") or {}
+    remote = r.get("remote") or {}
     if r.get("fallback"):
+        whose = f"the onnxruntime on {remote.get('target')}" if remote else "this onnxruntime"
         out.print(Panel(
             f"[bold]CPU FALLBACK[/bold]: device {dev.get('name')!r} asks for {', '.join(r.get('missing_providers') or [])}, "
-            f"which this onnxruntime cannot use. Measured on {', '.join(r.get('providers') or [])}: "
+            f"which {whose} cannot use. Measured on {', '.join(r.get('providers') or [])}: "
             "these figures are NOT the device's.",
             style="bold red", expand=False))
     lat, sp = r["latency_ms"], r["spread"]
@@ -117,6 +143,10 @@ def _print_summary(r: dict[str, Any]) -> None:
     providers = ", ".join(r.get("providers") or [])
     t.add_row("providers", f"[bold red]{providers} (fallback)[/bold red]" if r.get("fallback") else providers)
     t.add_row("threads", str(r["threads"]))
+    if remote:
+        t.add_row("measured on", f"{remote.get('target')} over SSH: {remote.get('cpu') or remote.get('machine') or '?'}, "
+                                 f"{remote.get('cpu_count') or '?'} cores; onnxruntime {remote.get('onnxruntime')} "
+                                 f"(EPs: {', '.join(remote.get('providers_available') or [])}), Python {remote.get('python_version')}")
     t.add_row("graph optimization", str(r.get("graph_optimization_level")))
     t.add_row("load", f"{r['load_ms']:.1f} ms")
     t.add_row("peak RSS", f"{r['peak_rss_mb']:.1f} MB" if r.get("peak_rss_mb") is not None else "n/a")

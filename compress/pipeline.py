@@ -158,6 +158,7 @@ def run_pipeline(
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],
                              "excluded_layers": q["excluded_layers"], "from": base["name"]})
+        measured = None
         for v in variants:
             runner, session_options = onnx_outputs, None
             if v["simulated"]:  # no FP8 kernels here: fidelity only, under session options that run FP8 Q/DQ
@@ -170,6 +171,7 @@ def run_pipeline(
             else:
                 on_stage(f"profiling {v['name']} on {profile.name}")
                 prof = profile_model(work / v["onnx"], profile, runs=opts.runs, max_seconds=opts.max_seconds)
+                measured = prof if prof.get("measured_on") == "remote" else None  # where the figures come from
                 v["latency_ms"] = {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")}
                 v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
             v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
@@ -178,28 +180,37 @@ def run_pipeline(
                 on_stage(f"scoring {v['name']} with --eval")
                 v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
                 v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
-        on_stage("timing the variants against fp32, interleaved")
-        providers, _ = resolve_providers(profile)
-        timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
-        ab = interleaved_latency(timed, feeds={k: t.numpy() for k, t in example.items()},
-                                 providers=[(p, dict(o)) for p, o in providers], threads=profile.threads,
-                                 session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
-        for v in variants:
-            v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall") if v["name"] in timed else None
+        if profile.remote is None:
+            on_stage("timing the variants against fp32, interleaved")
+            providers, _ = resolve_providers(profile)
+            timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
+            ab = interleaved_latency(timed, feeds={k: t.numpy() for k, t in example.items()},
+                                     providers=[(p, dict(o)) for p, o in providers], threads=profile.threads,
+                                     session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
+            for v in variants:
+                v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall") if v["name"] in timed else None
+            speedup_measure = f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads"
+        else:  # the interleaved A/B runs in this process, on this machine: for a remote device, ratios of its p50s
+            base_p50 = variants[0]["latency_ms"]["p50"]
+            for v in variants:
+                v["speedup_vs_fp32"] = base_p50 / v["latency_ms"]["p50"] if v.get("latency_ms") else None
+            speedup_measure = (f"ratio of p50s, each variant profiled in turn on {measured['remote']['target']} over SSH "
+                               "(not interleaved: the interleaved A/B would have timed this machine)")
         name, reason = recommend(variants, opts.tolerance)
         from devices.host import describe_host
 
         report = {
             "schema": SCHEMA,
             "device": {**profile.model_dump(mode="json", exclude={"remote"}), "source": str(profile.source) if profile.source else None},
-            "host": describe_host(),
+            "host": measured["host"] if measured else describe_host(),
+            "remote": measured["remote"] if measured else None,
             "variants": variants,
             "recommended": name,
             "reason": reason,
             "tolerance": opts.tolerance,
             "tolerance_on": f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
             "eval": opts.evaluate.spec if opts.evaluate else None,
-            "speedup_measure": f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads",
+            "speedup_measure": speedup_measure,
             "stages": stages,
             "command": opts.command,
             "model": opts.source,

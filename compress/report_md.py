@@ -282,7 +282,8 @@ def _device_lines(dev: dict[str, Any], host: dict[str, Any], variants: list[dict
             sw.append(f"Python {host['python']}")
         if host.get("onnxruntime"):
             sw.append(f"onnxruntime {host['onnxruntime']}")
-        out.append(f"**Measured on:** {cpu}" + (f" ({', '.join(hw)})" if hw else "") + (f"; {', '.join(sw)}" if sw else ""))
+        via = f" — remote, {host['remote']} over SSH" if host.get("remote") else ""
+        out.append(f"**Measured on:** {cpu}" + (f" ({', '.join(hw)})" if hw else "") + (f"; {', '.join(sw)}" if sw else "") + via)
     if not out:
         out.append("**Device:** n/a")
     return out
@@ -595,9 +596,14 @@ def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[
     out = ["## How the speedup was measured", ""]
     how = r.get("speedup_measure")
     out.append(f"Speedup vs fp32: {how}." if how else "Speedup vs fp32: not recorded.")
-    out.append("Every round runs each variant once in turn, so all of them see the same machine state; the "
-               "speedup is the ratio of medians and is what the recommendation uses. The p50/p90 columns come "
-               "from profiling each variant on its own, so their ratio can differ on a noisy machine.")
+    if _d(r.get("remote")):
+        out.append("The variants were profiled one after another on the remote device over SSH; the speedup is the "
+                   "ratio of their p50s and is what the recommendation uses. Not interleaved, so a device whose speed "
+                   "changed between two profiles (throttling, other load) shifts the ratio.")
+    else:
+        out.append("Every round runs each variant once in turn, so all of them see the same machine state; the "
+                   "speedup is the ratio of medians and is what the recommendation uses. The p50/p90 columns come "
+                   "from profiling each variant on its own, so their ratio can differ on a noisy machine.")
     runs, loose = [], []
     for i, v in enumerate(variants):
         prof = _d(v.get("profile"))

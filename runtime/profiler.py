@@ -6,16 +6,18 @@ tool's torch-laden process) and so that the code that times a model here is the 
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
 from compress.errors import DeviceError, EdgeError, InputError, ModelError, RuntimeFailure, UsageError
 from compress.errors import first_line
-from devices.schema import DeviceProfile
+from devices.schema import DeviceProfile, RemoteSpec
 from export.metadata import get_metadata
 from runtime import providers as ep_registry
 
@@ -51,15 +53,30 @@ def profile_model(
     max_seconds: float | None = None,
     inputs: dict[str, dict[str, Any]] | None = None,
     on_progress: ProgressFn | None = None,
+    remote: RemoteSpec | None = None,
+    remote_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Time ONNX_PATH as PROFILE would run it and return the runner's result plus device and host facts.
 
     runs=None is adaptive (see DEFAULT_*). `inputs` overrides, per input name, the shape/value-range specs
     read from the model's edge_compress metadata, key by key (a given shape keeps the metadata's value range).
+
+    `remote` (default: the profile's `remote:`) runs the same runner on that device over SSH
+    (runtime.remote). The device's onnxruntime then settles the execution providers, not this machine's:
+    the profile's EPs are sent as they are and the runner applies cpu_fallback there. The result's "host"
+    then describes the device, "client" this machine, and "remote" how the device was reached; "measured_on"
+    says which ("local" or "remote"). remote_timeout bounds the whole remote run (default: see _remote_timeout).
     """
     path = Path(onnx_path).expanduser()
     meta_inputs = check_model(path)
-    chosen, missing = resolve_providers(profile)
+    if remote is None and profile.remote is not None:  # relative key paths in a YAML are relative to the YAML
+        from runtime.remote import resolve_spec
+
+        remote = resolve_spec(profile.remote, base_dir=profile.source.parent if profile.source else None)
+    if remote is None:
+        chosen, missing = resolve_providers(profile)
+    else:  # only the device knows what its onnxruntime has
+        chosen, missing = [[ep.name, dict(ep.options)] for ep in profile.execution_providers], []
     user = inputs or {}
     specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
     config = {
@@ -77,19 +94,103 @@ def profile_model(
         "hotspots": hotspots,
         "inputs": specs or None,
     }
-    _warn_oversubscribed(config["threads"])
-    result = run_runner(path, config, on_progress)
+    if remote is None:
+        _warn_oversubscribed(config["threads"])
+        result = run_runner(path, config, on_progress)
+    else:
+        result = _run_remote(path, profile, {**config, "cpu_fallback": profile.cpu_fallback}, remote, on_progress,
+                             remote_timeout if remote_timeout is not None else _remote_timeout(config))
+        missing = list(result.get("missing_providers") or [])
     dropped = _silently_dropped(profile, result, missing)
     if dropped and not profile.cpu_fallback:
         # onnxruntime listed the EP but could not start it (e.g. CUDA libraries absent) and fell back itself
-        raise DeviceError(f"device {profile.name!r} needs {', '.join(dropped)}: this onnxruntime has it but could not "
-                          f"start it (missing driver or libraries?) and ran on {', '.join(result.get('providers') or ['?'])}")
+        raise DeviceError(f"device {profile.name!r} needs {', '.join(dropped)}: {'the device' if remote else 'this'}'s "
+                          f"onnxruntime has it but could not start it (missing driver or libraries?) and ran on "
+                          f"{', '.join(result.get('providers') or ['?'])}")
     missing = missing + dropped
     result["device"] = {"name": profile.name, "arch": profile.arch, "source": str(profile.source) if profile.source else None}
     result["fallback"] = bool(missing)
     result["missing_providers"] = missing
-    result["host"] = _describe_host()
+    if remote is None:
+        result["measured_on"] = "local"
+        result["host"] = _describe_host()
+        result["remote"] = None
+    else:
+        result["measured_on"] = "remote"
+        result["host"] = _describe_device(result)
+        result["client"] = _describe_host()
+        result["model"] = str(path)  # the runner saw its temporary copy, which is gone
     return result
+
+
+REMOTE_GRACE_S = 600.0  # copying, loading and warm-up on a slow board, on top of the timing budget
+REMOTE_FIXED_RUNS_TIMEOUT_S = 3600.0
+
+
+def _remote_timeout(config: dict[str, Any]) -> float:
+    """Adaptive timing stops itself after max_seconds (twice with hotspots); fixed --runs has no time bound."""
+    if config["runs"] is not None:
+        return REMOTE_FIXED_RUNS_TIMEOUT_S
+    return REMOTE_GRACE_S + float(config["max_seconds"]) * (2 if config["hotspots"] else 1)
+
+
+def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remote: RemoteSpec,
+                on_progress: ProgressFn | None, timeout: float) -> dict[str, Any]:
+    from runtime.remote import Target, run_runner_remote
+
+    target = Target(remote.user, remote.host, remote.port)
+    try:
+        result = run_runner_remote(path, config, remote, on_progress, timeout=timeout)
+    except DeviceError as e:
+        if "lacks" in str(e) and not profile.cpu_fallback:  # the runner refused: the device's onnxruntime lacks an EP
+            raise DeviceError(f"device {profile.name!r} {e}. Install the EP's onnxruntime package on the device, or set "
+                              "cpu_fallback: true in the profile to profile on CPU anyway") from None
+        raise
+    plat = result.get("platform") or {}
+    result["remote"] = {
+        "target": str(target),
+        "python": remote.python,
+        "python_version": plat.get("python"),
+        "onnxruntime": result.get("onnxruntime_version"),
+        "providers_available": list(result.get("available_providers") or []),
+        "cpu": plat.get("processor"),
+        "machine": plat.get("machine"),
+        "os": f"{plat.get('system') or ''} {plat.get('release') or ''}".strip() or None,
+        "cpu_count": plat.get("cpu_count"),
+    }
+    missing = list(result.get("missing_providers") or [])
+    if missing:
+        from compress.console import warn
+
+        warn(f"device {profile.name!r} asks for {' and '.join(missing)}, which the onnxruntime "
+             f"{result.get('onnxruntime_version')} on {target} lacks (install {_packages(missing)} there); profiled on "
+             f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
+    cores = plat.get("cpu_count")
+    if isinstance(cores, int) and cores and result.get("threads", 0) > cores:
+        from compress.console import warn
+
+        warn(f"{result['threads']} threads on {target}, which has {cores} cores: the figures are slow and noisy; "
+             f"pass --threads {cores} (or fix the profile's threads)")
+    return result
+
+
+def _describe_device(result: dict[str, Any]) -> dict[str, Any]:
+    """The remote device in describe_host()'s shape (ISA flags are not reported by the runner: see the profile)."""
+    from devices.host import normalize_arch
+
+    plat = result.get("platform") or {}
+    machine = plat.get("machine")
+    return {
+        "arch": normalize_arch(machine) if machine else None,
+        "cpu": plat.get("processor"),
+        "isa": None,
+        "cores": plat.get("cpu_count"),
+        "os": f"{plat.get('system') or ''} {plat.get('release') or ''}".strip() or None,
+        "python": plat.get("python"),
+        "onnxruntime": result.get("onnxruntime_version"),
+        "onnxruntime_providers": list(result.get("available_providers") or []),
+        "remote": (result.get("remote") or {}).get("target"),
+    }
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -220,23 +321,63 @@ def run_runner(model: Path, config: dict[str, Any], on_progress: ProgressFn | No
                python: str | None = None) -> dict[str, Any]:
     """Run runner.py on MODEL with CONFIG on stdin; stream progress; map an error document to EdgeError."""
     cmd = [python or sys.executable, str(RUNNER), str(model), "--config", "-"]
+    run = stream_process(cmd, config, on_progress, what="the runner")
+    return parse_output(run.stdout, run.rc, run.last_line)
+
+
+@dataclass
+class StreamResult:
+    """What a runner process left: its stdout, exit status, the last non-progress stderr lines, and whether
+    the timeout killed it."""
+
+    stdout: str
+    rc: int
+    stderr_tail: list[str]
+    timed_out: bool = False
+
+    @property
+    def last_line(self) -> str:
+        return self.stderr_tail[-1] if self.stderr_tail else ""
+
+
+def stream_process(cmd: list[str], config: dict[str, Any], on_progress: ProgressFn | None = None, *,
+                   timeout: float | None = None, new_session: bool = False, what: str = "the runner") -> StreamResult:
+    """Start CMD, send CONFIG as JSON on its stdin, forward its stderr progress lines, wait (at most TIMEOUT s).
+
+    The same code drives the local runner and the remote one (CMD is then an ssh command line, whose
+    stderr carries the device's progress lines). new_session keeps Ctrl-C away from the child, so that the
+    caller, not the terminal, decides how it stops (ssh must be stopped before the device is cleaned up).
+    """
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, encoding="utf-8", errors="replace")
+                                text=True, encoding="utf-8", errors="replace", start_new_session=new_session)
     except OSError as e:
-        raise RuntimeFailure(f"cannot start the runner ({cmd[0]}): {e.strerror or e}") from e
+        raise RuntimeFailure(f"cannot start {what} ({cmd[0]}): {e.strerror or e}") from e
     stdout_chunks: list[str] = []
     reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
     reader.start()
+    fired = threading.Event()
+    timer = None
+    if timeout is not None:
+        def expire() -> None:
+            fired.set()
+            _stop(proc, grace=2)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
     try:
         _send_config(proc, config)
-        last_line = _pump_stderr(proc.stderr, on_progress)  # type: ignore[arg-type]
+        tail = _pump_stderr(proc.stderr, on_progress)  # type: ignore[arg-type]
         rc = proc.wait()
         reader.join()
     except BaseException:  # Ctrl-C (or a failing on_progress): never leave the runner behind
         _stop(proc)
         raise
-    return _parse_output("".join(stdout_chunks), rc, last_line)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return StreamResult("".join(stdout_chunks), rc, tail, fired.is_set())
 
 
 def _send_config(proc: subprocess.Popen, config: dict[str, Any]) -> None:
@@ -247,19 +388,20 @@ def _send_config(proc: subprocess.Popen, config: dict[str, Any]) -> None:
         pass  # the runner died before reading; its exit status and stderr say why
 
 
-def _pump_stderr(stream: IO[str], on_progress: ProgressFn | None) -> str:
-    """Forward progress lines; remember the last other line, which is the best crash message there is."""
-    last = ""
+def _pump_stderr(stream: IO[str], on_progress: ProgressFn | None, keep: int = 40) -> list[str]:
+    """Forward progress lines; keep the last other lines: the last is the best crash message there is, and
+    ssh's own diagnostics (host key banners) span several."""
+    tail: collections.deque[str] = collections.deque(maxlen=keep)
     for line in stream:
         line = line.strip()
         if not line:
             continue
         msg = _progress_line(line)
         if msg is None:
-            last = line
+            tail.append(line)
         elif on_progress is not None:
             on_progress(*msg)
-    return last
+    return list(tail)
 
 
 def _progress_line(line: str) -> tuple[int, int | None, str] | None:
@@ -274,17 +416,17 @@ def _progress_line(line: str) -> tuple[int, int | None, str] | None:
     return int(d["progress"]), (int(d["total"]) if d.get("total") is not None else None), str(d.get("phase", ""))
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, grace: float = 5) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
 
-def _parse_output(stdout: str, rc: int, last_stderr: str) -> dict[str, Any]:
+def parse_output(stdout: str, rc: int, last_stderr: str) -> dict[str, Any]:
     doc = None
     text = stdout.strip()
     if text:

@@ -46,6 +46,9 @@ DEFAULTS = {
     "hotspot_runs": 10,
     "inputs": None,
     "inputs_npz": None,
+    # Missing providers: False refuses (the host already chose them); True drops them and adds CPU, for remote
+    # runs where only the device knows what its onnxruntime has. The result lists what was dropped.
+    "cpu_fallback": False,
 }
 
 # ONNX element types the runner can feed, by onnxruntime's type string.
@@ -158,6 +161,8 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise RunnerError("config", "session_config must be an object of string entries")
     if not isinstance(cfg["hotspots"], bool):
         raise RunnerError("config", "hotspots must be true or false")
+    if not isinstance(cfg["cpu_fallback"], bool):
+        raise RunnerError("config", "cpu_fallback must be true or false")
     if cfg["inputs"] is not None and not isinstance(cfg["inputs"], dict):
         raise RunnerError("config", "inputs must be an object keyed by input name")
     if cfg["inputs_npz"] is not None and not isinstance(cfg["inputs_npz"], str):
@@ -220,13 +225,22 @@ def session_options(ort: Any, cfg: Dict[str, Any], profile_prefix: Optional[str]
     return so
 
 
-def check_providers(ort: Any, cfg: Dict[str, Any]) -> None:
-    """onnxruntime silently skips a provider it lacks; the runner refuses instead, so figures never lie."""
+def check_providers(ort: Any, cfg: Dict[str, Any]) -> List[str]:
+    """onnxruntime silently skips a provider it lacks; the runner refuses instead, so figures never lie.
+
+    With cpu_fallback the missing ones are dropped (CPU added last) and returned, so the result can say so.
+    """
     available = ort.get_available_providers()
     missing = [name for name, _ in cfg["providers"] if name not in available]
-    if missing:
+    if missing and not cfg["cpu_fallback"]:
         raise RunnerError("device", "this onnxruntime ({}) lacks {}; available: {}".format(
             ort.__version__, ", ".join(missing), ", ".join(available)))
+    if missing:
+        kept = [(name, opts) for name, opts in cfg["providers"] if name in available]
+        if "CPUExecutionProvider" not in [name for name, _ in kept]:
+            kept.append(("CPUExecutionProvider", {}))
+        cfg["providers"] = kept
+    return missing
 
 
 def create_session(ort: Any, model: str, cfg: Dict[str, Any], profile_prefix: Optional[str] = None) -> Any:
@@ -685,7 +699,8 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     except ImportError as e:
         raise RunnerError("device", "numpy is not installed for {} ({})".format(sys.executable, one_line(e)))
     ort = import_ort()
-    check_providers(ort, cfg)
+    requested = [name for name, _ in cfg["providers"]]
+    missing = check_providers(ort, cfg)
     progress = Progress()
 
     t0 = time.perf_counter()
@@ -727,7 +742,8 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         "model": model,
         "model_size_bytes": model_size_bytes(model),
         "providers": list(sess.get_providers()),
-        "requested_providers": [name for name, _ in cfg["providers"]],
+        "requested_providers": requested,
+        "missing_providers": missing,
         "threads": cfg["threads"],
         "graph_optimization_level": cfg["graph_optimization_level"],
         "session_config": dict(cfg["session_config"]),
