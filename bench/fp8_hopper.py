@@ -242,7 +242,7 @@ def measure(kit: Path, out: Path | None, rounds: int, reps: int, batches: tuple[
         for k in ("bf16", "fp8"):
             variants[f"{k} compiled"] = torch.compile(variants[k], dynamic=False)
     timed = [k for k in variants if k != "fp8 simulated"]
-    print(f"\n| batch x 128 tokens | " + " | ".join(f"{k} ms" for k in timed) + " | fp8 vs bf16 | how |")
+    print("\n| batch x 128 tokens | " + " | ".join(f"{k} ms" for k in timed) + " | fp8 vs bf16 | how |")
     print("|---" * (len(timed) + 3) + "|")
     for b in batches:
         idx = torch.arange(b, device=dev) % held["input_ids"].shape[0]

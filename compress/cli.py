@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import click
 
@@ -70,29 +71,41 @@ def main(argv: list[str] | None = None) -> None:
 
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+    from compress import interrupt
+
+    interrupt.install()
     try:
         rc = cli.main(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(1)
+        interrupt.check_interrupted()  # a library swallowed Ctrl-C and the command went on: still a cancel
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted()
     except click.ClickException as e:  # usage errors from click itself
         e.show()
         sys.exit(e.exit_code)
     except EdgeError as e:
+        if interrupt.interrupted():  # the error is what Ctrl-C left behind (a library wrapped it)
+            _interrupted()
         if debug:
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(1)
     except Exception as e:  # a bug or an unforeseen failure: still one line unless --debug
+        if interrupt.interrupted():
+            _interrupted()
         if debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"error: {type(e).__name__}: {msg} (run with --debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _interrupted() -> NoReturn:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn exit 1 into a traceback
+    click.echo("error: interrupted", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import click
 
 from compress import console
 from compress.cli_options import model_input_options, require_one_input_source
-from compress.atomic import check_onnx_output
+from compress.atomic import check_json_output, check_onnx_output
 
 EPILOG = """\b
 Examples:
@@ -40,7 +40,8 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     from compress.inputs import calib_samples, check_calib_names, load_calib, parse_input_shape
 
     require_one_input_source(input_shapes, calib)
-    out = check_onnx_output(output, [model, weights, calib])
+    out = check_onnx_output(output, [model, weights, calib, device])
+    check_json_output(json_out, output, [model, weights, calib, device])
     shapes = [parse_input_shape(s) for s in input_shapes]
     if opset is None:
         opset = 18

@@ -23,6 +23,12 @@ def model_input_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def max_calib_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-calib, for every command that takes --calib (quantize, prune, run): the file is read lazily, and
+    this caps how many of its samples are read at all (calibration sets reach 100+ GB)."""
+    return click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")(f)
+
+
 def require_one_input_source(input_shapes: tuple[str, ...] | list[str], calib: str | None) -> None:
     """The model runs on shapes (random data) or on real samples, never on both or neither."""
     if bool(list(input_shapes)) == bool(calib):

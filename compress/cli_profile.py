@@ -59,7 +59,8 @@ def profile(model: str, device: str, runs: int | None, warmup: int | None, threa
     from runtime.profiler import DEFAULT_MAX_SECONDS, profile_model
     from runtime.remote import Target, resolve_spec
 
-    out_path = check_output_path(json_out, [model]) if json_out and json_out != "-" else None
+    out_path = (check_output_path(json_out, [model, device, identity, known_hosts], flag="--json")
+                if json_out and json_out != "-" else None)
     dev = load_profile(device)
     remote = resolve_spec(dev.remote, target=remote_target, identity=identity, known_hosts=known_hosts, python=remote_python,
                           base_dir=dev.source.parent if dev.source else None)

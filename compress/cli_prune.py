@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from compress import console
-from compress.cli_options import model_input_options, require_one_input_source
-from compress.atomic import check_onnx_output, write_json
+from compress.cli_options import max_calib_option, model_input_options, require_one_input_source
+from compress.atomic import check_json_output, check_onnx_output, write_json
 
 EPILOG = """\b
 Examples:
@@ -24,6 +24,7 @@ Examples:
 @click.command("prune", epilog=EPILOG)
 @click.argument("model")
 @model_input_options
+@max_calib_option
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion (see --importance list).")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
@@ -39,7 +40,8 @@ Examples:
 @click.option("--no-measure", is_flag=True, help="Skip the side-by-side latency measurement.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path (the pruned model).")
-def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, ratio: float | None,
+def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None,
+          ratio: float | None,
           importance: str, global_pruning: bool, ignore: tuple[str, ...], round_to: int | None, device: str,
           sparsity: float | None, pattern: str, no_recover: bool, recover_steps: int, recover_seconds: float,
           finetune: str | None, no_measure: bool, json_out: str | None, output: str) -> None:
@@ -57,7 +59,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     from devices.loader import load_profile
 
     require_one_input_source(input_shapes, calib)
-    out = check_onnx_output(output, [model, weights, calib])
+    out = check_onnx_output(output, [model, weights, calib, device, finetune])
+    check_json_output(json_out, output, [model, weights, calib, device, finetune])
     opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
                         round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
                         recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
@@ -70,7 +73,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
 
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
-        prep = prepare_inputs(loaded, input_shapes, calib)
+        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
         example = prep.example
         pruned, report = prune_stage(loaded.module, example, prep.train, prep.held_out, opts, on_stage=lambda s: step.update(description=s))
         report["calibration"] = prep.info

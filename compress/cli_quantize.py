@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compress import console
-from compress.cli_options import backend_option, eval_options
+from compress.cli_options import backend_option, eval_options, max_calib_option
 
 EPILOG = """\b
 Examples:
@@ -31,7 +31,7 @@ Examples:
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
-@click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
+@max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
@@ -47,13 +47,14 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     and needs an FP8 profile, or --simulate. Fidelity to fp32 is measured on held-out inputs, and with
     --tolerance the most sensitive layers stay in float.
     """
-    from compress.atomic import check_onnx_output, write_json
+    from compress.atomic import check_json_output, check_onnx_output, write_json
     from compress.quant_stage import QuantOptions, check_format, quant_stage
     from compress.user_metric import load_metric
     from devices.loader import load_profile
     from runtime.profiler import check_model
 
-    out = check_onnx_output(output, [model, calib])
+    out = check_onnx_output(output, [model, calib, device, eval_spec, metric_spec])
+    check_json_output(json_out, output, [model, calib, device, eval_spec, metric_spec])
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
                         max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
                         evaluate=load_metric(eval_spec, metric_spec), backend=backend)

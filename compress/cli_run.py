@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from compress import console
-from compress.cli_options import backend_option, eval_options, model_input_options, require_one_input_source
+from compress.cli_options import (backend_option, eval_options, max_calib_option, model_input_options,
+                                  require_one_input_source)
 from compress.errors import UsageError
 
 EPILOG = """\b
@@ -27,6 +28,7 @@ Examples:
 @click.command("run", epilog=EPILOG)
 @click.argument("model")
 @model_input_options
+@max_calib_option
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
@@ -44,7 +46,7 @@ Examples:
               "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
-def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str,
+def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
         prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
         force: bool,
@@ -59,7 +61,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
     measured again every time.
     """
-    from compress.atomic import check_output_path
+    from compress.atomic import check_json_output, check_output_path
     from compress.loading import load_model
     from compress.inputs import prepare_inputs
     from compress.pipeline import RunOptions, run_pipeline
@@ -71,7 +73,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     require_one_input_source(input_shapes, calib)
     if tolerance > 1 and not eval_spec:
         raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
-    outdir = check_output_path(output, [model, weights, calib])
+    inputs = [model, weights, calib, device, eval_spec, metric_spec]
+    outdir = check_output_path(output, inputs, folder=True)
+    check_json_output(json_out, output, inputs)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {output} is a file; give a folder")
     profile = load_profile(device)
@@ -87,13 +91,13 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         from compress.quant_stage import QuantOptions, check_format
 
         check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend))
-    opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
-                      select_ops=not no_op_select, evaluate=load_metric(eval_spec, metric_spec), backend=backend,
-                      cache=StageCache(force=force),
+    opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, max_calib=max_calib, simulate=simulate,
+                      tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
+                      evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
-        prep = prepare_inputs(loaded, input_shapes, calib)
+        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
         report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, Path(outdir), opts,
                               on_stage=lambda s: step.update(description=s), extra={"calibration": prep.info})
     if json_out == "-":

@@ -7,7 +7,6 @@ samples (first axis = samples) and is what quantization must use.
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +16,7 @@ import torch
 
 from compress.errors import InputError, UsageError
 from compress.loading import LoadedModel
+from compress.npz_rows import npz_members, read_rows
 
 DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
 _SHAPE_RE = re.compile(r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<dims>\d+(?:[,x]\d+)*)(?::(?P<dtype>[a-z0-9]+))?$")
@@ -59,30 +59,47 @@ def parse_input_shape(text: str) -> ShapeArg:
     return ShapeArg(m["name"], dims, dtype)
 
 
-def load_calib(path: str | Path, max_samples: int | None = None) -> dict[str, np.ndarray]:
-    """Read an .npz of named arrays (no pickles) whose first axis is the sample axis."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"calibration file {path} not found")
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path} is not a readable .npz of plain arrays ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    if not data:
+def load_calib(path: str | Path, max_samples: int | None = None, *,
+               keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read an .npz of named arrays (no pickles) whose first axis is the sample axis, lazily.
+
+    Calibration sets reach 100+ GB, so nothing is read whole: the .npy headers are checked first (numeric dtype,
+    a sample axis, equal sample counts), then a member stored uncompressed (np.savez) is memory-mapped in place
+    and costs memory only for the rows touched; a compressed one (np.savez_compressed) is decompressed up to
+    `max_samples` rows and no further. `keys`: check and return only these arrays (CalibReader ignores arrays
+    that are not graph inputs, whatever they hold). The arrays are read-only.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise UsageError(f"--max-calib {max_samples}: must be at least 1")
+    p = _calib_file(path)
+    members = npz_members(p, str(path))
+    if keys is not None:
+        wanted = set(keys)
+        members = {k: m for k, m in members.items() if k in wanted}
+    if not members:
         raise InputError(f"{path} holds no arrays")
     counts = {}
-    for k, v in data.items():
-        if v.ndim < 1 or v.dtype.kind not in "fiub":
-            raise InputError(f"{path}: array {k!r} must be numeric with a leading sample axis (got dtype {v.dtype}, shape {v.shape})")
-        counts[k] = v.shape[0]
+    for k, m in members.items():
+        if len(m.shape) < 1 or m.dtype.kind not in "fiub":
+            raise InputError(f"{path}: array {k!r} must be numeric with a leading sample axis (got dtype {m.dtype}, shape {m.shape})")
+        counts[k] = m.shape[0]
     if len(set(counts.values())) != 1:
         raise InputError(f"{path}: arrays disagree on the number of samples: {counts}")
     if next(iter(counts.values())) == 0:
         raise InputError(f"{path}: no samples")
-    if max_samples is not None:
-        data = {k: v[:max_samples] for k, v in data.items()}
-    return data
+    return read_rows(p, members, max_samples, str(path))
+
+
+def _calib_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"calibration file {path} not found")
+    return p
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """The array names in an .npz, from its .npy headers alone (InputError when it is not one)."""
+    return list(npz_members(_calib_file(path), str(path)))
 
 
 def check_calib_names(calib: dict[str, np.ndarray], loaded: LoadedModel, source: str) -> None:
@@ -100,7 +117,7 @@ def example_inputs(loaded: LoadedModel, shapes: Iterable[ShapeArg] = (), calib: 
     """Inputs for one forward pass, in forward() order: from the calibration data when given, else random."""
     if calib is not None:
         ordered = [n for n in loaded.input_names if n in calib]
-        return {n: torch.from_numpy(np.ascontiguousarray(calib[n][:batch])) for n in ordered}
+        return {n: _tensor(calib[n][:batch]) for n in ordered}
     shapes = list(shapes)
     if not shapes:
         raise UsageError("give --input-shape or --calib so the model can be run")
@@ -117,7 +134,13 @@ def example_inputs(loaded: LoadedModel, shapes: Iterable[ShapeArg] = (), calib: 
 def calib_samples(calib: dict[str, np.ndarray], names: list[str], start: int = 0, count: int = 1) -> list[dict[str, torch.Tensor]]:
     """Single-sample feeds (batch 1) from the calibration data, samples start..start+count-1."""
     n = next(iter(calib.values())).shape[0]
-    return [{k: torch.from_numpy(np.ascontiguousarray(calib[k][i:i + 1])) for k in names} for i in range(start, min(n, start + count))]
+    return [{k: _tensor(calib[k][i:i + 1]) for k in names} for i in range(start, min(n, start + count))]
+
+
+def _tensor(part: np.ndarray) -> torch.Tensor:
+    """A tensor of these samples; read-only (memory-mapped) data is copied, as torch does not take it."""
+    arr = np.ascontiguousarray(part)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
 def _name_shapes(loaded: LoadedModel, shapes: list[ShapeArg]) -> dict[str, ShapeArg]:
@@ -179,7 +202,7 @@ def calib_batches(calib: dict[str, np.ndarray], names: list[str], batch_size: in
     """Samples start..stop of the calibration data as batches of up to batch_size, in forward() order."""
     n = next(iter(calib.values())).shape[0]
     stop = n if stop is None else min(stop, n)
-    return [{k: torch.from_numpy(np.ascontiguousarray(calib[k][i:min(i + batch_size, stop)])) for k in names}
+    return [{k: _tensor(calib[k][i:min(i + batch_size, stop)]) for k in names}
             for i in range(start, stop, batch_size)]
 
 
@@ -207,14 +230,17 @@ class Prepared:
     info: dict[str, Any]
 
 
-def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib: str | None = None) -> Prepared:
+def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib: str | None = None,
+                   max_samples: int | None = None) -> Prepared:
     """Example, tuning and held-out batches from --calib (a quarter held out when there are 8+ samples), or
-    random ones shaped by --input-shape with a loud warning: scores and recovery tuned on noise fit noise."""
+    random ones shaped by --input-shape with a loud warning: scores and recovery tuned on noise fit noise.
+
+    max_samples (--max-calib): read at most this many samples; the batches are built in memory from all of them."""
     from compress.cli_options import require_one_input_source
 
     require_one_input_source(list(input_shapes), calib)
     shapes = [parse_input_shape(s) for s in input_shapes]
-    data = load_calib(calib) if calib else None
+    data = load_calib(calib, max_samples=max_samples) if calib else None
     if data is not None:
         check_calib_names(data, loaded, calib)
     example = example_inputs(loaded, shapes, data)

@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import pickle
+import warnings
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
         raise InputError(f"weights {path}: expected .safetensors, .pt, .pth, .bin or .ckpt")
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice about pickle protocols is noise above our one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise InputError(f"{path} holds objects other than tensors; refusing to unpickle it (weights_only=True). Save model.state_dict() or use .safetensors") from e
     except Exception as e:

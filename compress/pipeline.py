@@ -36,6 +36,7 @@ class RunOptions:
     prune: Optional[PruneOptions] = None
     quant: str = "none"
     calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
+    max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
     simulate: bool = False
     tolerance: float = 0.01  # allowed loss: 1 - top-1 agreement for classifiers, else 1 - min cosine
     runs: Optional[int] = None
@@ -143,7 +144,8 @@ def run_pipeline(
 
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
             qopts = QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
-                                 select_ops=opts.select_ops, evaluate=opts.evaluate, backend=opts.backend)
+                                 select_ops=opts.select_ops, evaluate=opts.evaluate, backend=opts.backend,
+                                 max_calib=opts.max_calib)
             source = (modules[base["name"]], example, train) if opts.backend == "inc" else None
             path = work / f"{opts.quant}.onnx"
             parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
@@ -264,6 +266,9 @@ def _write_readable(report: dict[str, Any], work: Path) -> None:
 
 def _swap_in(work: Path, outdir: Path) -> None:
     """Replace OUTDIR by the finished folder with two renames; the old one is removed only afterwards."""
+    from compress.interrupt import check_interrupted
+
+    check_interrupted()
     old = None
     if outdir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))

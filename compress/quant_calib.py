@@ -1,18 +1,19 @@
 """Calibration inputs for onnxruntime's quantizer, as a CalibrationDataReader.
 
 Static INT8 fixes every activation's range from these samples, so they should be real data: `--calib DATA.npz`
-(keys = input names, first axis = samples). The file is read through np.load and sliced one sample at a time;
-no second copy of the data set is built, and `max_samples` caps how many are used. Without a file the reader
-makes synthetic samples shaped and ranged from the input specs the exporter stored in the model's metadata
-(token ids within the vocabulary seen at export, masks of ones, floats within the example's range); ranges
-calibrated on those fit noise, so callers warn. Every feed is cast to the graph input's element type
-(int32 ids in the file, int64 in the graph) and checked against its static dimensions, so a mismatch is one
-clear InputError instead of an onnxruntime error deep inside calibration.
+(keys = input names, first axis = samples). The file is read lazily by compress.inputs.load_calib (stored
+arrays memory-mapped, compressed ones decompressed no further than `max_samples`) and sliced one feed at a
+time, so calibration holds one feed in memory, not the data set (users calibrate on 100+ GB); `max_samples`
+caps how many are used. Without a file the reader makes synthetic samples shaped and ranged from the input
+specs the exporter stored in the model's metadata (token ids within the vocabulary seen at export, masks of
+ones, floats within the example's range); ranges calibrated on those fit noise, so callers warn. Every feed
+is cast to the graph input's element type (int32 ids in the file, int64 in the graph) and checked against its
+static dimensions, so a mismatch is one clear InputError instead of an onnxruntime error deep inside
+calibration.
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -57,11 +58,15 @@ def graph_inputs(model: str | Path | onnx.ModelProto) -> list[GraphInput]:
 
 
 class CalibReader(CalibrationDataReader):
-    """Feeds for calibration, one batch (normally one sample) per get_next(); rewind() starts over."""
+    """Feeds for calibration, one batch (normally one sample) per get_next(); rewind() starts over.
+
+    label: what error messages call the data (the --calib path) when `calib` is arrays already loaded from it,
+    so the user reads the file's name rather than "calibration arrays".
+    """
 
     def __init__(self, model: str | Path | onnx.ModelProto, calib: CalibSource = None, *,
                  max_samples: Optional[int] = None, seed: int = 0,
-                 synthetic_samples: int = DEFAULT_SYNTHETIC_SAMPLES) -> None:
+                 synthetic_samples: int = DEFAULT_SYNTHETIC_SAMPLES, label: Optional[str] = None) -> None:
         if max_samples is not None and max_samples < 1:
             raise InputError(f"max_samples {max_samples}: must be at least 1")
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
@@ -69,54 +74,52 @@ class CalibReader(CalibrationDataReader):
         if not self.inputs:
             raise InputError("the model has no inputs to calibrate with")
         self._seed = seed
-        self._npz: Any = None
         self._arrays: dict[str, np.ndarray] = {}
         self.ignored: list[str] = []
+        batch = max(i.batch for i in self.inputs)
+        self.batch = batch
         if calib is None:
             self.source, self.path = "synthetic", None
+            self.label = label or "calibration data"
             self._specs = _metadata_specs(proto)
             total = synthetic_samples
         else:
             self.source = "arrays" if isinstance(calib, Mapping) else "npz"
             self.path = None if isinstance(calib, Mapping) else str(calib)
-            total = self._open(calib)
-        batch = max(i.batch for i in self.inputs)
-        self.batch = batch
+            self.label = label or self.path or "calibration arrays"
+            # feeds come in whole batches: read enough samples for one even when max_samples is smaller
+            total = self._open(calib, None if max_samples is None else max(max_samples, batch))
         self.count = total // batch
         if max_samples is not None:
             self.count = min(self.count, max(1, max_samples // batch))
         if self.count == 0:
-            raise InputError(f"{self.path or 'calibration data'}: {total} sample(s), fewer than the graph's batch of {batch}")
+            raise InputError(f"{self.label}: {total} sample(s), fewer than the graph's batch of {batch}")
         self._next = 0
 
     # --- sources ---------------------------------------------------------------------------------------------
 
-    def _open(self, calib: Any) -> int:
-        shown = self.path or "calibration arrays"
+    def _open(self, calib: Any, cap: Optional[int]) -> int:
+        shown = self.label
+        wanted = [i.name for i in self.inputs]
         if isinstance(calib, Mapping):
-            keys, getter = list(calib), calib.__getitem__
+            keys, source = list(calib), calib
         else:
-            p = Path(calib).expanduser()
-            if not p.is_file():
-                raise InputError(f"calibration file {calib} not found")
-            try:
-                self._npz = np.load(p, allow_pickle=False)
-                keys = list(self._npz.files)
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-                raise InputError(f"{calib} is not a readable .npz of plain arrays ({_first_line(e)})") from e
-            getter = self._npz.__getitem__
-        wanted = {i.name for i in self.inputs}
+            from compress.inputs import load_calib, npz_keys
+
+            keys = npz_keys(calib)  # headers only: a file that is not an .npz of arrays fails here, naming it
+            source = None
         self.ignored = [k for k in keys if k not in wanted]
-        missing = [i.name for i in self.inputs if i.name not in keys]
+        missing = [n for n in wanted if n not in keys]
         if missing:
             raise InputError(f"{shown}: no array for graph input(s) {', '.join(missing)} (it has {', '.join(keys) or 'none'})")
+        if source is None:  # lazily: memory-mapped or decompressed up to `cap` samples, the graph inputs only
+            source = load_calib(calib, max_samples=cap, keys=wanted)
         counts = {}
         for inp in self.inputs:
             try:
-                arr = getter(inp.name)
-            except Exception as e:  # a damaged member of the zip
+                arr = np.asarray(source[inp.name])
+            except Exception as e:  # a caller's mapping whose value is not an array
                 raise InputError(f"{shown}: cannot read array {inp.name!r} ({_first_line(e)})") from e
-            arr = np.asarray(arr)
             self._check_array(shown, inp, arr)
             self._arrays[inp.name] = arr
             counts[inp.name] = arr.shape[0]
@@ -191,9 +194,7 @@ class CalibReader(CalibrationDataReader):
         }
 
     def close(self) -> None:
-        if self._npz is not None:
-            self._npz.close()
-            self._npz = None
+        """Nothing to release: the file's arrays are memory maps, unmapped with the last reference to them."""
 
 
 def _dims_text(dims: list[Optional[int]]) -> str:

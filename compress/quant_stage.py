@@ -58,7 +58,10 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
 
 
 def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, Any, dict[str, Any]]:
-    """Calibration arrays and held-out arrays (a quarter, when there are 8+ samples); None means synthetic."""
+    """Calibration arrays and held-out arrays (a quarter, when there are 8+ samples); None means synthetic.
+
+    The arrays are load_calib's lazy ones (memory-mapped or read up to max_calib samples); the split slices
+    them without copying, and errors about them name the file through CalibReader's label."""
     if calib is None:
         return None, None, {"source": "synthetic", "samples": 0, "held_out": True}
     from compress.inputs import load_calib
@@ -72,10 +75,11 @@ def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, A
             {"source": calib, "samples": n, "calibration_samples": cut, "held_out": True})
 
 
-def _feeds(model: Path, source: Any, seed: int, max_samples: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+def _feeds(model: Path, source: Any, seed: int, max_samples: Optional[int] = None,
+           label: Optional[str] = None) -> list[dict[str, np.ndarray]]:
     from compress.quant_calib import CalibReader
 
-    reader = CalibReader(model, source, seed=seed, max_samples=max_samples)
+    reader = CalibReader(model, source, seed=seed, max_samples=max_samples, label=label)
     try:
         return [reader.feed(i) for i in range(reader.count)]
     finally:
@@ -206,7 +210,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         raise UsageError("--backend inc quantizes the PyTorch model, and this command has only ONNX: use "
                          "`compress run MODEL --backend inc ...`")
     calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
-    held = _feeds(fp32, held_part, seed=99, max_samples=64)
+    held = _feeds(fp32, held_part, seed=99, max_samples=64, label=calib)
     report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
                               "simulated": opts.to == "fp8" and not profile.fp8}
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
@@ -226,7 +230,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
             on_stage(f"quantizing to INT8 for {profile.name}")
             from compress.quant_presets import preset_for
 
-            result = try_presets(fp32, first, profile, calib_part, method=opts.method)
+            result = try_presets(fp32, first, profile, calib_part, method=opts.method, calib_label=calib)
             runner, runner_options = onnx_outputs, None
             preset = result.get("preset")
             chosen = preset_for(profile, _signedness(preset), family=result.get("family"))  # the faster candidate
@@ -234,12 +238,13 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
             def quantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
                 # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
                 kw = {"include": nodes} if only else {"exclude": sorted(set(nodes) | set(slow_ops))}
-                quantize_int8(src, out, profile, calib_part, method=opts.method, preset=chosen, recipe=result.get("recipe"), **kw)
+                quantize_int8(src, out, profile, calib_part, method=opts.method, preset=chosen, recipe=result.get("recipe"),
+                              calib_label=calib, **kw)
         else:
             from compress.quant_fp8 import fp8_outputs, fp8_session_options, quantize_fp8
 
             on_stage(f"quantizing to FP8 ({opts.fp8_format}{', simulated' if report['simulated'] else ''})")
-            feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 64)
+            feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 64, label=calib)
             result = quantize_fp8(fp32, first, feeds, fmt=opts.fp8_format, simulated=report["simulated"])
             runner, runner_options, preset = fp8_outputs, fp8_session_options(), None
 

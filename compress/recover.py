@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.errors import InputError, ModelError, UsageError
+from compress.errors import ModelError, UsageError
 from compress.errors import first_line as _first_line
 from compress.loading import load_option_function
 from export.onnx_export import flatten_outputs

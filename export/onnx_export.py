@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compress.atomic import atomic_dir
+from compress.interrupt import reraise_if_interrupted
 from compress.errors import ModelError, UsageError
 from compress.errors import first_line as _first_line
 from compress.inputs import input_specs
@@ -196,6 +197,7 @@ def export_onnx(
                     _EXPORTERS[name](model, trace_feeds, raw, opset, out_names, dynamic_batch, external)
                 proto = onnx.load(str(raw), load_external_data=True)
             except Exception as e:  # any exporter failure: try the next one, keep the reason
+                reraise_if_interrupted(e)  # torch.export wraps Ctrl-C in TorchExportError
                 attempts.append({"exporter": name, "error": f"{type(e).__name__}: {_first_line(e)}"})
                 continue
             got_opset = _onnx_opset(proto)
@@ -210,6 +212,7 @@ def export_onnx(
             try:
                 par = parity.check(raw, cases, out_names, atol=atol, rtol=rtol)
             except Exception as e:
+                reraise_if_interrupted(e)
                 attempts.append({"exporter": name, "error": f"onnxruntime cannot run it: {_first_line(e)}"})
                 continue
             if not par.ok:

@@ -49,10 +49,11 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
         "def build():\n    return Noisy()\n")
     out = tmp_path / "out"
     out.mkdir()
+    (out / "report.json").write_text("{}")  # an earlier run's folder, which a failed run must leave as it was
     (out / "keep.txt").write_text("earlier results")
     r = _cli("run", f"{tmp_path / 'noisy.py'}:build", "--input-shape", "2,8", "--runs", "3", "-o", str(out))
     assert r.returncode == 1 and "differs from torch" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noisy.py", "out"]  # no partial folders left
 
 
@@ -167,7 +168,7 @@ def test_cache_key_of_a_user_file_model_is_the_same_in_every_process(model_file)
     """A model from FILE.py:factory is imported under a generated module name; the key must not depend on it
     (Python's str hash changes per process)."""
     code = ("import sys; from compress.loading import load_model; from compress.stage_cache import key_of; "
-            f"print(key_of('export', ['x'], [load_model(sys.argv[1]).module]))")
+            "print(key_of('export', ['x'], [load_model(sys.argv[1]).module]))")
     keys = {subprocess.run([sys.executable, "-c", code, f"{model_file}:build"], capture_output=True, text=True,
                            check=True).stdout.strip() for _ in range(2)}
     assert len(keys) == 1 and len(next(iter(keys))) == 64

@@ -1,0 +1,183 @@
+"""Bad input through the real CLI, as a new user meets it: one line on stderr naming what is wrong, exit 2 for
+usage and 1 for everything else, no traceback, inputs byte-for-byte as they were, no output and no temp files.
+Also Ctrl-C in the middle of a run, and --debug."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compress.zoo import encoder_tiny, resnet_tiny
+from export.onnx_export import export_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGE_COMPRESS_CACHE": str(cwd / ".cache")}
+    env.pop("EDGE_COMPRESS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad-inputs")
+    export_onnx(resnet_tiny(), {"image": torch.randn(1, 3, 32, 32)}, d / "tiny.onnx")
+    data = (d / "tiny.onnx").read_bytes()
+    (d / "trunc.onnx").write_bytes(data[: len(data) // 2])
+    (d / "junk.onnx").write_bytes(os.urandom(4096))
+    rng = np.random.default_rng(0)
+    np.savez(d / "calib.npz", image=rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
+    np.savez(d / "calib_key.npz", pixels=rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
+    np.savez(d / "calib_shape.npz", image=rng.standard_normal((8, 3, 16, 16), dtype=np.float32))
+    save_file(encoder_tiny().state_dict(), d / "other.safetensors")
+    save_file(resnet_tiny().state_dict(), d / "w.safetensors")
+    w = (d / "w.safetensors").read_bytes()
+    (d / "cut.safetensors").write_bytes(w[: len(w) // 2])
+    with open(d / "evil.pt", "wb") as f:
+        pickle.dump({"fc.weight": _Evil(str(d / "pwned"))}, f)
+    (d / "bad.yaml").write_text("name: x\narch: [unclosed\n")
+    (d / "invalid.yaml").write_text("name: x\narch: sparc\n")
+    (d / "m.py").write_text("from compress.zoo import resnet_tiny\n\ndef build():\n    return resnet_tiny()\n")
+    (d / "proj").mkdir()
+    (d / "proj" / "m.py").write_text((d / "m.py").read_text())
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("mine")
+    return d
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and ".cache" not in p.parts}
+
+
+TINY = ["compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32"]
+
+CASES = [
+    # (id, argv, exit code, text that must be in the one line)
+    ("missing model", ["profile", "missing.onnx"], 1, "missing.onnx"),
+    ("junk onnx", ["profile", "junk.onnx"], 1, "junk.onnx"),
+    ("truncated onnx", ["profile", "trunc.onnx"], 1, "trunc.onnx"),
+    ("junk onnx to quantize", ["quantize", "junk.onnx", "--to", "int8", "-o", "out.onnx"], 1, "junk.onnx"),
+    ("missing module", ["export", "no_such_mod:build", "--input-shape", "1,3,32,32", "-o", "out.onnx"], 1, "no_such_mod"),
+    ("missing factory", ["export", "m.py:nope", "--input-shape", "1,3,32,32", "-o", "out.onnx"], 1, "nope"),
+    ("missing calib", ["export", "compress.zoo:resnet_tiny", "--calib", "none.npz", "-o", "out.onnx"], 1, "none.npz"),
+    ("weights of another model", ["export", *TINY, "--weights", "other.safetensors", "-o", "out.onnx"], 1, "missing"),
+    ("truncated weights", ["export", *TINY, "--weights", "cut.safetensors", "-o", "out.onnx"], 1, "cut.safetensors"),
+    ("malicious pickle", ["export", *TINY, "--weights", "evil.pt", "-o", "out.onnx"], 1, "refusing to unpickle"),
+    ("unknown device", ["profile", "tiny.onnx", "--device", "nosuch"], 1, "host"),
+    ("yaml syntax", ["profile", "tiny.onnx", "--device", "bad.yaml"], 1, "bad.yaml"),
+    ("yaml schema", ["profile", "tiny.onnx", "--device", "invalid.yaml"], 1, "arch"),
+    ("calib key", ["quantize", "tiny.onnx", "--to", "int8", "--calib", "calib_key.npz", "-o", "out.onnx"], 1, "pixels"),
+    ("calib shape", ["quantize", "tiny.onnx", "--to", "int8", "--calib", "calib_shape.npz", "-o", "out.onnx"], 1, "calib_shape.npz"),
+    ("ratio out of range", ["prune", *TINY, "--ratio", "1.5", "-o", "out.onnx"], 2, "--ratio"),
+    ("tolerance out of range", ["quantize", "tiny.onnx", "--to", "int8", "--tolerance", "2", "-o", "out.onnx"], 2, "--tolerance"),
+    ("malformed input shape", ["export", "compress.zoo:resnet_tiny", "--input-shape", "1,3,x", "-o", "out.onnx"], 2, "1,3,x"),
+    ("-o is an input", ["export", *TINY, "--weights", "w.safetensors", "-o", "w.safetensors"], 2, "is also an input"),
+    ("--json is an input", ["export", *TINY, "--weights", "w.safetensors", "--json", "w.safetensors", "-o", "out.onnx"], 2,
+     "--json"),
+    ("--json is -o", ["export", *TINY, "--json", "out.onnx", "-o", "out.onnx"], 2, "--json"),
+    ("run -o holds the model", ["run", "proj/m.py:build", "--input-shape", "1,3,32,32", "-o", "proj"], 2, "holds the input"),
+    ("run -o holds other files", ["run", *TINY, "--quant", "none", "-o", "notes"], 2, "other files"),
+    ("unwritable -o", ["export", *TINY, "-o", "/proc/edge-compress-test/out.onnx"], 1, "cannot write"),
+    ("fp8 without hardware", ["quantize", "tiny.onnx", "--to", "fp8", "--device", "host", "-o", "out.onnx"], 2, "--simulate"),
+    ("missing execution provider", ["profile", "tiny.onnx", "--device", "nvidia-h100-trt-fp8"], 1, "TensorrtExecutionProvider"),
+    ("fails parity", ["export", *TINY, "--atol", "0", "--rtol", "0", "-o", "out.onnx"], 1, "differs from torch"),
+]
+
+
+@pytest.mark.parametrize("argv,code,text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(files, argv, code, text):
+    before = _snapshot(files)
+    r = _cli(*argv, cwd=files)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    if code == 2 and lines and lines[0].startswith("Usage:"):  # click's own usage errors: usage, hint, error
+        lines = [ln for ln in lines if ln.startswith("Error:")]
+    assert len(lines) == 1, r.stderr
+    assert text in lines[0], lines[0]
+    assert _snapshot(files) == before  # inputs untouched, nothing written
+    assert not (files / "pwned").exists()
+    assert not [p.name for p in files.iterdir() if p.name.startswith(".") and p.name != ".cache"]
+
+
+def test_debug_shows_the_traceback(files):
+    r = _cli("--debug", "profile", "missing.onnx", cwd=files)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "missing.onnx" in r.stderr
+
+
+def test_ctrl_c_wrapped_by_a_library_is_still_ctrl_c(tmp_path, monkeypatch):
+    """torch.export re-raises Ctrl-C as TorchExportError: the export must stop, not fall back to TorchScript."""
+    from export import onnx_export
+
+    def swallowing_exporter(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    monkeypatch.setitem(onnx_export._EXPORTERS, "dynamo", swallowing_exporter)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(resnet_tiny(), {"image": torch.randn(1, 3, 32, 32)}, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _interrupt(argv: list[str], cwd: Path, out: Path, delay: float) -> subprocess.CompletedProcess:
+    """Start the command, wait until its temp output appears beside `out`, then Ctrl-C it."""
+    env = {**os.environ, "EDGE_COMPRESS_CACHE": str(cwd / ".cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if [p for p in out.parent.iterdir() if p.name.startswith(".") and p.name != ".cache"]:
+            break
+        time.sleep(0.05)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("kind,delay", [("export", 0.3), ("export", 2.0), ("run", 0.3)])
+def test_ctrl_c_leaves_the_output_as_it_was(tmp_path, kind, delay):
+    """Ctrl-C at a moment in the command (seconds after its temp output appeared; at 2 s the export is inside
+    torch.export, which used to swallow it)."""
+    if kind == "export":
+        out = tmp_path / "o" / "m.onnx"
+        out.parent.mkdir()
+        out.write_text("earlier model")
+        argv = ["export", "compress.zoo:resnet_demo", "--input-shape", "1,3,224,224", "-o", str(out)]
+    else:
+        out = tmp_path / "o" / "run"
+        out.mkdir(parents=True)
+        (out / "report.json").write_text("{}")
+        argv = ["run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "none", "-o", str(out)]
+    before = _snapshot(out.parent)
+    r = _interrupt(argv, tmp_path, out, delay)
+    assert r.returncode == 1, r.stderr
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+    assert _snapshot(out.parent) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp files or folders left
