@@ -23,6 +23,7 @@ Examples:
   compress profile out/resnet.onnx --device host --json out/profile.json
   compress prune compress.zoo:resnet_demo --input-shape 1,3,224,224 --ratio 0.5 -o out/pruned.onnx
   compress quantize out/resnet.onnx --to int8 --device host --calib calib.npz -o out/resnet.int8.onnx
+  compress formats out/resnet.onnx --device nvidia-h100-trt-fp8 --calib calib.npz --plot formats.png
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host -o out/run/
   compress report out/run/ -o out/run/summary.md --plot out/run/tradeoff.png
 """
@@ -41,13 +42,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def _register() -> None:
     from compress.cli_devices import devices
     from compress.cli_export import export
+    from compress.cli_formats import formats
     from compress.cli_profile import profile
     from compress.cli_prune import prune
     from compress.cli_quantize import quantize
     from compress.cli_report import report
     from compress.cli_run import run
 
-    for cmd in (devices, export, profile, prune, quantize, report, run):
+    for cmd in (devices, export, formats, profile, prune, quantize, report, run):
         cli.add_command(cmd)
 
 

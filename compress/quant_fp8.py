@@ -16,7 +16,7 @@ in fp32 arithmetic: the fidelity figures are real, the speed is not.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,19 +231,15 @@ def _save_for_session(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def collect_amax(model: onnx.ModelProto, names: Sequence[str], calib_feeds: Sequence[Mapping[str, np.ndarray]],
-                 percentile: float | None = None) -> dict[str, float]:
-    """Largest |x| (or the `percentile` of |x|, maxed over samples) of each named float tensor over the feeds.
+def tensor_values(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                  what: str = "calibration") -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the values of the named tensors when the model runs on it (graph inputs from the feed).
 
-    The fp32 model runs once per feed in a temp copy whose graph outputs include every tensor asked for, so one
-    pass collects them all. Graph inputs are read from the feeds directly.
+    The model runs once per feed in a temp copy whose graph outputs include every tensor asked for, so one
+    pass serves all of them; callers reduce each value as it comes (nothing is kept across feeds).
     """
     import onnxruntime as ort
 
-    if not calib_feeds:
-        raise InputError("FP8 quantization needs at least one calibration sample")
-    if percentile is not None and not 0 < percentile <= 100:
-        raise UsageError(f"percentile {percentile}: must be in (0, 100]")
     graph_inputs = [i.name for i in model.graph.input]
     types = _elem_types(model)
     probe = onnx.ModelProto()
@@ -253,6 +249,36 @@ def collect_amax(model: onnx.ModelProto, names: Sequence[str], calib_feeds: Sequ
         if name not in outs and name not in graph_inputs:
             probe.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or TensorProto.FLOAT, None))
     fetch = [n for n in names if n not in graph_inputs]
+    with tempfile.TemporaryDirectory(prefix=".probe-") as work:
+        path = Path(work) / "probe.onnx"
+        _save_for_session(probe, path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"onnxruntime cannot load the model for {what}: {_first_line(e)}") from e
+        feed_names = [i.name for i in sess.get_inputs()]
+        for i, batch in enumerate(feeds):
+            missing = [n for n in feed_names if n not in batch]
+            if missing:
+                raise InputError(f"{what} sample {i} lacks input(s) {', '.join(missing)}")
+            run_feeds = {n: np.ascontiguousarray(batch[n]) for n in feed_names}
+            try:
+                values = dict(zip(fetch, sess.run(fetch, run_feeds))) if fetch else {}
+            except Exception as e:
+                raise RuntimeFailure(f"onnxruntime failed on {what} sample {i}: {_first_line(e)}") from e
+            values.update({n: batch[n] for n in names if n in graph_inputs})
+            yield values
+
+
+def collect_amax(model: onnx.ModelProto, names: Sequence[str], calib_feeds: Sequence[Mapping[str, np.ndarray]],
+                 percentile: float | None = None) -> dict[str, float]:
+    """Largest |x| (or the `percentile` of |x|, maxed over samples) of each named float tensor over the feeds."""
+    if not calib_feeds:
+        raise InputError("FP8 quantization needs at least one calibration sample")
+    if percentile is not None and not 0 < percentile <= 100:
+        raise UsageError(f"percentile {percentile}: must be in (0, 100]")
     amax = {n: 0.0 for n in names}
 
     def reduce(x: np.ndarray) -> float:
@@ -261,28 +287,9 @@ def collect_amax(model: onnx.ModelProto, names: Sequence[str], calib_feeds: Sequ
             return 0.0
         return float(np.percentile(a, percentile)) if percentile is not None else float(a.max())
 
-    with tempfile.TemporaryDirectory(prefix=".fp8-calib-") as work:
-        path = Path(work) / "probe.onnx"
-        _save_for_session(probe, path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ModelError(f"onnxruntime cannot load the model for calibration: {_first_line(e)}") from e
-        feed_names = [i.name for i in sess.get_inputs()]
-        for i, batch in enumerate(calib_feeds):
-            missing = [n for n in feed_names if n not in batch]
-            if missing:
-                raise InputError(f"calibration sample {i} lacks input(s) {', '.join(missing)}")
-            feeds = {n: np.ascontiguousarray(batch[n]) for n in feed_names}
-            try:
-                values = dict(zip(fetch, sess.run(fetch, feeds))) if fetch else {}
-            except Exception as e:
-                raise RuntimeFailure(f"onnxruntime failed on calibration sample {i}: {_first_line(e)}") from e
-            values.update({n: batch[n] for n in names if n in graph_inputs})
-            for n, v in values.items():
-                amax[n] = max(amax[n], reduce(v))
+    for values in tensor_values(model, names, calib_feeds):
+        for n, v in values.items():
+            amax[n] = max(amax[n], reduce(v))
     bad = [n for n, a in amax.items() if not np.isfinite(a)]
     if bad:
         raise ModelError(f"calibration produced non-finite values in {', '.join(bad[:5])}; FP8 scales cannot be set")
