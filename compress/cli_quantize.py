@@ -17,12 +17,15 @@ Examples:
   compress quantize model.onnx --calib calib.npz --eval my_eval.py:mean_ap --tolerance 0.01 -o m.int8.onnx
   compress quantize model.onnx --to fp8 --device nvidia-h100-trt-fp8 --calib calib.npz -o model.fp8.onnx
   compress quantize model.onnx --to fp8 --device host --simulate --calib calib.npz --json - -o model.fp8.onnx
+  compress quantize model.onnx --to int4 --device host -o model.int4.onnx
+  compress quantize model.onnx --to int4 --avg-bits 6 --calib calib.npz -o model.mixed.onnx
+  compress quantize model.onnx --to int4 --block-size 128 --budget-mb 12 --calib calib.npz -o model.mixed.onnx
 """
 
 
 @click.command("quantize", epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True)
+@click.option("--to", "to", type=click.Choice(["int8", "fp8", "int4"]), default="int8", show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
 @click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="INT8 activation calibration.")
@@ -31,6 +34,9 @@ Examples:
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
+@click.option("--block-size", type=int, default=32, show_default=True, help="INT4: weights per scale (32, 64 or 128).")
+@click.option("--budget-mb", type=float, help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it.")
+@click.option("--avg-bits", type=float, help="INT4: the budget as bits per quantized weight, scales included (4-32).")
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
@@ -38,14 +44,15 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None,
              eval_spec: str | None, metric_spec: str | None, backend: str, simulate: bool,
-             fp8_format: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
+             fp8_format: str, block_size: int, budget_mb: float | None, avg_bits: float | None, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
     INT8 follows the device profile's preset (QDQ/QOperator, U8S8/S8S8, per-channel, reduce_range); where the
     guidance is ambiguous (ARM) both are built and the faster kept. Each INT8 op is then timed alone against
     its fp32 self, and ops INT8 does not speed up are kept in fp32 when that makes the whole model faster. FP8 (E4M3FN/E5M2) uses scales from amax
     and needs an FP8 profile, or --simulate. Fidelity to fp32 is measured on held-out inputs, and with
-    --tolerance the most sensitive layers stay in float.
+    --tolerance the most sensitive layers stay in float. INT4 is weight-only (MatMulNBits): uniform 4-bit, or
+    with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
     from compress.atomic import check_json_output, check_onnx_output, write_json
     from compress.quant_stage import QuantOptions, check_format, quant_stage
@@ -57,12 +64,14 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     check_json_output(json_out, output, [model, calib, device, eval_spec, metric_spec])
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
                         max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
-                        evaluate=load_metric(eval_spec, metric_spec), backend=backend)
+                        evaluate=load_metric(eval_spec, metric_spec), backend=backend, block_size=block_size,
+                        budget_mb=budget_mb, avg_bits=avg_bits)
     profile = load_profile(device)
     check_format(profile, opts)
     check_model(Path(model))
-    if calib is None and to == "fp8":  # the INT8 quantizer warns about synthetic calibration itself
-        console.warn("no --calib: quantization scales come from synthetic inputs, which are wrong for real data; "
+    if calib is None and to in ("fp8", "int4"):  # the INT8 quantizer warns about synthetic calibration itself
+        what = "layer salience and fidelity" if to == "int4" else "quantization scales"
+        console.warn(f"no --calib: {what} come from synthetic inputs, which are wrong for real data; "
                      "pass --calib DATA.npz with real samples")
     with console.progress("quantizing") as step:
         report = quant_stage(Path(model), out, profile, calib, opts, on_stage=lambda s: step.update(description=s))
@@ -82,15 +91,27 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")
+    if to == "int4":
+        c = report["quantizer"]["counts"]
+        console.out_console.print(f"size {report['size_mb']:.2f} MB (fp32 {report['fp32_size_mb']:.2f} MB), "
+                                  f"{report['avg_bits']:.2f} bits per weight: {c['int4']} layers 4-bit, "
+                                  f"{c['int8']} 8-bit, {c['float']} float")
     if report.get("eval"):
         e = report["eval"]
         console.out_console.print(f"--eval {e['function']}: fp32 {e['fp32']:.4g}, {to} {e[to]:.4g} (drop {e['fp32'] - e[to]:.4g})")
     if report.get("op_selection"):
         console.out_console.print(f"op selection: {report['op_selection']['decision']}")
     if report["excluded_layers"]:
-        names = ", ".join(f"{e['node']} ({'sensitive' if e.get('salience') is not None else 'not faster in INT8'})"
-                          for e in report["excluded_layers"])
-        console.out_console.print(f"kept in float: {names}")
+        if to == "int4":
+            names = ", ".join(f"{e['node']} ({'float' if e['bits'] == 32 else '8-bit'}"
+                              f"{', salience %.3g' % e['salience'] if e.get('salience') is not None else ''}"
+                              f"{', shared weight' if 'also read by' in e['why'] else ''})"
+                              for e in report["excluded_layers"])
+            console.out_console.print(f"above 4 bits: {names}")
+        else:
+            names = ", ".join(f"{e['node']} ({'sensitive' if e.get('salience') is not None else 'not faster in INT8'})"
+                              for e in report["excluded_layers"])
+            console.out_console.print(f"kept in float: {names}")
     if "speedup_vs_fp32" in report:
         lat = report["latency"]
         console.out_console.print(f"latency ({lat['threads']} threads, interleaved medians): fp32 {lat['wall_ms']['fp32']:.2f} ms, "

@@ -590,7 +590,7 @@ def _excluded(model: onnx.ModelProto, include: Optional[Sequence[str]], exclude:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and (n.name not in inc or n.name in exclude)]
 
 
-def _write_final(model: onnx.ModelProto, work: Path, dst: Path) -> None:
+def _write_final(model: onnx.ModelProto, work: Path, dst: Path, what: str = "INT8") -> None:
     """Save into the work folder, prove onnxruntime's CPU provider loads it, then rename it into place."""
     import onnxruntime as ort
 
@@ -602,7 +602,7 @@ def _write_final(model: onnx.ModelProto, work: Path, dst: Path) -> None:
     try:
         ort.InferenceSession(str(stage / dst.name), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelError(f"the INT8 model does not load in onnxruntime's CPU provider: {_first_line(e)}") from e
+        raise ModelError(f"the {what} model does not load in onnxruntime's CPU provider: {_first_line(e)}") from e
     with atomic_dir(dst.parent, last=dst.name) as tmp:
         for f in stage.iterdir():
             shutil.move(str(f), tmp / f.name)

@@ -17,7 +17,7 @@ from compress.errors import UsageError
 from compress.user_metric import Metric
 from devices.schema import DeviceProfile
 
-FORMATS = ("int8", "fp8")
+FORMATS = ("int8", "fp8", "int4")  # int4: weight-only MatMuls (compress.quant_int4), mixed 4/8/float under a budget
 # INT8 backends. bench/quant_inc.py, 2026-11-22: onnxruntime's quantizer with our recipe beat INC's PT2E path on
 # both benchmark models (resnet_demo 3.40x vs 3.18x over fp32, 1 thread; MiniLM 2.57x vs 2.50x at cosine min
 # 0.997 vs 0.991), so "ort" is the default.
@@ -38,6 +38,9 @@ class QuantOptions:
     backend: str = "ort"  # INT8: "ort" (onnxruntime's quantizer on the ONNX graph) or "inc" (INC PT2E in torch)
     evaluate: Optional[Metric] = None  # --eval: the user's score; --tolerance then bounds its drop
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
+    block_size: int = 32  # INT4: weights per scale
+    budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it
+    avg_bits: Optional[float] = None  # INT4: the same budget as bits per quantized weight element (scales counted)
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
@@ -55,6 +58,27 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
         raise UsageError(f"--tolerance {opts.tolerance}: must be in [0, 1) (a loss of fidelity; with --eval, any drop >= 0)")
     if opts.tolerance is not None and opts.tolerance < 0:
         raise UsageError(f"--tolerance {opts.tolerance}: must be >= 0")
+    _check_int4(opts)
+
+
+def _check_int4(opts: QuantOptions) -> None:
+    """INT4's size budget and block size; and the INT8/FP8 options that mean nothing to it."""
+    from compress.quant_int4 import AVG_BITS_RANGE, BLOCK_SIZES
+
+    if opts.to != "int4":
+        if opts.budget_mb is not None or opts.avg_bits is not None:
+            raise UsageError(f"--budget-mb/--avg-bits allocate bits per layer for --to int4, not --to {opts.to}")
+        return
+    if opts.block_size not in BLOCK_SIZES:
+        raise UsageError(f"--block-size {opts.block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
+    if opts.budget_mb is not None and opts.avg_bits is not None:
+        raise UsageError("--budget-mb and --avg-bits both set a size budget: pass one")
+    if opts.avg_bits is not None and not AVG_BITS_RANGE[0] <= opts.avg_bits <= AVG_BITS_RANGE[1]:
+        raise UsageError(f"--avg-bits {opts.avg_bits:g}: must be in [{AVG_BITS_RANGE[0]:g}, {AVG_BITS_RANGE[1]:g}]")
+    if opts.budget_mb is not None and not opts.budget_mb > 0:
+        raise UsageError(f"--budget-mb {opts.budget_mb:g}: must be > 0")
+    if opts.tolerance is not None or opts.evaluate is not None:
+        raise UsageError("--to int4 is steered by --budget-mb or --avg-bits, not --tolerance/--eval")
 
 
 def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, Any, dict[str, Any]]:
@@ -194,6 +218,39 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     return second
 
 
+def _int4_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], calib_part: Any,
+                held: list[dict[str, np.ndarray]], calib_info: dict[str, Any], opts: QuantOptions,
+                on_stage: Callable[[str], None]) -> dict[str, Any]:
+    """Weight-only INT4 (compress.quant_int4): salience on the calibration part, fidelity on the held-out one."""
+    from compress.quant_int4 import MB, quantize_int4
+
+    feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 16, label=calib)
+    on_stage(f"quantizing MatMul weights to INT4 (block {opts.block_size})")
+    result = quantize_int4(fp32, dst, feeds, held, block_size=opts.block_size, budget_mb=opts.budget_mb,
+                           avg_bits=opts.avg_bits, on_stage=on_stage)
+    report: dict[str, Any] = {"format": "int4", "device": profile.name, "calibration": calib_info, "simulated": False,
+                              "backend": "ort", "quantizer": {k: v for k, v in result.items() if k != "path"},
+                              "fidelity": result["fidelity"], "size_mb": result["size_bytes"] / MB,
+                              "fp32_size_mb": result["fp32_size_bytes"] / MB, "avg_bits": result["avg_bits"],
+                              "excluded_layers": [{"node": r["node"], "op_type": r["op_type"], "bits": r["bits"],
+                                                   "salience": r["salience"], "why": r["why"]}
+                                                  for r in result["layers"] if r["bits"] != 4]}
+    if opts.measure:
+        from runtime.abtest import interleaved_latency
+        from runtime.profiler import resolve_providers
+
+        on_stage(f"timing fp32 vs int4 on {profile.name}")
+        providers, _ = resolve_providers(profile)
+        ab = interleaved_latency({"fp32": fp32, "int4": dst}, feeds=held[0], providers=[(p, dict(o)) for p, o in providers],
+                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
+                                 min_seconds=3.0, baseline="fp32")
+        report["latency"] = ab.to_json()
+        report["speedup_vs_fp32"] = ab.speedup("int4", "wall")
+    report["onnx"] = str(dst)
+    report["preset"] = None
+    return report
+
+
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
                 on_stage: Callable[[str], None] = lambda s: None, reference_model: Optional[Path] = None,
                 torch_source: Optional[TorchSource] = None) -> dict[str, Any]:
@@ -211,6 +268,8 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                          "`compress run MODEL --backend inc ...`")
     calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
     held = _feeds(fp32, held_part, seed=99, max_samples=64, label=calib)
+    if opts.to == "int4":
+        return _int4_stage(fp32, dst, profile, calib, calib_part, held, calib_info, opts, on_stage)
     report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
                               "simulated": opts.to == "fp8" and not profile.fp8}
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
