@@ -66,8 +66,9 @@ def variants(work: Path, fp32: Path, calib: list[dict[str, np.ndarray]], held: l
             info[name] = {"avg_bits": average_bits(layers, {l.node: 8 for l in layers}, BLOCK)}
     budget = (model_bytes(paths["uniform int4 (weight-only)"]) + model_bytes(paths["uniform int8 (weight-only)"])) / 2 / MB
     for name, kw in ((f"ours mixed --avg-bits {AVG_BITS:g}", {"avg_bits": AVG_BITS}),
-                     (f"ours mixed --budget-mb {budget:.2f}", {"budget_mb": budget})):
-        paths[name] = work / f"{fp32.stem}_{'avg' if 'avg_bits' in kw else 'mb'}.onnx"
+                     (f"ours mixed --budget-mb {budget:.2f}", {"budget_mb": budget}),
+                     (f"ours mixed --budget-mb {budget:.2f} --salience proxy", {"budget_mb": budget, "salience_from": "proxy"})):
+        paths[name] = work / f"{fp32.stem}_{'avg' if 'avg_bits' in kw else 'mb'}_{kw.get('salience_from', 'measured')}.onnx"
         rep = quantize_int4(fp32, paths[name], calib[:SALIENCE_FEEDS], held, block_size=BLOCK, **kw)
         info[name] = {"avg_bits": rep["avg_bits"], "counts": rep["counts"], "seconds": rep["seconds"],
                       "above4": [(r["node"], r["bits"]) for r in rep["layers"] if r["bits"] != 4]}

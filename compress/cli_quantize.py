@@ -37,6 +37,9 @@ Examples:
 @click.option("--block-size", type=int, default=32, show_default=True, help="INT4: weights per scale (32, 64 or 128).")
 @click.option("--budget-mb", type=float, help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it.")
 @click.option("--avg-bits", type=float, help="INT4: the budget as bits per quantized weight, scales included (4-32).")
+@click.option("--salience", type=click.Choice(["measured", "proxy"]), default="measured", show_default=True,
+              help="INT4 budget: rank layers by measured output error (one model per layer) or predict it from "
+                   "weights and activations (one pass, much faster).")
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
@@ -44,7 +47,7 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None,
              eval_spec: str | None, metric_spec: str | None, backend: str, simulate: bool,
-             fp8_format: str, block_size: int, budget_mb: float | None, avg_bits: float | None, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
+             fp8_format: str, block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
     INT8 follows the device profile's preset (QDQ/QOperator, U8S8/S8S8, per-channel, reduce_range); where the
@@ -65,7 +68,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
                         max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
                         evaluate=load_metric(eval_spec, metric_spec), backend=backend, block_size=block_size,
-                        budget_mb=budget_mb, avg_bits=avg_bits)
+                        budget_mb=budget_mb, avg_bits=avg_bits, salience=salience)
     profile = load_profile(device)
     check_format(profile, opts)
     check_model(Path(model))

@@ -13,6 +13,11 @@ The 8-bit error of a layer is estimated rather than measured (salience / 256: th
 finer and 1 - cosine grows with the squared error), which halves the number of models built; it makes
 every 4 -> 8 upgrade worth more than any 8 -> float one, as the measurements on MiniLM bear out.
 
+`salience="proxy"` skips building one model per layer: it predicts each layer's 4-bit output error from the
+weights and the calibration activations alone (after AWQ/SliM-LLM's weight x activation salience, but with the
+actual rounding error): the energy of the rounding error weighted by each input channel's mean square
+activation, relative to the output's energy. It sees a layer's own error, not how later layers amplify it.
+
 Gemm nodes with a constant weight (GPT-2's Conv1D exports as Gemm) and MatMuls whose weight is a
 transposed constant (tied LM heads) are rewritten to MatMul (+ Add) on their own weight copy before
 quantizing, exact in fp32; layers that stay float are left as exported, so they cost no extra bytes.
@@ -40,6 +45,7 @@ from compress.quant_prep import save_model
 from export.metadata import get_metadata, set_metadata
 
 BLOCK_SIZES = (32, 64, 128)
+SALIENCE = ("measured", "proxy")
 BITS = (4, 8, 32)  # 32: the layer stays float
 AVG_BITS_RANGE = (4.0, 32.0)
 EIGHT_BIT_ERROR_RATIO = 1.0 / 256  # estimated 8-bit salience / 4-bit salience (see the module docstring)
@@ -185,6 +191,48 @@ def weight_only(model: onnx.ModelProto, bits: Mapping[str, int], block_size: int
     return out
 
 
+def rtn_error(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """w - dequant(quant(w)) for a [K, N] weight under asymmetric round-to-nearest in blocks of `block_size`
+    rows per column, as MatMulNBits' RTN stores it (range widened to include 0, zero point rounded)."""
+    k, n = w.shape
+    pad = -k % block_size
+    wb = np.pad(w.astype(np.float64), ((0, pad), (0, 0))).reshape(-1, block_size, n)
+    lo, hi = np.minimum(wb.min(axis=1, keepdims=True), 0.0), np.maximum(wb.max(axis=1, keepdims=True), 0.0)
+    top = 2 ** bits - 1
+    scale = np.where(hi > lo, (hi - lo) / top, 1.0)
+    zp = np.clip(np.round(-lo / scale), 0, top)
+    q = np.clip(np.round(wb / scale) + zp, 0, top)
+    return (wb - (q - zp) * scale).reshape(-1, n)[:k]
+
+
+def proxy_salience(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Sequence[Mapping[str, np.ndarray]],
+                   block_size: int) -> dict[str, float]:
+    """Predicted 1 - cosine at each layer's output when it alone is 4-bit: half the relative error energy
+    sum_k E[x_k^2] |e_k|^2 / sum_k E[x_k^2] |w_k|^2 (e: the rounding error of weight row k), one fp32 pass."""
+    from compress.quant_fp8 import tensor_values
+
+    inits = {t.name: t for t in model.graph.initializer}
+    act = {n.name: n.input[0] for n in model.graph.node}
+    names = sorted({act[l.node] for l in layers})
+    sumsq: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for values in tensor_values(model, names, feeds):
+        for name, v in values.items():
+            x = np.asarray(v, dtype=np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            sumsq[name] = sumsq.get(name, 0.0) + (x * x).sum(axis=0)
+            rows[name] = rows.get(name, 0) + x.shape[0]
+    out = {}
+    for l in layers:
+        w = numpy_helper.to_array(inits[l.weight]).astype(np.float64)
+        w = w.T if l.transposed else w
+        ex2 = sumsq[act[l.node]] / max(rows[act[l.node]], 1)
+        signal = float(ex2 @ (w * w).sum(axis=1))
+        noise = float(ex2 @ (rtn_error(w, 4, block_size) ** 2).sum(axis=1))
+        out[l.node] = 0.5 * noise / signal if signal > 0 else 0.0
+    return out
+
+
 def model_bytes(path: Path) -> int:
     return path.stat().st_size + (p.stat().st_size if (p := path.parent / (path.name + ".data")).exists() else 0)
 
@@ -242,6 +290,7 @@ def quantize_int4(
     budget_mb: Optional[float] = None,
     avg_bits: Optional[float] = None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    salience_from: str = "measured",
     on_stage: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Write a weight-only quantized copy of `src` to `dst` and return the report.
@@ -261,6 +310,8 @@ def quantize_int4(
         raise UsageError(f"--budget-mb {budget_mb:g}: must be > 0")
     if block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
+    if salience_from not in SALIENCE:
+        raise UsageError(f"--salience {salience_from}: one of {', '.join(SALIENCE)}")
     try:
         proto = onnx.load(str(src), load_external_data=True)
     except Exception as e:
@@ -287,7 +338,11 @@ def quantize_int4(
                              f"size {block_size} (scales and zero points included); raise it or the block size")
     salience: dict[str, Optional[float]] = {l.node: 0.0 for l in layers}
     sens: list[dict[str, Any]] = []
-    if layer_budget is not None:
+    if layer_budget is not None and salience_from == "proxy":
+        on_stage("salience from weights and calibration activations")
+        salience = dict(proxy_salience(proto, layers, calib_feeds, block_size))
+        sens = [{"node": n, "salience": s} for n, s in sorted(salience.items(), key=lambda t: -t[1])]
+    elif layer_budget is not None:
         from compress.quant_sensitivity import layer_sensitivity
 
         def one(_src: Path, out: Path, nodes: list[str]) -> None:
@@ -331,13 +386,15 @@ def quantize_int4(
             if s is None:
                 why = "its 4-bit quantization failed"
             else:
-                why = (f"salience rank {ranked[l.node]} of {len(layers)} ({s:.3g} = 1 - cosine mean with only it "
-                       f"4-bit); the upgrade fit the budget")
+                how = ("predicted from weights and activations" if salience_from == "proxy"
+                       else "1 - cosine mean with only it 4-bit")
+                why = f"salience rank {ranked[l.node]} of {len(layers)} ({s:.3g}, {how}); the upgrade fit the budget"
             row["why"] = why
         rows.append(row)
     counts = {b: sum(1 for r in rows if r["bits"] == b) for b in BITS}
     return {
         "path": str(dst), "format": "int4", "block_size": block_size, "accuracy_level": accuracy_level,
+        "salience_from": salience_from if layer_budget is not None else None,
         "budget": ({"mb": budget_mb} if budget_mb is not None else {"avg_bits": avg_bits} if avg_bits is not None
                    else None),
         "layers": rows, "upgrades": upgrades,

@@ -41,6 +41,7 @@ class QuantOptions:
     block_size: int = 32  # INT4: weights per scale
     budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it
     avg_bits: Optional[float] = None  # INT4: the same budget as bits per quantized weight element (scales counted)
+    salience: str = "measured"  # INT4: "measured" (one model per layer) or "proxy" (weights x activations, one pass)
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
@@ -227,7 +228,7 @@ def _int4_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     feeds = _feeds(fp32, calib_part, seed=0, max_samples=opts.max_calib or 16, label=calib)
     on_stage(f"quantizing MatMul weights to INT4 (block {opts.block_size})")
     result = quantize_int4(fp32, dst, feeds, held, block_size=opts.block_size, budget_mb=opts.budget_mb,
-                           avg_bits=opts.avg_bits, on_stage=on_stage)
+                           avg_bits=opts.avg_bits, salience_from=opts.salience, on_stage=on_stage)
     report: dict[str, Any] = {"format": "int4", "device": profile.name, "calibration": calib_info, "simulated": False,
                               "backend": "ort", "quantizer": {k: v for k, v in result.items() if k != "path"},
                               "fidelity": result["fidelity"], "size_mb": result["size_bytes"] / MB,

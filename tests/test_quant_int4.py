@@ -154,3 +154,24 @@ def test_cli_writes_a_mixed_model(sensitive, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "above 4 bits: fc2" in text and "synthetic" not in text
     assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["MatMulNBits"] >= 2
+
+
+def test_proxy_salience_ranks_like_the_measurement_in_one_pass(sensitive, tmp_path):
+    from compress.quant_int4 import proxy_salience, rtn_error
+
+    w = np.random.default_rng(3).standard_normal((70, 5))
+    e = rtn_error(w, 4, 32)
+    assert e.shape == w.shape and np.abs(e).max() <= (w.max() - w.min()) / 15  # at most one step of the widest block
+    assert np.allclose(rtn_error(np.round(w * 2) / 2, 8, 32), 0, atol=0.01)  # a coarse grid survives 8 bits nearly
+    layers = quantizable_layers(onnx.load(str(sensitive)))
+    proxy = proxy_salience(onnx.load(str(sensitive)), layers, _feeds(4, 0), 32)
+    assert max(proxy, key=proxy.get) == "fc2" and proxy["fc2"] > 10 * max(proxy["fc1"], proxy["fc3"])
+    layer_budget = {l.node: l for l in layers}
+    room = layer_budget["fc2"].nbytes(8, 32) - layer_budget["fc2"].nbytes(4, 32) + 64
+    all4 = quantize_int4(sensitive, tmp_path / "u4.onnx", _feeds(4, 0), _feeds(8, 1))
+    budget = (all4["all_int4_size_bytes"] + room) / MB
+    measured = quantize_int4(sensitive, tmp_path / "m.onnx", _feeds(4, 0), _feeds(8, 1), budget_mb=budget)
+    fast = quantize_int4(sensitive, tmp_path / "p.onnx", _feeds(4, 0), _feeds(8, 1), budget_mb=budget,
+                         salience_from="proxy")
+    assert [r["bits"] for r in fast["layers"]] == [r["bits"] for r in measured["layers"]] == [4, 8, 4]
+    assert fast["salience_from"] == "proxy" and "predicted" in fast["layers"][1]["why"]
