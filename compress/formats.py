@@ -30,14 +30,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from compress.errors import InputError, ModelError, UsageError
 from compress.errors import first_line as _first_line
 from compress.fidelity import fidelity, onnx_outputs
 from compress.quant_calib import CalibReader, CalibSource
-from compress.quant_fp8 import (MIN_OPSET, QUANTIZABLE_OPS, _drop_unused_initializers, _plan, _save_for_session,
-                                fp8_session_options, quantize_fp8, tensor_values, upgrade_opset, weight_axis)
+from compress.quant_fp8 import (MIN_OPSET, QUANTIZABLE_OPS, QdqRewriter, _plan,
+                                _save_for_session, fp8_session_options, quantize_fp8, tensor_values, upgrade_opset, weight_axis)
 from compress.quant_presets import preset_for
 from compress.quant_sensitivity import fallback, layer_sensitivity, metric_error
 from devices.schema import DeviceProfile
@@ -142,82 +142,52 @@ def _weight_summary(w: np.ndarray, axis: Optional[int]) -> dict[str, Optional[fl
 # --- INT8 QDQ (simulated, same placement as the FP8 writer) ----------------------------------------------------
 
 
-def _int8_qdq(model: onnx.ModelProto, dst: Path, include: Sequence[str], ranges: Mapping[str, tuple[float, float]],
-              per_channel: bool, symmetric_activations: bool) -> None:
-    """Write `model` with the `include` nodes' inputs behind INT8 Q/DQ pairs.
-
-    Weights: symmetric int8 (zero point 0, range +-127) per output channel or per tensor, as every INT8 backend
+class _Int8Rewriter(QdqRewriter):
+    """Weights: symmetric int8 (zero point 0, range +-127) per output channel or per tensor, as every INT8 backend
     takes them. Activations: per tensor from the calibration min/max, symmetric int8 where the profile says so
     (TensorRT reads scales only) or asymmetric uint8 otherwise (CPU kernels: after a ReLU a symmetric range
-    would waste a bit).
-    """
+    would waste a bit)."""
+
+    tag = "i8"
+
+    def __init__(self, model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], per_channel: bool,
+                 symmetric_activations: bool) -> None:
+        super().__init__(model, per_channel)
+        self.ranges, self.symmetric = ranges, symmetric_activations
+
+    def weight_tensors(self, w: np.ndarray, axis: Optional[int], q_name: str,
+                       zero_name: str) -> tuple[TensorProto, np.ndarray, TensorProto]:
+        if axis is None:
+            scale = np.array(max(float(np.abs(w).max(initial=0.0)) / 127.0, _TINY), np.float32)
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        else:
+            reduce = tuple(i for i in range(w.ndim) if i != axis)
+            scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, _TINY).astype(np.float32)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        return (numpy_helper.from_array(q, q_name), scale,
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), zero_name))
+
+    def activation_qparams(self, name: str, zero_name: str) -> tuple[np.ndarray, TensorProto]:
+        lo, hi = min(self.ranges[name][0], 0.0), max(self.ranges[name][1], 0.0)
+        if self.symmetric:
+            scale = max(max(-lo, hi) / 127.0, _TINY) if hi > lo else 1.0
+            zero = np.array(0, np.int8)
+        else:
+            scale = max((hi - lo) / 255.0, _TINY) if hi > lo else 1.0
+            zero = np.array(int(np.clip(round(-lo / scale), 0, 255)), np.uint8)
+        return np.array(scale, np.float32), numpy_helper.from_array(zero, zero_name)
+
+
+def _int8_qdq(model: onnx.ModelProto, dst: Path, include: Sequence[str], ranges: Mapping[str, tuple[float, float]],
+              per_channel: bool, symmetric_activations: bool) -> None:
+    """Write `model` with the `include` nodes' inputs behind INT8 Q/DQ pairs, placed as the FP8 writer does."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    g = m.graph
     wanted = set(include)
-    chosen = [i for i, n in enumerate(g.node) if n.name in wanted]
-    plan, _ = _plan(m, chosen)
-    inits = {t.name: t for t in g.initializer}
-    taken = set(inits) | {v for n in g.node for v in list(n.input) + list(n.output)}
-    done: dict[tuple[str, Optional[int]], str] = {}
-    new_inits: list[TensorProto] = []
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
-    def weight(name: str, node: onnx.NodeProto, slot: int, emit: list[onnx.NodeProto]) -> str:
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        axis = weight_axis(node, w.ndim) if per_channel and slot == 1 else None
-        if (name, axis) not in done:
-            if axis is None:
-                scale = np.array(max(float(np.abs(w).max(initial=0.0)) / 127.0, _TINY), np.float32)
-                q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-            else:
-                reduce = tuple(i for i in range(w.ndim) if i != axis)
-                scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, _TINY).astype(np.float32)
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-            qn, sn, zn, dn = (fresh(f"{name}_i8{s}") for s in ("", "_scale", "_zero_point", "_dq"))
-            new_inits.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn),
-                              numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
-            kw = {"axis": axis} if axis is not None else {}
-            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=fresh(f"{name}_i8_dq"), **kw))
-            done[(name, axis)] = dn
-        return done[(name, axis)]
-
-    def activation(name: str, emit: list[onnx.NodeProto]) -> str:
-        if (name, None) not in done:
-            lo, hi = min(ranges[name][0], 0.0), max(ranges[name][1], 0.0)
-            if symmetric_activations:
-                scale = max(max(-lo, hi) / 127.0, _TINY) if hi > lo else 1.0
-                zero = np.array(0, np.int8)
-            else:
-                scale = max((hi - lo) / 255.0, _TINY) if hi > lo else 1.0
-                zero = np.array(int(np.clip(round(-lo / scale), 0, 255)), np.uint8)
-            sn, zn, qn, dn = (fresh(f"{name}_i8{s}") for s in ("_scale", "_zero_point", "_q", "_dq"))
-            new_inits.extend([numpy_helper.from_array(np.array(scale, np.float32), sn), numpy_helper.from_array(zero, zn)])
-            emit.append(helper.make_node("QuantizeLinear", [name, sn, zn], [qn], name=fresh(f"{name}_i8_q")))
-            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=fresh(f"{name}_i8_dq")))
-            done[(name, None)] = dn
-        return done[(name, None)]
-
-    nodes: list[onnx.NodeProto] = []
-    for pos, original in enumerate(g.node):
-        node = onnx.NodeProto()
-        node.CopyFrom(original)
-        for slot, kind in plan.get(pos, []):
-            src = node.input[slot]
-            node.input[slot] = weight(src, node, slot, nodes) if kind == "weight" else activation(src, nodes)
-        nodes.append(node)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    _drop_unused_initializers(m)
+    plan, _ = _plan(m, [i for i, n in enumerate(m.graph.node) if n.name in wanted])
+    _Int8Rewriter(m, ranges, per_channel, symmetric_activations).apply(plan)
     _save_for_session(m, dst)
 
 

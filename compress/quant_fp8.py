@@ -299,16 +299,28 @@ def collect_amax(model: onnx.ModelProto, names: Sequence[str], calib_feeds: Sequ
 # --- rewriting -------------------------------------------------------------------------------------------------
 
 
-class _Rewriter:
-    """Adds the float8 initializers and Q/DQ nodes, each shared by all quantized consumers of the same tensor."""
+class QdqRewriter:
+    """Puts Q/DQ pairs in front of the planned inputs (see `_plan`), each shared by all quantized consumers of the
+    same tensor, just before its first consumer so the node order stays valid. The number format is the
+    subclass's: `weight_tensors` encodes a weight, `activation_qparams` gives an activation's scale and zero."""
 
-    def __init__(self, model: onnx.ModelProto, fmt: Fp8Format, amax: Mapping[str, float], per_channel: bool) -> None:
-        self.model, self.fmt, self.amax, self.per_channel = model, fmt, amax, per_channel
+    tag = "q"
+
+    def __init__(self, model: onnx.ModelProto, per_channel: bool) -> None:
+        self.model, self.per_channel = model, per_channel
         self.inits = {t.name: t for t in model.graph.initializer}
         self.taken = {t.name for t in model.graph.initializer} | {v for n in model.graph.node for v in list(n.input) + list(n.output)}
         self.taken |= {i.name for i in model.graph.input}
         self.done: dict[tuple[str, int | None], str] = {}  # (tensor, axis) -> dequantized name
         self.new_inits: list[TensorProto] = []
+
+    def weight_tensors(self, w: np.ndarray, axis: int | None, q_name: str, zero_name: str) -> tuple[TensorProto, np.ndarray, TensorProto]:
+        """(quantized weight, float32 scales, zero points) of the float weight `w`."""
+        raise NotImplementedError
+
+    def activation_qparams(self, name: str, zero_name: str) -> tuple[np.ndarray, TensorProto]:
+        """(float32 scale, zero point) of the activation `name`."""
+        raise NotImplementedError
 
     def _name(self, base: str) -> str:
         name, k = base, 1
@@ -322,26 +334,59 @@ class _Rewriter:
         axis = weight_axis(node, w.ndim) if (self.per_channel and slot == 1) else None
         key = (name, axis)
         if key not in self.done:
-            q, scale = quantize_weight(w, axis, self.fmt.name)
-            qn, sn, zn, dn = (self._name(f"{name}_fp8{s}") for s in ("", "_scale", "_zero_point", "_dq"))
-            zero = to_fp8(np.zeros(scale.shape, np.float32), self.fmt.name)
-            self.new_inits += [_fp8_tensor(q, qn, self.fmt), numpy_helper.from_array(scale, sn), _fp8_tensor(zero, zn, self.fmt)]
+            qn, sn, zn, dn = (self._name(f"{name}_{self.tag}{s}") for s in ("", "_scale", "_zero_point", "_dq"))
+            q, scale, zero = self.weight_tensors(w, axis, qn, zn)
+            self.new_inits += [q, numpy_helper.from_array(scale, sn), zero]
             kw = {"axis": axis} if axis is not None else {}
-            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=self._name(f"{name}_fp8_DequantizeLinear"), **kw))
+            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=self._name(f"{name}_{self.tag}_DequantizeLinear"), **kw))
             self.done[key] = dn
         return self.done[key]
 
     def activation(self, name: str, emit: list[onnx.NodeProto]) -> str:
         key = (name, None)
         if key not in self.done:
-            scale = np.array(fp8_scale(self.amax[name], self.fmt.name), dtype=np.float32)
-            zero = to_fp8(np.zeros((), np.float32), self.fmt.name)
-            sn, zn, qn, dn = (self._name(f"{name}_fp8{s}") for s in ("_scale", "_zero_point", "_q", "_dq"))
-            self.new_inits += [numpy_helper.from_array(scale, sn), _fp8_tensor(zero, zn, self.fmt)]
-            emit.append(helper.make_node("QuantizeLinear", [name, sn, zn], [qn], name=self._name(f"{name}_fp8_QuantizeLinear")))
-            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=self._name(f"{name}_fp8_DequantizeLinear")))
+            sn, zn, qn, dn = (self._name(f"{name}_{self.tag}{s}") for s in ("_scale", "_zero_point", "_q", "_dq"))
+            scale, zero = self.activation_qparams(name, zn)
+            self.new_inits += [numpy_helper.from_array(np.asarray(scale, dtype=np.float32), sn), zero]
+            emit.append(helper.make_node("QuantizeLinear", [name, sn, zn], [qn], name=self._name(f"{name}_{self.tag}_QuantizeLinear")))
+            emit.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=self._name(f"{name}_{self.tag}_DequantizeLinear")))
             self.done[key] = dn
         return self.done[key]
+
+    def apply(self, plan: Mapping[int, list[tuple[int, str]]]) -> None:
+        """Rewrite the model in place: the planned inputs read their dequantized copies; unused fp32 weights go."""
+        g = self.model.graph
+        new_nodes: list[onnx.NodeProto] = []
+        for pos, original in enumerate(g.node):
+            node = onnx.NodeProto()
+            node.CopyFrom(original)
+            for slot, kind in plan.get(pos, []):
+                name = node.input[slot]
+                node.input[slot] = self.weight(name, node, slot, new_nodes) if kind == "weight" else self.activation(name, new_nodes)
+            new_nodes.append(node)
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(self.new_inits)
+        _drop_unused_initializers(self.model)
+
+
+class _Fp8Rewriter(QdqRewriter):
+    """float8 weights (per output channel or per tensor) and activations, scales from amax (see the module doc)."""
+
+    tag = "fp8"
+
+    def __init__(self, model: onnx.ModelProto, fmt: Fp8Format, amax: Mapping[str, float], per_channel: bool) -> None:
+        super().__init__(model, per_channel)
+        self.fmt, self.amax = fmt, amax
+
+    def weight_tensors(self, w: np.ndarray, axis: int | None, q_name: str, zero_name: str) -> tuple[TensorProto, np.ndarray, TensorProto]:
+        q, scale = quantize_weight(w, axis, self.fmt.name)
+        zero = to_fp8(np.zeros(scale.shape, np.float32), self.fmt.name)
+        return _fp8_tensor(q, q_name, self.fmt), scale, _fp8_tensor(zero, zero_name, self.fmt)
+
+    def activation_qparams(self, name: str, zero_name: str) -> tuple[np.ndarray, TensorProto]:
+        zero = to_fp8(np.zeros((), np.float32), self.fmt.name)
+        return np.array(fp8_scale(self.amax[name], self.fmt.name), dtype=np.float32), _fp8_tensor(zero, zero_name, self.fmt)
 
 
 def _plan(model: onnx.ModelProto, chosen: list[int]) -> tuple[dict[int, list[tuple[int, str]]], list[dict[str, str]]]:
@@ -413,19 +458,7 @@ def quantize_fp8(
     amax = {n: amax[n] for n in act_names}
 
     quantized = [model.graph.node[p].name for p in chosen if p in plan]
-    rw = _Rewriter(model, f, amax, weight_per_channel)
-    new_nodes: list[onnx.NodeProto] = []
-    for pos, original in enumerate(model.graph.node):
-        node = onnx.NodeProto()
-        node.CopyFrom(original)
-        for slot, kind in plan.get(pos, []):  # Q/DQ nodes go just before their first consumer: order stays valid
-            name = node.input[slot]
-            node.input[slot] = rw.weight(name, node, slot, new_nodes) if kind == "weight" else rw.activation(name, new_nodes)
-        new_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    model.graph.initializer.extend(rw.new_inits)
-    _drop_unused_initializers(model)
+    _Fp8Rewriter(model, f, amax, weight_per_channel).apply(plan)
 
     skipped_names = {s["node"] for s in skipped}
     excluded = left + sorted(skipped_names)
