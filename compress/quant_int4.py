@@ -280,6 +280,21 @@ def allocate(layers: Sequence[Layer], salience: Mapping[str, Optional[float]], b
     return bits, taken
 
 
+def check_options(block_size: int, budget_mb: Optional[float], avg_bits: Optional[float],
+                  salience_from: str = "measured") -> None:
+    """The budget and block size, before any work (the CLI calls this at parse time too)."""
+    if block_size not in BLOCK_SIZES:
+        raise UsageError(f"--block-size {block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
+    if budget_mb is not None and avg_bits is not None:
+        raise UsageError("--budget-mb and --avg-bits both set a size budget: pass one")
+    if avg_bits is not None and not AVG_BITS_RANGE[0] <= avg_bits <= AVG_BITS_RANGE[1]:
+        raise UsageError(f"--avg-bits {avg_bits:g}: must be in [{AVG_BITS_RANGE[0]:g}, {AVG_BITS_RANGE[1]:g}]")
+    if budget_mb is not None and not budget_mb > 0:
+        raise UsageError(f"--budget-mb {budget_mb:g}: must be > 0")
+    if salience_from not in SALIENCE:
+        raise UsageError(f"--salience {salience_from}: one of {', '.join(SALIENCE)}")
+
+
 def quantize_int4(
     src: str | Path,
     dst: str | Path,
@@ -302,16 +317,7 @@ def quantize_int4(
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if budget_mb is not None and avg_bits is not None:
-        raise UsageError("--budget-mb and --avg-bits both set a size budget: pass one")
-    if avg_bits is not None and not AVG_BITS_RANGE[0] <= avg_bits <= AVG_BITS_RANGE[1]:
-        raise UsageError(f"--avg-bits {avg_bits:g}: must be in [{AVG_BITS_RANGE[0]:g}, {AVG_BITS_RANGE[1]:g}]")
-    if budget_mb is not None and not budget_mb > 0:
-        raise UsageError(f"--budget-mb {budget_mb:g}: must be > 0")
-    if block_size not in BLOCK_SIZES:
-        raise UsageError(f"--block-size {block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
-    if salience_from not in SALIENCE:
-        raise UsageError(f"--salience {salience_from}: one of {', '.join(SALIENCE)}")
+    check_options(block_size, budget_mb, avg_bits, salience_from)
     try:
         proto = onnx.load(str(src), load_external_data=True)
     except Exception as e:

@@ -64,20 +64,13 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> None:
 
 def _check_int4(opts: QuantOptions) -> None:
     """INT4's size budget and block size; and the INT8/FP8 options that mean nothing to it."""
-    from compress.quant_int4 import AVG_BITS_RANGE, BLOCK_SIZES
+    from compress.quant_int4 import check_options
 
     if opts.to != "int4":
         if opts.budget_mb is not None or opts.avg_bits is not None:
             raise UsageError(f"--budget-mb/--avg-bits allocate bits per layer for --to int4, not --to {opts.to}")
         return
-    if opts.block_size not in BLOCK_SIZES:
-        raise UsageError(f"--block-size {opts.block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
-    if opts.budget_mb is not None and opts.avg_bits is not None:
-        raise UsageError("--budget-mb and --avg-bits both set a size budget: pass one")
-    if opts.avg_bits is not None and not AVG_BITS_RANGE[0] <= opts.avg_bits <= AVG_BITS_RANGE[1]:
-        raise UsageError(f"--avg-bits {opts.avg_bits:g}: must be in [{AVG_BITS_RANGE[0]:g}, {AVG_BITS_RANGE[1]:g}]")
-    if opts.budget_mb is not None and not opts.budget_mb > 0:
-        raise UsageError(f"--budget-mb {opts.budget_mb:g}: must be > 0")
+    check_options(opts.block_size, opts.budget_mb, opts.avg_bits, opts.salience)
     if opts.tolerance is not None or opts.evaluate is not None:
         raise UsageError("--to int4 is steered by --budget-mb or --avg-bits, not --tolerance/--eval")
 
@@ -219,6 +212,21 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     return second
 
 
+def _time_against_fp32(fp32: Path, model: Path, name: str, profile: DeviceProfile, feed: dict[str, np.ndarray],
+                       report: dict[str, Any], on_stage: Callable[[str], None]) -> None:
+    """report["latency"] and ["speedup_vs_fp32"]: `model` against fp32, interleaved, with the profile's providers."""
+    from runtime.abtest import interleaved_latency
+    from runtime.profiler import resolve_providers
+
+    on_stage(f"timing fp32 vs {name} on {profile.name}")
+    providers, _ = resolve_providers(profile)
+    ab = interleaved_latency({"fp32": fp32, name: model}, feeds=feed, providers=[(p, dict(o)) for p, o in providers],
+                             threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
+                             min_seconds=3.0, baseline="fp32")
+    report["latency"] = ab.to_json()
+    report["speedup_vs_fp32"] = ab.speedup(name, "wall")
+
+
 def _int4_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], calib_part: Any,
                 held: list[dict[str, np.ndarray]], calib_info: dict[str, Any], opts: QuantOptions,
                 on_stage: Callable[[str], None]) -> dict[str, Any]:
@@ -237,16 +245,7 @@ def _int4_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                                                    "salience": r["salience"], "why": r["why"]}
                                                   for r in result["layers"] if r["bits"] != 4]}
     if opts.measure:
-        from runtime.abtest import interleaved_latency
-        from runtime.profiler import resolve_providers
-
-        on_stage(f"timing fp32 vs int4 on {profile.name}")
-        providers, _ = resolve_providers(profile)
-        ab = interleaved_latency({"fp32": fp32, "int4": dst}, feeds=held[0], providers=[(p, dict(o)) for p, o in providers],
-                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
-                                 min_seconds=3.0, baseline="fp32")
-        report["latency"] = ab.to_json()
-        report["speedup_vs_fp32"] = ab.speedup("int4", "wall")
+        _time_against_fp32(fp32, dst, "int4", profile, held[0], report, on_stage)
     report["onnx"] = str(dst)
     report["preset"] = None
     return report
@@ -337,16 +336,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         elif opts.tolerance is not None:
             final = _fallback(fp32, first, work, quantize, runner, held, reference, opts.tolerance, judge, report, on_stage)
         if opts.measure and not report["simulated"]:
-            from runtime.abtest import interleaved_latency
-            from runtime.profiler import resolve_providers
-
-            on_stage(f"timing fp32 vs {opts.to} on {profile.name}")
-            providers, _ = resolve_providers(profile)
-            ab = interleaved_latency({"fp32": fp32, opts.to: final}, feeds=held[0], providers=[(p, dict(o)) for p, o in providers],
-                                     threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
-                                     min_seconds=3.0, baseline="fp32")
-            report["latency"] = ab.to_json()
-            report["speedup_vs_fp32"] = ab.speedup(opts.to, "wall")
+            _time_against_fp32(fp32, final, opts.to, profile, held[0], report, on_stage)
         import onnx
 
         from export.onnx_export import TWO_GB, write_model
