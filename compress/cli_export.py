@@ -69,13 +69,8 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
             on_stage=lambda s: step.update(description=s),
         )
     summary = result.to_json()
-    if json_out == "-":
-        console.emit_json(summary)
+    if console.report_json(json_out, summary):
         return
-    if json_out:
-        from compress.atomic import write_json
-
-        write_json(json_out, summary)
     p = result.parity
     console.out_console.print(
         f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}, {result.exporter} exporter)\n"

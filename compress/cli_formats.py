@@ -73,13 +73,8 @@ def formats(model: str, device: str, calib: str | None, tolerance: float, max_la
             rel = os.path.relpath(Path(plot).absolute(), Path(output).absolute().parent) if plot else None  # as the .md sees it
             tmp.write_text(fr.markdown(report, plot=rel))
         report["markdown"] = str(output)
-    if json_out == "-":
-        console.emit_json(report)
+    if console.report_json(json_out, report):
         return
-    if json_out:
-        from compress.atomic import write_json
-
-        write_json(json_out, report)
     out = console.out_console
     out.print(fr.rich_table(report))
     for line in fr.device_lines(report) + fr.notes(report):

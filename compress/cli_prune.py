@@ -10,7 +10,7 @@ import click
 
 from compress import console
 from compress.cli_options import max_calib_option, model_input_options, require_one_input_source
-from compress.atomic import check_json_output, check_onnx_output, write_json
+from compress.atomic import check_json_output, check_onnx_output
 
 EPILOG = """\b
 Examples:
@@ -87,11 +87,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
         if not no_measure or sparsity is not None:
             report["measured"] = _measure(loaded.module, example, out, profile, sparsity is not None, step, no_measure)
     report["device"] = profile.name
-    if json_out == "-":
-        console.emit_json(report)
+    if console.report_json(json_out, report):
         return
-    if json_out:
-        write_json(json_out, report)
     _print_summary(report)
 
 

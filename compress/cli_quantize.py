@@ -57,7 +57,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     --tolerance the most sensitive layers stay in float. INT4 is weight-only (MatMulNBits): uniform 4-bit, or
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
-    from compress.atomic import check_json_output, check_onnx_output, write_json
+    from compress.atomic import check_json_output, check_onnx_output
     from compress.quant_stage import QuantOptions, check_format, quant_stage
     from compress.user_metric import load_metric
     from devices.loader import load_profile
@@ -78,11 +78,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
                      "pass --calib DATA.npz with real samples")
     with console.progress("quantizing") as step:
         report = quant_stage(Path(model), out, profile, calib, opts, on_stage=lambda s: step.update(description=s))
-    if json_out == "-":
-        console.emit_json(report)
+    if console.report_json(json_out, report):
         return
-    if json_out:
-        write_json(json_out, report)
     for warning in (((report.get("quantizer") or {}).get("presets") or {}).get("warning"),
                     (report.get("op_selection") or {}).get("warning")):
         if warning:

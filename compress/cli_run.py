@@ -100,13 +100,8 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
         report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, Path(outdir), opts,
                               on_stage=lambda s: step.update(description=s), extra={"calibration": prep.info})
-    if json_out == "-":
-        console.emit_json(report)
+    if console.report_json(json_out, report):
         return
-    if json_out:
-        from compress.atomic import write_json
-
-        write_json(json_out, report)
     _print_table(report, outdir)
 
 

@@ -39,6 +39,19 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def report_json(path: str | None, obj: Any) -> bool:
+    """--json: '-' prints the JSON on stdout and returns True (the caller then prints nothing else, so scripts can
+    parse stdout); FILE writes it atomically and returns False, as does no --json."""
+    if path == "-":
+        emit_json(obj)
+        return True
+    if path:
+        from compress.atomic import write_json
+
+        write_json(path, obj)
+    return False
+
+
 @contextlib.contextmanager
 def progress(description: str, total: float | None = None) -> Iterator["Step"]:
     """A progress bar (or spinner when total is None) on stderr, disabled when stderr is not a TTY."""
