@@ -53,3 +53,21 @@ def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--backend", type=click.Choice(["ort", "inc"]), default="ort", show_default=True,
                         help="INT8 backend: onnxruntime's quantizer on the ONNX graph (faster on both benchmark models), "
                              "or Intel Neural Compressor's PT2E static INT8 in torch (needs the PyTorch model: run).")(f)
+
+
+def int4_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--block-size, --budget-mb, --avg-bits and --salience: weight-only INT4, for quantize (--to int4) and run
+    (--quant int4); compress.quant_int4.check_options checks them."""
+    for opt in reversed([
+        click.option("--block-size", type=int, default=32, show_default=True, help="INT4: weights per scale (32, 64 or 128)."),
+        click.option("--budget-mb", type=float,
+                     help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it."),
+        click.option("--avg-bits", type=float,
+                     help="INT4: the budget as average bits per quantized weight (4-32), each layer 4, 8 or 32 (float); "
+                          "scales and zero points not counted (--budget-mb counts every byte)."),
+        click.option("--salience", type=click.Choice(["measured", "proxy"]), default="measured", show_default=True,
+                     help="INT4 budget: rank layers by measured output error (one model per layer) or predict it from "
+                          "weights and activations (one pass, much faster)."),
+    ]):
+        f = opt(f)
+    return f

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compress import console
-from compress.cli_options import backend_option, eval_options, max_calib_option
+from compress.cli_options import backend_option, eval_options, int4_options, max_calib_option
 
 EPILOG = """\b
 Examples:
@@ -34,12 +34,7 @@ Examples:
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
-@click.option("--block-size", type=int, default=32, show_default=True, help="INT4: weights per scale (32, 64 or 128).")
-@click.option("--budget-mb", type=float, help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it.")
-@click.option("--avg-bits", type=float, help="INT4: the budget as bits per quantized weight, scales included (4-32).")
-@click.option("--salience", type=click.Choice(["measured", "proxy"]), default="measured", show_default=True,
-              help="INT4 budget: rank layers by measured output error (one model per layer) or predict it from "
-                   "weights and activations (one pass, much faster).")
+@int4_options
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
@@ -94,7 +89,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     if to == "int4":
         c = report["quantizer"]["counts"]
         console.out_console.print(f"size {report['size_mb']:.2f} MB (fp32 {report['fp32_size_mb']:.2f} MB), "
-                                  f"{report['avg_bits']:.2f} bits per weight: {c['int4']} layers 4-bit, "
+                                  f"{report['avg_bits']:.2f} bits per weight ({report['stored_bits']:.2f} stored with scales): "
+                                  f"{c['int4']} layers 4-bit, "
                                   f"{c['int8']} 8-bit, {c['float']} float")
     if report.get("eval"):
         e = report["eval"]

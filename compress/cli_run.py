@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from compress import console
-from compress.cli_options import (backend_option, eval_options, max_calib_option, model_input_options,
+from compress.cli_options import (backend_option, eval_options, int4_options, max_calib_option, model_input_options,
                                   require_one_input_source)
 from compress.errors import UsageError
 
@@ -22,6 +22,7 @@ Examples:
   compress run compress.zoo:shapes_resnet --calib calib.npz --backend inc -o out-inc/
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
+  compress run compress.zoo:encoder_demo --calib calib.npz --quant int4 --avg-bits 4.5 -o out-int4/
 """
 
 
@@ -33,8 +34,10 @@ Examples:
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
 @click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
-@click.option("--quant", type=click.Choice(["int8", "fp8", "none"]), default="int8", show_default=True,
-              help="Quantize the final model (kept only if it pays: see the recommendation).")
+@click.option("--quant", type=click.Choice(["int8", "fp8", "int4", "none"]), default="int8", show_default=True,
+              help="Quantize the final model (kept only if it pays: see the recommendation). int4 is weight-only "
+                   "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
+@int4_options
 @click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
@@ -48,13 +51,14 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
         prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
+        block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
         force: bool,
         json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
-    Variants: fp32 always; 'pruned' with --prune; 'int8' or 'fp8' with --quant (the final model: pruned too
-    when --prune is given). Each is exported (verified against torch), profiled with the device profile,
+    Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
+    too when --prune is given). Each is exported (verified against torch), profiled with the device profile,
     timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
     fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
     fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
@@ -87,11 +91,14 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         from compress.importance import get_importance
 
         get_importance(importance)
+    int4 = {"block_size": block_size, "budget_mb": budget_mb, "avg_bits": avg_bits, "salience": salience}
     if quant != "none":
         from compress.quant_stage import QuantOptions, check_format
 
-        check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend))
-    opts = RunOptions(prune=prune_opts, quant=quant, calib=calib, max_calib=max_calib, simulate=simulate,
+        check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend, **int4))
+    elif budget_mb is not None or avg_bits is not None:
+        raise UsageError("--budget-mb/--avg-bits allocate bits per layer for --quant int4, not --quant none")
+    opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=calib, max_calib=max_calib, simulate=simulate,
                       tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
                       evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
                       command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

@@ -26,6 +26,7 @@ quantizing, exact in fp32; layers that stay float are left as exported, so they 
 from __future__ import annotations
 
 import heapq
+import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -162,10 +163,12 @@ def weight_only(model: onnx.ModelProto, bits: Mapping[str, int], block_size: int
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> onnx.ModelProto:
     """A copy of `model` with each named layer's weight in MatMulNBits at bits[node] (4 or 8; 32 = float).
 
-    onnxruntime's RTN weight-only path takes per-node bits in one pass (customized_weight_config); every other
-    MatMul is excluded so that only what is asked for changes.
+    One pass of onnxruntime's default (C++ MLAS) blockwise quantizer per bit-width, every other MatMul excluded
+    so that only what is asked for changes. Not the RTN config's per-node bits in one pass: that path
+    (onnxruntime.quantization.neural_compressor.weight_only) packs 4-bit zero points across columns and fails
+    with a reshape error whenever K spans an odd number of blocks (MiniLM's K=384 at block 128).
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     if block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size}: one of {', '.join(map(str, BLOCK_SIZES))}")
@@ -180,13 +183,19 @@ def weight_only(model: onnx.ModelProto, bits: Mapping[str, int], block_size: int
         raise InputError(f"not a MatMul/Gemm with a constant 2-D weight: {', '.join(unknown)}")
     chosen = [layers[n] for n, b in bits.items() if b != 32]
     _rewrite(m, chosen)
-    keep = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.name not in {l.node for l in chosen}]
-    cfg = RTNWeightOnlyQuantConfig(customized_weight_config={l.node: {"bits": bits[l.node]} for l in chosen})
-    with _quiet():
-        q = MatMulNBitsQuantizer(m, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
-                                 nodes_to_exclude=keep, algo_config=cfg)
-        q.process()
-    out = q.model.model if hasattr(q.model, "model") else q.model
+    out = m
+    for b in (4, 8):
+        these = {l.node for l in chosen if bits[l.node] == b}
+        if not these:
+            continue
+        keep = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in these]
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
+                                           op_types_to_quantize=("MatMul",), bits=b)
+        with _quiet():
+            q = MatMulNBitsQuantizer(out, bits=b, block_size=block_size, is_symmetric=False,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=keep, algo_config=cfg)
+            q.process()
+        out = q.model.model if hasattr(q.model, "model") else q.model
     _drop_unused_initializers(out)
     return out
 
@@ -237,22 +246,36 @@ def model_bytes(path: Path) -> int:
     return path.stat().st_size + (p.stat().st_size if (p := path.parent / (path.name + ".data")).exists() else 0)
 
 
-def average_bits(layers: Sequence[Layer], bits: Mapping[str, int], block_size: int) -> float:
-    """Bits per quantizable weight element, scales and zero points included (float layers count 32)."""
+def average_bits(layers: Sequence[Layer], bits: Mapping[str, int]) -> float:
+    """The nominal bits per quantizable weight element (4, 8, or 32 for float), as the mixed-precision papers
+    (GPTQ, SliM-LLM) count them: what `--avg-bits` budgets. The scales and zero points are not counted here,
+    so "4.5 bits" means the same mix of 4- and 8-bit layers at every block size; `stored_bits` counts them."""
+    return sum(l.elements * bits[l.node] for l in layers) / max(1, sum(l.elements for l in layers))
+
+
+def stored_bits(layers: Sequence[Layer], bits: Mapping[str, int], block_size: int) -> float:
+    """Bits per quantizable weight element as stored, fp32 scales and zero points included (float layers 32):
+    what the file costs, which `--budget-mb` budgets."""
     total = sum(l.nbytes(bits[l.node], block_size) for l in layers)
     return 8.0 * total / max(1, sum(l.elements for l in layers))
 
 
 def allocate(layers: Sequence[Layer], salience: Mapping[str, Optional[float]], block_size: int,
-             layer_budget: Optional[int]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+             layer_budget: Optional[int], nominal: bool = False) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Greedy bit allocation: all 4-bit, then the upgrade removing the most estimated error per extra byte
-    while the layers' bytes stay within `layer_budget` (None: no upgrades). A layer whose 4-bit quantization
-    failed (salience None) stays float. Returns bits per node and the upgrades in the order taken."""
+    while the layers' bytes stay within `layer_budget` (None: no upgrades). Bytes are as stored (scales and
+    zero points counted), or with `nominal` the weight bits alone (the `--avg-bits` convention). A layer whose
+    4-bit quantization failed (salience None) stays float. Returns bits per node and the upgrades in the order
+    taken."""
     bits = {l.node: (32 if salience.get(l.node) is None else 4) for l in layers}
     if layer_budget is None:
         return bits, []
     by = {l.node: l for l in layers}
-    used = sum(l.nbytes(bits[l.node], block_size) for l in layers)
+
+    def cost(l: Layer, b: int) -> int:
+        return l.elements * b // 8 if nominal else l.nbytes(b, block_size)
+
+    used = sum(cost(l, bits[l.node]) for l in layers)
 
     def option(node: str) -> Optional[tuple[float, int, int, float]]:
         b, s = bits[node], float(salience[node] or 0.0)
@@ -260,7 +283,7 @@ def allocate(layers: Sequence[Layer], salience: Mapping[str, Optional[float]], b
             return None
         nxt = 8 if b == 4 else 32
         gain = s * (1 - EIGHT_BIT_ERROR_RATIO) if b == 4 else s * EIGHT_BIT_ERROR_RATIO
-        extra = by[node].nbytes(nxt, block_size) - by[node].nbytes(b, block_size)
+        extra = cost(by[node], nxt) - cost(by[node], b)
         return gain / extra, extra, nxt, gain
 
     heap = []
@@ -278,6 +301,11 @@ def allocate(layers: Sequence[Layer], salience: Mapping[str, Optional[float]], b
         if (o := option(node)) is not None:
             heapq.heappush(heap, (-o[0], node, o))
     return bits, taken
+
+
+def _quant_meta(bits: Mapping[str, int], block_size: int, accuracy_level: int) -> dict[str, Any]:
+    return {"format": "int4", "mode": "weight-only", "block_size": block_size, "bits": dict(bits),
+            "accuracy_level": accuracy_level}
 
 
 def check_options(block_size: int, budget_mb: Optional[float], avg_bits: Optional[float],
@@ -311,7 +339,8 @@ def quantize_int4(
     """Write a weight-only quantized copy of `src` to `dst` and return the report.
 
     Without a budget every quantizable layer is 4-bit. With `budget_mb` (total model file size, 1 MB = 10^6
-    bytes) or `avg_bits` (bits per quantizable weight element, scales and zero points counted), layers are
+    bytes) or `avg_bits` (nominal bits per quantizable weight element: 4, 8 or 32 each, scales and zero points
+    not counted, as the mixed-precision papers count them; `stored_bits` in the report counts them), layers are
     ranked by salience measured on `calib_feeds` and upgraded to 8-bit or float while the budget holds.
     Fidelity to fp32 is reported on `held_feeds`.
     """
@@ -328,7 +357,9 @@ def quantize_int4(
         why = " not read by another op as well" if found else ""
         raise InputError(f"{src}: no MatMul or Gemm with a constant 2-D float weight{why}: weight-only INT4 has nothing to quantize")
     fp32_bytes = model_bytes(src)
-    rest = fp32_bytes - sum(l.nbytes(32, block_size) for l in layers)  # everything but the layers' weights
+    # everything but the layers' weights, plus the metadata entry that records each layer's bits
+    rest = fp32_bytes - sum(l.nbytes(32, block_size) for l in layers) + len(json.dumps(
+        _quant_meta({l.node: 32 for l in layers}, block_size, accuracy_level))) + 16
     q4 = sum(l.nbytes(4, block_size) + NODE_OVERHEAD_BYTES for l in layers)
     layer_budget: Optional[int] = None
     if budget_mb is not None:
@@ -337,11 +368,7 @@ def quantize_int4(
             raise UsageError(f"--budget-mb {budget_mb:g}: below the all-4-bit size of this model "
                              f"({(rest + q4) / MB:.3f} MB at block size {block_size})")
     elif avg_bits is not None:
-        layer_budget = int(avg_bits * sum(l.elements for l in layers) / 8)
-        floor = average_bits(layers, {l.node: 4 for l in layers}, block_size)
-        if avg_bits < floor:
-            raise UsageError(f"--avg-bits {avg_bits:g}: below the all-4-bit average of {floor:.3f} bits at block "
-                             f"size {block_size} (scales and zero points included); raise it or the block size")
+        layer_budget = int(avg_bits * sum(l.elements for l in layers) / 8)  # nominal bits: 4 is the floor
     salience: dict[str, Optional[float]] = {l.node: 0.0 for l in layers}
     sens: list[dict[str, Any]] = []
     if layer_budget is not None and salience_from == "proxy":
@@ -357,13 +384,17 @@ def quantize_int4(
         sens = layer_sensitivity(src, [l.node for l in layers], one, calib_feeds,
                                  on_layer=lambda i, n, name: on_stage(f"salience of layer {i + 1}/{n}: {name}"))
         salience = {r["node"]: r["salience"] for r in sens}
-    bits, upgrades = allocate(layers, salience, block_size, layer_budget)
+    bits, upgrades = allocate(layers, salience, block_size, layer_budget, nominal=avg_bits is not None)
     on_stage("writing the weight-only model")
     reference = onnx_outputs(src, held_feeds)
     with tempfile.TemporaryDirectory(prefix=".quant-int4-", dir=dst.parent) as tmp:
         work = Path(tmp)
+        meta = dict(get_metadata(proto) or {})
+        meta.pop("schema", None)
         while True:
             model = weight_only(proto, bits, block_size, accuracy_level)
+            meta["quantization"] = _quant_meta(bits, block_size, accuracy_level)
+            set_metadata(model, meta)  # before the size check: the metadata is part of the file's bytes
             path = work / "candidate.onnx"
             save_model(model, path)
             size = model_bytes(path)
@@ -373,11 +404,6 @@ def quantize_int4(
             bits[last["node"]] = last["from"]
             path.unlink()
         fid = fidelity(reference, onnx_outputs(path, held_feeds))
-        meta = dict(get_metadata(proto) or {})
-        meta.pop("schema", None)
-        meta["quantization"] = {"format": "int4", "mode": "weight-only", "block_size": block_size,
-                                "bits": bits, "accuracy_level": accuracy_level}
-        set_metadata(model, meta)
         _write_final(model, work, dst, what="INT4")
     size = model_bytes(dst)
     rows = [{"node": l.node, "op_type": l.op_type, "shape": [l.k, l.n], "bits": 32, "bytes": 0, "salience": None,
@@ -406,6 +432,6 @@ def quantize_int4(
         "layers": rows, "upgrades": upgrades,
         "counts": {"int4": counts[4], "int8": counts[8], "float": counts[32]},
         "size_bytes": size, "fp32_size_bytes": fp32_bytes, "all_int4_size_bytes": rest + q4,
-        "avg_bits": average_bits(layers, bits, block_size),
+        "avg_bits": average_bits(layers, bits), "stored_bits": stored_bits(layers, bits, block_size),
         "fidelity": fid, "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -40,7 +40,7 @@ class QuantOptions:
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
     block_size: int = 32  # INT4: weights per scale
     budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it
-    avg_bits: Optional[float] = None  # INT4: the same budget as bits per quantized weight element (scales counted)
+    avg_bits: Optional[float] = None  # INT4: the budget as nominal bits per quantized weight (4/8/32 each)
     salience: str = "measured"  # INT4: "measured" (one model per layer) or "proxy" (weights x activations, one pass)
 
 
@@ -241,6 +241,7 @@ def _int4_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
                               "backend": "ort", "quantizer": {k: v for k, v in result.items() if k != "path"},
                               "fidelity": result["fidelity"], "size_mb": result["size_bytes"] / MB,
                               "fp32_size_mb": result["fp32_size_bytes"] / MB, "avg_bits": result["avg_bits"],
+                              "stored_bits": result["stored_bits"],
                               "excluded_layers": [{"node": r["node"], "op_type": r["op_type"], "bits": r["bits"],
                                                    "salience": r["salience"], "why": r["why"]}
                                                   for r in result["layers"] if r["bits"] != 4]}

@@ -366,28 +366,39 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     return out
 
 
+FLOAT_KEPT = ("Two reasons keep a layer in float. Sensitivity: each quantizable layer was quantized alone and ranked by "
+              "how far it moved the output, and the fewest most sensitive ones were left in float until the model met "
+              "the tolerance. Speed: each quantized op was timed alone in fp32 and INT8 on the device, and ops INT8 "
+              "does not speed up were left in float when that made the whole model faster.")
+ABOVE_4_BITS = ("Weight-only INT4 starts with every MatMul weight at 4 bits; each layer's salience is the output error "
+                "when it alone is 4-bit, and the layers with the most error per extra byte went 8-bit, then float "
+                "(32), until the size budget was spent.")
+
+
 def _excluded_section(variants: list[dict[str, Any]]) -> list[str]:
+    """Per variant, the layers not at its format: kept in float (INT8/FP8), or above 4 bits (INT4, which has a bits
+    column)."""
     out: list[str] = []
-    for i, v in enumerate(variants):
-        layers = [e for e in _l(v.get("excluded_layers")) if e is not None]
-        if not layers:
-            continue
-        if not out:
-            out += ["## Layers kept in float", "",
-                    "Two reasons keep a layer in float. Sensitivity: each quantizable layer was quantized alone and "
-                    "ranked by how far it moved the output, and the fewest most sensitive ones were left in float until "
-                    "the model met the tolerance. Speed: each quantized op was timed alone in fp32 and INT8 on the "
-                    "device, and ops INT8 does not speed up were left in float when that made the whole model faster.",
-                    ""]
-        out += [f"**{variant_label(v, i)}**: {len(layers)} layer{'s' if len(layers) != 1 else ''}", ""]
-        rows = []
-        for e in layers:
-            if isinstance(e, dict):
-                why = e.get("why") or (f"salience {_num(e.get('salience')):.4g}" if _num(e.get("salience")) is not None else NA)
-                rows.append([_code(e.get("node") or "?"), e.get("op_type") or NA, why])
-            else:
-                rows.append([_code(e), NA, NA])
-        out += _table(["layer", "op", "why"], rows) + [""]
+    for int4 in (False, True):
+        part: list[str] = []
+        for i, v in enumerate(variants):
+            layers = [e for e in _l(v.get("excluded_layers")) if e is not None]
+            if not layers or any(isinstance(e, dict) and "bits" in e for e in layers) != int4:
+                continue
+            if not part:
+                part += ["## INT4 layers above 4 bits" if int4 else "## Layers kept in float", "",
+                         ABOVE_4_BITS if int4 else FLOAT_KEPT, ""]
+            part += [f"**{variant_label(v, i)}**: {len(layers)} layer{'s' if len(layers) != 1 else ''}", ""]
+            rows = []
+            for e in layers:
+                if isinstance(e, dict):
+                    why = e.get("why") or (f"salience {_num(e.get('salience')):.4g}" if _num(e.get("salience")) is not None else NA)
+                    rows.append([_code(e.get("node") or "?"), e.get("op_type") or NA]
+                                + ([str(e.get("bits", NA))] if int4 else []) + [why])
+                else:
+                    rows.append([_code(e), NA, NA])
+            part += _table(["layer", "op"] + (["bits"] if int4 else []) + ["why"], rows) + [""]
+        out += part
     return out
 
 
@@ -531,6 +542,15 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]
     graph = _d(qz.get("graph"))
     if graph.get("variant"):
         out.append(f"- **Graph:** {_code(graph['variant'])}" + (" (chosen by timing the candidates)" if graph.get("tuned") else ""))
+    if fmt == "int4" and _d(qz.get("counts")):
+        c, budget = _d(qz["counts"]), _d(qz.get("budget"))
+        limit = (f"`--budget-mb {budget['mb']:g}`" if budget.get("mb") is not None else
+                 f"`--avg-bits {budget['avg_bits']:g}`" if budget.get("avg_bits") is not None else "none (all 4-bit)")
+        out.append(f"- **Weight-only INT4:** block {qz.get('block_size', NA)}, budget {limit}; {c.get('int4', 0)} layers "
+                   f"4-bit, {c.get('int8', 0)} 8-bit, {c.get('float', 0)} float; {_num(q.get('avg_bits')) or 0:.2f} bits "
+                   f"per weight ({_num(q.get('stored_bits')) or 0:.2f} stored with scales), "
+                   f"{_num(q.get('size_mb')) or 0:.2f} MB against {_num(q.get('fp32_size_mb')) or 0:.2f} MB in fp32"
+                   + (f"; salience {qz['salience_from']}" if qz.get("salience_from") else ""))
     if _l(qz.get("quantized")):
         out.append(f"- **Quantized nodes:** {len(qz['quantized'])}"
                    + (f"; skipped {len(_l(qz.get('skipped')))}" if _l(qz.get("skipped")) else ""))

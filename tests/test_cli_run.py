@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -172,3 +174,27 @@ def test_cache_key_of_a_user_file_model_is_the_same_in_every_process(model_file)
     keys = {subprocess.run([sys.executable, "-c", code, f"{model_file}:build"], capture_output=True, text=True,
                            check=True).stdout.strip() for _ in range(2)}
     assert len(keys) == 1 and len(next(iter(keys))) == 64
+
+
+def test_run_int4_weight_only_under_an_avg_bits_budget(tmp_path):
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, input_ids=rng.integers(0, 1000, (24, 16)), attention_mask=np.ones((24, 16), np.int64))
+    out = tmp_path / "i4"
+    r = _cli("run", "compress.zoo:encoder_tiny", "--calib", str(calib), "--quant", "int4", "--avg-bits", "6",
+             "--salience", "proxy", "--runs", "3", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    fp32, int4 = rep["variants"]
+    q = rep["stages"]["quantize"]
+    assert int4["name"] == "int4" and int4["size_bytes"] < fp32["size_bytes"] and int4["speedup_vs_fp32"] > 0
+    assert q["avg_bits"] <= 6 and q["quantizer"]["counts"]["int8"] > 0 and q["quantizer"]["salience_from"] == "proxy"
+    assert int4["fidelity"]["cosine_min"] > 0.99  # half the layers 8-bit on a tiny random encoder
+    sess = ort.InferenceSession(str(out / int4["onnx"]), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(out / int4["onnx"])).graph.node)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    md = (out / "report.md").read_text()
+    assert "## INT4 layers above 4 bits" in md and "Weight-only INT4:** block 32, budget `--avg-bits 6`" in md
+    r = _cli("run", "compress.zoo:encoder_tiny", "--calib", str(calib), "--quant", "none", "--avg-bits", "6",
+             "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--quant int4" in r.stderr and not (tmp_path / "x").exists()
