@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,6 +35,7 @@ from devices.schema import DeviceProfile
 class RunOptions:
     prune: Optional[PruneOptions] = None
     quant: str = "none"
+    int4: dict[str, Any] = field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
     calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
     max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
     simulate: bool = False
@@ -48,6 +49,11 @@ class RunOptions:
     cache: Optional[StageCache] = None  # None: every stage computed (library callers); the CLI passes one
     source: str = ""
     command: str = ""
+    quant_method: str = "minmax"  # INT8 activation calibration (compress search varies it)
+    quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
+    quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
+    timer: Optional[Callable[..., dict[str, Any]]] = None  # time_variants, or where it runs (compress search)
+    on_result: Optional[Callable[[str, dict[str, Any]], None]] = None  # a stage's report as soon as it exists
 
 
 def _params(path: Path) -> int:
@@ -85,7 +91,9 @@ def recommend(variants: list[dict[str, Any]], tolerance: float) -> tuple[str, st
         elif not v["within_tolerance"]:
             why.append(f"{v['name']} is outside tolerance {tolerance:g}")
         else:
-            why.append(f"{v['name']} is not faster ({v['speedup_vs_fp32']:.2f}x)")
+            smaller = variants[0]["size_bytes"] / max(1, v["size_bytes"])
+            why.append(f"{v['name']} is not faster ({v['speedup_vs_fp32']:.2f}x)"
+                       + (f", though {smaller:.2f}x smaller: take it if size is what you need" if smaller >= 1.1 else ""))
     return "fp32", "; ".join(why) + ": keeping fp32"
 
 
@@ -102,8 +110,6 @@ def run_pipeline(
 ) -> dict[str, Any]:
     from compress.fidelity import fidelity, onnx_outputs, torch_outputs
     from export.onnx_export import export_onnx
-    from runtime.abtest import interleaved_latency
-    from runtime.profiler import profile_model, resolve_providers
 
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +149,11 @@ def run_pipeline(
             from compress.quant_stage import QuantOptions, quant_stage
 
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
-            qopts = QuantOptions(to=opts.quant, simulate=opts.simulate, tolerance=opts.tolerance, measure=False,
-                                 select_ops=opts.select_ops, evaluate=opts.evaluate, backend=opts.backend,
-                                 max_calib=opts.max_calib)
+            int4 = opts.quant == "int4"  # weight-only INT4 is steered by its size budget, not by the tolerance
+            qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
+            qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate, tolerance=None if int4 or not opts.quant_fallback else qtol,
+                                 measure=False, select_ops=opts.select_ops, evaluate=None if int4 else opts.evaluate,
+                                 backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
             source = (modules[base["name"]], example, train) if opts.backend == "inc" else None
             path = work / f"{opts.quant}.onnx"
             parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
@@ -160,7 +168,13 @@ def run_pipeline(
             variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
                              "macs": base["macs"], "parity": None, "simulated": q["simulated"],
                              "excluded_layers": q["excluded_layers"], "from": base["name"]})
-        measured = None
+        if opts.on_result is not None and "prune" in stages:
+            opts.on_result("prune", stages["prune"])
+        on_stage(f"profiling on {profile.name}")
+        timer = opts.timer or time_variants
+        timed = timer({v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}, profile,
+                      {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds)
+        measured, speedup_measure = timed["measured"], timed["speedup_measure"]
         for v in variants:
             runner, session_options = onnx_outputs, None
             if v["simulated"]:  # no FP8 kernels here: fidelity only, under session options that run FP8 Q/DQ
@@ -168,36 +182,15 @@ def run_pipeline(
                 from compress.quant_fp8 import fp8_session_options
 
                 session_options = fp8_session_options()
-
-                v["latency_ms"], v["profile"] = None, None
+                v["latency_ms"], v["profile"], v["speedup_vs_fp32"] = None, None, None
             else:
-                on_stage(f"profiling {v['name']} on {profile.name}")
-                prof = profile_model(work / v["onnx"], profile, runs=opts.runs, max_seconds=opts.max_seconds)
-                measured = prof if prof.get("measured_on") == "remote" else None  # where the figures come from
-                v["latency_ms"] = {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")}
-                v["profile"] = {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback", "load_ms", "peak_rss_mb")}
+                v.update(timed["variants"][v["name"]])
             v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
             v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
             if opts.evaluate is not None:
                 on_stage(f"scoring {v['name']} with --eval")
                 v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
                 v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
-        if profile.remote is None:
-            on_stage("timing the variants against fp32, interleaved")
-            providers, _ = resolve_providers(profile)
-            timed = {v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}
-            ab = interleaved_latency(timed, feeds={k: t.numpy() for k, t in example.items()},
-                                     providers=[(p, dict(o)) for p, o in providers], threads=profile.threads,
-                                     session_config=dict(profile.session_config), rounds=opts.ab_rounds, min_seconds=3.0, baseline="fp32")
-            for v in variants:
-                v["speedup_vs_fp32"] = ab.speedup(v["name"], "wall") if v["name"] in timed else None
-            speedup_measure = f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads"
-        else:  # the interleaved A/B runs in this process, on this machine: for a remote device, ratios of its p50s
-            base_p50 = variants[0]["latency_ms"]["p50"]
-            for v in variants:
-                v["speedup_vs_fp32"] = base_p50 / v["latency_ms"]["p50"] if v.get("latency_ms") else None
-            speedup_measure = (f"ratio of p50s, each variant profiled in turn on {measured['remote']['target']} over SSH "
-                               "(not interleaved: the interleaved A/B would have timed this machine)")
         name, reason = recommend(variants, opts.tolerance)
         from devices.host import describe_host
 
@@ -226,6 +219,42 @@ def run_pipeline(
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[str, Any], runs: Optional[int] = None,
+                  max_seconds: Optional[float] = None, ab_rounds: int = 30) -> dict[str, Any]:
+    """Profile each model on the device and its speedup over paths["fp32"]: files in, plain data out, so that
+    `compress search` can run it where the device is (a Ray task holding the device's resource), one at a time.
+
+    Locally the speedup is the interleaved A/B's median wall-clock ratio (both sides see the same machine); for
+    a remote device, the ratio of p50s measured there in turn."""
+    from runtime.abtest import interleaved_latency
+    from runtime.profiler import profile_model, resolve_providers
+
+    out: dict[str, dict[str, Any]] = {}
+    measured = None
+    for name, path in paths.items():
+        prof = profile_model(path, profile, runs=runs, max_seconds=max_seconds)
+        measured = prof if prof.get("measured_on") == "remote" else None  # where the figures come from
+        out[name] = {"latency_ms": {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")},
+                     "profile": {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback",
+                                                          "load_ms", "peak_rss_mb")}}
+    if profile.remote is None:
+        providers, _ = resolve_providers(profile)
+        ab = interleaved_latency(paths, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
+                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=ab_rounds,
+                                 min_seconds=3.0, baseline="fp32")
+        for name in paths:
+            out[name]["speedup_vs_fp32"] = ab.speedup(name, "wall")
+        how = f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads"
+    else:  # the interleaved A/B runs in this process, on this machine: for a remote device, ratios of its p50s
+        base = out["fp32"]["latency_ms"]["p50"]
+        for name in paths:
+            out[name]["speedup_vs_fp32"] = base / out[name]["latency_ms"]["p50"]
+        how = (f"ratio of p50s, each variant profiled in turn on {measured['remote']['target']} over SSH "
+               "(not interleaved: the interleaved A/B would have timed this machine)")
+    return {"variants": out, "speedup_measure": how,
+            "measured": {"host": measured["host"], "remote": measured["remote"]} if measured else None}
 
 
 def _function_file(spec: Optional[str]) -> Any:
