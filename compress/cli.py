@@ -48,8 +48,9 @@ def _register() -> None:
     from compress.cli_quantize import quantize
     from compress.cli_report import report
     from compress.cli_run import run
+    from compress.cli_search import search, sweep
 
-    for cmd in (devices, export, formats, profile, prune, quantize, report, run):
+    for cmd in (devices, export, formats, profile, prune, quantize, report, run, search, sweep):
         cli.add_command(cmd)
 
 
