@@ -213,7 +213,8 @@ def collect(grid: Any, normalise: Callable[[dict[str, Any]], dict[str, Any]],
         trial_id = m.get("trial_id") or Path(r.path).name
         rec: dict[str, Any] = {"id": trial_id, "config": cfg, "label": label(cfg), "fidelity": m.get("fidelity"),
                                "p50_ms": m.get("p50_ms"), "speedup": m.get("speedup"), "score": m.get("score"),
-                               "seconds": m.get("seconds"), "report": m.get("report")}
+                               "seconds": m.get("seconds"), "report": m.get("report"),
+                               "profiled_on": m.get("profiled_on")}
         if r.error is not None:
             rec["status"], rec["error"] = "crashed", _error_line(r.error)
         elif m.get("stage") == "done" and rec["report"] and Path(rec["report"]).exists():

@@ -16,12 +16,15 @@ loses more, so a trial already below --min-fidelity there is stopped before it i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 from ray import tune
@@ -49,10 +52,20 @@ def start_ray(address: Optional[str], devices: list[DeviceProfile], cpus: Option
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
                               "logging_level": logging.ERROR}
     if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except Exception as e:  # ConnectionError, ValueError for a malformed address, RuntimeError ...
-            raise EdgeError(f"--address {address}: cannot connect to the Ray cluster: {first_line(e)}") from e
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        with tempfile.TemporaryFile() as said, (contextlib.nullcontext() if debug else _fd2_to(said)):
+            try:
+                ray.init(address=address, **kwargs)
+                err = None
+            except Exception as e:  # ConnectionError, ValueError for a malformed address, RuntimeError ...
+                err = e
+            said.seek(0)
+            core_log = said.read().decode(errors="replace")
+        if err is not None:
+            if "InvalidAuthToken" in core_log:
+                raise EdgeError(f"--address {address}: the Ray cluster refused this client's token: run with the "
+                                "cluster's token (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or its ~/.ray/auth_token)") from err
+            raise EdgeError(f"--address {address}: cannot connect to the Ray cluster: {first_line(err)}") from err
         have = ray.cluster_resources()
         missing = [d.name for d in devices if have.get(d.name, 0) < 1 and d.remote is None]
         if missing:
@@ -65,6 +78,21 @@ def start_ray(address: Optional[str], devices: list[DeviceProfile], cpus: Option
     tmp.mkdir(exist_ok=True)
     ray.init(num_cpus=cpus or os.cpu_count() or 1, resources={d.name: 1 for d in devices}, _temp_dir=str(tmp), **kwargs)
     return {"address": None, "embedded": True, "cluster_cpus": ray.cluster_resources().get("CPU", 0)}
+
+
+@contextlib.contextmanager
+def _fd2_to(f: Any) -> Iterator[None]:
+    """Ray's C++ core logs each failed connection attempt (one line a second for ~20 s) straight to file
+    descriptor 2; while connecting, that goes to `f`, which start_ray reads for the reason instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def stop_ray() -> None:
@@ -97,7 +125,13 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
             for fname, data in files.items():
                 (folder / fname).write_bytes(data)
             paths[name] = folder / next(f for f in files if not f.endswith(".data"))
-        return time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
+        timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
+    # the machine whose cores were timed, which on a cluster is not the trial's: the report names it
+    from devices.host import describe_host
+
+    timed["profiled_on"] = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+                            "host": describe_host()}
+    return timed
 
 
 def device_timer(profile: DeviceProfile) -> Callable[..., dict[str, Any]]:
@@ -191,6 +225,7 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         f = float(f) - float(report["variants"][0]["accuracy"])  # the score's change: 0 is no loss
     p50 = final["latency_ms"]["p50"] if final.get("latency_ms") else None
     tune.report({"stage": "done", "fidelity": f, "p50_ms": p50, "speedup": final.get("speedup_vs_fp32"),
+                 "profiled_on": (report.get("profiled_on") or {}).get("ray_node"),
                  TRIAL_METRIC: objective(f, final.get("speedup_vs_fp32"), p50, job.get("latency_budget_ms"),
                                          -tolerance if opts.evaluate is not None else floor, job.get("goal", "fidelity")),
                  "report": str(outdir / "report.json"),
