@@ -3,15 +3,18 @@
     .venv/bin/python bench/quant_int4.py [--rounds 30] [--skip-gpt2] [--skip-text]
 
 Variants (all from compress.quant_int4, MatMulNBits with accuracy_level 4, block 32, except the last):
-fp32; uniform INT4; uniform 8-bit weight-only; ours mixed at --avg-bits 6 (at block 32 all-4-bit already costs
-5.125 bits per weight with its fp32 scales and 4-bit zero points, so 5 is below the floor); ours mixed under
-a --budget-mb halfway between the uniform INT4 and uniform 8-bit files; and for reference our dynamic INT8
-(compress.quant_int8.quantize_int8, host profile), which quantizes activations too.
+fp32; uniform INT4; uniform 8-bit weight-only; ours mixed at --avg-bits 6 (nominal weight bits, as in the "avg
+bits" column: scales and zero points not counted); ours mixed under a --budget-mb halfway between the uniform
+INT4 and uniform 8-bit files; and for reference our dynamic INT8 (compress.quant_int8.quantize_int8, host
+profile), which quantizes activations too.
 (a) all-MiniLM-L6-v2, real weights, built and exported exactly as bench/quant_int8.py's bench_text does (seq 128);
     salience on 16 of its calibration sentences, per-sentence cosine to fp32 on the 32 held-out ones.
-(b) a small GPT-2 (transformers GPT2LMHeadModel, n_layer 4, n_embd 256, n_head 4, vocab 2048, seeded random
-    init), input_ids 1x64, logits out. Its weights are random, so its fidelity says less than MiniLM's: trained
-    weights have the outliers that make layers differ in salience. Random token ids: 16 for salience, 32 held out.
+(b) a tiny byte-level GPT-2 with trained weights (transformers GPT2LMHeadModel, n_layer 4, n_embd 256, n_head 4,
+    vocab 256 = raw UTF-8 bytes, tied LM head), trained on the Python standard library's own .py sources by
+    bench/train_tiny_gpt2.py, which writes bench/weights/tiny_gpt2_stdlib.safetensors (val loss in bits per byte
+    in its metadata, printed in the table title); input_ids 1x64, logits out. Trained weights have the outliers
+    that make layers differ in salience, which random ones lack. Data: 48 windows of 64 bytes at seeded offsets
+    of the corpus's validation part (the last 5%, never trained on): 16 for salience, 32 held out.
 Latency: runtime.abtest.interleaved_latency, all variants of a model interleaved in one process: 1-thread
 medians of the calling thread's CPU time, and wall-clock medians at the host profile's threads.
 Goals: uniform INT4 4-7x smaller than fp32 on the MatMul weights; mixed at the same or smaller size than its
@@ -42,10 +45,14 @@ from export.onnx_export import export_onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm import SENTENCES, SEQ, MiniLM, minilm_folder  # noqa: E402
 from quant_int8 import CALIB_SAMPLES, per_sample, time_all  # noqa: E402
+from train_tiny_gpt2 import WEIGHTS, byte_windows, load_tiny_gpt2, stdlib_split  # noqa: E402
 
 SALIENCE_FEEDS = 16
 BLOCK = 32
 AVG_BITS = 6.0
+GPT2_SEQ = 64  # bytes per GPT-2 sample
+GPT2_HELD = 32
+GPT2_SEED = 0  # the offsets of the GPT-2 samples in the validation part
 
 
 def variants(work: Path, fp32: Path, calib: list[dict[str, np.ndarray]], held: list[dict[str, np.ndarray]],
@@ -63,7 +70,7 @@ def variants(work: Path, fp32: Path, calib: list[dict[str, np.ndarray]], held: l
             info[name] = {"avg_bits": rep["avg_bits"], "upgrades": ""}
         else:
             save_model(weight_only(proto, {l.node: 8 for l in layers}, BLOCK), paths[name])
-            info[name] = {"avg_bits": average_bits(layers, {l.node: 8 for l in layers}, BLOCK)}
+            info[name] = {"avg_bits": average_bits(layers, {l.node: 8 for l in layers})}
     budget = (model_bytes(paths["uniform int4 (weight-only)"]) + model_bytes(paths["uniform int8 (weight-only)"])) / 2 / MB
     for name, kw in ((f"ours mixed --avg-bits {AVG_BITS:g}", {"avg_bits": AVG_BITS}),
                      (f"ours mixed --budget-mb {budget:.2f}", {"budget_mb": budget}),
@@ -87,13 +94,13 @@ def table(title: str, paths: dict[str, Path], info: dict[str, dict[str, Any]], h
     one, full = time_all(paths, held[0], rounds)
     threads = load_profile("host").threads
     print(f"\n{title}; {one.rounds} interleaved rounds")
-    print(f"| variant | size MB | avg bits | 1-thr cpu ms | speedup | {threads}-thr wall ms | speedup | cos min | cos mean |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| variant | size MB | avg bits | 1-thr cpu ms | speedup | {threads}-thr wall ms | speedup | cos min | 1 - cos min | cos mean |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, p in paths.items():
         ab = info[n].get("avg_bits")
         print(f"| {n} | {model_bytes(p) / MB:.2f} | {'-' if ab is None else f'{ab:.2f}'} | {one.cpu_ms[n]:.2f} | "
               f"{one.speedup(n):.2f}x | {full.wall_ms[n]:.2f} | {full.speedup(n, 'wall'):.2f}x | "
-              f"{fid[n]['cosine_min']:.4f} | {fid[n]['cosine_mean']:.4f} |")
+              f"{fid[n]['cosine_min']:.4f} | {1 - fid[n]['cosine_min']:.2e} | {fid[n]['cosine_mean']:.4f} |")
     for n, i in info.items():
         if isinstance(i, dict) and "above4" in i:
             print(f"{n}: {i['counts']}, above 4 bits: {', '.join(f'{a} ({b})' for a, b in i['above4']) or 'none'}; "
@@ -109,7 +116,8 @@ def goals(tag: str, res: dict[str, dict[str, Any]], info: dict[str, dict[str, An
     for n, r in res.items():
         if n.startswith("ours mixed"):
             better = r["fid"]["cosine_min"] > u4["fid"]["cosine_min"]
-            out.append(f"{tag} {n}: cosine min {r['fid']['cosine_min']:.4f} vs uniform INT4 {u4['fid']['cosine_min']:.4f} "
+            out.append(f"{tag} {n}: 1 - cosine min {1 - r['fid']['cosine_min']:.2e} vs uniform INT4 "
+                       f"{1 - u4['fid']['cosine_min']:.2e} "
                        f"({'ok' if better else 'MISSED'}), {r['size'] / MB:.2f} MB")
     return out
 
@@ -133,27 +141,37 @@ def bench_minilm(work: Path, rounds: int) -> list[str]:
     return goals("(a)", res, info)
 
 
+class Logits(torch.nn.Module):
+    """input_ids -> logits only (no KV cache): one output tensor, as export_onnx and the fidelity figures want."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
+def gpt2_bench_data(weights: Path = WEIGHTS) -> tuple[Logits, np.ndarray, dict[str, str]]:
+    """The trained tiny GPT-2 (fp32, eval) behind Logits, SALIENCE_FEEDS + GPT2_HELD byte windows [n, GPT2_SEQ] of
+    the corpus's validation part (the first SALIENCE_FEEDS calibrate), and the weights file's metadata.
+    Shared with bench/int4_inc.py so both benchmarks quantize and score the same model on the same bytes."""
+    model, meta = load_tiny_gpt2(weights)
+    _, val = stdlib_split()
+    return Logits(model).eval(), byte_windows(val, SALIENCE_FEEDS + GPT2_HELD, GPT2_SEQ, GPT2_SEED), meta
+
+
 def bench_gpt2(work: Path, rounds: int) -> list[str]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.m = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=128,
-                                                bos_token_id=0, eos_token_id=0))
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.m(input_ids=input_ids, use_cache=False).logits
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 2048, (16 + 32, 64), dtype=np.int64)
+    model, ids, meta = gpt2_bench_data()
+    cfg = model.m.config
     fp32 = work / "gpt2_fp32.onnx"
-    export_onnx(Logits().eval(), {"input_ids": torch.from_numpy(ids[:1])}, fp32)
-    calib, held = per_sample({"input_ids": ids[:16]}), per_sample({"input_ids": ids[16:]})
-    paths, info = variants(work, fp32, calib, held, {"input_ids": ids[:16]})
-    res = table("(b) GPT-2-style, random weights (n_layer 4, n_embd 256, vocab 2048) 1x64 -> logits: salience on 16 "
-                "random sequences, per-sample cosine of the logits on 32 others", paths, info, held, rounds)
+    export_onnx(model, {"input_ids": torch.from_numpy(ids[:1])}, fp32)
+    calib, held = per_sample({"input_ids": ids[:SALIENCE_FEEDS]}), per_sample({"input_ids": ids[SALIENCE_FEEDS:]})
+    paths, info = variants(work, fp32, calib, held, {"input_ids": ids[:SALIENCE_FEEDS]})
+    res = table(f"(b) tiny GPT-2, weights trained on stdlib source (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, "
+                f"byte vocab {cfg.vocab_size}, val {meta.get('val_bits_per_byte', '?')} bits/byte) 1x{GPT2_SEQ} -> "
+                f"logits: salience on {SALIENCE_FEEDS} validation byte windows, per-sample cosine of the logits on "
+                f"{len(held)} others", paths, info, held, rounds)
     return goals("(b)", res, info)
 
 
