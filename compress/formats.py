@@ -58,16 +58,21 @@ OnStep = Callable[[str], None]
 def device_formats(profile: DeviceProfile) -> dict[str, dict[str, Any]]:
     """Which formats the profile executes fast, and the profile field that decided it.
 
-    INT8 needs dot-product units (`int8_dot`: VNNI, SDOT/UDOT, an NPU); without them INT8 GEMMs widen to 16 bits
-    and gain little. Per-channel INT8 also needs the device's INT8 path to take per-channel scales
-    (`quantization.per_channel`; the QNN HTP preset is per-tensor). FP8 runs fast only on FP8 tensor hardware
-    (`fp8`); elsewhere it is emulated, slower than fp32.
+    INT8 pays with dot-product units (`int8_dot`: VNNI, SDOT/UDOT, an NPU), and on x86 with AVX2 too: VPMADDUBSW
+    multiplies 8-bit pairs (with 7-bit weights, the preset's reduce_range) and our INT8 measured 1.45-1.62x over
+    fp32 on an AVX2-only EPYC (bench/quant_int4.py's dynamic INT8 rows, 2026-12-03). Elsewhere (ARM without
+    dotprod) INT8 GEMMs widen to 16 bits and gain little. Per-channel INT8 also needs the device's INT8 path to
+    take per-channel scales (`quantization.per_channel`; the QNN HTP preset is per-tensor). FP8 runs fast only on
+    FP8 tensor hardware (`fp8`); elsewhere it is emulated, slower than fp32.
     """
     dot, pc, fp8 = profile.int8_dot, profile.quantization.per_channel, profile.fp8
+    avx2 = profile.arch == "x86_64" and "avx2" in profile.isa
+    fast8 = dot or avx2
+    why8 = f"int8_dot: {str(dot).lower()}" + ("; avx2: VPMADDUBSW with 7-bit weights" if avx2 and not dot else "")
     return {
-        "int8_per_tensor": {"fast": dot, "why": f"int8_dot: {str(dot).lower()}"},
-        "int8_per_channel": {"fast": dot and pc, "why": f"int8_dot: {str(dot).lower()}" + (
-            "" if not dot or pc else "; quantization.per_channel: false (the device's INT8 path is per-tensor)")},
+        "int8_per_tensor": {"fast": fast8, "why": why8},
+        "int8_per_channel": {"fast": fast8 and pc, "why": why8 + (
+            "" if not fast8 or pc else "; quantization.per_channel: false (the device's INT8 path is per-tensor)")},
         "fp8_e4m3fn": {"fast": fp8, "why": f"fp8: {str(fp8).lower()}"},
         "fp8_e5m2": {"fast": fp8, "why": f"fp8: {str(fp8).lower()}"},
     }

@@ -120,9 +120,16 @@ def test_above_tolerance_names_the_layers_to_keep_in_float(files):
 
 
 def test_no_fast_format_means_fp32(files):
-    r = advise(files["benign"], load_profile("x86-avx2"), str(files["calib"]), max_layers=0)
+    r = advise(files["benign"], load_profile("rpi4-cortex-a72"), str(files["calib"]), max_layers=0)
     assert r["recommendation"]["format"] == "fp32" and "int8_dot: false" in r["recommendation"]["reason"]
     assert r["swept_layers"] == 0 and "capped" in r["sweep_note"]
+
+
+def test_avx2_without_dot_products_still_runs_int8_fast(files):
+    """x86 without VNNI multiplies 8-bit pairs with VPMADDUBSW: measured faster than fp32, so INT8 is advised."""
+    r = advise(files["benign"], load_profile("x86-avx2"), str(files["calib"]), max_layers=0)
+    assert r["recommendation"]["format"].startswith("int8_") and "avx2" in r["device"]["formats"]["int8_per_tensor"]["why"]
+    assert not r["device"]["formats"]["fp8_e4m3fn"]["fast"]
 
 
 def test_recommendation_follows_measurements_not_a_rule():

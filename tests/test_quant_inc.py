@@ -153,7 +153,7 @@ def test_untraceable_module_raises_one_line_model_error_and_leaves_nothing(tmp_p
 
 
 def test_presets_map_to_inc_config_or_are_refused():
-    cfg, notes = inc_config(preset_for(load_profile("host")))
+    cfg, notes = inc_config(preset_for(load_profile("x86-avx512-vnni")))
     assert (cfg["act_dtype"], cfg["act_sym"], cfg["w_dtype"], cfg["w_sym"], cfg["w_granularity"]) == \
         ("uint8", False, "int8", True, "per_channel") and notes == []
     s8, _ = inc_config(preset_for(load_profile("rpi4-cortex-a72"), signedness="S8S8"))

@@ -32,7 +32,9 @@ def cnn(tmp_path_factory) -> tuple[Path, Path]:
     fp32 = work / "resnet_tiny.onnx"
     export_onnx(resnet_tiny(), {"image": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}, fp32)
     int8 = work / "resnet_tiny.int8.onnx"
-    quantize_int8(fp32, int8, load_profile("x86-avx512-vnni"), _images(16, 1), tune=False)
+    # this machine's preset: with full-range weights on x86 without VNNI, VPMADDUBSW saturates differently in the
+    # region and in the whole graph; the host preset uses 7-bit weights there, as a real run would
+    quantize_int8(fp32, int8, load_profile("host"), _images(16, 1), tune=False)
     return fp32, int8
 
 

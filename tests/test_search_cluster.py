@@ -69,9 +69,11 @@ def cluster():
         probe = f"import ray; ray.init(address={address!r}, logging_level=40, log_to_driver=False)\n"
         deadline = time.monotonic() + 90
         while True:  # the head takes a few seconds; then the device's node joins it
-            r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60)
-            if r.returncode == 0:
-                break
+            try:
+                if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
             assert time.monotonic() < deadline, (tmp / "head.log").read_text()[-2000:]
             time.sleep(2)
         nodes.append(_node([f"--address={address}", '--resources={"host": 1}'], env, tmp / "device.log"))
