@@ -197,7 +197,7 @@ def run_pipeline(
         report = {
             "schema": SCHEMA,
             "device": {**profile.model_dump(mode="json", exclude={"remote"}), "source": str(profile.source) if profile.source else None},
-            "host": measured["host"] if measured else (timed.get("profiled_on") or {}).get("host") or describe_host(),
+            "host": measured["host"] if measured else timed.get("host") or describe_host(),
             "remote": measured["remote"] if measured else None,
             "variants": variants,
             "recommended": name,
@@ -206,8 +206,7 @@ def run_pipeline(
             "tolerance_on": f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
             "eval": opts.evaluate.spec if opts.evaluate else None,
             "speedup_measure": speedup_measure,
-            **({"profiled_on": {k: v for k, v in timed["profiled_on"].items() if k != "host"}}
-               if timed.get("profiled_on") else {}),
+            **({"profiled_on": timed["profiled_on"]} if timed.get("profiled_on") else {}),
             "stages": stages,
             "command": opts.command,
             "model": opts.source,

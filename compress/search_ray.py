@@ -126,11 +126,11 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
                 (folder / fname).write_bytes(data)
             paths[name] = folder / next(f for f in files if not f.endswith(".data"))
         timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
-    # the machine whose cores were timed, which on a cluster is not the trial's: the report names it
+    # the machine whose cores were timed, which on a cluster is not the trial's: the report describes that one
     from devices.host import describe_host
 
-    timed["profiled_on"] = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-                            "host": describe_host()}
+    timed["host"] = describe_host()
+    timed["profiled_on"] = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     return timed
 
 
