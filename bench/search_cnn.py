@@ -61,7 +61,7 @@ def final(report_dir: Path) -> dict[str, Any]:
     return {"name": v["name"], "onnx": report_dir / v["onnx"], "accuracy": v.get("accuracy"),
             "fp32_accuracy": rep["variants"][0].get("accuracy"), "p50": v["latency_ms"]["p50"],
             "fp32_p50": rep["variants"][0]["latency_ms"]["p50"], "top1": v["fidelity"].get("top1_agreement"),
-            "size_mb": v["size_bytes"] / 1e6, "recommended": rep["recommended"]}
+            "size_mb": v["size_bytes"] / 1e6}
 
 
 def best_within(rows: list[dict[str, Any]], budget: float) -> Optional[dict[str, Any]]:
@@ -127,20 +127,18 @@ def main() -> int:
               f"finished, {sum(t['status'] == 'stopped early' for t in s['trials'])} stopped early, "
               f"{sum(t['status'] == 'crashed' for t in s['trials'])} crashed; pick: {s.get('recommended')} "
               f"({s.get('reason', '')})")
-        picked, how = None, "its pick"
-        cands = [c for c in s["candidates"] if c["p50_ms"] is not None and c["accuracy"] is not None]
+        reports = {t["id"]: Path(t["report"]).parent for t in s["trials"] if t.get("report")}
+        cands = [{"name": c["name"], "setting": c["settings"], "onnx": reports[c["trial"]] / f"{c['variant']}.onnx",
+                  "accuracy": c["accuracy"], "p50": c["p50_ms"], "top1": (c["fidelity"] or {}).get("top1_agreement"),
+                  "size_mb": c["size_bytes"] / 1e6}
+                 for c in s["candidates"] if c["p50_ms"] is not None and c["accuracy"] is not None]
         if rc == 0:  # the pick is one variant of one trial: fp32, pruned or quantized
-            c = next(c for c in cands if c["name"] == s["recommended"])
+            picked, how = next(c for c in cands if c["name"] == s["recommended"]), "its pick"
         else:  # nothing met budget and floor: its most accurate model within the budget, as for the single runs
-            within = [c for c in cands if c["p50_ms"] <= budget]
-            c = max(within, key=lambda c: (c["accuracy"], -c["p50_ms"])) if within else None
-            how = "its most accurate model within the budget (below the floor)"
-        if c is not None:
-            trial = next(t for t in s["trials"] if t["id"] == c["trial"])
-            picked = {"setting": c["settings"], "onnx": Path(trial["report"]).parent / f"{c['variant']}.onnx",
-                      "accuracy": c["accuracy"], "p50": c["p50_ms"],
-                      "top1": (c["fidelity"] or {}).get("top1_agreement"), "size_mb": c["size_bytes"] / 1e6}
-            print(f"search: {how}: {c['name']} ({c['settings']}), accuracy {c['accuracy']:.4f}, p50 {c['p50_ms']:.3f} ms")
+            picked, how = best_within(cands, budget), "its most accurate model within the budget (below the floor)"
+        if picked:
+            print(f"search: {how}: {picked['name']} ({picked['setting']}), accuracy {picked['accuracy']:.4f}, "
+                  f"p50 {picked['p50']:.3f} ms")
         models = {"fp32": rows[0]["onnx"].parent / "fp32.onnx"}
         if single:
             models["best single run"] = single["onnx"]
