@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo test test-arm64 venv bench-deps clean
+.PHONY: demo test lint test-arm64 venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,14 @@ demo: $(STAMP)
 bench-deps: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 
-test: $(STAMP)
+# House rules: ruff (unused names, syntax, no private name from another package), import-linter's contracts in
+# pyproject.toml (layers point one way, no cycles), tools/house_rules.py (no private name across modules).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) tools/house_rules.py
+
+test: lint
 	$(PY) -m pytest -q -m "not arm64"
 
 # The device-side runner on aarch64 Linux under qemu user-mode emulation (needs qemu-user-static; the first run

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compress.inputs import example_inputs, parse_input_shape
-from compress.loading import load_model
+from compress.models.inputs import example_inputs, parse_input_shape
+from compress.models.loading import load_model
 from devices.loader import load_profile
 from export.onnx_export import export_onnx
 from runtime.profiler import profile_model

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from compress.errors import DeviceError, InputError
+from compress.core import DeviceError, InputError
 from devices import host
 from devices.schema import DeviceProfile
 
@@ -55,7 +55,7 @@ def _unknown_name(name: str, known: list[str]) -> DeviceError:
     return DeviceError(f"unknown device {name!r}; {hint}known: {', '.join(known)} (or pass a path to a .yaml profile)")
 
 
-def _read_text(path: Path, shown: str) -> str:
+def read_text(path: Path, shown: str) -> str:
     if not path.exists():
         raise InputError(f"{shown}: no such device profile file")
     if path.is_dir():
@@ -72,7 +72,7 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _parse_yaml(text: str, shown: str) -> dict[str, Any]:
+def parse_yaml(text: str, shown: str) -> dict[str, Any]:
     """safe_load only: a profile must never be able to construct Python objects."""
     try:
         data = yaml.safe_load(text)
@@ -198,7 +198,7 @@ def apply_host_detection(profile: DeviceProfile, shown: str) -> DeviceProfile:
 
 
 def _load_file(path: Path, shown: str) -> DeviceProfile:
-    profile = _validate(_parse_yaml(_read_text(path, shown), shown), shown)
+    profile = _validate(parse_yaml(read_text(path, shown), shown), shown)
     if profile.detect:
         profile = apply_host_detection(profile, shown)
     profile.source = path

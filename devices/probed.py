@@ -10,10 +10,9 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from compress.errors import DeviceError
-from devices import host
+from compress.core import DeviceError
+from devices import host, providers as ep_registry
 from devices.schema import DeviceProfile, RemoteSpec
-from runtime import providers as ep_registry
 
 
 def profile_name(facts: dict[str, Any], spec: RemoteSpec) -> str:

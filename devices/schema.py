@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from runtime import providers
+from devices import providers
 
 Arch = Literal["x86_64", "arm64"]
 # ISA features that change which kernels onnxruntime picks (and so what quantization pays).

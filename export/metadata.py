@@ -7,6 +7,7 @@ reaching into the exporter.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,31 @@ import onnx
 
 KEY = "edge_compress"
 SCHEMA = "edge-compress/onnx/1"
+
+
+@dataclass
+class InputSpec:
+    """What a graph input looks like; travels in the ONNX metadata so the profiler feeds realistic data."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    low: float | None = None
+    high: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def input_specs(example: dict[str, Any]) -> list[InputSpec]:
+    """Shape, dtype and observed value range of each example input (torch tensors), for the metadata."""
+    specs = []
+    for name, t in example.items():
+        arr = t.detach().float() if t.numel() else t
+        low = float(arr.min()) if t.numel() else None
+        high = float(arr.max()) if t.numel() else None
+        specs.append(InputSpec(name, list(t.shape), str(t.dtype).removeprefix("torch."), low, high))
+    return specs
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:

@@ -22,14 +22,9 @@ import onnx
 import torch
 from torch import nn
 
-from compress.atomic import atomic_dir
-from compress.interrupt import reraise_if_interrupted
-from compress.errors import ModelError, UsageError
-from compress.errors import first_line as _first_line
-from compress.inputs import input_specs
+from compress.core import atomic_dir, reraise_if_interrupted, TWO_GB, ModelError, UsageError, first_line as _first_line
 from export import metadata, parity
 
-TWO_GB = 2 * 1024**3
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter implements opset 18+; lower requests go to TorchScript
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
@@ -221,7 +216,7 @@ def export_onnx(
                 continue
             attempts.append({"exporter": name, "error": ""})
             graph_in = {i.name for i in proto.graph.input}
-            specs = [s.to_json() for s in input_specs(example) if s.name in graph_in]
+            specs = [s.to_json() for s in metadata.input_specs(example) if s.name in graph_in]
             if dynamic_batch:
                 for s in specs:
                     s["dynamic_axes"] = {"0": "batch"}

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+from compress.core import sessions
 
 
 @dataclass
@@ -90,9 +91,7 @@ def merge(runs: list[list[OutputParity]]) -> list[OutputParity]:
 def check(onnx_path: str | Path, cases: list[tuple[dict[str, np.ndarray], list[np.ndarray]]], output_names: list[str],
           atol: float = 1e-4, rtol: float = 1e-3) -> Parity:
     """Run the ONNX file on CPU for each (feeds, torch outputs) case and compare."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = sessions.session(onnx_path)
     graph_inputs = {i.name for i in sess.get_inputs()}
     runs = []
     for feeds, ref in cases:

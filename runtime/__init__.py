@@ -1,1 +1,12 @@
-"""onnxruntime sessions built from a device profile, the latency profiler, and the device-side runner."""
+"""Profiling on the device: the profiler (host side), the SSH transport, interleaved A/B timing on this
+machine, and the device-side runner (runner.py, one self-contained file copied to devices, not imported here).
+
+What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
+
+from compress.core import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "abtest": ["interleaved_latency"],
+    "profiler": ["DEFAULT_MAX_SECONDS", "check_model", "profile_model", "resolve_providers"],
+    "remote": ["Target", "probe", "resolve_spec"],
+})

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from compress.errors import RuntimeFailure, first_line
+from compress.core import RuntimeFailure, first_line, sessions
 
 
 @dataclass
@@ -43,16 +43,8 @@ class ABResult:
 
 
 def _session(path: Path, providers: list[Any], threads: int, session_config: dict[str, str]) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    for k, v in session_config.items():
-        so.add_session_config_entry(k, v)
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        return sessions.session(path, providers=providers, threads=threads, config=session_config)
     except Exception as e:
         raise RuntimeFailure(f"onnxruntime cannot load {path}: {first_line(e)}") from e
 

@@ -6,20 +6,14 @@ tool's torch-laden process) and so that the code that times a model here is the 
 
 from __future__ import annotations
 
-import collections
-import json
-import subprocess
 import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import Any
 
-from compress.errors import DeviceError, EdgeError, InputError, ModelError, RuntimeFailure, UsageError
-from compress.errors import first_line
-from devices.schema import DeviceProfile, RemoteSpec
-from export.metadata import get_metadata
-from runtime import providers as ep_registry
+from compress.core import DeviceError, InputError, first_line
+from devices import DeviceProfile, RemoteSpec, providers as ep_registry
+from export import get_metadata
+from runtime.stream import ProgressFn, parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
 
@@ -31,15 +25,6 @@ DEFAULT_MIN_RUNS = 30
 DEFAULT_MIN_SECONDS = 1.0
 DEFAULT_TARGET_CI = 0.02
 DEFAULT_MAX_SECONDS = 20.0
-
-ProgressFn = Callable[[int, Optional[int], str], None]
-
-_ERROR_KINDS: dict[str, type[EdgeError]] = {
-    "model": ModelError,
-    "device": DeviceError,
-    "config": UsageError,
-    "runtime": RuntimeFailure,
-}
 
 
 def profile_model(
@@ -160,14 +145,14 @@ def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remo
     }
     missing = list(result.get("missing_providers") or [])
     if missing:
-        from compress.console import warn
+        from compress.core import warn
 
         warn(f"device {profile.name!r} asks for {' and '.join(missing)}, which the onnxruntime "
              f"{result.get('onnxruntime_version')} on {target} lacks (install {_packages(missing)} there); profiled on "
              f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
     cores = plat.get("cpu_count")
     if isinstance(cores, int) and cores and result.get("threads", 0) > cores:
-        from compress.console import warn
+        from compress.core import warn
 
         warn(f"{result['threads']} threads on {target}, which has {cores} cores: the figures are slow and noisy; "
              f"pass --threads {cores} (or fix the profile's threads)")
@@ -176,7 +161,7 @@ def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remo
 
 def _describe_device(result: dict[str, Any]) -> dict[str, Any]:
     """The remote device in describe_host()'s shape (ISA flags are not reported by the runner: see the profile)."""
-    from devices.host import normalize_arch
+    from devices import normalize_arch
 
     plat = result.get("platform") or {}
     machine = plat.get("machine")
@@ -266,7 +251,7 @@ def resolve_providers(profile: DeviceProfile) -> tuple[list[list[Any]], list[str
         raise DeviceError(_missing_message(profile, missing, available))
     chosen = [[ep.name, dict(ep.options)] for ep in profile.execution_providers if ep.name in available]
     if missing:
-        from compress.console import warn
+        from compress.core import warn
 
         if "CPUExecutionProvider" not in [name for name, _ in chosen]:
             chosen.append(["CPUExecutionProvider", {}])
@@ -279,7 +264,7 @@ def _silently_dropped(profile: DeviceProfile, result: dict[str, Any], already: l
     used = set(result.get("providers") or [])
     dropped = [ep.name for ep in profile.execution_providers if ep.name not in used and ep.name not in already]
     if dropped and profile.cpu_fallback:
-        from compress.console import warn
+        from compress.core import warn
 
         warn(f"device {profile.name!r}: onnxruntime could not start {', '.join(dropped)} and ran on "
              f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
@@ -325,127 +310,6 @@ def run_runner(model: Path, config: dict[str, Any], on_progress: ProgressFn | No
     return parse_output(run.stdout, run.rc, run.last_line)
 
 
-@dataclass
-class StreamResult:
-    """What a runner process left: its stdout, exit status, the last non-progress stderr lines, and whether
-    the timeout killed it."""
-
-    stdout: str
-    rc: int
-    stderr_tail: list[str]
-    timed_out: bool = False
-
-    @property
-    def last_line(self) -> str:
-        return self.stderr_tail[-1] if self.stderr_tail else ""
-
-
-def stream_process(cmd: list[str], config: dict[str, Any], on_progress: ProgressFn | None = None, *,
-                   timeout: float | None = None, new_session: bool = False, what: str = "the runner") -> StreamResult:
-    """Start CMD, send CONFIG as JSON on its stdin, forward its stderr progress lines, wait (at most TIMEOUT s).
-
-    The same code drives the local runner and the remote one (CMD is then an ssh command line, whose
-    stderr carries the device's progress lines). new_session keeps Ctrl-C away from the child, so that the
-    caller, not the terminal, decides how it stops (ssh must be stopped before the device is cleaned up).
-    """
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, encoding="utf-8", errors="replace", start_new_session=new_session)
-    except OSError as e:
-        raise RuntimeFailure(f"cannot start {what} ({cmd[0]}): {e.strerror or e}") from e
-    stdout_chunks: list[str] = []
-    reader = threading.Thread(target=lambda: stdout_chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    fired = threading.Event()
-    timer = None
-    if timeout is not None:
-        def expire() -> None:
-            fired.set()
-            _stop(proc, grace=2)
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
-    try:
-        _send_config(proc, config)
-        tail = _pump_stderr(proc.stderr, on_progress)  # type: ignore[arg-type]
-        rc = proc.wait()
-        reader.join()
-    except BaseException:  # Ctrl-C (or a failing on_progress): never leave the runner behind
-        _stop(proc)
-        raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-    return StreamResult("".join(stdout_chunks), rc, tail, fired.is_set())
-
-
-def _send_config(proc: subprocess.Popen, config: dict[str, Any]) -> None:
-    try:
-        proc.stdin.write(json.dumps(config))  # type: ignore[union-attr]
-        proc.stdin.close()  # type: ignore[union-attr]
-    except BrokenPipeError:
-        pass  # the runner died before reading; its exit status and stderr say why
-
-
-def _pump_stderr(stream: IO[str], on_progress: ProgressFn | None, keep: int = 40) -> list[str]:
-    """Forward progress lines; keep the last other lines: the last is the best crash message there is, and
-    ssh's own diagnostics (host key banners) span several."""
-    tail: collections.deque[str] = collections.deque(maxlen=keep)
-    for line in stream:
-        line = line.strip()
-        if not line:
-            continue
-        msg = _progress_line(line)
-        if msg is None:
-            tail.append(line)
-        elif on_progress is not None:
-            on_progress(*msg)
-    return list(tail)
-
-
-def _progress_line(line: str) -> tuple[int, int | None, str] | None:
-    if not line.startswith("{"):
-        return None
-    try:
-        d = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(d, dict) or "progress" not in d:
-        return None
-    return int(d["progress"]), (int(d["total"]) if d.get("total") is not None else None), str(d.get("phase", ""))
-
-
-def _stop(proc: subprocess.Popen, grace: float = 5) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def parse_output(stdout: str, rc: int, last_stderr: str) -> dict[str, Any]:
-    doc = None
-    text = stdout.strip()
-    if text:
-        try:
-            doc = json.loads(text.splitlines()[-1])
-        except json.JSONDecodeError:
-            doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-        err = doc["error"]
-        cls = _ERROR_KINDS.get(err.get("kind", ""), RuntimeFailure)
-        raise cls(str(err.get("message", "the runner failed")))
-    if rc != 0 or not isinstance(doc, dict):
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-        hint = " (out of memory?)" if rc == -9 else ""
-        detail = f": {last_stderr}" if last_stderr else ""
-        raise RuntimeFailure(f"the profiling runner {how}{hint} without a result{detail}")
-    return doc
-
-
 # ---------------------------------------------------------------------------------------------- misc
 
 
@@ -455,7 +319,7 @@ def _warn_oversubscribed(threads: int) -> None:
 
     cores = os.cpu_count() or 0
     if cores and threads > cores:
-        from compress.console import warn
+        from compress.core import warn
 
         warn(f"{threads} threads on a machine with {cores} cores: runs will queue for CPUs and the figures will "
              f"be slow and noisy; pass --threads {cores} or profile on the device itself")
@@ -463,7 +327,7 @@ def _warn_oversubscribed(threads: int) -> None:
 
 def _describe_host() -> dict[str, Any] | None:
     try:
-        from devices.host import describe_host
+        from devices import describe_host
     except ImportError:
         return None
     return describe_host()

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from compress.errors import DeviceError, EdgeError, InputError, UsageError
-from devices.schema import RemoteSpec
+from compress.core import DeviceError, EdgeError, InputError, UsageError
+from devices import RemoteSpec
+from runtime.stream import parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
 PROBE = Path(__file__).with_name("device_probe.py")
@@ -361,7 +362,7 @@ class RemoteDir:
 
 
 def _warn(msg: str) -> None:
-    from compress.console import warn
+    from compress.core import warn
 
     warn(msg)
 
@@ -442,10 +443,10 @@ def model_files(model: Path) -> list[tuple[Path, str]]:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception:  # noqa: BLE001 - check_model already refused unreadable files
         return files
-    from runtime.runner import _all_tensors
+    from runtime.runner import all_tensors
 
     seen = set()
-    for t in _all_tensors(proto.graph):
+    for t in all_tensors(proto.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = next((kv.value for kv in t.external_data if kv.key == "location"), None)
@@ -465,8 +466,6 @@ def model_files(model: Path) -> list[tuple[Path, str]]:
 def run_runner_remote(model: Path, config: dict[str, Any], spec: RemoteSpec, on_progress: Optional[Callable[..., None]] = None,
                       timeout: Optional[float] = None) -> dict[str, Any]:
     """runner.py on the device: copy, run with CONFIG on stdin (progress streams back on stderr), fetch, clean up."""
-    from runtime.profiler import parse_output, stream_process
-
     ssh = Ssh(spec)
     files = model_files(model)
     subdirs = tuple(sorted({os.path.dirname(rel) for _, rel in files if os.path.dirname(rel)}))
@@ -490,7 +489,7 @@ def run_runner_remote(model: Path, config: dict[str, Any], spec: RemoteSpec, on_
         try:
             return parse_output(run.stdout, run.rc, run.last_line)
         except EdgeError as e:
-            hint = (f"; install onnxruntime and numpy for it on the device, or pass --remote-python PATH to a Python that has "
+            hint = ("; install onnxruntime and numpy for it on the device, or pass --remote-python PATH to a Python that has "
                     "them" if "is not installed for" in str(e) else "")
             raise type(e)(f"on {ssh.target}: {e}{hint}") from None
 

@@ -154,7 +154,7 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         if isinstance(p, str):
             p = [p, {}]
         if not (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict)):
-            raise RunnerError("config", "each provider must be [name, {options}] (got {!r})".format(p))
+            raise RunnerError("config", "each provider must be [name, {{options}}] (got {!r})".format(p))
         norm.append((p[0], dict(p[1])))
     cfg["providers"] = norm
     if not isinstance(cfg["session_config"], dict):
@@ -662,7 +662,7 @@ def _external_locations(path: str) -> Optional[List[str]]:
     except Exception:
         return None
     locs = []
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for kv in t.external_data:
                 if kv.key == "location":
@@ -670,7 +670,7 @@ def _external_locations(path: str) -> Optional[List[str]]:
     return locs
 
 
-def _all_tensors(graph: Any) -> Any:
+def all_tensors(graph: Any) -> Any:
     """Initializers and tensor attributes, subgraphs included (If/Loop/Scan bodies hold weights too)."""
     for t in graph.initializer:
         yield t
@@ -681,10 +681,10 @@ def _all_tensors(graph: Any) -> Any:
             for t in attr.tensors:
                 yield t
             if attr.HasField("g"):
-                for t in _all_tensors(attr.g):
+                for t in all_tensors(attr.g):
                     yield t
             for g in attr.graphs:
-                for t in _all_tensors(g):
+                for t in all_tensors(g):
                     yield t
 
 

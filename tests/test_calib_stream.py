@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from compress.errors import InputError
-from compress.inputs import load_calib
-from compress.quant_calib import CalibReader
+from compress.core.errors import InputError
+from compress.models.inputs import load_calib
+from compress.quantize.calib import CalibReader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def _relu_model(name: str = "x", dims: tuple = (None, 2)) -> onnx.ModelProto:
 MEASURE = """
 import json, resource, sys
 import numpy as np
-from compress.inputs import load_calib
+from compress.models.inputs import load_calib
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 data = load_calib(sys.argv[1], max_samples=4)
 first = {k: np.array(v) for k, v in data.items()}

@@ -129,7 +129,7 @@ def test_rerun_reuses_finished_stages_and_force_redoes_them(tmp_path):
 
 
 def test_cache_entry_without_meta_is_never_read(tmp_path):
-    from compress.stage_cache import StageCache, key_of
+    from compress.pipeline.stage_cache import StageCache, key_of
 
     cache = StageCache(tmp_path / "c")
     out = tmp_path / "m.onnx"
@@ -173,7 +173,7 @@ def test_run_with_the_inc_backend(tmp_path):
 def test_cache_key_of_a_user_file_model_is_the_same_in_every_process(model_file):
     """A model from FILE.py:factory is imported under a generated module name; the key must not depend on it
     (Python's str hash changes per process)."""
-    code = ("import sys; from compress.loading import load_model; from compress.stage_cache import key_of; "
+    code = ("import sys; from compress.models.loading import load_model; from compress.pipeline.stage_cache import key_of; "
             "print(key_of('export', ['x'], [load_model(sys.argv[1]).module]))")
     keys = {subprocess.run([sys.executable, "-c", code, f"{model_file}:build"], capture_output=True, text=True,
                            check=True).stdout.strip() for _ in range(2)}

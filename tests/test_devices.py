@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.errors import DeviceError, EdgeError, InputError
+from compress.core.errors import DeviceError, EdgeError, InputError
 from devices import host
 from devices.loader import PROFILES_DIR, list_profiles, load_profile, profile_names
 from devices.schema import DeviceProfile

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.errors import ModelError
-from compress.inputs import example_inputs, parse_input_shape
-from compress.loading import load_model
+from compress.core.errors import ModelError
+from compress.models.inputs import example_inputs, parse_input_shape
+from compress.models.loading import load_model
 from export.metadata import read_metadata
 from export.onnx_export import export_onnx
 

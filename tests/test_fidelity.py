@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.errors import ModelError
-from compress.fidelity import fidelity, onnx_outputs, torch_outputs
+from compress.core.errors import ModelError
+from compress.evaluate.compare import fidelity, onnx_outputs, torch_outputs
 from export.onnx_export import export_onnx
 
 

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from compress.errors import EdgeError, InputError, ModelError, UsageError
-from compress.inputs import check_calib_names, example_inputs, load_calib, parse_input_shape
-from compress.loading import load_model
+from compress.core.errors import EdgeError, InputError, ModelError, UsageError
+from compress.models.inputs import check_calib_names, example_inputs, load_calib, parse_input_shape
+from compress.models.loading import load_model
 from compress.zoo import resnet_tiny
 
 

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import DeviceError, InputError, UsageError
+from compress.core.errors import DeviceError, InputError, UsageError
 from devices.schema import DeviceProfile
 from runtime import profiler
 
@@ -346,7 +346,7 @@ def test_runner_error_document_maps_to_edge_error(mm_model: Path) -> None:
 
 
 def test_runner_crash_is_runtime_failure(mm_model: Path, tmp_path: Path) -> None:
-    from compress.errors import RuntimeFailure
+    from compress.core.errors import RuntimeFailure
 
     crasher = tmp_path / "python"
     crasher.write_text("#!/bin/sh\necho 'Segmentation fault' >&2\nexit 139\n")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.errors import UsageError
-from compress.prune import PruneResult, iter_attention, prune_model
+from compress.core.errors import UsageError
+from compress.prune.structural import PruneResult, iter_attention, prune_model
 from compress.zoo import encoder_tiny, resnet_demo, resnet_tiny
 from export.onnx_export import export_onnx, flatten_outputs
 
@@ -259,7 +259,7 @@ def test_low_magnitude_channels_are_the_ones_removed(criterion):
 
 
 def test_label_free_gradients_are_not_degenerate_for_normalised_embeddings():
-    from compress.importance import accumulate_gradients, label_free_loss
+    from compress.prune.importance import accumulate_gradients, label_free_loss
 
     model = encoder_tiny()  # returns L2-normalised embeddings: ||y||^2 is constant, its gradient zero
     assert accumulate_gradients(model, [_tokens(4, 16, seed=s) for s in range(3)]) == 3
@@ -336,8 +336,8 @@ def test_attention_outside_the_registry_is_left_untouched_and_the_rest_pruned():
 
 
 def test_a_torch_pruning_failure_is_a_model_error_naming_the_layer(monkeypatch):
-    from compress import importance
-    from compress.errors import ModelError
+    from compress.prune import importance
+    from compress.core.errors import ModelError
 
     def explode(group):
         raise RuntimeError("scorer exploded\nsecond line")
@@ -393,7 +393,7 @@ def test_unknown_or_inapplicable_criterion_is_a_usage_error():
 
 
 def test_every_registered_criterion_prunes_a_cnn():
-    from compress.importance import IMPORTANCE, describe_importances, get_importance
+    from compress.prune.importance import IMPORTANCE, describe_importances, get_importance
 
     assert [n for n, _ in describe_importances()] == list(IMPORTANCE)
     assert {"l1", "l2", "taylor", "fpgm", "lamp", "bn_scale", "random"} <= set(IMPORTANCE)

@@ -19,9 +19,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import InputError, UsageError
-from compress.fidelity import fidelity, onnx_outputs
-from compress.quant_fp8 import (
+from compress.core.errors import InputError, UsageError
+from compress.evaluate.compare import fidelity, onnx_outputs
+from compress.quantize.fp8 import (
     collect_amax,
     fp8_outputs,
     fp8_scale,

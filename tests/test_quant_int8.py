@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compress.errors import InputError
-from compress.fidelity import fidelity, onnx_outputs
-from compress.quant_calib import CalibReader
-from compress.quant_int8 import detect_family, quantize_int8, residual_add_to_sum, space_to_depth_stem, try_presets
-from compress.quant_prep import preprocess
-from compress.quant_presets import candidates, preset_for
+from compress.core.errors import InputError
+from compress.evaluate.compare import fidelity, onnx_outputs
+from compress.quantize.calib import CalibReader
+from compress.quantize.int8 import detect_family, quantize_int8, residual_add_to_sum, space_to_depth_stem, try_presets
+from compress.quantize.prep import preprocess
+from compress.quantize.presets import candidates, preset_for
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 from export.metadata import read_metadata

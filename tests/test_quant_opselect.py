@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compress.quant_int8 import quantize_int8
-from compress.quant_opselect import (LAYOUT_OPS, SELECT_OPS, OpTiming, boundary_values, extract, find_regions,
+from compress.quantize.int8 import quantize_int8
+from compress.quantize.opselect import (LAYOUT_OPS, SELECT_OPS, OpTiming, boundary_values, extract, find_regions,
                                      op_latency, select_ops)
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
@@ -141,9 +141,9 @@ def test_nothing_requantized_when_every_op_is_faster(cnn, tmp_path):
 def test_quant_stage_reports_ops_kept_in_fp32_and_later_quantizations_keep_them(cnn, tmp_path, monkeypatch):
     """End to end through the stage: a slow op (injected timing) stays fp32 in the written model and in the
     report with its reason, and the accuracy fallback quantizes without it too."""
-    import compress.quant_opselect as qo
+    import compress.quantize.opselect as qo
     import runtime.abtest as ab
-    from compress.quant_stage import QuantOptions, quant_stage
+    from compress.quantize.stage import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
     convs = [n.name for n in onnx.load(str(fp32_path)).graph.node if n.op_type == "Conv"]

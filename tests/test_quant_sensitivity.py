@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import InputError, UsageError
-from compress.fidelity import fidelity, onnx_outputs
-from compress.quant_fp8 import fp8_outputs, quantize_fp8
-from compress.quant_sensitivity import fallback, layer_sensitivity, metric_error, quantizable_nodes
+from compress.core.errors import InputError, UsageError
+from compress.evaluate.compare import fidelity, onnx_outputs
+from compress.quantize.fp8 import fp8_outputs, quantize_fp8
+from compress.quantize.sensitivity import fallback, layer_sensitivity, metric_error, quantizable_nodes
 from export.metadata import read_metadata
 
 WIDTH = 32

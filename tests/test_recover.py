@@ -10,9 +10,9 @@ import torch
 from torch import nn
 import torch_pruning as tp
 
-from compress.errors import InputError, ModelError, UsageError
-from compress.fidelity import fidelity, torch_outputs
-from compress.recover import distill, load_finetune, run_finetune
+from compress.core.errors import InputError, ModelError, UsageError
+from compress.evaluate.compare import fidelity, torch_outputs
+from compress.prune.recover import distill, load_finetune, run_finetune
 from compress.zoo import resnet_tiny
 
 
@@ -213,7 +213,7 @@ def test_training_that_makes_things_worse_is_undone(teacher, calib):
 
 
 def test_batchnorm_statistics_are_reestimated_from_the_calibration_samples():
-    from compress.recover import recalibrate_batchnorm
+    from compress.prune.recover import recalibrate_batchnorm
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -232,7 +232,7 @@ def test_batchnorm_statistics_are_reestimated_from_the_calibration_samples():
 
 
 def test_batchnorm_left_as_it_was_when_it_cannot_be_estimated():
-    from compress.recover import recalibrate_batchnorm
+    from compress.prune.recover import recalibrate_batchnorm
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
     before = {k: v.clone() for k, v in net[2].state_dict().items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from compress.errors import UsageError
+from compress.core.errors import UsageError
 from devices.schema import RemoteSpec
 from runtime import remote
 
@@ -428,7 +428,7 @@ def test_probe_facts_become_a_valid_arm_profile():
     assert prof.provider_names == ["XnnpackExecutionProvider", "CPUExecutionProvider"]  # Azure is no compute device
     assert prof.quantization.activation_type == "int8" and prof.int8_dot is False and "Cortex-A72" in prof.description
     assert prof.remote == RemoteSpec(host="10.0.0.7", user="pi")
-    from compress.errors import DeviceError
+    from compress.core.errors import DeviceError
 
     with pytest.raises(DeviceError, match="armv7l"):
         profile_from_probe({**facts, "machine": "armv7l"}, RemoteSpec(host="pi"))

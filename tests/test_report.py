@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from compress.errors import InputError
-from compress.report_html import render_html, write_html
-from compress.report_md import render_markdown, validate_report
-from compress.report_plot import build_figure, pareto_front, plot_tradeoff, render_png, tradeoff_data
+from compress.core.errors import InputError
+from compress.report.html import render_html, write_html
+from compress.report.markdown import render_markdown, validate_report
+from compress.report.plot import build_figure, pareto_front, plot_tradeoff, render_png, tradeoff_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,10 +49,10 @@ def _rows(md: str) -> dict[str, list[str]]:
 def _report_cli(capsys, monkeypatch, *args):
     """`compress report ...` through compress.cli.main, as the installed command runs it (exit codes, one-line errors)."""
     from compress.cli import cli, main
-    from compress.cli_report import report
+    from compress.cli.report import report
 
     monkeypatch.delenv("EDGE_COMPRESS_DEBUG", raising=False)
-    if "report" not in cli.commands:  # until compress/cli.py registers it itself
+    if "report" not in cli.commands:  # until compress/cli/main.py registers it itself
         cli.add_command(report)
     with pytest.raises(SystemExit) as e:
         main(["report", *map(str, args)])

@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from compress.errors import InputError, UsageError
-from compress.search import SearchSettings, recommend
-from compress.search_ray import Hopeless, objective
-from compress.search_space import label, normalise, space_for, trial_seed
-from compress.sweep import cells, load_sweep
+from compress.core.errors import InputError, UsageError
+from compress.search.study import SearchSettings, recommend
+from compress.search.trials import Hopeless, objective
+from compress.search.space import label, normalise, space_for, trial_seed
+from compress.search.sweep import cells, load_sweep
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 

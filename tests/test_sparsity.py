@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.errors import ModelError, UsageError
-from compress.recover import distill
-from compress.sparsity import NOTE, apply_sparsity, zipped_size
+from compress.core.errors import ModelError, UsageError
+from compress.prune.recover import distill
+from compress.prune.sparsity import SPARSITY_NOTE, apply_sparsity, zipped_size
 from compress.zoo import resnet_tiny
 from export.onnx_export import export_onnx
 
@@ -98,9 +98,9 @@ def test_plain_weights_and_json(model):
     assert all(type(m.weight) is nn.Parameter for m in _layers(res.module).values())
     assert not any(hasattr(m, "weight_mask") or m._forward_pre_hooks for m in res.module.modules())
     data = json.loads(json.dumps(res.to_json()))
-    assert data["sparsity"] == pytest.approx(0.5, abs=1e-4) and data["note"] == NOTE
+    assert data["sparsity"] == pytest.approx(0.5, abs=1e-4) and data["note"] == SPARSITY_NOTE
     assert {"name", "shape", "sparsity"} <= set(data["layers"][0])
-    assert "onnxruntime" in NOTE and "TensorRT" in NOTE and "2:4" in NOTE
+    assert "onnxruntime" in SPARSITY_NOTE and "TensorRT" in SPARSITY_NOTE and "2:4" in SPARSITY_NOTE
 
 
 def test_bad_arguments(model):

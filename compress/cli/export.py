@@ -1,0 +1,81 @@
+"""`compress export`: a PyTorch model to a verified ONNX file."""
+
+from __future__ import annotations
+
+import click
+
+from compress.core import console, check_json_output, check_onnx_output
+from compress.cli.options import model_input_options
+from compress.models import require_one_input_source
+
+EPILOG = """\b
+Examples:
+  compress export compress.zoo:resnet_demo --input-shape 1,3,224,224 -o resnet.onnx
+  compress export my_model.py:build --weights best.safetensors --calib calib.npz --dynamic-batch -o model.onnx
+  compress export compress.zoo:encoder_tiny --input-shape input_ids=1,64 --input-shape attention_mask=1,64 -o enc.onnx
+  compress export ./bert-folder --input-shape input_ids=1,128 --json - -o bert.onnx
+"""
+
+
+@click.command("export", epilog=EPILOG)
+@click.argument("model")
+@model_input_options
+@click.option("--device", default=None, help="Device profile (name or YAML) whose opset to use.")
+@click.option("--opset", type=click.IntRange(7, 23), default=None, help="ONNX opset (default: the device profile's, else 18).")
+@click.option("--dynamic-batch", is_flag=True, help="Make the first axis of every input symbolic.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, falling back to TorchScript.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Parity: absolute tolerance.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True, help="Parity: tolerance relative to the output's largest value.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the export summary as JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str | None,
+           opset: int | None, dynamic_batch: bool, exporter: str, atol: float, rtol: float, json_out: str | None,
+           output: str) -> None:
+    """Export MODEL to ONNX and verify it against torch.
+
+    MODEL is path/to/file.py:factory, package.module:factory (a callable returning an nn.Module), or a
+    Hugging Face model folder (config.json + safetensors). Nothing is written unless onnxruntime's outputs
+    match torch's within tolerance.
+    """
+    from compress.models import calib_samples, check_calib_names, load_calib, parse_input_shape
+
+    require_one_input_source(input_shapes, calib)
+    out = check_onnx_output(output, [model, weights, calib, device])
+    check_json_output(json_out, output, [model, weights, calib, device])
+    shapes = [parse_input_shape(s) for s in input_shapes]
+    if opset is None:
+        opset = 18
+        if device:
+            from devices import load_profile
+
+            opset = load_profile(device).opset
+    from export import export_onnx
+    from compress.models import example_inputs
+    from compress.models import load_model
+
+    with console.progress("loading model") as step:
+        loaded = load_model(model, weights)
+        data = None
+        if calib:
+            data = load_calib(calib)
+            check_calib_names(data, loaded, calib)
+        example = example_inputs(loaded, shapes, data)
+        # parity on a few more real samples, one at a time
+        extra = calib_samples(data, list(example), start=1, count=3) if data is not None else []
+        result = export_onnx(
+            loaded.module, example, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter,
+            extra_cases=extra, atol=atol, rtol=rtol, source=model,
+            extra_meta={"weights": weights, "calib": calib, "device": device},
+            on_stage=lambda s: step.update(description=s),
+        )
+    summary = result.to_json()
+    if console.report_json(json_out, summary):
+        return
+    p = result.parity
+    console.out_console.print(
+        f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}, {result.exporter} exporter)\n"
+        f"parity vs torch over {p['cases']} input set(s): max abs err {p['max_abs_err']:.2e}, max rel err {p['max_rel_err']:.2e}"
+    )
+    for a in result.attempts:
+        if a["error"]:
+            console.warn(f"{a['exporter']} exporter not used: {a['error']}")

@@ -1,0 +1,66 @@
+"""Options shared by several commands (export, prune, quantize, run), declared once."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+
+
+def model_input_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--weights, --input-shape (repeatable) and --calib, with one wording everywhere."""
+    for opt in reversed([
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="State dict: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]",
+                     help="Example input shape, e.g. 1,3,224,224 or input_ids=1,128:int64; repeat per input."),
+        click.option("--calib", type=click.Path(dir_okay=False),
+                     help=".npz of real samples: keys are the forward() input names, first axis is samples."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def max_calib_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-calib, for every command that takes --calib (quantize, prune, run): the file is read lazily, and
+    this caps how many of its samples are read at all (calibration sets reach 100+ GB)."""
+    return click.option("--max-calib", type=click.IntRange(min=1), help="Use at most this many calibration samples.")(f)
+
+
+def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--eval and --metric: the user's score, for quantize and run (see compress.evaluate.user_metric)."""
+    for opt in reversed([
+        click.option("--eval", "eval_spec", metavar="DATA.npz|FILE.py:FN",
+                     help="Score each model: labelled DATA.npz (inputs + 'y': top-1 accuracy, or --metric), or your "
+                          "FN(model_path) -> score. --tolerance then bounds the drop of that score from fp32."),
+        click.option("--metric", "metric_spec", metavar="FILE.py:FN",
+                     help="With --eval DATA.npz: FN(outputs, y) -> score (higher is better) instead of top-1."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend for INT8, for quantize and run; the default follows bench/quant_inc.py (see quant_stage.BACKENDS)."""
+    return click.option("--backend", type=click.Choice(["ort", "inc"]), default="ort", show_default=True,
+                        help="INT8 backend: onnxruntime's quantizer on the ONNX graph (faster on both benchmark models), "
+                             "or Intel Neural Compressor's PT2E static INT8 in torch (needs the PyTorch model: run).")(f)
+
+
+def int4_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--block-size, --budget-mb, --avg-bits and --salience: weight-only INT4, for quantize (--to int4) and run
+    (--quant int4); compress.quantize.int4.check_options checks them."""
+    for opt in reversed([
+        click.option("--block-size", type=int, default=32, show_default=True, help="INT4: weights per scale (32, 64 or 128)."),
+        click.option("--budget-mb", type=float,
+                     help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it."),
+        click.option("--avg-bits", type=float,
+                     help="INT4: the budget as average bits per quantized weight (4-32), each layer 4, 8 or 32 (float); "
+                          "scales and zero points not counted (--budget-mb counts every byte)."),
+        click.option("--salience", type=click.Choice(["measured", "proxy"]), default="measured", show_default=True,
+                     help="INT4 budget: rank layers by measured output error (one model per layer) or predict it from "
+                          "weights and activations (one pass, much faster)."),
+    ]):
+        f = opt(f)
+    return f

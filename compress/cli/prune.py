@@ -1,0 +1,154 @@
+"""`compress prune`: structural pruning (and/or sparsity masks) with recovery, exported and measured."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compress.core import console, check_json_output, check_onnx_output
+from compress.cli.options import max_calib_option, model_input_options
+from compress.models import require_one_input_source
+
+EPILOG = """\b
+Examples:
+  compress prune compress.zoo:resnet_demo --input-shape 1,3,224,224 --ratio 0.5 -o pruned.onnx
+  compress prune model.py:build --weights w.safetensors --calib calib.npz --ratio 0.4 --device rpi4-cortex-a72 -o p.onnx
+  compress prune compress.zoo:encoder_demo --calib calib.npz --ratio 0.3 --ignore layers.0 --json - -o enc.onnx
+  compress prune compress.zoo:resnet_demo --input-shape 1,3,224,224 --sparsity 0.5 --pattern 2:4 -o sparse.onnx
+"""
+
+
+@click.command("prune", epilog=EPILOG)
+@click.argument("model")
+@model_input_options
+@max_calib_option
+@click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
+@click.option("--importance", default="l2", show_default=True, help="Channel importance criterion (see --importance list).")
+@click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
+@click.option("--ignore", multiple=True, metavar="NAME", help="Module (qualified name or prefix) never to prune; repeatable.")
+@click.option("--round-to", type=int, help="Round channel counts to this multiple (default: the device's channel multiple).")
+@click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): channel multiple, and where speed is measured.")
+@click.option("--sparsity", type=float, help="Also (or instead) zero this fraction of weights as masks.")
+@click.option("--pattern", type=click.Choice(["unstructured", "2:4"]), default="unstructured", show_default=True)
+@click.option("--no-recover", is_flag=True, help="Skip the distillation from the unpruned model.")
+@click.option("--recover-steps", type=click.IntRange(1, 100000), default=200, show_default=True)
+@click.option("--recover-seconds", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Time budget for recovery.")
+@click.option("--finetune", metavar="FILE.py:FN", help="Your own fine-tune fn(model, batches) -> model, run instead of distillation.")
+@click.option("--no-measure", is_flag=True, help="Skip the side-by-side latency measurement.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path (the pruned model).")
+def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None,
+          ratio: float | None,
+          importance: str, global_pruning: bool, ignore: tuple[str, ...], round_to: int | None, device: str,
+          sparsity: float | None, pattern: str, no_recover: bool, recover_steps: int, recover_seconds: float,
+          finetune: str | None, no_measure: bool, json_out: str | None, output: str) -> None:
+    """Prune MODEL structurally so it is really faster, recover it, export it, and measure it.
+
+    Channels, attention heads and neurons are removed on Torch-Pruning's dependency graph (residuals,
+    concats, grouped convs and heads stay consistent; outputs and --ignore'd layers are kept), widths are
+    rounded to the device's SIMD multiple, and the pruned model is distilled from the original on the
+    calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
+    """
+    from compress.prune import get_importance
+    from compress.models import prepare_inputs
+    from compress.models import load_model
+    from compress.prune import PruneOptions, prune_stage
+    from devices import load_profile
+
+    require_one_input_source(input_shapes, calib)
+    out = check_onnx_output(output, [model, weights, calib, device, finetune])
+    check_json_output(json_out, output, [model, weights, calib, device, finetune])
+    opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
+                        round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
+                        recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
+                        real_data=calib is not None)
+    opts.check()
+    get_importance(importance)  # an unknown criterion fails before the model is loaded
+    profile = load_profile(device)
+    if opts.round_to is None and opts.ratio is not None:
+        opts.round_to = profile.pruning.channel_multiple
+
+    with console.progress("loading model") as step:
+        loaded = load_model(model, weights)
+        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
+        example = prep.example
+        pruned, report = prune_stage(loaded.module, example, prep.train, prep.held_out, opts, on_stage=lambda s: step.update(description=s))
+        report["calibration"] = prep.info
+        step.update(description="exporting")
+        from export import export_onnx
+
+        result = export_onnx(pruned, example, out, opset=profile.opset, source=model,
+                             extra_meta={"weights": weights, "pruning": {"ratio": ratio, "sparsity": sparsity, "pattern": pattern,
+                                                                         "importance": importance, "round_to": opts.round_to}})
+        report["onnx"] = {"path": str(result.path), "size_bytes": result.size_bytes, "parity": result.parity, "exporter": result.exporter}
+        if not no_measure or sparsity is not None:
+            report["measured"] = _measure(loaded.module, example, out, profile, sparsity is not None, step, no_measure)
+    report["device"] = profile.name
+    if console.report_json(json_out, report):
+        return
+    _print_summary(report)
+
+
+def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, sparse: bool, step: console.Step,
+             no_latency: bool) -> dict[str, Any]:
+    """Export the original beside the result and compare sizes (zipped, for sparsity) and latency A/B."""
+    from export import export_onnx
+    from runtime import interleaved_latency
+    from runtime import resolve_providers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "original.onnx"
+        step.update(description="exporting the original for comparison")
+        export_onnx(original, example, base, opset=profile.opset)
+        measured: dict[str, Any] = {"size_bytes": {"original": base.stat().st_size, "pruned": pruned_path.stat().st_size}}
+        if sparse:
+            from compress.prune import SPARSITY_NOTE, zipped_size
+
+            measured["zipped_bytes"] = {"original": zipped_size(base), "pruned": zipped_size(pruned_path)}
+            measured["note"] = SPARSITY_NOTE
+        if no_latency:
+            return measured
+        step.update(description=f"timing original vs pruned on {profile.name}")
+        providers, _ = resolve_providers(profile)
+        feeds = {k: v.numpy() for k, v in example.items()}
+        ab = interleaved_latency({"original": base, "pruned": pruned_path}, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
+                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30, min_seconds=3.0)
+        measured["latency"] = ab.to_json()
+    return measured
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("original", justify="right")
+    t.add_column("pruned", justify="right")
+    t.add_column("ratio", justify="right")
+    s = r.get("structural")
+    if s:
+        t.add_row("params", f"{s['params_before'] / 1e6:.2f} M", f"{s['params_after'] / 1e6:.2f} M", f"{s['params_before'] / s['params_after']:.2f}x")
+        t.add_row("MACs", f"{s['macs_before'] / 1e9:.3f} G", f"{s['macs_after'] / 1e9:.3f} G", f"{s['macs_before'] / s['macs_after']:.2f}x")
+    m = r.get("measured") or {}
+    if "zipped_bytes" in m:
+        z = m["zipped_bytes"]
+        t.add_row("zipped ONNX", f"{z['original'] / 1e6:.2f} MB", f"{z['pruned'] / 1e6:.2f} MB", f"{z['original'] / z['pruned']:.2f}x")
+    if "latency" in m:
+        lat = m["latency"]
+        t.add_row(f"latency p50 ({lat['threads']} thr, interleaved)", f"{lat['wall_ms']['original']:.2f} ms",
+                  f"{lat['wall_ms']['pruned']:.2f} ms", f"{lat['speedup_wall']['pruned']:.2f}x")
+    console.out_console.print(t)
+    fb, fa = r["fidelity_before_recovery"], r["fidelity"]
+    rec = r.get("recovery") or {}
+    line = f"fidelity to the original ({r['calibration']['source']}): cosine mean {fb['cosine_mean']:.4f} -> {fa['cosine_mean']:.4f}"
+    if fa.get("top1_agreement") is not None:
+        line += f", top-1 agreement {fb['top1_agreement']:.1%} -> {fa['top1_agreement']:.1%}"
+    if rec:
+        line += f" (after {rec.get('method')}{', %d steps' % rec['steps'] if 'steps' in rec else ''})"
+    console.out_console.print(line)
+    if "note" in m:
+        console.out_console.print(m["note"])
+    console.out_console.print(f"wrote {r['onnx']['path']} ({r['onnx']['size_bytes'] / 1e6:.1f} MB, parity max rel err {r['onnx']['parity']['max_rel_err']:.1e})")

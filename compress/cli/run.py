@@ -1,0 +1,134 @@
+"""`compress run`: the whole pipeline in one command, one recommended artifact."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compress.core import console, UsageError
+from compress.cli.options import backend_option, eval_options, int4_options, max_calib_option, model_input_options
+from compress.models import require_one_input_source
+
+EPILOG = """\b
+Examples:
+  compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
+  compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
+  compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
+  compress run compress.zoo:shapes_resnet --calib calib.npz --backend inc -o out-inc/
+  compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
+  compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
+  compress run compress.zoo:encoder_demo --calib calib.npz --quant int4 --avg-bits 4.5 -o out-int4/
+"""
+
+
+@click.command("run", epilog=EPILOG)
+@click.argument("model")
+@model_input_options
+@max_calib_option
+@click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
+@click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
+@click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
+@click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
+@click.option("--quant", type=click.Choice(["int8", "fp8", "int4", "none"]), default="int8", show_default=True,
+              help="Quantize the final model (kept only if it pays: see the recommendation). int4 is weight-only "
+                   "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
+@int4_options
+@click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
+@click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
+@eval_options
+@backend_option
+@click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
+@click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
+              "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
+def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
+        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
+        block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
+        tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
+        force: bool,
+        json_out: str | None, output: str) -> None:
+    """Build every variant of MODEL for a device, profile each there, and recommend one.
+
+    Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
+    too when --prune is given). Each is exported (verified against torch), profiled with the device profile,
+    timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
+    fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
+    fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
+    the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
+    measured again every time.
+    """
+    from compress.core import check_json_output, check_output_path
+    from compress.models import load_model
+    from compress.models import prepare_inputs
+    from compress.pipeline import RunOptions, run_pipeline
+    from compress.prune import PruneOptions
+    from compress.pipeline import StageCache
+    from compress.evaluate import load_metric
+    from devices import load_profile
+
+    require_one_input_source(input_shapes, calib)
+    if tolerance > 1 and not eval_spec:
+        raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
+    inputs = [model, weights, calib, device, eval_spec, metric_spec]
+    outdir = check_output_path(output, inputs, folder=True)
+    check_json_output(json_out, output, inputs)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {output} is a file; give a folder")
+    profile = load_profile(device)
+    prune_opts = None
+    if prune_ratio is not None:
+        prune_opts = PruneOptions(ratio=prune_ratio, importance=importance, recover=not no_recover,
+                                  round_to=profile.pruning.channel_multiple, real_data=calib is not None)
+        prune_opts.check("--prune")
+        from compress.prune import get_importance
+
+        get_importance(importance)
+    int4 = {"block_size": block_size, "budget_mb": budget_mb, "avg_bits": avg_bits, "salience": salience}
+    if quant != "none":
+        from compress.quantize import QuantOptions, check_format
+
+        check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend, **int4))
+    elif budget_mb is not None or avg_bits is not None:
+        raise UsageError("--budget-mb/--avg-bits allocate bits per layer for --quant int4, not --quant none")
+    opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=calib, max_calib=max_calib, simulate=simulate,
+                      tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
+                      evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
+                      command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    with console.progress("loading model") as step:
+        loaded = load_model(model, weights)
+        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
+        report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, Path(outdir), opts,
+                              on_stage=lambda s: step.update(description=s), extra={"calibration": prep.info})
+    if console.report_json(json_out, report):
+        return
+    _print_table(report, outdir)
+
+
+def _print_table(r: dict[str, Any], outdir: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{r['device']['name']}: variants", header_style="bold")
+    scored = any(v.get("accuracy") is not None for v in r["variants"])
+    cols = ["variant", "p50 ms", "p90 ms", "speedup", "size MB", "params M", "GMACs", "fidelity"]
+    for col in cols + (["accuracy"] if scored else []) + ["ok"]:
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in r["variants"]:
+        f = v["fidelity"]
+        fid = f"top-1 {f['top1_agreement']:.1%}" if f.get("top1_agreement") is not None else f"cos {f['cosine_min'] or 0:.4f}"
+        mark = "*" if v["name"] == r["recommended"] else ""
+        lat = v["latency_ms"]
+        t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",
+                  f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-",
+                  f"{v['size_bytes'] / 1e6:.1f}", f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.3f}", fid,
+                  *([f"{v['accuracy']:.4g}" if v.get("accuracy") is not None else "-"] if scored else []),
+                  "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
+    console.out_console.print(t)
+    console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
+    console.out_console.print(f"report: {outdir / 'report.md'} ({outdir / 'report.json'} for machines)")

@@ -1,0 +1,19 @@
+"""The bottom floor: what every other room, and devices/, export/ and runtime/ below the application, may
+use: error types with their exit codes, Ctrl-C that libraries cannot swallow, terminal output, atomic writes,
+ONNX graph helpers and the one onnxruntime session factory. It imports nothing else of the project.
+
+What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
+
+from compress.core.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "atomic": [
+        "atomic_dir", "atomic_path", "check_json_output", "check_onnx_output", "check_output_path",
+        "default_mode", "swap_in", "write_json",
+    ],
+    "console": ["warn"],
+    "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "first_line"],
+    "interrupt": ["check_interrupted", "reraise_if_interrupted"],
+    "lazy": ["lazy_exports"],
+    "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "save_model"],
+}, modules=("atomic", "console", "errors", "interrupt", "onnxgraph", "sessions"))

@@ -1,0 +1,161 @@
+"""Atomic outputs: write beside the target, then rename, so a failed run leaves the old output as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from compress.core.errors import InputError, UsageError
+from compress.core.interrupt import check_interrupted
+
+
+def input_paths(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """The files and folders behind a command's inputs: a MODEL spec `file.py:factory` is its file."""
+    paths = []
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp).expanduser()
+        if not p.exists() and ":" in str(inp):
+            p = Path(str(inp).rpartition(":")[0]).expanduser()
+        if p.exists():  # a device name, package.module:factory or a missing file: nothing on disk to protect
+            paths.append(p)
+    return paths
+
+
+def _probe_writable(folder: Path, out: str | os.PathLike) -> None:
+    """Create and remove a file in `folder`: os.access says yes to root even on read-only mounts and /proc."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, flag: str = "-o",
+                      folder: bool = False) -> Path:
+    """Refuse an output that would overwrite an input, or that lies where nothing can be written.
+
+    folder=True is for outputs that replace a whole folder (`compress run -o DIR`): an input inside DIR, or a
+    non-empty DIR that is not an earlier run's output, would be deleted with it, so both are refused.
+    """
+    out_p = Path(out).expanduser()
+    try:
+        out_r = out_p.resolve()
+    except OSError:
+        out_r = out_p.absolute()
+    for inp in input_paths(inputs):
+        try:
+            inp_r = inp.resolve()
+        except OSError:
+            continue
+        if out_r == inp_r:
+            raise UsageError(f"{flag} {out} is also an input; choose another output path")
+        if folder and inp_r.is_relative_to(out_r):
+            raise UsageError(f"{flag} {out} holds the input {inp}, and the run replaces that whole folder; choose another folder")
+    if folder and out_p.is_dir() and any(out_p.iterdir()) and not (out_p / "report.json").is_file():
+        raise UsageError(f"{flag} {out} is a folder with other files in it, and the run replaces that whole folder; "
+                         "give a new or empty folder (or an earlier run's output)")
+    parent = out_p.parent if str(out_p.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {out}: {existing} is not a folder")
+    _probe_writable(existing, out)
+    return out_p
+
+
+def check_json_output(json_out: str | None, output: str | os.PathLike | None,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """--json FILE must not overwrite an input or the command's -o output ('-' is stdout)."""
+    if not json_out or json_out == "-":
+        return
+    if output is not None and Path(json_out).expanduser().absolute() == Path(output).expanduser().absolute():
+        raise UsageError(f"--json {json_out} is also the -o output; choose another path")
+    check_output_path(json_out, inputs, flag="--json")
+
+
+def check_onnx_output(out: str, inputs: list[str | os.PathLike | None] = ()) -> Path:
+    """check_output_path for a command whose -o is one .onnx file."""
+    path = check_output_path(out, inputs)
+    if not str(out).lower().endswith(".onnx"):
+        raise UsageError(f"-o {out}: the output must end in .onnx")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path in the target's folder; rename it onto the target only if the block succeeds."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    except OSError as e:
+        raise InputError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
+    os.close(fd)
+    tmp_p = Path(tmp)
+    os.chmod(tmp_p, default_mode(0o666))  # mkstemp makes 0600; an output file gets the usual permissions
+    try:
+        yield tmp_p
+        check_interrupted()
+        os.replace(tmp_p, target)
+    finally:
+        if tmp_p.exists():
+            tmp_p.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside the target; its files are moved into the target folder on success.
+
+    Used where one output is several files (an ONNX model with external data): each file is renamed
+    into place only after all of them were written, and `last` (the file that refers to the others)
+    goes last, so a reader never finds it before its data.
+    """
+    target = Path(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
+    except OSError as e:
+        raise InputError(f"cannot write into {target}: {e.strerror or type(e).__name__}") from None
+    os.chmod(tmp, default_mode(0o777))
+    try:
+        yield tmp
+        check_interrupted()
+        for f in sorted(tmp.iterdir(), key=lambda f: (f.name == last, f.name)):
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_mode(base: int) -> int:
+    """`base` with the process umask applied, as open()/mkdir() would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (indent 2, trailing newline)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def swap_in(work: Path, outdir: Path) -> None:
+    """Replace OUTDIR by the finished folder with two renames; the old one is removed only afterwards."""
+    check_interrupted()
+    old = None
+    if outdir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
+        os.rmdir(old)
+        os.replace(outdir, old)
+    os.replace(work, outdir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

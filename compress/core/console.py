@@ -1,0 +1,81 @@
+"""Terminal output: rich progress and tables on a TTY, silence otherwise (scripts and CI read --json)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+err_console = Console(stderr=True, highlight=False)
+# Piped output is read by people in logs and CI too; rich's 80-column default folds tables into unreadable cells.
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def info(msg: str) -> None:
+    """A status line for people; dropped when stderr is not a terminal."""
+    if interactive():
+        err_console.print(msg)
+
+
+def warn(msg: str) -> None:
+    """Warnings always reach stderr: they change what the user should trust."""
+    if interactive():
+        err_console.print(f"[yellow]warning:[/yellow] {msg}")
+    else:  # one unwrapped line per warning, for logs and scripts
+        sys.stderr.write(f"warning: {msg}\n")
+        sys.stderr.flush()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def report_json(path: str | None, obj: Any) -> bool:
+    """--json: '-' prints the JSON on stdout and returns True (the caller then prints nothing else, so scripts can
+    parse stdout); FILE writes it atomically and returns False, as does no --json."""
+    if path == "-":
+        emit_json(obj)
+        return True
+    if path:
+        from compress.core.atomic import write_json
+
+        write_json(path, obj)
+    return False
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None) -> Iterator["Step"]:
+    """A progress bar (or spinner when total is None) on stderr, disabled when stderr is not a TTY."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total is not None:
+        columns += [BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}")]
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=err_console, disable=not interactive(), transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield Step(prog, task)
+
+
+class Step:
+    """Handle to one progress task; safe to call when the bar is disabled."""
+
+    def __init__(self, prog: Progress, task: int) -> None:
+        self._prog, self._task = prog, task
+
+    def update(self, completed: float | None = None, total: float | None = None, description: str | None = None) -> None:
+        kw: dict[str, Any] = {}
+        if completed is not None:
+            kw["completed"] = completed
+        if total is not None:
+            kw["total"] = total
+        if description is not None:
+            kw["description"] = description
+        self._prog.update(self._task, **kw)

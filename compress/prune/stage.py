@@ -1,0 +1,102 @@
+"""The prune stage: structural pruning and/or sparsity masks, then label-free recovery, with fidelity
+measured before and after. `compress prune` and `compress run --prune` both go through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from compress.core import UsageError
+
+
+@dataclass
+class PruneOptions:
+    ratio: Optional[float] = None  # structural: fraction of channels removed
+    importance: str = "l2"
+    global_pruning: bool = False
+    ignore: list[str] = field(default_factory=list)
+    round_to: Optional[int] = None
+    sparsity: Optional[float] = None  # masks: fraction of weights zeroed
+    pattern: str = "unstructured"
+    recover: bool = True
+    recover_steps: int = 200
+    recover_seconds: Optional[float] = 120.0
+    lr: float = 1e-4
+    finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
+    real_data: bool = True  # the tuning batches are real samples (--calib): BatchNorm statistics may be re-estimated
+
+    def check(self, ratio_flag: str = "--ratio") -> None:
+        """Validate; `ratio_flag` is the option that set `ratio`, so the message names what the user typed."""
+        if self.ratio is None and self.sparsity is None:
+            raise UsageError(f"give {ratio_flag} (structural pruning) and/or --sparsity (weight masks)")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise UsageError(f"{ratio_flag} {self.ratio}: must be between 0 and 1 (exclusive)")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise UsageError(f"--sparsity {self.sparsity}: must be between 0 and 1 (exclusive)")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to}: must be 1 or more")
+
+
+def prune_stage(
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    train: list[dict[str, torch.Tensor]],
+    held_out: list[dict[str, torch.Tensor]],
+    opts: PruneOptions,
+    on_stage: Callable[[str], None] = lambda s: None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Return the compressed module and a JSON-ready report; `model` itself is left untouched."""
+    from compress.evaluate import fidelity, torch_outputs
+
+    opts.check()
+    report: dict[str, Any] = {"structural": None, "sparsity": None, "recovery": None}
+    reference = torch_outputs(model, held_out)
+    student = model
+    protected: list[str] = []
+    if opts.ratio is not None:
+        from compress.prune.structural import prune_model
+
+        on_stage(f"pruning {opts.ratio:.0%} of channels ({opts.importance})")
+        res = prune_model(model, example, ratio=opts.ratio, importance=opts.importance, global_pruning=opts.global_pruning,
+                          ignore=opts.ignore, round_to=opts.round_to, calib=train)
+        student, protected = res.module, list(res.protected)
+        report["structural"] = res.to_json()
+    after_step = None
+    if opts.sparsity is not None:
+        from compress.prune.sparsity import apply_sparsity
+
+        on_stage(f"masking {opts.sparsity:.0%} of weights ({opts.pattern})")
+        sp = apply_sparsity(student, opts.sparsity, opts.pattern, ignore=opts.ignore, protect=protected)
+        student = sp.module
+        after_step = sp.reapply
+        report["sparsity"] = sp.to_json()
+    report["fidelity_before_recovery"] = fidelity(reference, torch_outputs(student, held_out))
+    if opts.ratio is not None and opts.recover and opts.real_data:
+        from compress.prune.recover import recalibrate_batchnorm
+
+        on_stage("re-estimating BatchNorm statistics on the calibration samples")
+        report["batchnorm"] = recalibrate_batchnorm(student, train)
+        if report["batchnorm"]["layers"]:
+            report["fidelity_after_batchnorm"] = fidelity(reference, torch_outputs(student, held_out))
+    if opts.finetune:
+        from compress.prune.recover import load_finetune, run_finetune
+
+        on_stage(f"running {opts.finetune}")
+        student = run_finetune(load_finetune(opts.finetune), student, train)
+        if after_step is not None:
+            after_step(student)
+        report["recovery"] = {"method": "finetune", "fn": opts.finetune}
+    elif opts.recover:
+        from compress.prune.recover import distill
+
+        on_stage("recovering by distillation from the unpruned model")
+        stats = distill(student, model, train, steps=opts.recover_steps, lr=opts.lr, time_budget_s=opts.recover_seconds,
+                        after_step=after_step)
+        report["recovery"] = {"method": "distillation", **stats}
+    student.eval()
+    report["fidelity"] = fidelity(reference, torch_outputs(student, held_out))
+    return student, report

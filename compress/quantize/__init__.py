@@ -1,0 +1,13 @@
+"""Quantization: the backends (onnxruntime INT8, INC INT8, FP8, weight-only INT4), device presets, calibration,
+pre-processing, latency-aware op selection, accuracy-aware fallback, the quantize stage that runs a backend and
+judges it (quant_stage), and the format advisor (`compress formats`).
+
+What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
+
+from compress.core import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "advisor": ["advise"],
+    "fp8": ["fp8_outputs", "fp8_session_options"],
+    "stage": ["QuantOptions", "check_format", "quant_stage"],
+}, modules=("advisor_report",))

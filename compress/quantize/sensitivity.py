@@ -1,0 +1,270 @@
+"""Accuracy-aware fallback: find the layers that quantization hurts most, and keep just those in fp32.
+
+Independent of the number format: the caller hands in a callback that writes a quantized model (FP8 from
+compress.quantize.fp8, INT8, ...), given which Conv/MatMul/Gemm nodes to quantize or to leave alone.
+
+Two steps, each costing one quantization and one evaluation per model written:
+1. `layer_sensitivity`: quantize ONE layer at a time and measure the output error against fp32 on the eval
+   feeds. Quantizing one layer alone isolates its own damage; the salience is 1 - cosine_mean (rel_l2 breaks
+   ties), or the drop of a user score.
+2. `fallback`: quantize everything except the k most sensitive layers, for k = 0, 1, 2, ... (or 0, 1, 2, 4, ...
+   then a bisection back, for big models) until the fidelity is within the tolerance.
+Errors of independent layers add up (roughly as a sum of squares), so the ranking of step 1 is a good order for
+step 2 without trying every subset.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from compress.core import EdgeError, UsageError, first_line as _first_line
+from compress.evaluate import fidelity, onnx_outputs
+
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
+LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
+
+Feeds = Sequence[Mapping[str, np.ndarray]]
+Outputs = list[list[np.ndarray]]
+QuantizeFn = Callable[[Path, Path, list[str]], None]  # (src, dst, node names) -> writes dst
+Runner = Callable[[Path, Feeds], Outputs]  # (model, feeds) -> outputs per batch
+Evaluate = Callable[[Path], float]  # a user's score of a model file (accuracy, ...): higher is better
+
+
+def quantizable_nodes(model_path: str | Path) -> list[dict[str, str]]:
+    """Conv/MatMul/Gemm nodes of the main graph in graph order: [{"node", "op_type"}]."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [{"node": n.name, "op_type": n.op_type} for n in model.graph.node
+            if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+
+
+def metric_error(fid: Mapping[str, Any], metric: str) -> float:
+    """The figure compared with the tolerance, as an error (0 = identical to fp32): 1 - cosine, rel_l2, 1 - top-1."""
+    if metric not in METRICS:
+        raise UsageError(f"metric {metric!r}: one of {', '.join(METRICS)}")
+    if metric == "top1":
+        if fid.get("top1_agreement") is None:
+            raise UsageError("metric 'top1' needs classifier outputs ([N, C] with C > 1); use cosine_min")
+        return 1.0 - float(fid["top1_agreement"])
+    if metric == "rel_l2":
+        return math.inf if fid.get("rel_l2") is None else float(fid["rel_l2"])
+    return 1.0 - float(fid[metric])
+
+
+class _Scorer:
+    """Measures a candidate model: fidelity to the fp32 reference on the eval feeds, or a user's score."""
+
+    def __init__(self, src: Path, eval_feeds: Feeds, reference: Outputs | None, runner: Runner,
+                 evaluate: Evaluate | None) -> None:
+        self.feeds, self.runner, self.evaluate = eval_feeds, runner, evaluate
+        if evaluate is not None:
+            self.reference_score = float(evaluate(src))
+            self.reference = None
+        else:
+            if not eval_feeds:
+                raise UsageError("sensitivity analysis needs evaluation feeds (or an evaluate callback)")
+            self.reference = reference if reference is not None else runner(src, eval_feeds)
+
+    def __call__(self, path: Path) -> dict[str, Any]:
+        if self.evaluate is not None:
+            score = float(self.evaluate(path))
+            return {"score": score, "reference_score": self.reference_score, "drop": self.reference_score - score}
+        return fidelity(self.reference, self.runner(path, self.feeds))
+
+    def error(self, fid: Mapping[str, Any], metric: str) -> float:
+        return float(fid["drop"]) if self.evaluate is not None else metric_error(fid, metric)
+
+
+def layer_sensitivity(
+    src: str | Path,
+    candidates: list[str] | None,
+    quantize_only: QuantizeFn,
+    eval_feeds: Feeds,
+    reference_outputs: Outputs | None = None,
+    *,
+    runner: Runner = onnx_outputs,
+    evaluate: Evaluate | None = None,
+    on_layer: Callable[[int, int, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Salience of each candidate layer, most sensitive first: what quantizing that layer alone costs.
+
+    `quantize_only(src, dst, [node])` writes a model with just that node quantized; `runner` runs a model on
+    the feeds (pass one with the format's session options, e.g. FP8 needs compress.quantize.fp8's); `evaluate`,
+    when given, replaces fidelity by a user score (salience = its drop). A layer whose quantization fails is
+    listed last with its error and salience None, and is never chosen for fallback.
+    """
+    src = Path(src)
+    ops = {d["node"]: d["op_type"] for d in quantizable_nodes(src)}
+    names = list(ops) if candidates is None else list(candidates)
+    unknown = [n for n in names if n not in ops]
+    if unknown:
+        raise UsageError(f"not a Conv/MatMul/Gemm node of {src}: {', '.join(unknown)}")
+    scorer = _Scorer(src, eval_feeds, reference_outputs, runner, evaluate)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix=".sensitivity-") as work:
+        for i, name in enumerate(names):
+            if on_layer:
+                on_layer(i, len(names), name)
+            t0 = time.perf_counter()
+            path = Path(work) / f"layer{i}.onnx"
+            row: dict[str, Any] = {"node": name, "op_type": ops[name]}
+            try:
+                quantize_only(src, path, [name])
+                fid = scorer(path)
+            except EdgeError as e:
+                row.update(salience=None, error=_first_line(e), seconds=round(time.perf_counter() - t0, 3))
+                rows.append(row)
+                continue
+            finally:
+                _remove_model(path)
+            if evaluate is not None:
+                row.update(salience=float(fid["drop"]), score=fid["score"])
+            else:
+                row.update(salience=1.0 - fid["cosine_mean"], cosine_mean=fid["cosine_mean"],
+                           cosine_min=fid["cosine_min"], rel_l2=fid["rel_l2"], top1_agreement=fid["top1_agreement"])
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            rows.append(row)
+
+    def key(r: dict[str, Any]) -> tuple[float, float]:
+        if r["salience"] is None:
+            return (math.inf, 0.0)
+        rel = r.get("rel_l2")
+        return (-r["salience"], -(math.inf if rel is None and evaluate is None else (rel or 0.0)))
+
+    return sorted(rows, key=key)
+
+
+def _remove_model(path: Path) -> None:
+    for p in (path, path.parent / (path.name + ".data")):
+        if p.exists():
+            p.unlink()
+
+
+def _schedule(n: int, growth: str) -> list[int]:
+    """Exclusion counts to try in order: 0, 1, 2, 3, ... or 0, 1, 2, 4, 8, ..., n."""
+    if growth == "linear":
+        return list(range(n + 1))
+    counts, k = [0], 1
+    while k < n:
+        counts.append(k)
+        k *= 2
+    return counts + [n]
+
+
+def fallback(
+    src: str | Path,
+    dst: str | Path,
+    quantize: QuantizeFn,
+    sensitivities: list[dict[str, Any]],
+    eval_feeds: Feeds,
+    reference: Outputs | None,
+    tolerance: float,
+    metric: str = "cosine_min",
+    *,
+    runner: Runner = onnx_outputs,
+    evaluate: Evaluate | None = None,
+    growth: str = "auto",
+    reference_model: str | Path | None = None,
+) -> dict[str, Any]:
+    """Keep the most sensitive layers in fp32, as few as reach the tolerance; write that model to dst.
+
+    `quantize(src, dst, exclude)` writes the model quantized except for the named nodes. The error compared
+    with `tolerance` is metric_error(fidelity, metric) (or, with `evaluate`, the drop of the user's score).
+    growth: "linear" adds one layer per step; "doubling" adds 1, 2, 4, ... then bisects between the last
+    failing and the first passing count (assuming more exclusions never hurt); "auto" is linear up to
+    LINEAR_UP_TO candidates. `reference_model` (default: src) is what the error is measured against, e.g. the
+    unpruned fp32 model when src was pruned first: the tolerance is then on the whole chain. When nothing passes — even with every ranked layer excluded, which can only happen
+    when the quantizer touches more than the ranked layers or the evaluation is noisy — dst is not written and
+    the result says so (within_tolerance False).
+    """
+    src, dst = Path(src), Path(dst)
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise UsageError(f"tolerance {tolerance}: must be a finite number >= 0")
+    if evaluate is None:
+        metric_error({"cosine_min": 1.0, "cosine_mean": 1.0, "rel_l2": 0.0, "top1_agreement": 1.0}, metric)  # validates
+    ranked = [r for r in sensitivities if r.get("salience") is not None]
+    if growth == "auto":
+        growth = "linear" if len(ranked) <= LINEAR_UP_TO else "doubling"
+    if growth not in ("linear", "doubling"):
+        raise UsageError(f"growth {growth!r}: one of auto, linear, doubling")
+    scorer = _Scorer(Path(reference_model) if reference_model else src, eval_feeds, reference, runner, evaluate)
+    steps: list[dict[str, Any]] = []
+    tried: dict[int, dict[str, Any]] = {}
+
+    def attempt(k: int, work: Path) -> dict[str, Any]:
+        if k not in tried:
+            t0 = time.perf_counter()
+            path = work / f"exclude{k}.onnx"
+            try:
+                quantize(src, path, [r["node"] for r in ranked[:k]])
+                fid = scorer(path)
+            finally:
+                _remove_model(path)
+            err = scorer.error(fid, metric)
+            tried[k] = {"excluded_count": k, "error": err, "within_tolerance": err <= tolerance, "fidelity": fid,
+                        "seconds": round(time.perf_counter() - t0, 3)}
+            steps.append(tried[k])
+        return tried[k]
+
+    best: int | None = None
+    with tempfile.TemporaryDirectory(prefix=".fallback-") as tmp:
+        work = Path(tmp)
+        last_fail = -1
+        for k in _schedule(len(ranked), growth):
+            if attempt(k, work)["within_tolerance"]:
+                best = k
+                break
+            last_fail = k
+        if best is not None and growth == "doubling":
+            lo, hi = last_fail, best  # lo fails (or -1), hi passes
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if attempt(mid, work)["within_tolerance"]:
+                    hi = mid
+                else:
+                    lo = mid
+            best = hi
+
+    what = "drop of the user's score" if evaluate is not None else metric
+    if best is None:
+        final = tried[len(ranked)]
+        return {
+            "within_tolerance": False, "path": None, "metric": what, "tolerance": tolerance,
+            "excluded": _explain(ranked, len(ranked), tried, what, tolerance),
+            "fidelity": final["fidelity"], "error": final["error"], "steps": steps,
+            "note": (f"even with all {len(ranked)} ranked layers in fp32 the error is {final['error']:.4g} > "
+                     f"tolerance {tolerance:g}: the quantizer changes more than these layers, or the evaluation "
+                     f"is not deterministic; nothing was written"),
+        }
+    quantize(src, dst, [r["node"] for r in ranked[:best]])
+    return {
+        "within_tolerance": True, "path": str(dst), "metric": what, "tolerance": tolerance,
+        "excluded": _explain(ranked, best, tried, what, tolerance),
+        "fidelity": tried[best]["fidelity"], "error": tried[best]["error"], "steps": steps,
+    }
+
+
+def _explain(ranked: list[dict[str, Any]], k: int, tried: Mapping[int, dict[str, Any]], what: str,
+             tolerance: float) -> list[dict[str, Any]]:
+    """Why each excluded layer is in fp32: its rank, its own salience, and the error without excluding it."""
+    out = []
+    for i, r in enumerate(ranked[:k]):
+        before = tried.get(i)
+        why = f"sensitivity rank {i + 1} of {len(ranked)}: quantized alone, salience {r['salience']:.4g}"
+        if r.get("rel_l2") is not None:
+            why += f" (rel_l2 {r['rel_l2']:.4g})"
+        if before is not None and not before["within_tolerance"]:
+            scope = "every layer" if i == 0 else f"all but the {i} more sensitive layer(s)"
+            why += f"; quantizing {scope} gave {what} error {before['error']:.4g} > tolerance {tolerance:g}"
+        else:
+            why += f"; needed to bring {what} error within tolerance {tolerance:g}"
+        out.append({"node": r["node"], "op_type": r["op_type"], "salience": r["salience"], "why": why})
+    return out

@@ -1,0 +1,13 @@
+"""What people read after a run: report.json validated and rendered as Markdown and HTML, the trade-off plot,
+and the small formatters the search and sweep reports share.
+
+What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
+
+from compress.core import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "html": ["render_html", "write_html"],
+    "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
+    "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],
+    "text": ["code", "fmt_ms", "fmt_speedup", "table"],
+})

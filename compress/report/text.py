@@ -1,0 +1,150 @@
+"""Small formatters of report values, shared by the Markdown and HTML reports, the plot, and the search and
+sweep reports: every value may be missing or of the wrong type in a hand-edited report.json, and each of these
+prints n/a for it instead of failing."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from typing import Any, Iterable, Optional
+
+NA = "n/a"
+
+
+def num(v: Any) -> Optional[float]:
+    """A finite float, or None for anything else (null, strings, NaN, booleans)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def as_dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def fmt_ms(v: Any) -> str:
+    """Milliseconds to three significant-ish digits: 0.176, 12.35, 250.4."""
+    x = num(v)
+    if x is None:
+        return NA
+    if x < 1:
+        return f"{x:.3f}"
+    if x < 100:
+        return f"{x:.2f}"
+    return f"{x:.1f}"
+
+
+def fmt_count(v: Any) -> str:
+    """Parameters and MACs: 950, 78.6K, 11.69M, 1.82G."""
+    x = num(v)
+    if x is None:
+        return NA
+    for div, unit, digits in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 1)):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}f}{unit}"
+    return f"{x:.0f}"
+
+
+def fmt_mb(v: Any) -> str:
+    """Bytes as MB (10^6, as `compress run` prints them)."""
+    x = num(v)
+    if x is None:
+        return NA
+    mb = x / 1e6
+    return f"{mb:.2f}" if mb < 10 else f"{mb:.1f}"
+
+
+def fmt_speedup(v: Any) -> str:
+    x = num(v)
+    return NA if x is None else f"{x:.2f}×"
+
+
+def fmt_pct(v: Any) -> str:
+    x = num(v)
+    return NA if x is None else f"{x:.1%}"
+
+
+def fmt_cos(v: Any) -> str:
+    x = num(v)
+    if x is None:
+        return NA
+    return f"{x:.4f}" if x < 0.999 else f"{x:.6f}"  # near 1 the interesting digits are further right
+
+
+def fidelity_metric(report: dict[str, Any]) -> str:
+    """'top1_agreement' when every variant that has fidelity reports it (a classifier), else 'cosine_min'.
+
+    The same rule as compress.pipeline.run.within_tolerance, applied to the whole report so that one column
+    (and one plot axis) compares like with like.
+    """
+    fids = [as_dict(v.get("fidelity")) for v in variants_of(report)]
+    fids = [f for f in fids if f]
+    if fids and all(num(f.get("top1_agreement")) is not None for f in fids):
+        return "top1_agreement"
+    return "cosine_min"
+
+
+def fmt_fidelity(fid: Any, metric: str) -> str:
+    f = as_dict(fid)
+    if metric == "top1_agreement" and num(f.get("top1_agreement")) is not None:
+        return f"top-1 {fmt_pct(f['top1_agreement'])}"
+    if num(f.get("cosine_min")) is not None:
+        return f"cos min {fmt_cos(f['cosine_min'])}"
+    if num(f.get("top1_agreement")) is not None:
+        return f"top-1 {fmt_pct(f['top1_agreement'])}"
+    return NA
+
+
+def variants_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in as_list(report.get("variants")) if isinstance(v, dict)]
+
+
+def variant_label(v: dict[str, Any], i: int = 0) -> str:
+    name = v.get("name")
+    return str(name) if name not in (None, "") else f"variant {i + 1}"
+
+
+def model_name(report: dict[str, Any]) -> Optional[str]:
+    """The MODEL argument: a "model"/"source" field when the report has one, else read off the command line."""
+    for key in ("model", "source"):
+        if isinstance(report.get(key), str) and report[key]:
+            return report[key]
+    cmd = report.get("command")
+    if not isinstance(cmd, str):
+        return None
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return None
+    if "run" in words:
+        rest = words[words.index("run") + 1:]
+        if rest and not rest[0].startswith("-"):  # the documented order: `compress run MODEL [options]`
+            return rest[0]
+    return None
+
+
+# --- Markdown helpers -------------------------------------------------------------------------------------
+
+
+def cell(v: Any) -> str:
+    """Table cell text: pipes escaped, newlines folded."""
+    return " ".join(str(v).split()).replace("|", "\\|")
+
+
+def code(v: Any) -> str:
+    s = str(v)
+    fence = "``" if "`" in s else "`"
+    return f"{fence}{s}{fence}" if fence == "`" else f"{fence} {s} {fence}"
+
+
+def table(header: list[str], rows: Iterable[list[Any]], align: Optional[list[str]] = None) -> list[str]:
+    align = align or ["l"] * len(header)
+    sep = {"l": "---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(sep[a] for a in align) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out

@@ -1,0 +1,118 @@
+"""What `compress search` varies, declared once: each dimension, its choices, and how a trial's config becomes the
+options of one `compress run` (compress.pipeline.run.RunOptions).
+
+A trial is one point of this space run through the same pipeline as `compress run`, so every trial's folder is a
+run report and the recommended model needs no second code path. The first trial is always what a plain
+`compress run --quant int8` would do: the search can only add to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from compress.core import UsageError
+from devices import DeviceProfile
+
+PRUNE_STEP = 0.05
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+# the float-fallback tolerance as a fraction of the run's: 0 searches no fallback at all
+FALLBACK_FRACTIONS = (0.0, 0.5, 1.0)
+
+
+@dataclass
+class Space:
+    """The search space for one model on one device; `ray()` turns it into Ray Tune's sampling domains."""
+
+    prune_max: float = 0.6
+    importances: list[str] = field(default_factory=lambda: ["l2"])
+    quants: list[str] = field(default_factory=lambda: ["none", "int8"])
+    methods: list[str] = field(default_factory=lambda: list(CALIB_METHODS))
+    fallbacks: list[float] = field(default_factory=lambda: list(FALLBACK_FRACTIONS))
+
+    def ray(self) -> dict[str, Any]:
+        from ray import tune
+
+        space: dict[str, Any] = {"prune": tune.quniform(0.0, self.prune_max, PRUNE_STEP),
+                                 "importance": tune.choice(self.importances), "quant": tune.choice(self.quants)}
+        if "int8" in self.quants:
+            space["method"] = tune.choice(self.methods)
+        if any(q in self.quants for q in ("int8", "fp8")):
+            space["fallback"] = tune.choice(self.fallbacks)
+        return space
+
+    def start(self) -> dict[str, Any]:
+        """The first point evaluated: `compress run`'s defaults (no pruning, INT8 minmax with float fallback)."""
+        point: dict[str, Any] = {"prune": 0.0, "importance": self.importances[0],
+                                 "quant": "int8" if "int8" in self.quants else self.quants[0]}
+        if "int8" in self.quants:
+            point["method"] = "minmax"
+        if any(q in self.quants for q in ("int8", "fp8")):
+            point["fallback"] = 1.0
+        return point
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prune": [0.0, self.prune_max, PRUNE_STEP], "importance": self.importances, "quant": self.quants,
+                "method": self.methods, "fallback_fraction_of_tolerance": self.fallbacks}
+
+
+def space_for(model: nn.Module, profile: DeviceProfile, prune_max: float, quants: Optional[list[str]] = None) -> Space:
+    """The dimensions that mean something for this model and device: importance criteria that can score it
+    (no bn_scale without BatchNorm; never the random baseline), FP8 only on FP8 hardware, INT4 only on request."""
+    from compress.prune import IMPORTANCE, check_applicable
+
+    if not 0.0 <= prune_max < 1.0:
+        raise UsageError(f"--prune-max {prune_max:g}: must be in [0, 1)")
+    usable = []
+    for name in IMPORTANCE:
+        if name == "random":
+            continue
+        try:
+            check_applicable(name, model)
+        except UsageError:
+            continue
+        usable.append(name)
+    usable.sort(key=lambda n: n != "l2")  # compress run's default first: the starting point uses it
+    if quants is None:
+        quants = ["none", "int8"] + (["fp8"] if profile.fp8 else [])
+    for q in quants:
+        if q not in ("none", "int8", "fp8", "int4"):
+            raise UsageError(f"--quant {q}: one of none, int8, fp8, int4")
+        if q == "fp8" and not profile.fp8:
+            raise UsageError(f"--quant fp8: device {profile.name!r} has no FP8 hardware to time it on")
+    return Space(prune_max=prune_max, importances=usable, quants=list(dict.fromkeys(quants)))
+
+
+def normalise(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config with quniform's float noise removed (0.30000000000000004) and unused keys dropped, so that
+    equal settings print, hash and cache alike."""
+    out = dict(config)
+    out["prune"] = round(float(out.get("prune") or 0.0) / PRUNE_STEP) * PRUNE_STEP
+    out["prune"] = round(out["prune"], 4)
+    if out["prune"] == 0.0:
+        out.pop("importance", None)
+    if out.get("quant") != "int8":
+        out.pop("method", None)
+    if out.get("quant") not in ("int8", "fp8"):
+        out.pop("fallback", None)
+    return out
+
+
+def trial_seed(config: dict[str, Any], seed: int) -> int:
+    """A seed for the trial's own randomness (distillation batches), fixed by its settings and --seed."""
+    digest = hashlib.sha256(json.dumps([normalise(config), seed], sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def label(config: dict[str, Any]) -> str:
+    c = normalise(config)
+    parts = [f"prune {c['prune']:g}" + (f" ({c['importance']})" if c.get("importance") else ""), c.get("quant", "none")]
+    if c.get("method"):
+        parts.append(c["method"])
+    if "fallback" in c:
+        parts.append("no fallback" if c["fallback"] == 0 else f"fallback x{c['fallback']:g}")
+    return ", ".join(parts)

@@ -1,0 +1,309 @@
+"""`compress search`: the prune ratio x importance x quantization x fallback space searched with Ray Tune for the
+most faithful model within a latency budget on the device.
+
+Search algorithm: Optuna's TPE sampler (seeded) through Ray Tune's OptunaSearch; the first trial is compress
+run's default setting, so the search starts from what a plain run gives. Hopeless trials stop early
+(compress.search.trials.Hopeless). Every variant that a trial measured (its fp32, pruned and quantized models)
+takes part in the Pareto set of p50 latency vs fidelity; the recommendation is the most faithful one within the
+latency budget and above --min-fidelity, ties to the faster. Its trial folder, a complete `compress run` report,
+is copied to OUTDIR/best.
+
+OUTDIR holds Ray Tune's experiment state (OUTDIR/ray), one run folder per trial (OUTDIR/trials/ID), and the
+summary (search.json, search.md, search.png, best/). A search that was interrupted continues with --resume; the
+summary files are each written atomically, and best/ is swapped in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from compress.core import UsageError, first_line
+
+EXPERIMENT = "search"
+
+
+@dataclass
+class SearchSettings:
+    model: str
+    device: str = "host"
+    weights: Optional[str] = None
+    input_shapes: list[str] = field(default_factory=list)
+    calib: Optional[str] = None
+    max_calib: Optional[int] = None
+    latency_budget_ms: Optional[float] = None
+    min_fidelity: Optional[float] = None  # on top-1 agreement (classifiers) or the worst cosine
+    max_accuracy_drop: Optional[float] = None  # with --eval: the score may drop this much
+    eval_spec: Optional[str] = None
+    metric_spec: Optional[str] = None
+    objective: Optional[str] = None  # "fidelity" (within the budget) or "speed" (above the floor); None: by budget
+    trials: int = 12
+    seed: int = 0
+    address: Optional[str] = None
+    concurrency: int = 1
+    runs: Optional[int] = None
+    ab_rounds: int = 30
+    prune_max: float = 0.6
+    quants: Optional[list[str]] = None
+    recover_seconds: float = 120.0
+    outdir: str = "search-out"
+    resume: bool = False
+    command: str = ""
+
+    def tolerance(self) -> float:
+        """The run tolerance each trial uses: its variants are 'within tolerance' exactly when they meet the floor."""
+        if self.eval_spec:
+            return float(self.max_accuracy_drop if self.max_accuracy_drop is not None else 0.01)
+        return 1.0 - float(self.min_fidelity if self.min_fidelity is not None else 0.99)
+
+    def goal(self) -> str:
+        """With a latency budget, the most faithful model within it; without one, the fastest above the floor
+        (what compress run recommends)."""
+        return self.objective or ("fidelity" if self.latency_budget_ms is not None else "speed")
+
+    def check(self) -> None:
+        if self.objective not in (None, "fidelity", "speed"):
+            raise UsageError(f"--objective {self.objective}: fidelity or speed")
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise UsageError(f"--latency-budget {self.latency_budget_ms:g}: must be > 0 ms")
+        if self.min_fidelity is not None and not 0.0 < self.min_fidelity <= 1.0:
+            raise UsageError(f"--min-fidelity {self.min_fidelity:g}: must be in (0, 1]")
+        if self.max_accuracy_drop is not None and not self.eval_spec:
+            raise UsageError("--max-accuracy-drop bounds the drop of an --eval score: give --eval with it")
+        if self.eval_spec and self.min_fidelity is not None:
+            raise UsageError("--min-fidelity and --eval/--max-accuracy-drop set the same floor: pass one")
+        if self.trials < 1:
+            raise UsageError(f"--trials {self.trials}: at least 1")
+        if self.concurrency < 1:
+            raise UsageError(f"--concurrency {self.concurrency}: at least 1")
+
+
+def candidates(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every measured variant of every finished trial, as one flat list (the same fp32 appears once)."""
+    out: list[dict[str, Any]] = []
+    seen_fp32 = False
+    for t in trials:
+        if t["status"] != "done":
+            continue
+        rep = json.loads(Path(t["report"]).read_text())
+        for v in rep["variants"]:
+            if v["name"] == "fp32":
+                if seen_fp32:
+                    continue
+                seen_fp32 = True
+            out.append({**v, "name": "fp32" if v["name"] == "fp32" else f"{t['id']}:{v['name']}", "trial": t["id"],
+                        "variant": v["name"], "settings": _settings(t["config"], v["name"]), "report": t["report"]})
+    return out
+
+
+def _settings(config: dict[str, Any], variant: str) -> str:
+    """What produced this variant of a trial: fp32 is the model as given, 'pruned' only the trial's pruning."""
+    from compress.search.space import label
+
+    if variant == "fp32":
+        return "as given"
+    if variant == "pruned":
+        return label({**config, "quant": "none"})
+    return label(config)
+
+
+def _y(v: dict[str, Any], scored: bool) -> Optional[float]:
+    from compress.search.trials import fidelity_value
+
+    return v.get("accuracy") if scored else fidelity_value(v.get("fidelity") or {})
+
+
+def recommend(cands: list[dict[str, Any]], budget: Optional[float], floor: Optional[float], scored: bool,
+              goal: str = "fidelity") -> tuple[Optional[dict[str, Any]], str]:
+    """Among the timed variants within the budget and above the floor: the most faithful (goal "fidelity", ties to
+    the faster) or the fastest (goal "speed", ties to the more faithful); or None and why. With --eval the floor
+    is fp32's score minus the allowed drop."""
+    timed = [v for v in cands if v.get("latency_ms") and _y(v, scored) is not None]
+    fits = [v for v in timed if budget is None or v["latency_ms"]["p50"] <= budget]
+    ok = [v for v in fits if floor is None or _y(v, scored) >= floor - 1e-12]
+    if ok:
+        if goal == "speed":
+            best = min(ok, key=lambda v: (v["latency_ms"]["p50"], -_y(v, scored)))
+            what = "the fastest variant" + (f" above {floor:.4g}" if floor is not None else "")
+            what += f" within the {budget:g} ms budget" if budget is not None else ""
+        else:
+            best = max(ok, key=lambda v: (_y(v, scored), -v["latency_ms"]["p50"]))
+            what = ("the most faithful variant within " + (f"the {budget:g} ms budget" if budget is not None else "no budget")
+                    + (f" and above {floor:.4g}" if floor is not None else ""))
+        return best, (f"{best['name']} ({best['settings']}) is {what}: p50 {best['latency_ms']['p50']:.3f} ms, "
+                      f"{'score' if scored else 'fidelity'} {_y(best, scored):.4f}")
+    if not timed:
+        return None, "no trial finished with a timed model"
+    fastest = min(timed, key=lambda v: v["latency_ms"]["p50"])
+    if not fits:
+        return None, (f"no model met the {budget:g} ms budget: the fastest was {fastest['name']} "
+                      f"({fastest['settings']}) at {fastest['latency_ms']['p50']:.3f} ms")
+    best = max(fits, key=lambda v: _y(v, scored))
+    return None, (f"no model within the budget reached {floor:.4g}: the best was {best['name']} "
+                  f"({best['settings']}) at {_y(best, scored):.4f}")
+
+
+def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: None,
+               on_trial: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Run (or resume) the search and write OUTDIR's summary; returns the summary (search.json's content)."""
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from compress.models import prepare_inputs
+    from compress.models import load_model
+    from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, run_trial, start_ray, stop_ray
+    from compress.search.space import label, normalise, space_for
+    from devices import load_profile
+
+    s.check()
+    outdir = Path(s.outdir).resolve()
+    state = outdir / "ray" / EXPERIMENT
+    if state.exists() and not s.resume:
+        raise UsageError(f"-o {s.outdir} holds an earlier search: pass --resume to continue it, or choose another folder")
+    if s.resume and not state.exists():
+        raise UsageError(f"--resume: -o {s.outdir} holds no search to continue")
+    profile = load_profile(s.device)
+    on_stage("loading the model")
+    loaded = load_model(s.model, s.weights)
+    prepare_inputs(loaded, s.input_shapes, s.calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
+    space = space_for(loaded.module, profile, s.prune_max, s.quants)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    job = {**asdict(s), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
+           "min_fidelity": None if s.eval_spec else (s.min_fidelity if s.min_fidelity is not None else 1 - s.tolerance())}
+    outdir.mkdir(parents=True, exist_ok=True)
+    on_stage("starting Ray" + (f" (cluster {s.address})" if s.address else " (embedded, for this command)"))
+    t0 = time.monotonic()
+    cluster = start_ray(s.address, [profile])
+    try:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1})
+        if s.resume:
+            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.trials))
+            alg = OptunaSearch(sampler=sampler, metric=TRIAL_METRIC, mode="max", points_to_evaluate=[space.start()])
+            tuner = tune.Tuner(
+                trainable, param_space=space.ray(),
+                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(alg, max_concurrent=s.concurrency),
+                                            num_samples=s.trials, max_concurrent_trials=s.concurrency),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(outdir / "ray"), stop=Hopeless(job["min_fidelity"]),
+                                          verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                          callbacks=[TrialProgress(on_trial)]))
+        on_stage(f"searching: {s.trials} trials on {profile.name}")
+        grid = tuner.fit()
+    finally:
+        stop_ray()
+    trials = collect(grid, normalise, label)
+    clean_partials(outdir / "trials")
+    return summarise(s, profile.name, space.to_json(), trials, cluster, time.monotonic() - t0, outdir, on_stage)
+
+
+def collect(grid: Any, normalise: Callable[[dict[str, Any]], dict[str, Any]],
+            label: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """One plain record per trial: done, stopped early (hopeless), or crashed with its error's first line."""
+    out = []
+    for r in grid:
+        cfg = normalise(r.config or {})
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or Path(r.path).name
+        rec: dict[str, Any] = {"id": trial_id, "config": cfg, "label": label(cfg), "fidelity": m.get("fidelity"),
+                               "p50_ms": m.get("p50_ms"), "speedup": m.get("speedup"), "score": m.get("score"),
+                               "seconds": m.get("seconds"), "report": m.get("report"),
+                               "profiled_on": m.get("profiled_on")}
+        if r.error is not None:
+            rec["status"], rec["error"] = "crashed", _error_line(r.error)
+        elif m.get("stage") == "done" and rec["report"] and Path(rec["report"]).exists():
+            rec["status"] = "done"
+        else:
+            rec["status"] = "stopped early"
+            rec["why"] = (f"the pruned model's fidelity {m['fidelity']:.4f} was already below the floor"
+                          if m.get("fidelity") is not None else "stopped before it finished")
+        out.append(rec)
+    return sorted(out, key=lambda t: t["id"])
+
+
+def _error_line(e: BaseException) -> str:
+    """The trial's own exception in one line, not Ray's wrapper (whose first line names the actor and its pid)."""
+    from compress.core import EdgeError
+
+    cause = e
+    for _ in range(5):  # RayTaskError / TuneError chains
+        nxt = getattr(cause, "cause", None) or cause.__cause__
+        if nxt is None or nxt is cause:
+            break
+        cause = nxt
+    text = first_line(cause)
+    return text if isinstance(cause, EdgeError) else f"{type(cause).__name__}: {text}"
+
+
+def clean_partials(trials: Path) -> None:
+    """A trial stopped early is ended mid-pipeline: its unfinished work folder is removed here."""
+    if trials.exists():
+        for p in trials.glob(".*.partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: list[dict[str, Any]],
+              cluster: dict[str, Any], seconds: float, outdir: Path,
+              on_stage: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    from compress.core import write_json
+    from compress.report import Point, pareto_front
+    from compress.search.study_report import write_search_readable
+
+    on_stage("writing the summary")
+    cands = candidates(trials)
+    scored = bool(s.eval_spec)
+    floor = None
+    if scored:
+        base = next((v.get("accuracy") for v in cands if v["name"] == "fp32"), None)
+        floor = None if base is None else base - s.tolerance()
+    else:
+        floor = 1.0 - s.tolerance()
+    best, reason = recommend(cands, s.latency_budget_ms, floor, scored, s.goal())
+    pts = [Point(v["name"], v["latency_ms"]["p50"], _y(v, scored), v) for v in cands
+           if v.get("latency_ms") and _y(v, scored) is not None]
+    front = [p.name for p in pareto_front(pts)]
+    summary = {
+        "schema": "edge-compress/search/1", "model": s.model, "device": device, "command": s.command,
+        "latency_budget_ms": s.latency_budget_ms, "floor": floor,
+        "floor_on": f"--eval {s.eval_spec}" if scored else "fidelity to fp32 (top-1 agreement, else worst cosine)",
+        "seed": s.seed, "trials_requested": s.trials, "space": space, "ray": cluster, "seconds": round(seconds, 1),
+        "objective": s.goal(),
+        "algorithm": "Optuna TPE (seeded) via Ray Tune OptunaSearch; first trial = compress run defaults; "
+                     "trials stopped when the pruned model is already below the floor",
+        "trials": trials,
+        "candidates": [{"name": v["name"], "trial": v["trial"], "settings": v["settings"], "variant": v["variant"],
+                        "p50_ms": v["latency_ms"]["p50"] if v.get("latency_ms") else None,
+                        "speedup_vs_fp32": v.get("speedup_vs_fp32"), "size_bytes": v.get("size_bytes"),
+                        "fidelity": v.get("fidelity"), "accuracy": v.get("accuracy"),
+                        "pareto": v["name"] in front} for v in cands],
+        "pareto": front,
+        "recommended": best["name"] if best else None,
+        "recommended_settings": best["settings"] if best else None,
+        "reason": reason,
+    }
+    if best is not None:
+        _install_best(Path(best["report"]).parent, outdir / "best")
+        summary["best_report"] = str(outdir / "best" / "report.json")
+        summary["best_onnx"] = str(outdir / "best" / f"{best['variant']}.onnx")
+    write_json(outdir / "search.json", summary)
+    write_search_readable(summary, cands, outdir, scored)
+    return summary
+
+
+def _install_best(src: Path, dst: Path) -> None:
+    """best/ = a copy of the recommended trial's run folder, swapped in whole."""
+    from compress.core import swap_in
+
+    tmp = dst.parent / f".{dst.name}.partial-{int(time.time() * 1000)}"
+    shutil.copytree(src, tmp)
+    try:
+        swap_in(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
