@@ -88,12 +88,12 @@ def interleaved_latency(
     if not models:
         raise ValueError("no models to time")
     providers = providers or ["CPUExecutionProvider"]
-    sessions = {n: _session(Path(p), providers, threads, session_config or {}) for n, p in models.items()}
-    names = list(sessions)
+    opened = {n: _session(Path(p), providers, threads, session_config or {}) for n, p in models.items()}
+    names = list(opened)
     if feeds is None:
-        feeds = random_feeds(sessions[names[0]])
+        feeds = random_feeds(opened[names[0]])
     runners = {}
-    for n, s in sessions.items():
+    for n, s in opened.items():
         wanted = {i.name for i in s.get_inputs()}
         f = {k: v for k, v in feeds.items() if k in wanted}
         outs = [o.name for o in s.get_outputs()]

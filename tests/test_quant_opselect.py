@@ -143,7 +143,7 @@ def test_quant_stage_reports_ops_kept_in_fp32_and_later_quantizations_keep_them(
     report with its reason, and the accuracy fallback quantizes without it too."""
     import compress.quantize.opselect as qo
     import runtime.abtest as ab
-    from compress.quantize.stage import QuantOptions, quant_stage
+    from compress.quantize import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
     convs = [n.name for n in onnx.load(str(fp32_path)).graph.node if n.op_type == "Conv"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from compress.core.errors import InputError, UsageError
-from compress.search.study import SearchSettings, recommend
+from compress.search import SearchSettings
+from compress.search.study import recommend
 from compress.search.trials import Hopeless, objective
 from compress.search.space import label, normalise, space_for, trial_seed
 from compress.search.sweep import cells, load_sweep

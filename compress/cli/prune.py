@@ -11,6 +11,7 @@ import click
 from compress.core import console, check_json_output, check_onnx_output
 from compress.cli.options import max_calib_option, model_input_options
 from compress.models import require_one_input_source
+from compress.prune import PruneOptions
 
 EPILOG = """\b
 Examples:
@@ -26,16 +27,16 @@ Examples:
 @model_input_options
 @max_calib_option
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
-@click.option("--importance", default="l2", show_default=True, help="Channel importance criterion (see --importance list).")
+@click.option("--importance", default=PruneOptions.importance, show_default=True, help="Channel importance criterion (see --importance list).")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
 @click.option("--ignore", multiple=True, metavar="NAME", help="Module (qualified name or prefix) never to prune; repeatable.")
 @click.option("--round-to", type=int, help="Round channel counts to this multiple (default: the device's channel multiple).")
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): channel multiple, and where speed is measured.")
 @click.option("--sparsity", type=float, help="Also (or instead) zero this fraction of weights as masks.")
-@click.option("--pattern", type=click.Choice(["unstructured", "2:4"]), default="unstructured", show_default=True)
+@click.option("--pattern", type=click.Choice(["unstructured", "2:4"]), default=PruneOptions.pattern, show_default=True)
 @click.option("--no-recover", is_flag=True, help="Skip the distillation from the unpruned model.")
-@click.option("--recover-steps", type=click.IntRange(1, 100000), default=200, show_default=True)
-@click.option("--recover-seconds", type=click.FloatRange(min=1), default=120.0, show_default=True, help="Time budget for recovery.")
+@click.option("--recover-steps", type=click.IntRange(1, 100000), default=PruneOptions.recover_steps, show_default=True)
+@click.option("--recover-seconds", type=click.FloatRange(min=1), default=PruneOptions.recover_seconds, show_default=True, help="Time budget for recovery.")
 @click.option("--finetune", metavar="FILE.py:FN", help="Your own fine-tune fn(model, batches) -> model, run instead of distillation.")
 @click.option("--no-measure", is_flag=True, help="Skip the side-by-side latency measurement.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
@@ -55,7 +56,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     from compress.prune import get_importance
     from compress.models import prepare_inputs
     from compress.models import load_model
-    from compress.prune import PruneOptions, prune_stage
+    from compress.prune import prune_stage
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from compress.core import console
-from compress.cli.options import backend_option, eval_options, int4_options, max_calib_option
+from compress.quantize import CALIBRATION_METHODS, QuantOptions
+from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option
 
 EPILOG = """\b
 Examples:
@@ -25,15 +26,15 @@ Examples:
 
 @click.command("quantize", epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["int8", "fp8", "int4"]), default="int8", show_default=True)
+@click.option("--to", "to", type=format_choice(), default=QuantOptions.to, show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
 @click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="INT8 activation calibration.")
+@click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.method, show_default=True, help="INT8 activation calibration.")
 @click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
 @eval_options
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
-@click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True)
+@click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default=QuantOptions.fp8_format, show_default=True)
 @int4_options
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
@@ -53,7 +54,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
     from compress.core import check_json_output, check_onnx_output
-    from compress.quantize import QuantOptions, check_format, quant_stage
+    from compress.quantize import check_format, quant_stage
     from compress.evaluate import load_metric
     from devices import load_profile
     from runtime import check_model

@@ -10,8 +10,10 @@ from typing import Any
 import click
 
 from compress.core import console, UsageError
-from compress.cli.options import backend_option, eval_options, int4_options, max_calib_option, model_input_options
+from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option, model_input_options
 from compress.models import require_one_input_source
+from compress.pipeline import RunOptions
+from compress.prune import PruneOptions
 
 EPILOG = """\b
 Examples:
@@ -31,15 +33,15 @@ Examples:
 @max_calib_option
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
-@click.option("--importance", default="l2", show_default=True, help="Channel importance criterion for --prune.")
+@click.option("--importance", default=PruneOptions.importance, show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
-@click.option("--quant", type=click.Choice(["int8", "fp8", "int4", "none"]), default="int8", show_default=True,
+@click.option("--quant", type=format_choice(none="last"), default=RunOptions.quant, show_default=True,
               help="Quantize the final model (kept only if it pays: see the recommendation). int4 is weight-only "
                    "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
 @int4_options
 @click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=RunOptions.tolerance, show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
 @eval_options
 @backend_option
@@ -67,8 +69,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.core import check_json_output, check_output_path
     from compress.models import load_model
     from compress.models import prepare_inputs
-    from compress.pipeline import RunOptions, run_pipeline
-    from compress.prune import PruneOptions
+    from compress.pipeline import run_pipeline
     from compress.pipeline import StageCache
     from compress.evaluate import load_metric
     from devices import load_profile

@@ -6,6 +6,7 @@ What other rooms may use is named here, and imported on first use (see compress/
 from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "run": ["RunOptions", "run_pipeline", "time_variants"],
+    "options": ["RunOptions"],
+    "run": ["run_pipeline", "time_variants"],
     "stage_cache": ["StageCache"],
 })

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,36 +22,12 @@ import torch
 from torch import nn
 
 from compress.core import swap_in, default_mode, write_json, first_line
-from compress.prune import count_macs, PruneOptions, prune_stage
+from compress.prune import count_macs, prune_stage
 from compress.report import SCHEMA
 from compress.pipeline.stage_cache import StageCache, key_of
 from compress.evaluate import Metric
+from compress.pipeline.options import RunOptions
 from devices import DeviceProfile
-
-
-@dataclass
-class RunOptions:
-    prune: Optional[PruneOptions] = None
-    quant: str = "none"
-    int4: dict[str, Any] = field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
-    calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
-    max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
-    simulate: bool = False
-    tolerance: float = 0.01  # allowed loss: 1 - top-1 agreement for classifiers, else 1 - min cosine
-    runs: Optional[int] = None
-    max_seconds: Optional[float] = None
-    ab_rounds: int = 30
-    backend: str = "ort"  # INT8 backend: ort or inc (compress.quantize.stage.BACKENDS)
-    select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quantize.opselect)
-    evaluate: Optional[Metric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
-    cache: Optional[StageCache] = None  # None: every stage computed (library callers); the CLI passes one
-    source: str = ""
-    command: str = ""
-    quant_method: str = "minmax"  # INT8 activation calibration (compress search varies it)
-    quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
-    quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
-    timer: Optional[Callable[..., dict[str, Any]]] = None  # time_variants, or where it runs (compress search)
-    on_result: Optional[Callable[[str, dict[str, Any]], None]] = None  # a stage's report as soon as it exists
 
 
 def _params(path: Path) -> int:
@@ -107,8 +83,10 @@ def run_pipeline(
     extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     from compress.evaluate import fidelity, onnx_outputs, torch_outputs
+    from compress.quantize import QuantOptions, backend_for, quant_stage
     from export import export_onnx
 
+    quantizer = backend_for(opts.quant, opts.backend) if opts.quant != "none" else None
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
@@ -136,23 +114,23 @@ def run_pipeline(
                 return {"stage": report, "variant": export_variant("pruned", modules["pruned"])}
 
             parts = [*base_key, train, held_out, asdict(opts.prune), _function_file(opts.prune.finetune)]
-            # INC quantizes the torch module, which a cache hit does not bring back (only its ONNX export)
-            prune_cache = StageCache(enabled=False) if opts.backend == "inc" and opts.quant == "int8" else cache
+            # a torch backend (INC) quantizes the torch module, which a cache hit does not bring back (only its ONNX)
+            prune_cache = StageCache(enabled=False) if quantizer is not None and quantizer.takes == "torch" else cache
             got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export)
             cache.events["prune"] = prune_cache.events["prune"]
             stages["prune"] = got["stage"]
             variants.append(got["variant"])
         reference = torch_outputs(model, held_out)
-        if opts.quant != "none":
-            from compress.quantize import QuantOptions, quant_stage
-
+        if quantizer is not None:
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
-            int4 = opts.quant == "int4"  # weight-only INT4 is steered by its size budget, not by the tolerance
+            # a format steered by its own budget (weight-only INT4) takes neither the tolerance nor --eval
+            steered = quantizer.tolerance
             qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
-            qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate, tolerance=None if int4 or not opts.quant_fallback else qtol,
-                                 measure=False, select_ops=opts.select_ops, evaluate=None if int4 else opts.evaluate,
+            qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate,
+                                 tolerance=qtol if steered and opts.quant_fallback else None, measure=False,
+                                 select_ops=opts.select_ops, evaluate=opts.evaluate if steered else None,
                                  backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
-            source = (modules[base["name"]], example, train) if opts.backend == "inc" else None
+            source = (modules[base["name"]], example, train) if quantizer.takes == "torch" else None
             path = work / f"{opts.quant}.onnx"
             parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
                      {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
@@ -175,11 +153,8 @@ def run_pipeline(
         measured, speedup_measure = timed["measured"], timed["speedup_measure"]
         for v in variants:
             runner, session_options = onnx_outputs, None
-            if v["simulated"]:  # no FP8 kernels here: fidelity only, under session options that run FP8 Q/DQ
-                from compress.quantize import fp8_outputs as runner
-                from compress.quantize import fp8_session_options
-
-                session_options = fp8_session_options()
+            if v["simulated"]:  # no kernels for the format here: fidelity only, run the way the backend runs it
+                runner, session_options = quantizer.outputs()
                 v["latency_ms"], v["profile"], v["speedup_vs_fp32"] = None, None, None
             else:
                 v.update(timed["variants"][v["name"]])

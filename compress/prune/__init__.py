@@ -8,6 +8,7 @@ from compress.core import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "importance": ["IMPORTANCE", "check_applicable", "get_importance"],
     "sparsity": ["SPARSITY_NOTE", "zipped_size"],
-    "stage": ["PruneOptions", "prune_stage"],
+    "options": ["PruneOptions"],
+    "stage": ["prune_stage"],
     "structural": ["count_macs"],
 })

@@ -196,6 +196,16 @@ class CalibReader(CalibrationDataReader):
         """Nothing to release: the file's arrays are memory maps, unmapped with the last reference to them."""
 
 
+def calibration_feeds(model: Path, source: Any, seed: int, max_samples: Optional[int] = None,
+                      label: Optional[str] = None) -> list[dict[str, np.ndarray]]:
+    """Every feed a CalibReader gives for MODEL (at most max_samples), read once and closed."""
+    reader = CalibReader(model, source, seed=seed, max_samples=max_samples, label=label)
+    try:
+        return [reader.feed(i) for i in range(reader.count)]
+    finally:
+        reader.close()
+
+
 def _dims_text(dims: list[Optional[int]]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 

@@ -50,6 +50,7 @@ from compress.core import (
 )
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
+from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.candidates import pick, time_candidates, timing_json
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import Preset, candidates, preset_for
@@ -57,7 +58,6 @@ from compress.quantize.writing import quiet_onnxruntime, write_final
 from devices import DeviceProfile
 from export import get_metadata, set_metadata
 
-METHODS = ("minmax", "percentile", "entropy")
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 SMOOTH_ALPHAS = (None, 0.5, 0.7, 0.85)  # None: no smoothing; measured on MiniLM: 0.992, 0.989, 0.997, 0.997
 DEFAULT_ALPHA = 0.7  # when not tuning (per-layer sensitivity runs): the measured best on MiniLM
@@ -576,8 +576,8 @@ def quantize_int8(
     if not src.is_file():
         raise InputError(f"model {src} not found")
     dst = check_onnx_output(str(dst), [src])
-    if method not in METHODS:
-        raise UsageError(f"calibration method {method!r}: one of {', '.join(METHODS)}")
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"calibration method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
     exclude = list(exclude or [])
     if include is not None and not include:
         raise UsageError("include is empty: name at least one node to quantize (or pass None for all)")

@@ -6,7 +6,8 @@ What other rooms may use is named here, and imported on first use (see compress/
 from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "study": ["SearchSettings", "run_search"],
+    "options": ["SearchSettings"],
+    "study": ["run_search"],
     "sweep": ["cells", "load_sweep", "run_sweep"],
     "trials": ["fidelity_value"],
 })

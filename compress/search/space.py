@@ -16,12 +16,24 @@ from typing import Any, Optional
 from torch import nn
 
 from compress.core import UsageError
+from compress.quantize import CALIBRATION_METHODS, format_info, format_names
 from devices import DeviceProfile
 
 PRUNE_STEP = 0.05
-CALIB_METHODS = ("minmax", "percentile", "entropy")
 # the float-fallback tolerance as a fraction of the run's: 0 searches no fallback at all
 FALLBACK_FRACTIONS = (0.0, 0.5, 1.0)
+
+
+def _takes(quant: Optional[str], what: str) -> bool:
+    """Whether the format QUANT (None or "none": no quantization) has a dimension the registry declares:
+    "calibration_methods" (--method) or "tolerance" (the float fallback)."""
+    return quant not in (None, "none") and bool(getattr(format_info(quant), what))
+
+
+def _has(profile: DeviceProfile, quant: str) -> bool:
+    """The device has the hardware the format needs to be timed (FP8 units for fp8; nothing for INT8/INT4)."""
+    needs = format_info(quant).needs
+    return not needs or bool(getattr(profile, needs))
 
 
 @dataclass
@@ -31,7 +43,7 @@ class Space:
     prune_max: float = 0.6
     importances: list[str] = field(default_factory=lambda: ["l2"])
     quants: list[str] = field(default_factory=lambda: ["none", "int8"])
-    methods: list[str] = field(default_factory=lambda: list(CALIB_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(CALIBRATION_METHODS))
     fallbacks: list[float] = field(default_factory=lambda: list(FALLBACK_FRACTIONS))
 
     def ray(self) -> dict[str, Any]:
@@ -39,9 +51,9 @@ class Space:
 
         space: dict[str, Any] = {"prune": tune.quniform(0.0, self.prune_max, PRUNE_STEP),
                                  "importance": tune.choice(self.importances), "quant": tune.choice(self.quants)}
-        if "int8" in self.quants:
+        if any(_takes(q, "calibration_methods") for q in self.quants):
             space["method"] = tune.choice(self.methods)
-        if any(q in self.quants for q in ("int8", "fp8")):
+        if any(_takes(q, "tolerance") for q in self.quants):
             space["fallback"] = tune.choice(self.fallbacks)
         return space
 
@@ -49,9 +61,9 @@ class Space:
         """The first point evaluated: `compress run`'s defaults (no pruning, INT8 minmax with float fallback)."""
         point: dict[str, Any] = {"prune": 0.0, "importance": self.importances[0],
                                  "quant": "int8" if "int8" in self.quants else self.quants[0]}
-        if "int8" in self.quants:
+        if any(_takes(q, "calibration_methods") for q in self.quants):
             point["method"] = "minmax"
-        if any(q in self.quants for q in ("int8", "fp8")):
+        if any(_takes(q, "tolerance") for q in self.quants):
             point["fallback"] = 1.0
         return point
 
@@ -78,12 +90,13 @@ def space_for(model: nn.Module, profile: DeviceProfile, prune_max: float, quants
         usable.append(name)
     usable.sort(key=lambda n: n != "l2")  # compress run's default first: the starting point uses it
     if quants is None:
-        quants = ["none", "int8"] + (["fp8"] if profile.fp8 else [])
+        quants = ["none"] + [f for f in format_names() if format_info(f).in_default_search and _has(profile, f)]
     for q in quants:
-        if q not in ("none", "int8", "fp8", "int4"):
-            raise UsageError(f"--quant {q}: one of none, int8, fp8, int4")
-        if q == "fp8" and not profile.fp8:
-            raise UsageError(f"--quant fp8: device {profile.name!r} has no FP8 hardware to time it on")
+        if q != "none" and q not in format_names():
+            raise UsageError(f"--quant {q}: one of {', '.join(['none', *format_names()])}")
+        if q != "none" and not _has(profile, q):
+            raise UsageError(f"--quant {q}: device {profile.name!r} has no {format_info(q).needs.upper()} hardware "
+                             "to time it on")
     return Space(prune_max=prune_max, importances=usable, quants=list(dict.fromkeys(quants)))
 
 
@@ -95,9 +108,9 @@ def normalise(config: dict[str, Any]) -> dict[str, Any]:
     out["prune"] = round(out["prune"], 4)
     if out["prune"] == 0.0:
         out.pop("importance", None)
-    if out.get("quant") != "int8":
+    if not _takes(out.get("quant"), "calibration_methods"):
         out.pop("method", None)
-    if out.get("quant") not in ("int8", "fp8"):
+    if not _takes(out.get("quant"), "tolerance"):
         out.pop("fallback", None)
     return out
 

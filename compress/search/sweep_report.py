@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.report import code, fmt_ms, fmt_speedup
+from compress.report import code, fmt_ms, fmt_speedup, table
 
 
 def _fid(f: Any) -> str:
@@ -26,18 +26,18 @@ def render_sweep(s: dict[str, Any], plot: str | None) -> str:
         out += [f"![speedup over fp32 vs fidelity of each cell's final model]({plot})", ""]
     out += ["Each cell is one `compress run`; 'recommended' is what that run recommends (fp32 when nothing else "
             "pays), 'final' is the cell's most compressed model.", ""]
-    table = []
+    cells = []
     for r in rows:
         if r["status"] != "done":
-            table.append([code(r["id"]), r["model"], r["device"], r["settings"], f"{r['status']}: {r.get('error') or ''}",
+            cells.append([code(r["id"]), r["model"], r["device"], r["settings"], f"{r['status']}: {r.get('error') or ''}",
                           "-", "-", "-", "-", "-"])
             continue
         f = r["final"]
-        table.append([code(r["id"]), r["model"], r["device"], r["settings"], code(r["recommended"]),
+        cells.append([code(r["id"]), r["model"], r["device"], r["settings"], code(r["recommended"]),
                       fmt_ms(r.get("p50_ms")), fmt_speedup(r.get("speedup_vs_fp32")), _fid(r.get("fidelity")),
                       f"{f['name']}: {fmt_speedup(f.get('speedup_vs_fp32'))}", _fid(f.get("fidelity"))])
     out += table(["cell", "model", "device", "settings", "recommended", "p50 ms", "speedup", "fidelity",
-                   "final: speedup", "final fidelity"], table) + [""]
+                   "final: speedup", "final fidelity"], cells) + [""]
     if s.get("command"):
         out += ["## Reproduce", "", "```", s["command"], "```", ""]
     return "\n".join(out)

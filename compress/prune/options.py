@@ -1,0 +1,37 @@
+"""The options of the prune stage, one set for `compress prune`, `compress run --prune` and the search: the CLI
+reads its defaults from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from compress.core import UsageError
+
+
+@dataclass
+class PruneOptions:
+    ratio: Optional[float] = None  # structural: fraction of channels removed
+    importance: str = "l2"
+    global_pruning: bool = False
+    ignore: list[str] = field(default_factory=list)
+    round_to: Optional[int] = None
+    sparsity: Optional[float] = None  # masks: fraction of weights zeroed
+    pattern: str = "unstructured"
+    recover: bool = True
+    recover_steps: int = 200
+    recover_seconds: Optional[float] = 120.0
+    lr: float = 1e-4
+    finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
+    real_data: bool = True  # the tuning batches are real samples (--calib): BatchNorm statistics may be re-estimated
+
+    def check(self, ratio_flag: str = "--ratio") -> None:
+        """Validate; `ratio_flag` is the option that set `ratio`, so the message names what the user typed."""
+        if self.ratio is None and self.sparsity is None:
+            raise UsageError(f"give {ratio_flag} (structural pruning) and/or --sparsity (weight masks)")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise UsageError(f"{ratio_flag} {self.ratio}: must be between 0 and 1 (exclusive)")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise UsageError(f"--sparsity {self.sparsity}: must be between 0 and 1 (exclusive)")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to}: must be 1 or more")

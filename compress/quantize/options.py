@@ -1,0 +1,29 @@
+"""The options of the quantize stage, one set for `compress quantize`, `compress run --quant` and the search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # onnxruntime's calibrators, for static INT8
+
+if TYPE_CHECKING:
+    from compress.evaluate import Metric
+
+
+@dataclass
+class QuantOptions:
+    to: str = "int8"
+    method: str = "minmax"
+    tolerance: Optional[float] = None  # None: no fallback search
+    simulate: bool = False
+    fp8_format: str = "e4m3fn"
+    max_calib: Optional[int] = None
+    measure: bool = True
+    backend: str = "ort"  # INT8: "ort" (onnxruntime's quantizer on the ONNX graph) or "inc" (INC PT2E in torch)
+    evaluate: Optional[Metric] = None  # --eval: the user's score; --tolerance then bounds its drop
+    select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
+    block_size: int = 32  # INT4: weights per scale
+    budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it
+    avg_bits: Optional[float] = None  # INT4: the budget as nominal bits per quantized weight (4/8/32 each)
+    salience: str = "measured"  # INT4: "measured" (one model per layer) or "proxy" (weights x activations, one pass)
