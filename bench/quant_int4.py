@@ -34,10 +34,10 @@ import numpy as np
 import onnx
 import torch
 
+from compress.core.onnxgraph import save_model
 from compress.evaluate.compare import fidelity, onnx_outputs
 from compress.quantize.int4 import MB, average_bits, model_bytes, quantizable_layers, quantize_int4, weight_only
 from compress.quantize.int8 import quantize_int8
-from compress.core.onnxgraph import save_model
 from devices.host import describe_host
 from devices.loader import load_profile
 from export.onnx_export import export_onnx

@@ -172,7 +172,6 @@ def check_against_sentence_transformers(folder: Path, model: torch.nn.Module, en
 def bench_text(work: Path, rounds: int) -> list[str]:
     from onnxruntime.quantization import quantize_dynamic
     from transformers import AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

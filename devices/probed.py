@@ -11,7 +11,9 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from compress.core import DeviceError
-from devices import host, providers as ep_registry
+from devices import host
+from devices import providers as ep_registry
+from devices.loader import format_validation_error
 from devices.schema import DeviceProfile, RemoteSpec
 
 
@@ -62,7 +64,6 @@ def profile_from_probe(facts: dict[str, Any], spec: RemoteSpec, name: Optional[s
     try:
         return DeviceProfile.model_validate(data)
     except ValueError as e:  # --name that the schema refuses, mostly
-        from devices.loader import format_validation_error
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):

@@ -22,7 +22,8 @@ import onnx
 import torch
 from torch import nn
 
-from compress.core import atomic_dir, reraise_if_interrupted, TWO_GB, ModelError, UsageError, first_line as _first_line
+from compress.core import TWO_GB, ModelError, UsageError, atomic_dir, reraise_if_interrupted
+from compress.core import first_line as _first_line
 from export import metadata, parity
 
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter implements opset 18+; lower requests go to TorchScript

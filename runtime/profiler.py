@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.core import DeviceError, InputError, first_line
-from devices import DeviceProfile, RemoteSpec, providers as ep_registry
+from compress.core import DeviceError, InputError, first_line, warn
+from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
+from devices import providers as ep_registry
 from export import get_metadata
+from runtime.remote import Target, resolve_spec, run_runner_remote
+from runtime.result import check_profile
 from runtime.stream import ProgressFn, parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -55,7 +58,6 @@ def profile_model(
     path = Path(onnx_path).expanduser()
     meta_inputs = check_model(path)
     if remote is None and profile.remote is not None:  # relative key paths in a YAML are relative to the YAML
-        from runtime.remote import resolve_spec
 
         remote = resolve_spec(profile.remote, base_dir=profile.source.parent if profile.source else None)
     if remote is None:
@@ -98,14 +100,14 @@ def profile_model(
     result["missing_providers"] = missing
     if remote is None:
         result["measured_on"] = "local"
-        result["host"] = _describe_host()
+        result["host"] = describe_host()
         result["remote"] = None
     else:
         result["measured_on"] = "remote"
         result["host"] = _describe_device(result)
-        result["client"] = _describe_host()
+        result["client"] = describe_host()
         result["model"] = str(path)  # the runner saw its temporary copy, which is gone
-    return result
+    return check_profile(result)
 
 
 REMOTE_GRACE_S = 600.0  # copying, loading and warm-up on a slow board, on top of the timing budget
@@ -121,8 +123,6 @@ def _remote_timeout(config: dict[str, Any]) -> float:
 
 def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remote: RemoteSpec,
                 on_progress: ProgressFn | None, timeout: float) -> dict[str, Any]:
-    from runtime.remote import Target, run_runner_remote
-
     target = Target(remote.user, remote.host, remote.port)
     try:
         result = run_runner_remote(path, config, remote, on_progress, timeout=timeout)
@@ -145,15 +145,11 @@ def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remo
     }
     missing = list(result.get("missing_providers") or [])
     if missing:
-        from compress.core import warn
-
         warn(f"device {profile.name!r} asks for {' and '.join(missing)}, which the onnxruntime "
              f"{result.get('onnxruntime_version')} on {target} lacks (install {_packages(missing)} there); profiled on "
              f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
     cores = plat.get("cpu_count")
     if isinstance(cores, int) and cores and result.get("threads", 0) > cores:
-        from compress.core import warn
-
         warn(f"{result['threads']} threads on {target}, which has {cores} cores: the figures are slow and noisy; "
              f"pass --threads {cores} (or fix the profile's threads)")
     return result
@@ -161,8 +157,6 @@ def _run_remote(path: Path, profile: DeviceProfile, config: dict[str, Any], remo
 
 def _describe_device(result: dict[str, Any]) -> dict[str, Any]:
     """The remote device in describe_host()'s shape (ISA flags are not reported by the runner: see the profile)."""
-    from devices import normalize_arch
-
     plat = result.get("platform") or {}
     machine = plat.get("machine")
     return {
@@ -251,8 +245,6 @@ def resolve_providers(profile: DeviceProfile) -> tuple[list[list[Any]], list[str
         raise DeviceError(_missing_message(profile, missing, available))
     chosen = [[ep.name, dict(ep.options)] for ep in profile.execution_providers if ep.name in available]
     if missing:
-        from compress.core import warn
-
         if "CPUExecutionProvider" not in [name for name, _ in chosen]:
             chosen.append(["CPUExecutionProvider", {}])
         warn(_fallback_message(profile, missing, [name for name, _ in chosen]))
@@ -264,8 +256,6 @@ def _silently_dropped(profile: DeviceProfile, result: dict[str, Any], already: l
     used = set(result.get("providers") or [])
     dropped = [ep.name for ep in profile.execution_providers if ep.name not in used and ep.name not in already]
     if dropped and profile.cpu_fallback:
-        from compress.core import warn
-
         warn(f"device {profile.name!r}: onnxruntime could not start {', '.join(dropped)} and ran on "
              f"{', '.join(result.get('providers') or ['?'])} instead — these figures are not the device's")
     return dropped
@@ -319,16 +309,5 @@ def _warn_oversubscribed(threads: int) -> None:
 
     cores = os.cpu_count() or 0
     if cores and threads > cores:
-        from compress.core import warn
-
         warn(f"{threads} threads on a machine with {cores} cores: runs will queue for CPUs and the figures will "
              f"be slow and noisy; pass --threads {cores} or profile on the device itself")
-
-
-def _describe_host() -> dict[str, Any] | None:
-    try:
-        from devices import describe_host
-    except ImportError:
-        return None
-    return describe_host()
-

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from compress.core import DeviceError, EdgeError, InputError, UsageError
+from compress.core import DeviceError, EdgeError, InputError, UsageError, warn
 from devices import RemoteSpec
+from runtime.runner import all_tensors
 from runtime.stream import parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -362,8 +363,6 @@ class RemoteDir:
 
 
 def _warn(msg: str) -> None:
-    from compress.core import warn
-
     warn(msg)
 
 
@@ -443,7 +442,6 @@ def model_files(model: Path) -> list[tuple[Path, str]]:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception:  # noqa: BLE001 - check_model already refused unreadable files
         return files
-    from runtime.runner import all_tensors
 
     seen = set()
     for t in all_tensors(proto.graph):

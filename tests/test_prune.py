@@ -336,8 +336,8 @@ def test_attention_outside_the_registry_is_left_untouched_and_the_rest_pruned():
 
 
 def test_a_torch_pruning_failure_is_a_model_error_naming_the_layer(monkeypatch):
-    from compress.prune import importance
     from compress.core.errors import ModelError
+    from compress.prune import importance
 
     def explode(group):
         raise RuntimeError("scorer exploded\nsecond line")

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from compress.quantize.int8 import quantize_int8
-from compress.quantize.opselect import (LAYOUT_OPS, SELECT_OPS, OpTiming, boundary_values, extract, find_regions,
-                                     op_latency, select_ops)
+from compress.quantize.opselect import (
+    LAYOUT_OPS,
+    SELECT_OPS,
+    OpTiming,
+    boundary_values,
+    extract,
+    find_regions,
+    op_latency,
+    select_ops,
+)
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 from export.onnx_export import export_onnx

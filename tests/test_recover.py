@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from torch import nn
 import torch_pruning as tp
+from torch import nn
 
 from compress.core.errors import InputError, ModelError, UsageError
 from compress.evaluate.compare import fidelity, torch_outputs

@@ -12,10 +12,10 @@ import pytest
 
 from compress.core.errors import InputError, UsageError
 from compress.search import SearchSettings
-from compress.search.study import recommend
-from compress.search.trials import Hopeless, objective
 from compress.search.space import label, normalise, space_for, trial_seed
+from compress.search.study import recommend
 from compress.search.sweep import cells, load_sweep
+from compress.search.trials import Hopeless, objective
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.core import console, check_json_output, check_onnx_output
 from compress.cli.options import model_input_options
+from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 
 EPILOG = """\b
@@ -49,9 +49,8 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
             from devices import load_profile
 
             opset = load_profile(device).opset
+    from compress.models import example_inputs, load_model
     from export import export_onnx
-    from compress.models import example_inputs
-    from compress.models import load_model
 
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from compress.core import console
+
 EPILOG = """\b
 Examples:
   compress formats model.onnx --device host --calib calib.npz
@@ -35,8 +36,7 @@ def formats(model: str, device: str, calib: str | None, tolerance: float, max_la
     The advice follows the measurements: among the formats the device runs fast (INT8 with int8_dot, FP8 with
     fp8 hardware) the one with the smallest whole-model error; FP8 only where it measures better than INT8.
     """
-    from compress.core import atomic_path, check_json_output, check_output_path
-    from compress.core import InputError, UsageError
+    from compress.core import InputError, UsageError, atomic_path, check_json_output, check_output_path
     from compress.quantize import advise
 
     if not 0 <= tolerance < 1:

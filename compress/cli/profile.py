@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from compress.core import console
+
 EPILOG = """\b
 Examples:
   compress profile model.onnx
@@ -55,8 +56,7 @@ def profile(model: str, device: str, runs: int | None, warmup: int | None, threa
     """
     from compress.core import check_output_path, write_json
     from devices import load_profile
-    from runtime import DEFAULT_MAX_SECONDS, profile_model
-    from runtime import Target, resolve_spec
+    from runtime import DEFAULT_MAX_SECONDS, Target, profile_model, resolve_spec
 
     out_path = (check_output_path(json_out, [model, device, identity, known_hosts], flag="--json")
                 if json_out and json_out != "-" else None)

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from compress.core import console, check_json_output, check_onnx_output
 from compress.cli.options import max_calib_option, model_input_options
+from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 from compress.prune import PruneOptions
 
@@ -53,10 +53,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     rounded to the device's SIMD multiple, and the pruned model is distilled from the original on the
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
-    from compress.prune import get_importance
-    from compress.models import prepare_inputs
-    from compress.models import load_model
-    from compress.prune import prune_stage
+    from compress.models import load_model, prepare_inputs
+    from compress.prune import get_importance, prune_stage
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)
@@ -97,8 +95,7 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
              no_latency: bool) -> dict[str, Any]:
     """Export the original beside the result and compare sizes (zipped, for sparsity) and latency A/B."""
     from export import export_onnx
-    from runtime import interleaved_latency
-    from runtime import resolve_providers
+    from runtime import interleaved_latency, resolve_providers
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "original.onnx"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option
 from compress.core import console
 from compress.quantize import CALIBRATION_METHODS, QuantOptions
-from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option
 
 EPILOG = """\b
 Examples:
@@ -54,8 +54,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
     from compress.core import check_json_output, check_onnx_output
-    from compress.quantize import check_format, quant_stage
     from compress.evaluate import load_metric
+    from compress.quantize import check_format, quant_stage
     from devices import load_profile
     from runtime import check_model
 

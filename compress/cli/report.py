@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from compress.core import console, InputError, UsageError
+from compress.core import InputError, UsageError, console
 
 EPILOG = """\b
 Examples:

@@ -9,8 +9,15 @@ from typing import Any
 
 import click
 
-from compress.core import console, UsageError
-from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option, model_input_options
+from compress.cli.options import (
+    backend_option,
+    eval_options,
+    format_choice,
+    int4_options,
+    max_calib_option,
+    model_input_options,
+)
+from compress.core import UsageError, console
 from compress.models import require_one_input_source
 from compress.pipeline import RunOptions
 from compress.prune import PruneOptions
@@ -67,11 +74,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     measured again every time.
     """
     from compress.core import check_json_output, check_output_path
-    from compress.models import load_model
-    from compress.models import prepare_inputs
-    from compress.pipeline import run_pipeline
-    from compress.pipeline import StageCache
     from compress.evaluate import load_metric
+    from compress.models import load_model, prepare_inputs
+    from compress.pipeline import StageCache, run_pipeline
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)

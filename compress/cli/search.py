@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from compress.core import console, EdgeError, UsageError
 from compress.cli.options import eval_options, format_choice, max_calib_option, model_input_options
+from compress.core import EdgeError, UsageError, console
 from compress.models import require_one_input_source
 from compress.search import SearchSettings
 

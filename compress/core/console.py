@@ -10,6 +10,8 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from compress.core.atomic import write_json
+
 err_console = Console(stderr=True, highlight=False)
 # Piped output is read by people in logs and CI too; rich's 80-column default folds tables into unreadable cells.
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -46,8 +48,6 @@ def report_json(path: str | None, obj: Any) -> bool:
         emit_json(obj)
         return True
     if path:
-        from compress.core.atomic import write_json
-
         write_json(path, obj)
     return False
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.core import sessions, ModelError, RuntimeFailure, first_line as _first_line
+from compress.core import ModelError, RuntimeFailure, sessions
+from compress.core import first_line as _first_line
 from export import flatten_outputs
-
 
 
 def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, Any]:

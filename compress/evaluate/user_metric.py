@@ -28,8 +28,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from compress.core import sessions, InputError, ModelError, RuntimeFailure, UsageError, first_line as _first_line
-from compress.models import load_option_function
+from compress.core import InputError, ModelError, RuntimeFailure, UsageError, sessions
+from compress.core import first_line as _first_line
+from compress.models import load_calib, load_option_function
 
 EVAL_FORMS = ("DATA.npz (inputs plus labels 'y'), or FILE.py:FUNCTION / package.module:FUNCTION "
               "(FUNCTION(model_path) returns a score, higher is better)")
@@ -94,8 +95,6 @@ class LabelledMetric(Metric):
     """--eval DATA.npz: the model run over labelled samples, scored by top-1 accuracy or --metric FN(outputs, y)."""
 
     def __init__(self, data_path: str, metric_spec: Optional[str] = None) -> None:
-        from compress.models import load_calib
-
         data = load_calib(data_path)
         if "y" not in data:
             raise InputError(f"--eval {data_path}: no labels: the .npz needs a 'y' array next to the inputs")

@@ -13,10 +13,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from compress.core import InputError, UsageError
+from compress.core import InputError, UsageError, warn
 from compress.models.loading import LoadedModel
 from compress.models.npz_rows import npz_members, read_rows
 from compress.models.shapes import ShapeArg, parse_input_shape, require_one_input_source
+
 
 def load_calib(path: str | Path, max_samples: int | None = None, *,
                keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -192,8 +193,6 @@ def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib:
     example = example_inputs(loaded, shapes, data)
     names = list(example)
     if data is None:
-        from compress.core import warn
-
         warn("no --calib: channel scores, recovery and fidelity use random inputs, which say little about "
              "real data; pass --calib DATA.npz with real samples")
         train = random_batches(loaded, example, count=8)

@@ -12,8 +12,8 @@ import importlib.util
 import inspect
 import json
 import pickle
-import warnings
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compress.core import InputError, ModelError, UsageError, first_line as _first_line
+from compress.core import InputError, ModelError, UsageError
+from compress.core import first_line as _first_line
 
 MODEL_FORMS = "path/to/file.py:factory, package.module:factory, or a Hugging Face model folder"
 

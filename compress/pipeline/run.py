@@ -21,13 +21,16 @@ import onnx
 import torch
 from torch import nn
 
-from compress.core import swap_in, default_mode, write_json, first_line
-from compress.prune import count_macs, prune_stage
-from compress.report import SCHEMA
-from compress.pipeline.stage_cache import StageCache, key_of
-from compress.evaluate import Metric
+from compress.core import default_mode, first_line, swap_in, warn, write_json
+from compress.evaluate import LabelledMetric, Metric, fidelity, onnx_outputs, torch_outputs
 from compress.pipeline.options import RunOptions
-from devices import DeviceProfile
+from compress.pipeline.stage_cache import StageCache, key_of
+from compress.prune import count_macs, prune_stage
+from compress.quantize import Backend, QuantOptions, backend_for, quant_stage
+from compress.report import SCHEMA, check_report, plot_tradeoff, write_markdown
+from devices import DeviceProfile, describe_host
+from export import export_onnx
+from runtime import interleaved_latency, profile_model, resolve_providers
 
 
 def _params(path: Path) -> int:
@@ -82,10 +85,6 @@ def run_pipeline(
     on_stage: Callable[[str], None] = lambda s: None,
     extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    from compress.evaluate import fidelity, onnx_outputs, torch_outputs
-    from compress.quantize import QuantOptions, backend_for, quant_stage
-    from export import export_onnx
-
     quantizer = backend_for(opts.quant, opts.backend) if opts.quant != "none" else None
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -123,27 +122,9 @@ def run_pipeline(
         reference = torch_outputs(model, held_out)
         if quantizer is not None:
             base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
-            # a format steered by its own budget (weight-only INT4) takes neither the tolerance nor --eval
-            steered = quantizer.tolerance
-            qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
-            qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate,
-                                 tolerance=qtol if steered and opts.quant_fallback else None, measure=False,
-                                 select_ops=opts.select_ops, evaluate=opts.evaluate if steered else None,
-                                 backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
-            source = (modules[base["name"]], example, train) if quantizer.takes == "torch" else None
-            path = work / f"{opts.quant}.onnx"
-            parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
-                     {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
-                     profile.model_dump(mode="json", exclude={"source"})]
-            judge = work / "fp32.onnx" if base["name"] != "fp32" else None  # tolerance is on the whole chain
-            parts.append(judge)
-            q = cache.run("quantize", key_of("quantize", parts), [path],
-                          lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage,
-                                              reference_model=judge, torch_source=source))
-            stages["quantize"] = {k: v for k, v in q.items() if k != "onnx"}
-            variants.append({"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
-                             "macs": base["macs"], "parity": None, "simulated": q["simulated"],
-                             "excluded_layers": q["excluded_layers"], "from": base["name"]})
+            stages["quantize"], variant = _quantize(quantizer, base, modules[base["name"]], example, train, work,
+                                                    profile, opts, cache, on_stage)
+            variants.append(variant)
         if opts.on_result is not None and "prune" in stages:
             opts.on_result("prune", stages["prune"])
         on_stage(f"profiling on {profile.name}")
@@ -151,22 +132,8 @@ def run_pipeline(
         timed = timer({v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}, profile,
                       {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds)
         measured, speedup_measure = timed["measured"], timed["speedup_measure"]
-        for v in variants:
-            runner, session_options = onnx_outputs, None
-            if v["simulated"]:  # no kernels for the format here: fidelity only, run the way the backend runs it
-                runner, session_options = quantizer.outputs()
-                v["latency_ms"], v["profile"], v["speedup_vs_fp32"] = None, None, None
-            else:
-                v.update(timed["variants"][v["name"]])
-            v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
-            v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
-            if opts.evaluate is not None:
-                on_stage(f"scoring {v['name']} with --eval")
-                v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
-                v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
+        _judge(variants, timed, reference, held_out, work, opts, quantizer, on_stage)
         name, reason = recommend(variants, opts.tolerance)
-        from devices import describe_host
-
         report = {
             "schema": SCHEMA,
             "device": {**profile.model_dump(mode="json", exclude={"remote"}), "source": str(profile.source) if profile.source else None},
@@ -186,13 +153,60 @@ def run_pipeline(
             "cache": {"stages": dict(cache.events), "root": str(cache.root) if cache.enabled else None},
             **(extra or {}),
         }
-        write_json(work / "report.json", report)
+        write_json(work / "report.json", check_report(report))
         _write_readable(report, work)
         swap_in(work, outdir)
         return report
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize(quantizer: Backend, base: dict[str, Any], module: nn.Module, example: dict[str, torch.Tensor],
+              train: list[dict[str, torch.Tensor]], work: Path, profile: DeviceProfile, opts: RunOptions,
+              cache: StageCache, on_stage: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The quantize stage on the last variant (`base`, from `module`), through the stage cache: its report and
+    the new variant."""
+    # a format steered by its own budget (weight-only INT4) takes neither the tolerance nor --eval
+    steered = quantizer.tolerance
+    qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
+    qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate,
+                         tolerance=qtol if steered and opts.quant_fallback else None, measure=False,
+                         select_ops=opts.select_ops, evaluate=opts.evaluate if steered else None,
+                         backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
+    source = (module, example, train) if quantizer.takes == "torch" else None
+    path = work / f"{opts.quant}.onnx"
+    parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
+             {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
+             profile.model_dump(mode="json", exclude={"source"})]
+    judge = work / "fp32.onnx" if base["name"] != "fp32" else None  # tolerance is on the whole chain
+    parts.append(judge)
+    q = cache.run("quantize", key_of("quantize", parts), [path],
+                  lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage,
+                                      reference_model=judge, torch_source=source))
+    variant = {"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
+               "macs": base["macs"], "parity": None, "simulated": q["simulated"],
+               "excluded_layers": q["excluded_layers"], "from": base["name"]}
+    return {k: v for k, v in q.items() if k != "onnx"}, variant
+
+
+def _judge(variants: list[dict[str, Any]], timed: dict[str, Any], reference: Any, held_out: list[dict[str, torch.Tensor]],
+           work: Path, opts: RunOptions, quantizer: Optional[Backend], on_stage: Callable[[str], None]) -> None:
+    """Each variant's device figures, fidelity to the torch model on the held-out batches, --eval score and
+    whether it is within the tolerance; simulated ones are run the way their backend runs them, untimed."""
+    for v in variants:
+        runner, session_options = onnx_outputs, None
+        if v["simulated"] and quantizer is not None:  # no kernels for the format here: fidelity only
+            runner, session_options = quantizer.outputs()
+            v["latency_ms"], v["profile"], v["speedup_vs_fp32"] = None, None, None
+        else:
+            v.update(timed["variants"][v["name"]])
+        v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
+        v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
+        if opts.evaluate is not None:
+            on_stage(f"scoring {v['name']} with --eval")
+            v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
+            v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
 
 
 def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[str, Any], runs: Optional[int] = None,
@@ -202,9 +216,6 @@ def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[st
 
     Locally the speedup is the interleaved A/B's median wall-clock ratio (both sides see the same machine); for
     a remote device, the ratio of p50s measured there in turn."""
-    from runtime import interleaved_latency
-    from runtime import profile_model, resolve_providers
-
     out: dict[str, dict[str, Any]] = {}
     measured = None
     for name, path in paths.items():
@@ -240,8 +251,6 @@ def _function_file(spec: Optional[str]) -> Any:
 
 
 def _metric_parts(metric: Optional[Metric]) -> Any:
-    from compress.evaluate import LabelledMetric
-
     if metric is None:
         return None
     if isinstance(metric, LabelledMetric):
@@ -252,16 +261,10 @@ def _metric_parts(metric: Optional[Metric]) -> Any:
 def _write_readable(report: dict[str, Any], work: Path) -> None:
     """report.md for people (and a PR), with the speed/fidelity plot when matplotlib can draw it: a plot that
     fails costs the picture, not the finished run."""
-    from compress.report import write_markdown
-
     plot = None
     try:
-        from compress.report import plot_tradeoff
-
         plot_tradeoff(report, work / "tradeoff.png")
         plot = "tradeoff.png"
     except Exception as e:
-        from compress.core import warn
-
         warn(f"trade-off plot not written: {first_line(e)}")
     write_markdown(report, work / "report.md", plot=plot)

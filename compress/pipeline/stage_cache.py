@@ -26,6 +26,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from compress import __version__
+from compress.core import warn
+
 FORMAT = 1  # bump when what an entry holds changes
 
 
@@ -107,8 +110,6 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    from compress import __version__
-
     return {"edge-compress": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
 
@@ -148,8 +149,6 @@ class StageCache:
         try:
             self._store(entry, meta, outputs)
         except OSError as e:
-            from compress.core import warn
-
             warn(f"stage cache not written ({self.root}): {e.strerror or e}")
         return meta
 

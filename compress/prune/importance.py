@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from compress.core import ModelError, UsageError, first_line as _first_line
+from compress.core import ModelError, UsageError
+from compress.core import first_line as _first_line
 
 MAX_GRAD_BATCHES = 16  # scoring is a one-off estimate; its cost grows with every batch (16 x 8 = 128 samples)
 

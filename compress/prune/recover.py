@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.core import ModelError, UsageError, first_line as _first_line
+from compress.core import ModelError, UsageError
+from compress.core import first_line as _first_line
 from compress.models import load_option_function
 from export import flatten_outputs
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from compress.core import InputError, ModelError, UsageError, first_line as _first_line
+from compress.core import InputError, ModelError, UsageError
+from compress.core import first_line as _first_line
 
 PATTERNS = ("unstructured", "2:4")
 SCOPES = ("layer", "global")

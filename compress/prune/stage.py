@@ -9,7 +9,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compress.evaluate import fidelity, torch_outputs
 from compress.prune.options import PruneOptions
+from compress.prune.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
+from compress.prune.sparsity import apply_sparsity
+from compress.prune.structural import prune_model
 
 
 def prune_stage(
@@ -21,16 +25,12 @@ def prune_stage(
     on_stage: Callable[[str], None] = lambda s: None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return the compressed module and a JSON-ready report; `model` itself is left untouched."""
-    from compress.evaluate import fidelity, torch_outputs
-
     opts.check()
     report: dict[str, Any] = {"structural": None, "sparsity": None, "recovery": None}
     reference = torch_outputs(model, held_out)
     student = model
     protected: list[str] = []
     if opts.ratio is not None:
-        from compress.prune.structural import prune_model
-
         on_stage(f"pruning {opts.ratio:.0%} of channels ({opts.importance})")
         res = prune_model(model, example, ratio=opts.ratio, importance=opts.importance, global_pruning=opts.global_pruning,
                           ignore=opts.ignore, round_to=opts.round_to, calib=train)
@@ -38,8 +38,6 @@ def prune_stage(
         report["structural"] = res.to_json()
     after_step = None
     if opts.sparsity is not None:
-        from compress.prune.sparsity import apply_sparsity
-
         on_stage(f"masking {opts.sparsity:.0%} of weights ({opts.pattern})")
         sp = apply_sparsity(student, opts.sparsity, opts.pattern, ignore=opts.ignore, protect=protected)
         student = sp.module
@@ -47,23 +45,17 @@ def prune_stage(
         report["sparsity"] = sp.to_json()
     report["fidelity_before_recovery"] = fidelity(reference, torch_outputs(student, held_out))
     if opts.ratio is not None and opts.recover and opts.real_data:
-        from compress.prune.recover import recalibrate_batchnorm
-
         on_stage("re-estimating BatchNorm statistics on the calibration samples")
         report["batchnorm"] = recalibrate_batchnorm(student, train)
         if report["batchnorm"]["layers"]:
             report["fidelity_after_batchnorm"] = fidelity(reference, torch_outputs(student, held_out))
     if opts.finetune:
-        from compress.prune.recover import load_finetune, run_finetune
-
         on_stage(f"running {opts.finetune}")
         student = run_finetune(load_finetune(opts.finetune), student, train)
         if after_step is not None:
             after_step(student)
         report["recovery"] = {"method": "finetune", "fn": opts.finetune}
     elif opts.recover:
-        from compress.prune.recover import distill
-
         on_stage("recovering by distillation from the unpruned model")
         stats = distill(student, model, train, steps=opts.recover_steps, lr=opts.lr, time_budget_s=opts.recover_seconds,
                         after_step=after_step)

@@ -33,8 +33,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning import ops
 
-from compress.core import ModelError, UsageError, first_line as _first_line
+from compress.core import ModelError, UsageError
+from compress.core import first_line as _first_line
 from compress.prune.importance import accumulate_gradients, check_applicable, get_criterion
+from export import flatten_outputs
 
 # --------------------------------------------------------------------------------------------------------------
 # Attention registry
@@ -425,8 +427,6 @@ def _tied_modules(model: nn.Module) -> set[nn.Module]:
 
 
 def _flat_tensors(out: Any) -> list[tuple[str, torch.Tensor]]:
-    from export import flatten_outputs
-
     return flatten_outputs(out)
 
 

@@ -32,11 +32,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from compress.core import InputError, ModelError, UsageError, first_line as _first_line, save_model
+from compress.core import InputError, ModelError, UsageError, save_model, warn
+from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
-from compress.quantize.fp8 import (MIN_OPSET, QUANTIZABLE_OPS, QdqRewriter, plan_qdq,
-                                fp8_session_options, quantize_fp8, tensor_values, upgrade_opset, weight_axis)
+from compress.quantize.fp8 import (
+    MIN_OPSET,
+    QUANTIZABLE_OPS,
+    QdqRewriter,
+    fp8_session_options,
+    plan_qdq,
+    quantize_fp8,
+    tensor_values,
+    upgrade_opset,
+    weight_axis,
+)
 from compress.quantize.presets import preset_for
 from compress.quantize.sensitivity import fallback, layer_sensitivity, metric_error
 from devices import DeviceProfile
@@ -232,23 +242,11 @@ def advise(
         raise UsageError(f"--max-layers {max_layers}: must be >= 0")
     step = on_step or (lambda _msg: None)
     src = Path(model_path).expanduser()
-    if not src.is_file():
-        raise InputError(f"model {src} not found")
-    try:
-        model = onnx.load(str(src), load_external_data=True)
-    except Exception as e:
-        raise InputError(f"{src} is not a readable ONNX model: {_first_line(e)}") from e
-    nodes = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
-    if not nodes:
-        raise InputError(f"{src} has no Conv/MatMul/Gemm node: nothing to quantize")
-    if len({n.name for n in nodes}) != len(nodes) or any(not n.name for n in nodes):
-        raise ModelError(f"{src}: Conv/MatMul/Gemm nodes need unique names for the per-layer sweep; re-export it")
+    model = _load_quantizable(src)
     reader = CalibReader(model, calib, max_samples=MAX_FEEDS, label=calib_label)
     feeds = reader.feeds(MAX_FEEDS)
     calibration = reader.info()
     if reader.source == "synthetic":
-        from compress.core import warn
-
         warn("no calibration data: ranges and errors come from synthetic inputs shaped by the model's metadata; "
              "pass --calib DATA.npz with real samples for advice about your data")
     preset = preset_for(profile)
@@ -268,26 +266,13 @@ def advise(
 
         # statistics: weights from the initializers, activations from one fp32 pass
         step("collecting activation statistics")
-        inits = {t.name: t for t in up.graph.initializer}
         positions = [i for i, n in enumerate(up.graph.node) if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
         plan, skipped = plan_qdq(up, positions)
         acts = list(dict.fromkeys(up.graph.node[p].input[s] for p, sl in plan.items() for s, k in sl if k == "activation"))
         stats = _activation_stats(up, acts, feeds)
         ranges = {n: (s.lo, s.hi) for n, s in stats.items()}
         amax = {n: s.amax for n, s in stats.items()}
-        layers: list[dict[str, Any]] = []
-        for p in positions:
-            node = up.graph.node[p]
-            row: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "quantizable": p in plan}
-            ins = [node.input[s] for s, k in plan.get(p, []) if k == "activation"]
-            ws = [node.input[s] for s, k in plan.get(p, []) if k == "weight"]
-            row["activation"] = stats[ins[0]].summary() if ins else None
-            if ws:
-                w = numpy_helper.to_array(inits[ws[0]]).astype(np.float32)
-                row["weight"] = _weight_summary(w, weight_axis(node, w.ndim) if node.input[1] == ws[0] else None)
-            else:
-                row["weight"] = None
-            layers.append(row)
+        layers = _layer_rows(up, positions, plan, stats)
         quantizable = [r["node"] for r in layers if r["quantizable"]]
 
         def quantizer(fmt: str) -> Callable[[Path, Path, list[str]], None]:
@@ -320,15 +305,7 @@ def advise(
             sens[fmt] = layer_sensitivity(
                 base, swept, quantizer(fmt), feeds, reference, runner=simulated_outputs,
                 on_layer=lambda i, n, name, f=fmt: step(f"{f}: layer {i + 1}/{n} {name}"))
-        for r in layers:
-            r["swept"] = r["node"] in swept
-            r["errors"] = {}
-            for fmt, rows in sens.items():
-                hit = next((x for x in rows if x["node"] == r["node"]), None)
-                if hit is not None:
-                    r["errors"][fmt] = ({"error": hit["error"]} if hit.get("salience") is None else
-                                        {"one_minus_cos_mean": hit["salience"], "rel_l2": hit["rel_l2"],
-                                         "cosine_min": hit["cosine_min"]})
+        _attach_errors(layers, swept, sens)
 
         device = {"name": profile.name, "arch": profile.arch, "int8_dot": profile.int8_dot, "fp8": profile.fp8,
                   "providers": list(profile.provider_names), "int8_activations": "symmetric int8" if symmetric
@@ -354,6 +331,55 @@ def advise(
                    "calibration ranges; FP8 weights per channel; measured on the calibration feeds"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _load_quantizable(src: Path) -> onnx.ModelProto:
+    """The model, refused in one line unless it has uniquely named Conv/MatMul/Gemm nodes to sweep."""
+    if not src.is_file():
+        raise InputError(f"model {src} not found")
+    try:
+        model = onnx.load(str(src), load_external_data=True)
+    except Exception as e:
+        raise InputError(f"{src} is not a readable ONNX model: {_first_line(e)}") from e
+    nodes = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+    if not nodes:
+        raise InputError(f"{src} has no Conv/MatMul/Gemm node: nothing to quantize")
+    if len({n.name for n in nodes}) != len(nodes) or any(not n.name for n in nodes):
+        raise ModelError(f"{src}: Conv/MatMul/Gemm nodes need unique names for the per-layer sweep; re-export it")
+    return model
+
+
+def _layer_rows(up: onnx.ModelProto, positions: list[int], plan: Mapping[int, list[tuple[int, str]]],
+                stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per quantizable node: its activation statistics (from the fp32 pass) and weight statistics."""
+    inits = {t.name: t for t in up.graph.initializer}
+    layers: list[dict[str, Any]] = []
+    for p in positions:
+        node = up.graph.node[p]
+        row: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "quantizable": p in plan}
+        ins = [node.input[s] for s, k in plan.get(p, []) if k == "activation"]
+        ws = [node.input[s] for s, k in plan.get(p, []) if k == "weight"]
+        row["activation"] = stats[ins[0]].summary() if ins else None
+        if ws:
+            w = numpy_helper.to_array(inits[ws[0]]).astype(np.float32)
+            row["weight"] = _weight_summary(w, weight_axis(node, w.ndim) if node.input[1] == ws[0] else None)
+        else:
+            row["weight"] = None
+        layers.append(row)
+    return layers
+
+
+def _attach_errors(layers: list[dict[str, Any]], swept: list[str], sens: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Each layer row gets whether it was swept and its error per format (or the error that stopped it)."""
+    for r in layers:
+        r["swept"] = r["node"] in swept
+        r["errors"] = {}
+        for fmt, rows in sens.items():
+            hit = next((x for x in rows if x["node"] == r["node"]), None)
+            if hit is not None:
+                r["errors"][fmt] = ({"error": hit["error"]} if hit.get("salience") is None else
+                                    {"one_minus_cos_mean": hit["salience"], "rel_l2": hit["rel_l2"],
+                                     "cosine_min": hit["cosine_min"]})
 
 
 def _has_rows(sens: Mapping[str, list[dict[str, Any]]], fmt: str) -> bool:

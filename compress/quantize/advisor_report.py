@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from compress.quantize.advisor import FORMATS
+from compress.report import write_png
 
 _SHORT = {"int8_per_tensor": "int8 tensor", "int8_per_channel": "int8 channel", "fp8_e4m3fn": "fp8 e4m3",
           "fp8_e5m2": "fp8 e5m2"}
@@ -130,8 +131,6 @@ def build_figure(report: dict[str, Any]) -> Any:
 
 def plot_formats(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the per-layer plot as PNG, atomically (nothing is written unless the whole plot was drawn)."""
-    from compress.report import write_png
-
     buf = io.BytesIO()
     build_figure(report).savefig(buf, format="png")
     return write_png(buf.getvalue(), path)

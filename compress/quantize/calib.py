@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from compress.core import InputError, first_line as _first_line
+from compress.core import InputError
+from compress.core import first_line as _first_line
+from compress.models import load_calib, npz_keys
 from export import get_metadata
 
 CalibSource = Union[str, Path, Mapping[str, np.ndarray], None]
@@ -103,8 +105,6 @@ class CalibReader(CalibrationDataReader):
         if isinstance(calib, Mapping):
             keys, source = list(calib), calib
         else:
-            from compress.models import load_calib, npz_keys
-
             keys = npz_keys(calib)  # headers only: a file that is not an .npz of arrays fails here, naming it
             source = None
         self.ignored = [k for k in keys if k not in wanted]

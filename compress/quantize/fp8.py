@@ -27,10 +27,23 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.core import (
-    check_output_path, InputError, ModelError, RuntimeFailure, UsageError, first_line as _first_line, TWO_GB,
-    drop_unused, initializer_bytes, save_model, sessions,
+    TWO_GB,
+    InputError,
+    ModelError,
+    RuntimeFailure,
+    UsageError,
+    check_output_path,
+    drop_unused,
+    initializer_bytes,
+    save_model,
+    sessions,
 )
-from export import metadata, write_model as _write_onnx
+from compress.core import (
+    first_line as _first_line,
+)
+from compress.evaluate import onnx_outputs
+from export import metadata
+from export import write_model as _write_onnx
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float8 types from opset 19
@@ -466,6 +479,4 @@ def quantize_fp8(
 
 def fp8_outputs(path: str | Path, batches: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """compress.evaluate.compare.onnx_outputs for an FP8 QDQ model: the same CPU run under fp8_session_options()."""
-    from compress.evaluate import onnx_outputs
-
     return onnx_outputs(path, batches, session_options=fp8_session_options())

@@ -52,12 +52,23 @@ import torch
 from onnx import helper, numpy_helper
 
 from compress.core import (
-    check_onnx_output, EdgeError, ModelError, UsageError, first_line as _first_line, TWO_GB, sessions, onnxgraph,
+    TWO_GB,
+    EdgeError,
+    ModelError,
+    UsageError,
+    check_onnx_output,
+    onnxgraph,
+    sessions,
+)
+from compress.core import (
+    first_line as _first_line,
 )
 from compress.evaluate import fidelity, onnx_outputs, torch_outputs
+from compress.quantize.candidates import pick, time_candidates, timing_json
+from compress.quantize.int8 import residual_add_to_sum
 from compress.quantize.presets import Preset, preset_for
 from devices import DeviceProfile
-from export import get_metadata, set_metadata, flatten_outputs, silenced, write_model
+from export import flatten_outputs, get_metadata, input_specs, set_metadata, silenced, write_model
 
 BACKEND = "inc"
 METHODS = {"minmax": "minmax", "kl": "kl"}  # INC act_algo: MovingAverageMinMaxObserver / HistogramObserver
@@ -434,9 +445,6 @@ def _tune_graph(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], work: Pa
     LayerNormalization into SkipLayerNormalization, whose CPU kernel is several times slower than the pair
     (all-MiniLM-L6-v2 through INC: 11.2 ms -> 8.7 ms with the rewrite, 1 thread).
     """
-    from compress.quantize.candidates import pick, time_candidates, timing_json
-    from compress.quantize.int8 import residual_add_to_sum
-
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     if not residual_add_to_sum(rewritten):
@@ -479,6 +487,71 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 # --------------------------------------------------------------------------------------------- public API
+
+
+def _calibrate_and_convert(inc: Any, gm: Any, config: dict[str, Any], exp: dict[str, Any],
+                           steps: list[dict[str, torch.Tensor]], on_stage: Callable[[str], None]) -> Any:
+    """INC's prepare (observers in), calibration forwards, convert (Q/DQ out): each failure one line naming the step."""
+    on_stage(f"calibrating with INC ({len(steps)} batches)")
+    try:
+        with _quiet():
+            prepared = inc.prepare(gm, inc.StaticQuantConfig(**config))
+    except Exception as e:
+        why = f" (on the non-strict export; strict: {exp['errors'][0]})" if exp["mode"] == "non-strict" and exp["errors"] else ""
+        raise ModelError(f"INC prepare failed: {type(e).__name__}: {_first_line(e)}{why}") from e
+    try:
+        with _quiet(), torch.no_grad():
+            for b in steps:
+                prepared(**b)
+    except Exception as e:
+        raise ModelError(f"INC calibration failed (forward of the prepared model): {type(e).__name__}: {_first_line(e)}") from e
+    on_stage("converting with INC")
+    try:
+        with _quiet():
+            converted = inc.convert(prepared)
+            inc.move_to_eval(converted)
+        _eval_mode(converted)
+    except Exception as e:
+        raise ModelError(f"INC convert failed: {type(e).__name__}: {_first_line(e)}") from e
+    return converted
+
+
+def _export_quantized(converted: Any, trace: dict[str, torch.Tensor], example: dict[str, torch.Tensor],
+                      out_names: list[str], exp: dict[str, Any], opset: int, external: bool, raw: Path) -> onnx.ModelProto:
+    """The converted graph through the dynamo exporter, loaded back with its weights."""
+    try:
+        with _quiet():
+            prog = torch.onnx.export(
+                converted, (), kwargs=trace, dynamo=True, opset_version=max(opset, DYNAMO_MIN_OPSET),
+                input_names=list(example), output_names=out_names,
+                dynamic_shapes=_batch_dims(example) if exp["dynamic_batch"] else None,
+                optimize=True, verbose=False, external_data=external,
+            )
+            if prog is None:
+                raise RuntimeError("the dynamo exporter returned nothing")
+            prog.save(str(raw), external_data=external)
+        model = onnx.load(str(raw), load_external_data=True)
+    except Exception as e:
+        raise ModelError(f"ONNX export of the INC-quantized graph failed: {type(e).__name__}: {_first_line(e)}") from e
+    if len(model.graph.output) != len(out_names):
+        raise ModelError(f"ONNX export of the INC-quantized graph has {len(model.graph.output)} outputs, "
+                         f"torch returned {len(out_names)}")
+    return model
+
+
+def _set_metadata(model: onnx.ModelProto, example: dict[str, torch.Tensor], graph_in: list[str], exp: dict[str, Any],
+                  out_names: list[str], source: str, quant: dict[str, Any]) -> None:
+    """The metadata every ONNX file we write carries (export/metadata.py), with INC's quantization record."""
+    specs = [s.to_json() for s in input_specs(example) if s.name in graph_in]
+    if exp["dynamic_batch"]:
+        for s in specs:
+            s["dynamic_axes"] = {"0": "batch"}
+    meta = {
+        "source": source, "exporter": "dynamo", "opset": _opset(model), "inputs": specs, "outputs": out_names,
+        "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "quantization": quant,
+    }
+    set_metadata(model, meta)
 
 
 def quantize_inc(
@@ -541,27 +614,7 @@ def quantize_inc(
     steps_np = [{k: v.detach().cpu().numpy() for k, v in b.items()} for b in steps]
     ref = torch_outputs(module, steps)
 
-    on_stage(f"calibrating with INC ({len(steps)} batches)")
-    try:
-        with _quiet():
-            prepared = inc.prepare(gm, inc.StaticQuantConfig(**config))
-    except Exception as e:
-        why = f" (on the non-strict export; strict: {exp['errors'][0]})" if exp["mode"] == "non-strict" and exp["errors"] else ""
-        raise ModelError(f"INC prepare failed: {type(e).__name__}: {_first_line(e)}{why}") from e
-    try:
-        with _quiet(), torch.no_grad():
-            for b in steps:
-                prepared(**b)
-    except Exception as e:
-        raise ModelError(f"INC calibration failed (forward of the prepared model): {type(e).__name__}: {_first_line(e)}") from e
-    on_stage("converting with INC")
-    try:
-        with _quiet():
-            converted = inc.convert(prepared)
-            inc.move_to_eval(converted)
-        _eval_mode(converted)
-    except Exception as e:
-        raise ModelError(f"INC convert failed: {type(e).__name__}: {_first_line(e)}") from e
+    converted = _calibrate_and_convert(inc, gm, config, exp, steps, on_stage)
 
     weight_bytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
     external = weight_bytes // 4 >= TWO_GB  # int8 weights
@@ -569,24 +622,7 @@ def quantize_inc(
     with tempfile.TemporaryDirectory(prefix=".quant-inc-", dir=dst.parent if dst.parent.exists() else None) as tmp:
         work = Path(tmp)
         on_stage("exporting to ONNX (dynamo)")
-        raw = work / "raw.onnx"
-        try:
-            with _quiet():
-                prog = torch.onnx.export(
-                    converted, (), kwargs=trace, dynamo=True, opset_version=max(opset, DYNAMO_MIN_OPSET),
-                    input_names=list(example), output_names=out_names,
-                    dynamic_shapes=_batch_dims(example) if exp["dynamic_batch"] else None,
-                    optimize=True, verbose=False, external_data=external,
-                )
-                if prog is None:
-                    raise RuntimeError("the dynamo exporter returned nothing")
-                prog.save(str(raw), external_data=external)
-            model = onnx.load(str(raw), load_external_data=True)
-        except Exception as e:
-            raise ModelError(f"ONNX export of the INC-quantized graph failed: {type(e).__name__}: {_first_line(e)}") from e
-        if len(model.graph.output) != len(out_names):
-            raise ModelError(f"ONNX export of the INC-quantized graph has {len(model.graph.output)} outputs, "
-                             f"torch returned {len(out_names)}")
+        model = _export_quantized(converted, trace, example, out_names, exp, opset, external, work / "raw.onnx")
         graph_in = [i.name for i in model.graph.input]
 
         on_stage("folding weight quantization")
@@ -610,24 +646,13 @@ def quantize_inc(
             raise ModelError(f"INC left the model in float: {qdq['QuantizeLinear']} QuantizeLinear nodes, "
                              f"{qdq['weights_via_dq']} of {qdq['weighted_ops']} weights in int8")
 
-        from export import input_specs
-
-        specs = [s.to_json() for s in input_specs(example) if s.name in graph_in]
-        if exp["dynamic_batch"]:
-            for s in specs:
-                s["dynamic_axes"] = {"0": "batch"}
         quant = {
             "format": "int8", "backend": BACKEND, "preset": preset.to_json(), "method": method, "mode": "static",
             "inc": {"version": inc.version, "config": config, "quantizer": "X86InductorQuantizer (PT2E)"},
             "calibration": {"source": "batches", "batches": len(calib_t), "samples": sum(_batch_of(b) for b in calib_t)},
             "completed_convs": len(completed), "recipe": {"graph": graph["variant"]},
         }
-        meta = {
-            "source": source, "exporter": "dynamo", "opset": _opset(model), "inputs": specs, "outputs": out_names,
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "quantization": quant,
-        }
-        set_metadata(model, meta)
+        _set_metadata(model, example, graph_in, exp, out_names, source, quant)
 
         on_stage("checking the INT8 model in onnxruntime")
         stage = work / "final" / dst.name

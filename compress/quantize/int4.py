@@ -38,8 +38,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress.core import InputError, UsageError, first_line as _first_line, drop_unused, save_model
+from compress.core import InputError, UsageError, drop_unused, save_model
+from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
+from compress.quantize.fp8 import tensor_values
+from compress.quantize.sensitivity import layer_sensitivity
 from compress.quantize.writing import quiet_onnxruntime, write_final
 from export import get_metadata, set_metadata
 
@@ -216,8 +219,6 @@ def proxy_salience(model: onnx.ModelProto, layers: Sequence[Layer], feeds: Seque
                    block_size: int) -> dict[str, float]:
     """Predicted 1 - cosine at each layer's output when it alone is 4-bit: half the relative error energy
     sum_k E[x_k^2] |e_k|^2 / sum_k E[x_k^2] |w_k|^2 (e: the rounding error of weight row k), one fp32 pass."""
-    from compress.quantize.fp8 import tensor_values
-
     inits = {t.name: t for t in model.graph.initializer}
     act = {n.name: n.input[0] for n in model.graph.node}
     names = sorted({act[l.node] for l in layers})
@@ -321,6 +322,47 @@ def check_options(block_size: int, budget_mb: Optional[float], avg_bits: Optiona
         raise UsageError(f"--salience {salience_from}: one of {', '.join(SALIENCE)}")
 
 
+def _salience(src: Path, proto: onnx.ModelProto, layers: list[Layer], calib_feeds: Sequence[Mapping[str, np.ndarray]],
+              block_size: int, accuracy_level: int, salience_from: str, on_stage: Callable[[str], None]
+              ) -> tuple[dict[str, Optional[float]], list[dict[str, Any]]]:
+    """Each layer's salience (the output error of its 4-bit rounding), measured with one model per layer or
+    predicted in one pass; and the ranked rows."""
+    if salience_from == "proxy":
+        on_stage("salience from weights and calibration activations")
+        salience: dict[str, Optional[float]] = dict(proxy_salience(proto, layers, calib_feeds, block_size))
+        return salience, [{"node": n, "salience": s} for n, s in sorted(salience.items(), key=lambda t: -t[1])]
+
+    def one(_src: Path, out: Path, nodes: list[str]) -> None:
+        save_model(weight_only(proto, {n: 4 for n in nodes}, block_size, accuracy_level), out)
+
+    sens = layer_sensitivity(src, [l.node for l in layers], one, calib_feeds,
+                             on_layer=lambda i, n, name: on_stage(f"salience of layer {i + 1}/{n}: {name}"))
+    return {r["node"]: r["salience"] for r in sens}, sens
+
+
+def _layer_rows(found: list[Layer], layers: list[Layer], bits: Mapping[str, int], salience: Mapping[str, Optional[float]],
+                sens: list[dict[str, Any]], salience_from: str, block_size: int) -> list[dict[str, Any]]:
+    """The report's row per layer: its bits and bytes, and why a layer is above 4 bits."""
+    rows = [{"node": l.node, "op_type": l.op_type, "shape": [l.k, l.n], "bits": 32, "bytes": 0, "salience": None,
+             "why": f"its weight is also read by {l.shared_with}, which keeps it in float anyway: a quantized copy "
+                    "would add bytes"} for l in found if l.shared_with]
+    ranked = {r["node"]: i + 1 for i, r in enumerate(sens)}
+    for l in layers:
+        s = salience.get(l.node)
+        row = {"node": l.node, "op_type": l.op_type, "shape": [l.k, l.n], "bits": bits[l.node],
+               "bytes": l.nbytes(bits[l.node], block_size), "salience": s if sens else None}
+        if bits[l.node] != 4:
+            if s is None:
+                why = "its 4-bit quantization failed"
+            else:
+                how = ("predicted from weights and activations" if salience_from == "proxy"
+                       else "1 - cosine mean with only it 4-bit")
+                why = f"salience rank {ranked[l.node]} of {len(layers)} ({s:.3g}, {how}); the upgrade fit the budget"
+            row["why"] = why
+        rows.append(row)
+    return rows
+
+
 def quantize_int4(
     src: str | Path,
     dst: str | Path,
@@ -369,19 +411,8 @@ def quantize_int4(
         layer_budget = int(avg_bits * sum(l.elements for l in layers) / 8)  # nominal bits: 4 is the floor
     salience: dict[str, Optional[float]] = {l.node: 0.0 for l in layers}
     sens: list[dict[str, Any]] = []
-    if layer_budget is not None and salience_from == "proxy":
-        on_stage("salience from weights and calibration activations")
-        salience = dict(proxy_salience(proto, layers, calib_feeds, block_size))
-        sens = [{"node": n, "salience": s} for n, s in sorted(salience.items(), key=lambda t: -t[1])]
-    elif layer_budget is not None:
-        from compress.quantize.sensitivity import layer_sensitivity
-
-        def one(_src: Path, out: Path, nodes: list[str]) -> None:
-            save_model(weight_only(proto, {n: 4 for n in nodes}, block_size, accuracy_level), out)
-
-        sens = layer_sensitivity(src, [l.node for l in layers], one, calib_feeds,
-                                 on_layer=lambda i, n, name: on_stage(f"salience of layer {i + 1}/{n}: {name}"))
-        salience = {r["node"]: r["salience"] for r in sens}
+    if layer_budget is not None:
+        salience, sens = _salience(src, proto, layers, calib_feeds, block_size, accuracy_level, salience_from, on_stage)
     bits, upgrades = allocate(layers, salience, block_size, layer_budget, nominal=avg_bits is not None)
     on_stage("writing the weight-only model")
     reference = onnx_outputs(src, held_feeds)
@@ -404,23 +435,7 @@ def quantize_int4(
         fid = fidelity(reference, onnx_outputs(path, held_feeds))
         write_final(model, work, dst, what="INT4")
     size = model_bytes(dst)
-    rows = [{"node": l.node, "op_type": l.op_type, "shape": [l.k, l.n], "bits": 32, "bytes": 0, "salience": None,
-             "why": f"its weight is also read by {l.shared_with}, which keeps it in float anyway: a quantized copy "
-                    "would add bytes"} for l in found if l.shared_with]
-    ranked = {r["node"]: i + 1 for i, r in enumerate(sens)}
-    for l in layers:
-        s = salience.get(l.node)
-        row = {"node": l.node, "op_type": l.op_type, "shape": [l.k, l.n], "bits": bits[l.node],
-               "bytes": l.nbytes(bits[l.node], block_size), "salience": s if sens else None}
-        if bits[l.node] != 4:
-            if s is None:
-                why = "its 4-bit quantization failed"
-            else:
-                how = ("predicted from weights and activations" if salience_from == "proxy"
-                       else "1 - cosine mean with only it 4-bit")
-                why = f"salience rank {ranked[l.node]} of {len(layers)} ({s:.3g}, {how}); the upgrade fit the budget"
-            row["why"] = why
-        rows.append(row)
+    rows = _layer_rows(found, layers, bits, salience, sens, salience_from, block_size)
     counts = {b: sum(1 for r in rows if r["bits"] == b) for b in BITS}
     return {
         "path": str(dst), "format": "int4", "block_size": block_size, "accuracy_level": accuracy_level,

@@ -45,18 +45,26 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compress.core import (
-    check_onnx_output, EdgeError, InputError, UsageError, first_line as _first_line, drop_unused, save_model,
+    EdgeError,
+    InputError,
+    UsageError,
+    check_onnx_output,
+    drop_unused,
+    save_model,
     sessions,
+    warn,
 )
+from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
-from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.candidates import pick, time_candidates, timing_json
+from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import Preset, candidates, preset_for
 from compress.quantize.writing import quiet_onnxruntime, write_final
-from devices import DeviceProfile
+from devices import DeviceProfile, describe_host, usable_cores
 from export import get_metadata, set_metadata
+from runtime import resolve_providers
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 SMOOTH_ALPHAS = (None, 0.5, 0.7, 0.85)  # None: no smoothing; measured on MiniLM: 0.992, 0.989, 0.997, 0.997
@@ -592,8 +600,6 @@ def quantize_int8(
     tune = include is None if tune is None else tune
     reader = CalibReader(proto, calib, max_samples=max_samples, label=calib_label)
     if reader.source == "synthetic":
-        from compress.core import warn
-
         warn("no calibration data: INT8 ranges come from synthetic inputs shaped by the model's metadata, which "
              "fit noise rather than your data; pass --calib DATA.npz with real samples")
     try:
@@ -654,9 +660,6 @@ def try_presets(
     machine's cores); run this on the device itself for the device's answer: the result says where it ran.
     Both timings are kept in the result and in the model's metadata.
     """
-    from devices import describe_host, usable_cores
-    from runtime import resolve_providers
-
     src = Path(src).expanduser()
     dst = check_onnx_output(str(dst), [src])
     cands = candidates(profile)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from compress.core import sessions, first_line, onnxgraph
+from compress.core import first_line, onnxgraph, sessions
 
 # onnxruntime's layout transformers put these around an op that runs alone; the full graph pays them once
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose"})

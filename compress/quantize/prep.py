@@ -30,7 +30,16 @@ from typing import Any, Callable, Iterator
 import onnx
 
 from compress.core import (
-    atomic_dir, InputError, ModelError, first_line as _first_line, TWO_GB, initializer_bytes, save_model, sessions,
+    TWO_GB,
+    InputError,
+    ModelError,
+    atomic_dir,
+    initializer_bytes,
+    save_model,
+    sessions,
+)
+from compress.core import (
+    first_line as _first_line,
 )
 
 STEPS = ("symbolic", "no-symbolic", "onnx-shape", "ort-basic")

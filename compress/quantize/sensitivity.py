@@ -25,7 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from compress.core import EdgeError, UsageError, first_line as _first_line
+from compress.core import EdgeError, UsageError
+from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")

@@ -18,11 +18,15 @@ import onnx
 
 from compress.core import TWO_GB, UsageError
 from compress.evaluate import fidelity, onnx_outputs
+from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
+from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import QuantOptions
-from compress.quantize.registry import Backend, QuantJob, Quantized, backend_for
-from devices import DeviceProfile
+from compress.quantize.registry import Backend, Quantized, QuantJob, backend_for
+from compress.quantize.sensitivity import fallback, layer_sensitivity, quantizable_nodes
+from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
+from runtime import interleaved_latency, resolve_providers
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
 
@@ -46,7 +50,6 @@ def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, A
     them without copying, and errors about them name the file through CalibReader's label."""
     if calib is None:
         return None, None, {"source": "synthetic", "samples": 0, "held_out": True}
-    from compress.models import load_calib
 
     data = load_calib(calib, max_samples=max_calib)
     n = next(iter(data.values())).shape[0]
@@ -65,11 +68,6 @@ def _metric(fid: dict[str, Any]) -> str:
 def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
                 quantize: Callable[[Path, Path, list[str], bool], None], feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """compress.quantize.opselect with the device's providers, threads and session options; timed on this machine."""
-    from compress.quantize.opselect import SELECT_OPS, select_ops
-    from devices import describe_host, usable_cores
-    from runtime import interleaved_latency
-    from runtime import resolve_providers
-
     providers, missing = resolve_providers(profile)
     if missing:  # another EP's answer cannot come from this one
         return {"ops": [], "kept_fp32": [], "path": int8,
@@ -125,9 +123,6 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`), then the fewest most sensitive kept in float until fidelity to the judge's
     model (or the drop of the user's score) is within it. Returns the model to keep; records it in `report`."""
-    from compress.evaluate import fidelity
-    from compress.quantize.sensitivity import fallback, layer_sensitivity, quantizable_nodes
-
     score = judge.score
     if score is not None:
         metric = "score_drop"
@@ -163,9 +158,6 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
 def _time_against_fp32(fp32: Path, model: Path, name: str, profile: DeviceProfile, feed: dict[str, np.ndarray],
                        report: dict[str, Any], on_stage: Callable[[str], None]) -> None:
     """report["latency"] and ["speedup_vs_fp32"]: `model` against fp32, interleaved, with the profile's providers."""
-    from runtime import interleaved_latency
-    from runtime import resolve_providers
-
     on_stage(f"timing fp32 vs {name} on {profile.name}")
     providers, _ = resolve_providers(profile)
     ab = interleaved_latency({"fp32": fp32, name: model}, feeds=feed, providers=[(p, dict(o)) for p, o in providers],

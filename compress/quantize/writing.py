@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from compress.core import sessions, atomic_dir, ModelError, first_line as _first_line, save_model
+from compress.core import ModelError, atomic_dir, save_model, sessions
+from compress.core import first_line as _first_line
 
 
 @contextlib.contextmanager

@@ -9,5 +9,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "html": ["render_html", "write_html"],
     "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
     "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],
+    "schema": ["REPORT_SCHEMA", "RunReport", "check_report"],
     "text": ["code", "fmt_ms", "fmt_speedup", "table"],
 })

@@ -16,7 +16,9 @@ import os
 import re
 from typing import Any, Optional
 
+from compress.core import atomic_path
 from compress.report.markdown import render_markdown
+from compress.report.plot import tradeoff_data
 
 _PLOT = "data:plot"  # stands in for the image's path in the Markdown; replaced by the PNG's data: URL
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(" + re.escape(_PLOT) + r"\)$")
@@ -67,8 +69,6 @@ def render_html(report: dict[str, Any], png: Optional[bytes] = None) -> str:
 
 def write_html(report: dict[str, Any], path: str | os.PathLike, png: Optional[bytes] = None) -> None:
     """render_html written atomically to `path`."""
-    from compress.core import atomic_path
-
     text = render_html(report, png)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -88,8 +88,6 @@ def inline(text: str) -> str:
 
 
 def _alt(report: dict[str, Any]) -> str:
-    from compress.report.plot import tradeoff_data  # matplotlib is imported only to draw, not for this
-
     what = "--eval accuracy" if tradeoff_data(report)["y"] == "accuracy" else "fidelity to fp32"
     return f"p50 latency vs {what} of each variant, with the Pareto front"
 

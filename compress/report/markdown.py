@@ -10,10 +10,29 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from compress.core import InputError
-from compress.report.text import (NA, num, as_dict, as_list, fmt_ms, fmt_count, fmt_mb, fmt_speedup, fmt_pct, fmt_cos, fidelity_metric, fmt_fidelity, variants_of, variant_label, model_name, code, table)
+from compress import __version__
+from compress.core import InputError, atomic_path
+from compress.report.schema import REPORT_SCHEMA as SCHEMA  # reading a report must not import torch
+from compress.report.text import (
+    NA,
+    as_dict,
+    as_list,
+    code,
+    fidelity_metric,
+    fmt_cos,
+    fmt_count,
+    fmt_fidelity,
+    fmt_mb,
+    fmt_ms,
+    fmt_pct,
+    fmt_speedup,
+    model_name,
+    num,
+    table,
+    variant_label,
+    variants_of,
+)
 
-SCHEMA = "edge-compress/report/1"  # declared here, not in compress.pipeline.run: reading a report must not import torch
 SCHEMA_PREFIX = "edge-compress/report/"
 
 
@@ -95,7 +114,6 @@ def render_markdown(report: dict[str, Any], plot: Optional[str] = None) -> str:
         while fence in cmd:
             fence += "`"
         lines += ["## Command", "", f"{fence}sh", cmd.strip(), fence, ""]
-    from compress import __version__
 
     lines.append(f"<sub>edge-compress {__version__} · {r.get('schema', SCHEMA)}</sub>")
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -103,8 +121,6 @@ def render_markdown(report: dict[str, Any], plot: Optional[str] = None) -> str:
 
 def write_markdown(report: dict[str, Any], path: str | os.PathLike, plot: Optional[str] = None) -> None:
     """render_markdown written atomically to `path` (the pipeline's OUTDIR/report.md)."""
-    from compress.core import atomic_path
-
     text = render_markdown(report, plot=plot)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -14,8 +14,17 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-from compress.report.text import (as_dict, num, fidelity_metric, fmt_ms, fmt_speedup, model_name, variant_label,
-                                variants_of)
+from compress.core import atomic_path
+from compress.report.text import (
+    as_dict,
+    fidelity_metric,
+    fmt_ms,
+    fmt_speedup,
+    model_name,
+    num,
+    variant_label,
+    variants_of,
+)
 
 _OK, _BAD, _SIM, _REC, _FRONT = "#2e7d32", "#c62828", "#757575", "#f9a825", "#1565c0"
 
@@ -211,8 +220,6 @@ def render_png(report: dict[str, Any]) -> bytes:
 
 def write_png(png: bytes, path: str | os.PathLike) -> Path:
     """PNG bytes written atomically to `path`."""
-    from compress.core import atomic_path
-
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         tmp.write_bytes(png)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from torch import nn
 
 from compress.core import UsageError
+from compress.prune import IMPORTANCE, check_applicable
 from compress.quantize import CALIBRATION_METHODS, format_info, format_names
 from devices import DeviceProfile
 
@@ -75,8 +76,6 @@ class Space:
 def space_for(model: nn.Module, profile: DeviceProfile, prune_max: float, quants: Optional[list[str]] = None) -> Space:
     """The dimensions that mean something for this model and device: importance criteria that can score it
     (no bn_scale without BatchNorm; never the random baseline), FP8 only on FP8 hardware, INT4 only on request."""
-    from compress.prune import IMPORTANCE, check_applicable
-
     if not 0.0 <= prune_max < 1.0:
         raise UsageError(f"--prune-max {prune_max:g}: must be in [0, 1)")
     usable = []

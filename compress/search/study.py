@@ -22,8 +22,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from compress.core import UsageError, first_line
+from compress.core import EdgeError, UsageError, first_line, swap_in, write_json
+from compress.models import load_model, prepare_inputs
+from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
+from compress.search.space import label, normalise, space_for
+from compress.search.study_report import write_search_readable
+from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, run_trial, start_ray, stop_ray
+from devices import load_profile
 
 EXPERIMENT = "search"
 
@@ -48,8 +54,6 @@ def candidates(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _settings(config: dict[str, Any], variant: str) -> str:
     """What produced this variant of a trial: fp32 is the model as given, 'pruned' only the trial's pruning."""
-    from compress.search.space import label
-
     if variant == "fp32":
         return "as given"
     if variant == "pruned":
@@ -58,8 +62,6 @@ def _settings(config: dict[str, Any], variant: str) -> str:
 
 
 def _y(v: dict[str, Any], scored: bool) -> Optional[float]:
-    from compress.search.trials import fidelity_value
-
     return v.get("accuracy") if scored else fidelity_value(v.get("fidelity") or {})
 
 
@@ -100,12 +102,6 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-
-    from compress.models import prepare_inputs
-    from compress.models import load_model
-    from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, run_trial, start_ray, stop_ray
-    from compress.search.space import label, normalise, space_for
-    from devices import load_profile
 
     s.check()
     outdir = Path(s.outdir).resolve()
@@ -175,8 +171,6 @@ def collect(grid: Any, normalise: Callable[[dict[str, Any]], dict[str, Any]],
 
 def _error_line(e: BaseException) -> str:
     """The trial's own exception in one line, not Ray's wrapper (whose first line names the actor and its pid)."""
-    from compress.core import EdgeError
-
     cause = e
     for _ in range(5):  # RayTaskError / TuneError chains
         nxt = getattr(cause, "cause", None) or cause.__cause__
@@ -197,10 +191,6 @@ def clean_partials(trials: Path) -> None:
 def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: list[dict[str, Any]],
               cluster: dict[str, Any], seconds: float, outdir: Path,
               on_stage: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    from compress.core import write_json
-    from compress.report import Point, pareto_front
-    from compress.search.study_report import write_search_readable
-
     on_stage("writing the summary")
     cands = candidates(trials)
     scored = bool(s.eval_spec)
@@ -244,8 +234,6 @@ def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: lis
 
 def _install_best(src: Path, dst: Path) -> None:
     """best/ = a copy of the recommended trial's run folder, swapped in whole."""
-    from compress.core import swap_in
-
     tmp = dst.parent / f".{dst.name}.partial-{int(time.time() * 1000)}"
     shutil.copytree(src, tmp)
     try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.report import code, table, fmt_ms, fmt_speedup
+from compress.core import atomic_path, first_line, warn
+from compress.report import code, fmt_ms, fmt_speedup, plot_tradeoff, table
+from compress.search.trials import fidelity_value
 
 
 def _fid(v: dict[str, Any], scored: bool) -> str:
-    from compress.search.trials import fidelity_value
-
     y = v.get("accuracy") if scored else fidelity_value(v.get("fidelity") or {})
     return "-" if y is None else f"{y:.4f}"
 
@@ -64,17 +64,11 @@ def render_search(summary: dict[str, Any], cands: list[dict[str, Any]], scored: 
 
 def write_search_readable(summary: dict[str, Any], cands: list[dict[str, Any]], outdir: Path, scored: bool) -> None:
     """search.md, and search.png when matplotlib can draw it: a failed plot costs the picture, not the search."""
-    from compress.core import atomic_path
-    from compress.core import warn
-    from compress.core import first_line
-
     plot = None
     as_report = {"variants": [{k: v for k, v in c.items() if k != "report"} for c in cands],
                  "recommended": summary.get("recommended"),
                  "tolerance": (1.0 - summary["floor"]) if summary.get("floor") is not None and not scored else None}
     try:
-        from compress.report import plot_tradeoff
-
         plot_tradeoff(as_report, outdir / "search.png")
         plot = "search.png"
     except Exception as e:

@@ -29,7 +29,12 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from compress.core import InputError, UsageError
+from compress.core import InputError, UsageError, write_json
+from compress.search.space import label, normalise
+from compress.search.study import clean_partials, collect
+from compress.search.sweep_report import write_sweep_readable
+from compress.search.trials import TrialProgress, run_cell, start_ray, stop_ray
+from devices import load_profile, parse_yaml, read_text
 
 EXPERIMENT = "sweep"
 GRID_KEYS = ("prune", "importance", "quant", "method", "fallback")
@@ -70,8 +75,6 @@ class SweepFile(BaseModel):
 def load_sweep(path: str | Path) -> SweepFile:
     """SWEEP.yaml through safe_load and the schema; one-line errors naming the file and the field. Relative paths
     in it are made absolute against the file's folder, so trials find them from any working directory."""
-    from devices import parse_yaml, read_text
-
     p = Path(path)
     data = parse_yaml(read_text(p, str(path)), str(path))
     try:
@@ -118,11 +121,6 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
               on_trial: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     from ray import tune
 
-    from compress.search.study import collect, clean_partials
-    from compress.search.trials import TrialProgress, run_cell, start_ray, stop_ray
-    from compress.search.space import label, normalise
-    from devices import load_profile
-
     sweep = load_sweep(path)
     grid = cells(sweep)
     out = Path(outdir).resolve()
@@ -160,8 +158,6 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
     rows = [_row(r) for r in records]
     summary = {"schema": "edge-compress/sweep/1", "sweep": str(path), "command": command, "ray": cluster,
                "seconds": round(time.monotonic() - t0, 1), "tolerance": sweep.tolerance, "cells": rows}
-    from compress.core import write_json
-    from compress.search.sweep_report import write_sweep_readable
 
     write_json(out / "sweep.json", summary)
     write_sweep_readable(summary, out)

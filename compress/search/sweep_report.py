@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.report import code, fmt_ms, fmt_speedup, table
+from compress.core import atomic_path, first_line, warn
+from compress.report import code, fmt_ms, fmt_speedup, table, write_png
+from compress.search.trials import fidelity_value
 
 
 def _fid(f: Any) -> str:
-    from compress.search.trials import fidelity_value
-
     y = fidelity_value(f or {})
     return "-" if y is None else f"{y:.4f}"
 
@@ -49,8 +49,6 @@ def render_png(s: dict[str, Any]) -> bytes:
 
     from matplotlib.figure import Figure
 
-    from compress.search.trials import fidelity_value
-
     fig = Figure(figsize=(8, 4.8), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     models = sorted({r["model"] for r in s["cells"]})
@@ -81,11 +79,6 @@ def render_png(s: dict[str, Any]) -> bytes:
 
 
 def write_sweep_readable(s: dict[str, Any], outdir: Path) -> None:
-    from compress.core import atomic_path
-    from compress.core import warn
-    from compress.core import first_line
-    from compress.report import write_png
-
     plot = None
     try:
         write_png(render_png(s), outdir / "sweep.png")

@@ -30,7 +30,12 @@ import ray
 from ray import tune
 
 from compress.core import EdgeError, UsageError, first_line
-from devices import DeviceProfile
+from compress.evaluate import load_metric
+from compress.models import load_model, prepare_inputs
+from compress.pipeline import RunOptions, StageCache, run_pipeline, time_variants
+from compress.prune import PruneOptions
+from compress.search.space import label, normalise, trial_seed
+from devices import DeviceProfile, describe_host, load_profile
 
 TRIAL_METRIC = "score"
 
@@ -114,8 +119,6 @@ def _read_models(paths: dict[str, Path]) -> dict[str, dict[str, bytes]]:
 def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, feeds: dict[str, Any],
                   runs: Optional[int], max_seconds: Optional[float], ab_rounds: int) -> dict[str, Any]:
     """compress.pipeline.run.time_variants on the node holding the device: the models arrive as bytes."""
-    from compress.pipeline import time_variants
-
     with tempfile.TemporaryDirectory(prefix="edge-compress-profile-") as tmp:
         paths = {}
         for name, files in models.items():
@@ -126,7 +129,6 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
             paths[name] = folder / next(f for f in files if not f.endswith(".data"))
         timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
     # the machine whose cores were timed, which on a cluster is not the trial's: the report describes that one
-    from devices import describe_host
 
     timed["host"] = describe_host()
     timed["profiled_on"] = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
@@ -169,15 +171,6 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     """One configuration through compress run's pipeline, in a Ray Tune trial. `job` is plain data (the search's
     settings); nothing here holds state between trials, so a trial can run on any node."""
     import torch
-
-    from compress.models import prepare_inputs
-    from compress.models import load_model
-    from compress.pipeline import RunOptions, run_pipeline
-    from compress.prune import PruneOptions
-    from compress.search.space import label, normalise, trial_seed
-    from compress.pipeline import StageCache
-    from compress.evaluate import load_metric
-    from devices import load_profile
 
     c = normalise(config)
     cell = c.get("cell") or {}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.core import UsageError
-from compress.quantize.registry import Backend, Outputs, QuantJob, Quantized
+from compress.quantize.registry import Backend, Outputs, Quantized, QuantJob
 
 
 class Fp8(Backend):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.core import UsageError
-from compress.quantize.registry import Backend, QuantJob, Quantized
+from compress.quantize.registry import Backend, Quantized, QuantJob
 
 
 class Int4(Backend):

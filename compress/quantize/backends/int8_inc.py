@@ -3,7 +3,7 @@ has no per-layer fallback (the graph is quantized in torch), so --tolerance is o
 
 from __future__ import annotations
 
-from compress.quantize.registry import Backend, QuantJob, Quantized
+from compress.quantize.registry import Backend, Quantized, QuantJob
 
 
 class Int8Inc(Backend):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.quantize.registry import Backend, QuantJob, Quantized
+from compress.quantize.registry import Backend, Quantized, QuantJob
 
 
 def _signedness(preset: dict[str, Any]) -> str:
