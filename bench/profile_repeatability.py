@@ -49,7 +49,7 @@ def main() -> int:
         worst = 0.0
         for model in models:
             for t in threads:
-                results = [profile_model(model, profile, threads=t) for _ in range(args.repeats)]
+                results = [profile_model(model, profile, threads=t).to_json() for _ in range(args.repeats)]
                 p50s = [r["latency_ms"]["p50"] for r in results]
                 spread = max(p50s) / min(p50s) - 1
                 worst = max(worst, spread)

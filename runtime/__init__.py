@@ -9,5 +9,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "abtest": ["interleaved_latency"],
     "profiler": ["DEFAULT_MAX_SECONDS", "check_model", "profile_model", "resolve_providers"],
     "remote": ["Target", "probe", "resolve_spec"],
-    "result": ["Latency", "PROFILE_SCHEMA", "ProfileResult", "check_profile"],
+    "result": ["Latency", "PROFILE_SCHEMA", "ProfileResult", "Spread", "check_profile"],
 })

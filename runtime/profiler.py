@@ -15,7 +15,7 @@ from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
 from devices import providers as ep_registry
 from export import get_metadata
 from runtime.remote import Target, resolve_spec, run_runner_remote
-from runtime.result import check_profile
+from runtime.result import ProfileResult
 from runtime.stream import ProgressFn, parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -43,7 +43,7 @@ def profile_model(
     on_progress: ProgressFn | None = None,
     remote: RemoteSpec | None = None,
     remote_timeout: float | None = None,
-) -> dict[str, Any]:
+) -> ProfileResult:
     """Time ONNX_PATH as PROFILE would run it and return the runner's result plus device and host facts.
 
     runs=None is adaptive (see DEFAULT_*). `inputs` overrides, per input name, the shape/value-range specs
@@ -107,7 +107,7 @@ def profile_model(
         result["host"] = _describe_device(result)
         result["client"] = describe_host()
         result["model"] = str(path)  # the runner saw its temporary copy, which is gone
-    return check_profile(result)
+    return ProfileResult.from_json(result)
 
 
 REMOTE_GRACE_S = 600.0  # copying, loading and warm-up on a slow board, on top of the timing budget

@@ -10,23 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from compress.core import OpenResult, Result
 
 PROFILE_SCHEMA = "edge-compress/profile/1"
 SCHEMA_FILE = Path(__file__).with_name("profile.schema.json")
 
 
-class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Open(BaseModel):
-    """Nested facts that vary by platform or version (a remote device may add some): typed where known."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class Latency(_Closed):
+class Latency(Result):
     """Milliseconds per run of the timed runs (p50 is what every comparison uses)."""
 
     p50: float
@@ -38,7 +30,7 @@ class Latency(_Closed):
     max: Optional[float] = None
 
 
-class Spread(_Open):
+class Spread(OpenResult):
     """How much the timing can be trusted: the p50's 95% confidence interval, drift between time-ordered
     blocks, and how busy the machine was."""
 
@@ -50,28 +42,30 @@ class Spread(_Open):
     converged: Optional[bool] = None
     adaptive: Optional[bool] = None
     target_ci: Optional[float] = None
+    other_cpu_frac: Optional[float] = None  # other processes' share of the CPU while timing
+    steal_frac: Optional[float] = None  # the hypervisor's
 
 
-class TensorSpec(_Open):
+class TensorSpec(OpenResult):
     name: str
     shape: list[Any]
     dtype: str
 
 
-class DeviceRef(_Closed):
+class DeviceRef(Result):
     name: str
     arch: str
     source: Optional[str] = None
 
 
-class Machine(_Open):
+class Machine(OpenResult):
     """The machine that was timed (describe_host's facts: arch, CPU model, ISA flags, cores, versions)."""
 
     arch: Optional[str] = None
     cpu: Optional[str] = None
 
 
-class ProfileResult(_Closed):
+class ProfileResult(Result):
     """One model profiled on one device with its profile's execution providers and threads."""
 
     schema_: Literal["edge-compress/profile/1"] = Field(PROFILE_SCHEMA, alias="schema")
@@ -104,12 +98,10 @@ class ProfileResult(_Closed):
     remote: Optional[dict[str, Any]] = None
     client: Optional[Machine] = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
-
 
 def check_profile(doc: dict[str, Any]) -> dict[str, Any]:
     """`doc` unchanged when it matches ProfileResult; a pydantic ValidationError otherwise (a bug of ours)."""
-    ProfileResult.model_validate(doc)
+    ProfileResult.from_json(doc)
     return doc
 
 

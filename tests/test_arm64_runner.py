@@ -151,7 +151,7 @@ def test_profile_model_drives_the_aarch64_runner(aarch64: dict[str, Any], tiny_m
     monkeypatch.setattr(profiler, "run_runner", via_qemu)
     seen: list[tuple[int, int | None, str]] = []
     doc = profiler.profile_model(tiny_model, EMULATED, runs=3, warmup=1, threads=1,
-                                 on_progress=lambda done, total, phase: seen.append((done, total, phase)))
+                                 on_progress=lambda done, total, phase: seen.append((done, total, phase))).to_json()
     assert doc["schema"] == SCHEMA
     _check_emulated_result(doc, runs=3)
     assert doc["device"]["name"] == "qemu-aarch64-emulated"

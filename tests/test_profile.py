@@ -279,7 +279,7 @@ def test_parse_trace_skips_the_first_run() -> None:
 
 def test_profile_model_result(mm_model: Path) -> None:
     seen: list[tuple] = []
-    r = profiler.profile_model(mm_model, _device("cpu"), **FAST, on_progress=lambda *a: seen.append(a))
+    r = profiler.profile_model(mm_model, _device("cpu"), **FAST, on_progress=lambda *a: seen.append(a)).to_json()
     assert r["runs"] == 5 and r["fallback"] is False and r["missing_providers"] == []
     assert r["device"] == {"name": "testdev", "arch": "x86_64", "source": None}
     assert "host" in r
@@ -290,17 +290,17 @@ def test_profile_model_result(mm_model: Path) -> None:
 def test_profile_model_honours_metadata_input_specs(tmp_path: Path) -> None:
     meta = {"schema": "edge-compress/onnx/1", "inputs": [{"name": "x", "shape": [4, 32], "dtype": "float32", "low": -1.0, "high": 1.0}]}
     path = _save(_matmul_graph(), tmp_path / "meta.onnx", meta)
-    r = profiler.profile_model(path, _device("cpu"), **FAST)
+    r = profiler.profile_model(path, _device("cpu"), **FAST).to_json()
     assert r["inputs"][0]["shape"] == [4, 32]
     # an explicit spec wins over the metadata
-    r = profiler.profile_model(path, _device("cpu"), **FAST, inputs={"x": {"shape": [2, 32]}})
+    r = profiler.profile_model(path, _device("cpu"), **FAST, inputs={"x": {"shape": [2, 32]}}).to_json()
     assert r["inputs"][0]["shape"] == [2, 32]
 
 
 def test_metadata_shape_the_graph_contradicts_is_dropped(tmp_path: Path) -> None:
     meta = {"inputs": [{"name": "x", "shape": [4, 99]}, {"name": "gone", "shape": [1]}]}
     path = _save(_matmul_graph(), tmp_path / "stale.onnx", meta)
-    r = profiler.profile_model(path, _device("cpu"), **FAST)
+    r = profiler.profile_model(path, _device("cpu"), **FAST).to_json()
     assert r["inputs"][0]["shape"] == [1, 32]
 
 
@@ -332,7 +332,7 @@ def test_missing_ep_without_fallback_is_device_error(mm_model: Path) -> None:
 
 
 def test_missing_ep_with_fallback_runs_on_cpu(mm_model: Path, capsys: pytest.CaptureFixture) -> None:
-    r = profiler.profile_model(mm_model, _device("tensorrt", cpu_fallback=True), **FAST)
+    r = profiler.profile_model(mm_model, _device("tensorrt", cpu_fallback=True), **FAST).to_json()
     assert r["fallback"] is True
     assert r["missing_providers"] == ["TensorrtExecutionProvider"]
     assert r["providers"] == ["CPUExecutionProvider"]

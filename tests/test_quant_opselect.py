@@ -150,24 +150,24 @@ def test_quant_stage_reports_ops_kept_in_fp32_and_later_quantizations_keep_them(
     """End to end through the stage: a slow op (injected timing) stays fp32 in the written model and in the
     report with its reason, and the accuracy fallback quantizes without it too."""
     import compress.quantize.opselect as qo
-    import runtime.abtest as ab
+    import compress.quantize.stage as stage
     from compress.quantize import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
     convs = [n.name for n in onnx.load(str(fp32_path)).graph.node if n.op_type == "Conv"]
     monkeypatch.setattr(qo, "op_latency", lambda *a, **k: _fake_timings(convs, convs[1]))
-    real = ab.interleaved_latency
+    real = stage.interleaved_latency
 
     def favour_selected(models, **kw):
         res = real(models, **{**kw, "rounds": 2, "min_seconds": 0.0})
         res.cpu_ms = res.wall_ms = {k: (1.0 if "selected" in str(v) else 3.0) for k, v in models.items()}
         return res
 
-    monkeypatch.setattr(ab, "interleaved_latency", favour_selected)
+    monkeypatch.setattr(stage, "interleaved_latency", favour_selected)  # where the stage looks it up
     np.savez(tmp_path / "calib.npz", **_images(16, 5))
     dst = tmp_path / "q.onnx"
     rep = quant_stage(fp32_path, dst, load_profile("host"), str(tmp_path / "calib.npz"),
-                      QuantOptions(to="int8", measure=False, tolerance=0.0))
+                      QuantOptions(to="int8", measure=False, tolerance=0.0)).to_json()
     assert rep["op_selection"]["kept_fp32"] == [convs[1]]
     reasons = {e["node"]: e["why"] for e in rep["excluded_layers"]}
     assert "not faster in INT8" in reasons[convs[1]]

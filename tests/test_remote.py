@@ -442,7 +442,7 @@ def test_remote_progress_lines_reach_the_caller(sshd, models):
                       known_hosts=str(sshd.known_hosts), python=PY)
     seen: list[tuple] = []
     res = profile_model(models["plain"], load_profile("x86-avx2"), runs=20, warmup=2, threads=1, remote=spec,
-                        on_progress=lambda *a: seen.append(a))
+                        on_progress=lambda *a: seen.append(a)).to_json()
     assert (2, 2, "warmup") in seen and (20, 20, "timing") in seen  # the device's stderr, forwarded by ssh
     assert res["measured_on"] == "remote" and res["remote"]["target"] == sshd.target
     assert sshd.leftovers() == []

@@ -72,7 +72,7 @@ def profile(model: str, device: str, runs: int | None, warmup: int | None, threa
     budget = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS
     with console.progress(f"profiling on {where}", total=1) as step:
         result = profile_model(model, dev, runs=runs, warmup=warmup, threads=threads, hotspots=hotspots,
-                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote)
+                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote).to_json()
     if json_out == "-":
         console.emit_json(result)
         return

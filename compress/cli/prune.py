@@ -74,7 +74,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
         loaded = load_model(model, weights)
         prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
         example = prep.example
-        pruned, report = prune_stage(loaded.module, example, prep.train, prep.held_out, opts, on_stage=lambda s: step.update(description=s))
+        pruned, result = prune_stage(loaded.module, prep, opts, on_stage=lambda s: step.update(description=s))
+        report = result.to_json()  # the command's document: the stage's result, then what the command adds
         report["calibration"] = prep.info
         step.update(description="exporting")
         from export import export_onnx

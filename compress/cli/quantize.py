@@ -73,7 +73,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
         console.warn(f"no --calib: {what} come from synthetic inputs, which are wrong for real data; "
                      "pass --calib DATA.npz with real samples")
     with console.progress("quantizing") as step:
-        report = quant_stage(Path(model), out, profile, calib, opts, on_stage=lambda s: step.update(description=s))
+        report = quant_stage(Path(model), out, profile, calib, opts,
+                             on_stage=lambda s: step.update(description=s)).to_json()
     if console.report_json(json_out, report):
         return
     for warning in (((report.get("quantizer") or {}).get("presets") or {}).get("warning"),

@@ -110,8 +110,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
         prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
-        report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, Path(outdir), opts,
-                              on_stage=lambda s: step.update(description=s), extra={"calibration": prep.info})
+        report = run_pipeline(loaded.module, prep, profile, Path(outdir), opts,
+                              on_stage=lambda s: step.update(description=s),
+                              extra={"calibration": prep.info}).to_json()
     if console.report_json(json_out, report):
         return
     _print_table(report, outdir)

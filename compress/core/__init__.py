@@ -1,6 +1,6 @@
 """The bottom floor: what every other room, and devices/, export/ and runtime/ below the application, may
 use: error types with their exit codes, Ctrl-C that libraries cannot swallow, terminal output, atomic writes,
-ONNX graph helpers and the one onnxruntime session factory. It imports nothing else of the project.
+ONNX graph helpers, the one onnxruntime session factory and the base of typed results. It imports nothing else of the project.
 
 What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
 
@@ -16,4 +16,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
     "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "save_model"],
+    "results": ["OpenResult", "Result"],
 }, modules=("atomic", "console", "errors", "interrupt", "onnxgraph", "sessions"))

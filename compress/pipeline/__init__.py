@@ -7,6 +7,7 @@ from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "options": ["RunOptions"],
-    "run": ["run_pipeline", "time_variants"],
+    "run": ["run_pipeline"],
+    "timing": ["Timings", "time_variants"],
     "stage_cache": ["StageCache"],
 })

@@ -11,6 +11,7 @@ from compress.quantize import QuantOptions
 if TYPE_CHECKING:
     from compress.evaluate import Metric
     from compress.pipeline.stage_cache import StageCache
+    from compress.pipeline.timing import Timings
     from compress.prune import PruneOptions
 
 
@@ -35,5 +36,5 @@ class RunOptions:
     quant_method: str = QuantOptions.method  # INT8 activation calibration (compress search varies it)
     quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
     quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
-    timer: Optional[Callable[..., dict[str, Any]]] = None  # time_variants, or where it runs (compress search)
-    on_result: Optional[Callable[[str, dict[str, Any]], None]] = None  # a stage's report as soon as it exists
+    timer: Optional[Callable[..., Timings]] = None  # time_variants, or where it runs (compress search)
+    on_result: Optional[Callable[[str, Any], None]] = None  # a stage's typed result as soon as it exists

@@ -21,16 +21,28 @@ import onnx
 import torch
 from torch import nn
 
-from compress.core import default_mode, first_line, swap_in, warn, write_json
+from compress.core import Result, default_mode, first_line, swap_in, warn, write_json
 from compress.evaluate import LabelledMetric, Metric, fidelity, onnx_outputs, torch_outputs
+from compress.models import Prepared
 from compress.pipeline.options import RunOptions
 from compress.pipeline.stage_cache import StageCache, key_of
+from compress.pipeline.timing import Timings, time_variants
 from compress.prune import count_macs, prune_stage
 from compress.quantize import Backend, QuantOptions, backend_for, quant_stage
-from compress.report import SCHEMA, check_report, plot_tradeoff, write_markdown
+from compress.report import (
+    SCHEMA,
+    Built,
+    Fidelity,
+    PruneResult,
+    QuantResult,
+    RunReport,
+    Stages,
+    Variant,
+    plot_tradeoff,
+    write_markdown,
+)
 from devices import DeviceProfile, describe_host
 from export import export_onnx
-from runtime import interleaved_latency, profile_model, resolve_providers
 
 
 def _params(path: Path) -> int:
@@ -45,46 +57,48 @@ def _numel(dims: Any) -> int:
     return n
 
 
-def within_tolerance(fid: dict[str, Any], tolerance: float) -> bool:
+def within_tolerance(fid: Fidelity, tolerance: float) -> bool:
     """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine."""
-    if fid.get("top1_agreement") is not None:
-        return fid["top1_agreement"] >= 1.0 - tolerance
-    return fid.get("cosine_min") is not None and fid["cosine_min"] >= 1.0 - tolerance
+    if fid.top1_agreement is not None:
+        return fid.top1_agreement >= 1.0 - tolerance
+    return fid.cosine_min is not None and fid.cosine_min >= 1.0 - tolerance
 
 
-def recommend(variants: list[dict[str, Any]], tolerance: float) -> tuple[str, str]:
-    ok = [v for v in variants if v["name"] == "fp32" or (v["within_tolerance"] and not v["simulated"])]
-    best = max(ok, key=lambda v: (v["speedup_vs_fp32"] or 0.0, v["name"] == "fp32"))
-    others = [v for v in variants if v["name"] != "fp32"]
-    if best["name"] != "fp32":
-        return best["name"], (f"{best['name']} is {best['speedup_vs_fp32']:.2f}x faster than fp32 on this device "
-                              f"and within tolerance {tolerance:g}")
+def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
+    ok = [v for v in variants if v.name == "fp32" or (v.within_tolerance and not v.simulated)]
+    best = max(ok, key=lambda v: (v.speedup_vs_fp32 or 0.0, v.name == "fp32"))
+    others = [v for v in variants if v.name != "fp32"]
+    if best.name != "fp32":
+        return best.name, (f"{best.name} is {best.speedup_vs_fp32:.2f}x faster than fp32 on this device "
+                           f"and within tolerance {tolerance:g}")
     if not others:
         return "fp32", "only fp32 was built"
     why = []
     for v in others:
-        if v["simulated"]:
-            why.append(f"{v['name']} is simulated (no such hardware on this device)")
-        elif not v["within_tolerance"]:
-            why.append(f"{v['name']} is outside tolerance {tolerance:g}")
+        if v.simulated:
+            why.append(f"{v.name} is simulated (no such hardware on this device)")
+        elif not v.within_tolerance:
+            why.append(f"{v.name} is outside tolerance {tolerance:g}")
         else:
-            smaller = variants[0]["size_bytes"] / max(1, v["size_bytes"])
-            why.append(f"{v['name']} is not faster ({v['speedup_vs_fp32']:.2f}x)"
+            smaller = variants[0].size_bytes / max(1, v.size_bytes)
+            why.append(f"{v.name} is not faster ({v.speedup_vs_fp32:.2f}x)"
                        + (f", though {smaller:.2f}x smaller: take it if size is what you need" if smaller >= 1.1 else ""))
     return "fp32", "; ".join(why) + ": keeping fp32"
 
 
-def run_pipeline(
-    model: nn.Module,
-    example: dict[str, torch.Tensor],
-    train: list[dict[str, torch.Tensor]],
-    held_out: list[dict[str, torch.Tensor]],
-    profile: DeviceProfile,
-    outdir: Path,
-    opts: RunOptions,
-    on_stage: Callable[[str], None] = lambda s: None,
-    extra: Optional[dict[str, Any]] = None,
-) -> dict[str, Any]:
+class _Pruned(Result):
+    """The prune stage's result and the pruned model's export, cached together."""
+
+    stage: PruneResult
+    built: Built
+
+
+def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, outdir: Path, opts: RunOptions,
+                 on_stage: Callable[[str], None] = lambda s: None, extra: Optional[dict[str, Any]] = None) -> RunReport:
+    """Build every variant of MODEL (fp32, pruned, quantized), time each on the device, judge each against the
+    tolerance, recommend one, and write OUTDIR (report.json, report.md, tradeoff.png, the models) atomically.
+    `inputs`: the example, the batches stages tune on (train) and those variants are judged on (held_out)."""
+    example, train, held_out = inputs.example, inputs.train, inputs.held_out
     quantizer = backend_for(opts.quant, opts.backend) if opts.quant != "none" else None
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -92,69 +106,72 @@ def run_pipeline(
     os.chmod(work, default_mode(0o777))
     try:
         cache = opts.cache or StageCache(enabled=False)
-        stages: dict[str, Any] = {}
+        stages = Stages()
         base_key = [example, profile.opset, opts.source]
 
-        def export_variant(name: str, module: nn.Module) -> dict[str, Any]:
+        def export_variant(name: str, module: nn.Module) -> Built:
             on_stage(f"exporting {name}")
             path = work / f"{name}.onnx"
             res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
                               extra_meta={"variant": name})
             macs, _ = count_macs(module, example)
-            return {"name": name, "onnx": path.name, "size_bytes": res.size_bytes, "params": _params(path),
-                    "macs": int(macs), "parity": res.parity, "simulated": False, "excluded_layers": []}
+            return Built(name=name, onnx=path.name, size_bytes=res.size_bytes, params=_params(path), macs=int(macs),
+                         parity=res.parity, simulated=False, excluded_layers=[])
 
-        variants = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
-                              lambda: export_variant("fp32", model))]
+        built = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
+                           lambda: export_variant("fp32", model), Built)]
         modules = {"fp32": model}
         if opts.prune is not None:
-            def prune_and_export() -> dict[str, Any]:
-                modules["pruned"], report = prune_stage(model, example, train, held_out, opts.prune, on_stage)
-                return {"stage": report, "variant": export_variant("pruned", modules["pruned"])}
+            def prune_and_export() -> _Pruned:
+                modules["pruned"], report = prune_stage(model, inputs, opts.prune, on_stage)
+                return _Pruned(stage=report, built=export_variant("pruned", modules["pruned"]))
 
             parts = [*base_key, train, held_out, asdict(opts.prune), _function_file(opts.prune.finetune)]
             # a torch backend (INC) quantizes the torch module, which a cache hit does not bring back (only its ONNX)
             prune_cache = StageCache(enabled=False) if quantizer is not None and quantizer.takes == "torch" else cache
-            got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export)
+            got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export,
+                                  _Pruned)
             cache.events["prune"] = prune_cache.events["prune"]
-            stages["prune"] = got["stage"]
-            variants.append(got["variant"])
+            stages.prune = got.stage
+            built.append(got.built)
         reference = torch_outputs(model, held_out)
         if quantizer is not None:
-            base = variants[-1]  # the pruned model when there is one: the final variant is pruned and quantized
-            stages["quantize"], variant = _quantize(quantizer, base, modules[base["name"]], example, train, work,
-                                                    profile, opts, cache, on_stage)
-            variants.append(variant)
-        if opts.on_result is not None and "prune" in stages:
-            opts.on_result("prune", stages["prune"])
+            base = built[-1]  # the pruned model when there is one: the final variant is pruned and quantized
+            # the torch module only a torch backend needs (a prune cache hit brings back the ONNX alone)
+            stages.quantize, variant = _quantize(quantizer, base, modules.get(base.name), example, train, work,
+                                                 profile, opts, cache, on_stage)
+            built.append(variant)
+        if opts.on_result is not None and stages.prune is not None:
+            opts.on_result("prune", stages.prune)
         on_stage(f"profiling on {profile.name}")
         timer = opts.timer or time_variants
-        timed = timer({v["name"]: work / v["onnx"] for v in variants if not v["simulated"]}, profile,
+        timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile,
                       {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds)
-        measured, speedup_measure = timed["measured"], timed["speedup_measure"]
-        _judge(variants, timed, reference, held_out, work, opts, quantizer, on_stage)
+        variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
         name, reason = recommend(variants, opts.tolerance)
-        report = {
-            "schema": SCHEMA,
-            "device": {**profile.model_dump(mode="json", exclude={"remote"}), "source": str(profile.source) if profile.source else None},
-            "host": measured["host"] if measured else timed.get("host") or describe_host(),
-            "remote": measured["remote"] if measured else None,
-            "variants": variants,
-            "recommended": name,
-            "reason": reason,
-            "tolerance": opts.tolerance,
-            "tolerance_on": f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
-            "eval": opts.evaluate.spec if opts.evaluate else None,
-            "speedup_measure": speedup_measure,
-            **({"profiled_on": timed["profiled_on"]} if timed.get("profiled_on") else {}),
-            "stages": stages,
-            "command": opts.command,
-            "model": opts.source,
-            "cache": {"stages": dict(cache.events), "root": str(cache.root) if cache.enabled else None},
+        report = RunReport(
+            schema_=SCHEMA,
+            device={**profile.model_dump(mode="json", exclude={"remote"}),
+                    "source": str(profile.source) if profile.source else None},
+            host=timed.host or describe_host(),
+            remote=timed.remote,
+            variants=variants,
+            recommended=name,
+            reason=reason,
+            tolerance=opts.tolerance,
+            tolerance_on=f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
+            eval=opts.evaluate.spec if opts.evaluate else None,
+            speedup_measure=timed.speedup_measure,
+            **({"profiled_on": timed.profiled_on} if timed.profiled_on else {}),
+            stages=stages,
+            command=opts.command,
+            model=opts.source,
+            cache={"stages": dict(cache.events), "root": str(cache.root) if cache.enabled else None},
             **(extra or {}),
-        }
-        write_json(work / "report.json", check_report(report))
-        _write_readable(report, work)
+        )
+        doc = report.to_json()
+        write_json(work / "report.json", doc)
+        _write_readable(doc, work)
         swap_in(work, outdir)
         return report
     finally:
@@ -162,11 +179,11 @@ def run_pipeline(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _quantize(quantizer: Backend, base: dict[str, Any], module: nn.Module, example: dict[str, torch.Tensor],
+def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], example: dict[str, torch.Tensor],
               train: list[dict[str, torch.Tensor]], work: Path, profile: DeviceProfile, opts: RunOptions,
-              cache: StageCache, on_stage: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The quantize stage on the last variant (`base`, from `module`), through the stage cache: its report and
-    the new variant."""
+              cache: StageCache, on_stage: Callable[[str], None]) -> tuple[QuantResult, Built]:
+    """The quantize stage on the last variant (`base`, from `module`), through the stage cache: its result
+    (without the file name, which the variant holds) and the new variant."""
     # a format steered by its own budget (weight-only INT4) takes neither the tolerance nor --eval
     steered = quantizer.tolerance
     qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
@@ -176,70 +193,47 @@ def _quantize(quantizer: Backend, base: dict[str, Any], module: nn.Module, examp
                          backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
     source = (module, example, train) if quantizer.takes == "torch" else None
     path = work / f"{opts.quant}.onnx"
-    parts = [work / base["onnx"], Path(opts.calib) if opts.calib else None,
+    parts = [work / base.onnx, Path(opts.calib) if opts.calib else None,
              {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
              profile.model_dump(mode="json", exclude={"source"})]
-    judge = work / "fp32.onnx" if base["name"] != "fp32" else None  # tolerance is on the whole chain
+    judge = work / "fp32.onnx" if base.name != "fp32" else None  # tolerance is on the whole chain
     parts.append(judge)
     q = cache.run("quantize", key_of("quantize", parts), [path],
-                  lambda: quant_stage(work / base["onnx"], path, profile, opts.calib, qopts, on_stage,
-                                      reference_model=judge, torch_source=source))
-    variant = {"name": opts.quant, "onnx": path.name, "size_bytes": path.stat().st_size, "params": _params(path),
-               "macs": base["macs"], "parity": None, "simulated": q["simulated"],
-               "excluded_layers": q["excluded_layers"], "from": base["name"]}
-    return {k: v for k, v in q.items() if k != "onnx"}, variant
+                  lambda: quant_stage(work / base.onnx, path, profile, opts.calib, qopts, on_stage,
+                                      reference_model=judge, torch_source=source), QuantResult)
+    variant = Built(name=opts.quant, onnx=path.name, size_bytes=path.stat().st_size, params=_params(path),
+                    macs=base.macs, parity=None, simulated=q.simulated, excluded_layers=q.excluded_layers,
+                    from_=base.name)
+    return QuantResult.from_json({k: v for k, v in q.to_json().items() if k != "onnx"}), variant
 
 
-def _judge(variants: list[dict[str, Any]], timed: dict[str, Any], reference: Any, held_out: list[dict[str, torch.Tensor]],
-           work: Path, opts: RunOptions, quantizer: Optional[Backend], on_stage: Callable[[str], None]) -> None:
-    """Each variant's device figures, fidelity to the torch model on the held-out batches, --eval score and
-    whether it is within the tolerance; simulated ones are run the way their backend runs them, untimed."""
-    for v in variants:
+def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[dict[str, torch.Tensor]],
+           work: Path, opts: RunOptions, quantizer: Optional[Backend], on_stage: Callable[[str], None]) -> list[Variant]:
+    """Each built model with its device figures, fidelity to the torch model on the held-out batches, --eval
+    score and whether it is within the tolerance; simulated ones are run the way their backend runs them,
+    untimed."""
+    variants: list[Variant] = []
+    for b in built:
         runner, session_options = onnx_outputs, None
-        if v["simulated"] and quantizer is not None:  # no kernels for the format here: fidelity only
+        figures: dict[str, Any] = {}
+        if b.simulated and quantizer is not None:  # no kernels for the format here: fidelity only
             runner, session_options = quantizer.outputs()
-            v["latency_ms"], v["profile"], v["speedup_vs_fp32"] = None, None, None
+            figures = {"latency_ms": None, "profile": None, "speedup_vs_fp32": None}
         else:
-            v.update(timed["variants"][v["name"]])
-        v["fidelity"] = fidelity(reference, runner(work / v["onnx"], held_out))
-        v["within_tolerance"] = within_tolerance(v["fidelity"], opts.tolerance)
+            t = timed.variants[b.name]
+            figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
+        fid = Fidelity.from_json(fidelity(reference, runner(work / b.onnx, held_out)))
+        ok = within_tolerance(fid, opts.tolerance)
+        scored: dict[str, Any] = {}
         if opts.evaluate is not None:
-            on_stage(f"scoring {v['name']} with --eval")
-            v["accuracy"] = opts.evaluate(work / v["onnx"], session_options=session_options)
-            v["within_tolerance"] = variants[0]["accuracy"] - v["accuracy"] <= opts.tolerance
-
-
-def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[str, Any], runs: Optional[int] = None,
-                  max_seconds: Optional[float] = None, ab_rounds: int = 30) -> dict[str, Any]:
-    """Profile each model on the device and its speedup over paths["fp32"]: files in, plain data out, so that
-    `compress search` can run it where the device is (a Ray task holding the device's resource), one at a time.
-
-    Locally the speedup is the interleaved A/B's median wall-clock ratio (both sides see the same machine); for
-    a remote device, the ratio of p50s measured there in turn."""
-    out: dict[str, dict[str, Any]] = {}
-    measured = None
-    for name, path in paths.items():
-        prof = profile_model(path, profile, runs=runs, max_seconds=max_seconds)
-        measured = prof if prof.get("measured_on") == "remote" else None  # where the figures come from
-        out[name] = {"latency_ms": {k: prof["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std")},
-                     "profile": {k: prof.get(k) for k in ("runs", "spread", "providers", "threads", "fallback",
-                                                          "load_ms", "peak_rss_mb")}}
-    if profile.remote is None:
-        providers, _ = resolve_providers(profile)
-        ab = interleaved_latency(paths, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
-                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=ab_rounds,
-                                 min_seconds=3.0, baseline="fp32")
-        for name in paths:
-            out[name]["speedup_vs_fp32"] = ab.speedup(name, "wall")
-        how = f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads"
-    else:  # the interleaved A/B runs in this process, on this machine: for a remote device, ratios of its p50s
-        base = out["fp32"]["latency_ms"]["p50"]
-        for name in paths:
-            out[name]["speedup_vs_fp32"] = base / out[name]["latency_ms"]["p50"]
-        how = (f"ratio of p50s, each variant profiled in turn on {measured['remote']['target']} over SSH "
-               "(not interleaved: the interleaved A/B would have timed this machine)")
-    return {"variants": out, "speedup_measure": how,
-            "measured": {"host": measured["host"], "remote": measured["remote"]} if measured else None}
+            on_stage(f"scoring {b.name} with --eval")
+            accuracy = opts.evaluate(work / b.onnx, session_options=session_options)
+            base_accuracy = variants[0].accuracy if variants else accuracy
+            ok = base_accuracy - accuracy <= opts.tolerance
+            scored = {"accuracy": accuracy}
+        variants.append(Variant(**b.model_dump(exclude_unset=True), **figures, fidelity=fid, within_tolerance=ok,
+                                **scored))
+    return variants
 
 
 def _function_file(spec: Optional[str]) -> Any:

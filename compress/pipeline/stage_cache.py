@@ -22,12 +22,14 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 
 from compress import __version__
-from compress.core import warn
+from compress.core import Result, warn
+
+R = TypeVar("R", bound=Result)
 
 FORMAT = 1  # bump when what an entry holds changes
 
@@ -122,13 +124,13 @@ class StageCache:
         self.enabled, self.force = enabled, force
         self.events: dict[str, str] = {}  # stage -> "hit" | "miss" | "forced" | "off"
 
-    def run(self, stage: str, key: str, outputs: Iterable[Path],
-            compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The stage's meta; its files copied to `outputs` (stored under their own names, which an ONNX
+    def run(self, stage: str, key: str, outputs: Iterable[Path], compute: Callable[[], R], result: type[R]) -> R:
+        """The stage's typed result; its files copied to `outputs` (stored under their own names, which an ONNX
         model's external data reference depends on).
 
-        On a miss `compute()` writes the outputs and returns the meta (JSON-ready); both are then stored. A
-        cache that cannot be written (full disk, read-only home) costs the reuse, never the run.
+        On a miss `compute()` writes the outputs and returns the result, whose JSON form is stored with them; a
+        hit reads it back as `result`. A cache that cannot be written (full disk, read-only home) costs the
+        reuse, never the run.
         """
         entry = self.root / stage / key
         outputs = list(outputs)
@@ -137,17 +139,17 @@ class StageCache:
             return compute()
         if not self.force and (entry / "meta.json").is_file():
             try:
-                meta = json.loads((entry / "meta.json").read_text())
+                meta = result.from_json(json.loads((entry / "meta.json").read_text()))
                 for dst in outputs:
                     _copy_model(entry / dst.name, dst)
                 self.events[stage] = "hit"
                 return meta
             except (OSError, ValueError):
-                pass  # unreadable entry: recompute and replace it
+                pass  # unreadable entry, or one an older version wrote: recompute and replace it
         meta = compute()
         self.events[stage] = "forced" if self.force else "miss"
         try:
-            self._store(entry, meta, outputs)
+            self._store(entry, meta.to_json(), outputs)
         except OSError as e:
             warn(f"stage cache not written ({self.root}): {e.strerror or e}")
         return meta

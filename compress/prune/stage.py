@@ -6,25 +6,22 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from compress.evaluate import fidelity, torch_outputs
+from compress.models import Prepared
 from compress.prune.options import PruneOptions
 from compress.prune.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
 from compress.prune.sparsity import apply_sparsity
 from compress.prune.structural import prune_model
+from compress.report import PruneResult
 
 
-def prune_stage(
-    model: nn.Module,
-    example: dict[str, torch.Tensor],
-    train: list[dict[str, torch.Tensor]],
-    held_out: list[dict[str, torch.Tensor]],
-    opts: PruneOptions,
-    on_stage: Callable[[str], None] = lambda s: None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Return the compressed module and a JSON-ready report; `model` itself is left untouched."""
+def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
+                on_stage: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, PruneResult]:
+    """Return the compressed module and what was done to it; `model` itself is left untouched. `inputs`: the
+    example, the batches recovery tunes on (train) and those fidelity is judged on (held_out)."""
+    example, train, held_out = inputs.example, inputs.train, inputs.held_out
     opts.check()
     report: dict[str, Any] = {"structural": None, "sparsity": None, "recovery": None}
     reference = torch_outputs(model, held_out)
@@ -62,4 +59,4 @@ def prune_stage(
         report["recovery"] = {"method": "distillation", **stats}
     student.eval()
     report["fidelity"] = fidelity(reference, torch_outputs(student, held_out))
-    return student, report
+    return student, PruneResult.from_json(report)

@@ -24,6 +24,7 @@ from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import QuantOptions
 from compress.quantize.registry import Backend, Quantized, QuantJob, backend_for
 from compress.quantize.sensitivity import fallback, layer_sensitivity, quantizable_nodes
+from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
 from runtime import interleaved_latency, resolve_providers
@@ -169,8 +170,8 @@ def _time_against_fp32(fp32: Path, model: Path, name: str, profile: DeviceProfil
 
 def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[str], opts: QuantOptions,
                 on_stage: Callable[[str], None] = lambda s: None, reference_model: Optional[Path] = None,
-                torch_source: Optional[TorchSource] = None) -> dict[str, Any]:
-    """Quantize fp32 -> dst and return a JSON-ready report; dst is written only if everything succeeded.
+                torch_source: Optional[TorchSource] = None) -> QuantResult:
+    """Quantize fp32 -> dst and say how (QuantResult); dst is written only if everything succeeded.
 
     `reference_model`: what --tolerance is measured against when it is not `fp32` itself (the unpruned model
     when `compress run` quantizes a pruned one): the tolerance then bounds the loss of the whole chain.
@@ -199,7 +200,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         write_model(proto, dst, external=proto.ByteSize() >= TWO_GB if proto.ByteSize() > 0 else False)
     report["onnx"] = str(dst)
     report["preset"] = made.preset
-    return report
+    return QuantResult.from_json(report)
 
 
 def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, Any],

@@ -1,5 +1,6 @@
-"""What people read after a run: report.json validated and rendered as Markdown and HTML, the trade-off plot,
-and the small formatters the search and sweep reports share.
+"""What a run hands on and what people read after it: the typed results (schema.py: prune, quantize, variant,
+run; report.json is their JSON form), report.json validated and rendered as Markdown and HTML, the trade-off
+plot, and the small formatters the search and sweep reports share.
 
 What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
 
@@ -9,6 +10,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "html": ["render_html", "write_html"],
     "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
     "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],
-    "schema": ["REPORT_SCHEMA", "RunReport", "check_report"],
+    "schema": [
+        "REPORT_SCHEMA", "Built", "Fidelity", "PruneResult", "QuantResult", "RunReport", "Stages", "Variant",
+        "VariantProfile", "VariantTiming", "check_report",
+    ],
     "text": ["code", "fmt_ms", "fmt_speedup", "table"],
 })

@@ -4,9 +4,10 @@ prints n/a for it instead of failing."""
 
 from __future__ import annotations
 
+import functools
 import math
 import shlex
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 NA = "n/a"
 
@@ -27,11 +28,19 @@ def as_list(v: Any) -> list[Any]:
     return v if isinstance(v, list) else []
 
 
-def fmt_ms(v: Any) -> str:
+def _or_na(fmt: Callable[[float], str]) -> Callable[[Any], str]:
+    """A formatter of finite numbers that prints n/a for anything else (null, strings, NaN, booleans)."""
+    @functools.wraps(fmt)
+    def text(v: Any) -> str:
+        x = num(v)
+        return NA if x is None else fmt(x)
+
+    return text
+
+
+@_or_na
+def fmt_ms(x: float) -> str:
     """Milliseconds to three significant-ish digits: 0.176, 12.35, 250.4."""
-    x = num(v)
-    if x is None:
-        return NA
     if x < 1:
         return f"{x:.3f}"
     if x < 100:
@@ -39,40 +48,34 @@ def fmt_ms(v: Any) -> str:
     return f"{x:.1f}"
 
 
-def fmt_count(v: Any) -> str:
+@_or_na
+def fmt_count(x: float) -> str:
     """Parameters and MACs: 950, 78.6K, 11.69M, 1.82G."""
-    x = num(v)
-    if x is None:
-        return NA
     for div, unit, digits in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 1)):
         if abs(x) >= div:
             return f"{x / div:.{digits}f}{unit}"
     return f"{x:.0f}"
 
 
-def fmt_mb(v: Any) -> str:
+@_or_na
+def fmt_mb(x: float) -> str:
     """Bytes as MB (10^6, as `compress run` prints them)."""
-    x = num(v)
-    if x is None:
-        return NA
     mb = x / 1e6
     return f"{mb:.2f}" if mb < 10 else f"{mb:.1f}"
 
 
-def fmt_speedup(v: Any) -> str:
-    x = num(v)
-    return NA if x is None else f"{x:.2f}×"
+@_or_na
+def fmt_speedup(x: float) -> str:
+    return f"{x:.2f}×"
 
 
-def fmt_pct(v: Any) -> str:
-    x = num(v)
-    return NA if x is None else f"{x:.1%}"
+@_or_na
+def fmt_pct(x: float) -> str:
+    return f"{x:.1%}"
 
 
-def fmt_cos(v: Any) -> str:
-    x = num(v)
-    if x is None:
-        return NA
+@_or_na
+def fmt_cos(x: float) -> str:
     return f"{x:.4f}" if x < 0.999 else f"{x:.6f}"  # near 1 the interesting digits are further right
 
 

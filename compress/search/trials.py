@@ -32,7 +32,7 @@ from ray import tune
 from compress.core import EdgeError, UsageError, first_line
 from compress.evaluate import load_metric
 from compress.models import load_model, prepare_inputs
-from compress.pipeline import RunOptions, StageCache, run_pipeline, time_variants
+from compress.pipeline import RunOptions, StageCache, Timings, run_pipeline, time_variants
 from compress.prune import PruneOptions
 from compress.search.space import label, normalise, trial_seed
 from devices import DeviceProfile, describe_host, load_profile
@@ -117,8 +117,8 @@ def _read_models(paths: dict[str, Path]) -> dict[str, dict[str, bytes]]:
 
 
 def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, feeds: dict[str, Any],
-                  runs: Optional[int], max_seconds: Optional[float], ab_rounds: int) -> dict[str, Any]:
-    """compress.pipeline.run.time_variants on the node holding the device: the models arrive as bytes."""
+                  runs: Optional[int], max_seconds: Optional[float], ab_rounds: int) -> Timings:
+    """compress.pipeline.time_variants on the node holding the device: the models arrive as bytes."""
     with tempfile.TemporaryDirectory(prefix="edge-compress-profile-") as tmp:
         paths = {}
         for name, files in models.items():
@@ -129,16 +129,17 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
             paths[name] = folder / next(f for f in files if not f.endswith(".data"))
         timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
     # the machine whose cores were timed, which on a cluster is not the trial's: the report describes that one
-
-    timed["host"] = describe_host()
-    timed["profiled_on"] = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+    # (a remote device describes itself)
+    if timed.host is None:
+        timed.host = describe_host()
+    timed.profiled_on = {"ray_node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     return timed
 
 
-def device_timer(profile: DeviceProfile) -> Callable[..., dict[str, Any]]:
+def device_timer(profile: DeviceProfile) -> Callable[..., Timings]:
     """A `timer` for RunOptions that profiles on the device's node, one call at a time per device."""
     def timer(paths: dict[str, Path], prof: DeviceProfile, feeds: dict[str, Any], runs: Optional[int],
-              max_seconds: Optional[float], ab_rounds: int) -> dict[str, Any]:
+              max_seconds: Optional[float], ab_rounds: int) -> Timings:
         models = _read_models(paths)
         if ray.cluster_resources().get(prof.name, 0) >= 1:
             task = ray.remote(num_cpus=0)(_time_shipped).options(resources={prof.name: 1}, scheduling_strategy="DEFAULT",
@@ -153,7 +154,7 @@ def device_timer(profile: DeviceProfile) -> Callable[..., dict[str, Any]]:
 def _ssh_profiler(name: str) -> Any:
     @ray.remote(num_cpus=0, max_concurrency=1)
     class SshProfiler:
-        def run(self, *args: Any) -> dict[str, Any]:
+        def run(self, *args: Any) -> Timings:
             return _time_shipped(*args)
 
     return SshProfiler.options(name=f"edge-compress-profiler:{name}", get_if_exists=True, lifetime="detached",
@@ -189,9 +190,9 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         c = {k: v for k, v in c.items() if k != "cell"}
     floor = job.get("min_fidelity")
 
-    def on_result(stage: str, report: dict[str, Any]) -> None:
+    def on_result(stage: str, result: Any) -> None:
         if stage == "prune" and floor is not None:
-            f = fidelity_value(report.get("fidelity") or {})
+            f = fidelity_value(result.fidelity.to_json())
             if f is not None:  # provisional: below every finished trial's score, ordered by fidelity
                 tune.report({"stage": "pruned", "fidelity": f, TRIAL_METRIC: f - 3.0, "p50_ms": None})
 
@@ -209,16 +210,16 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
                       quant_tolerance=fallback * tolerance if fallback > 0 else None,
                       timer=device_timer(profile), on_result=on_result, ab_rounds=job.get("ab_rounds", 30),
                       command=f"compress search trial {trial_id}: {label(c)}")
-    report = run_pipeline(loaded.module, prep.example, prep.train, prep.held_out, profile, outdir, opts,
+    report = run_pipeline(loaded.module, prep, profile, outdir, opts,
                           extra={"calibration": prep.info, "search_config": c})
-    final = report["variants"][-1]
-    f = final.get("accuracy") if opts.evaluate is not None else fidelity_value(final["fidelity"])
+    final = report.variants[-1]
+    f = final.accuracy if opts.evaluate is not None else fidelity_value(final.fidelity.to_json())
     if opts.evaluate is not None and f is not None:
-        f = float(f) - float(report["variants"][0]["accuracy"])  # the score's change: 0 is no loss
-    p50 = final["latency_ms"]["p50"] if final.get("latency_ms") else None
-    tune.report({"stage": "done", "fidelity": f, "p50_ms": p50, "speedup": final.get("speedup_vs_fp32"),
-                 "profiled_on": (report.get("profiled_on") or {}).get("ray_node"),
-                 TRIAL_METRIC: objective(f, final.get("speedup_vs_fp32"), p50, job.get("latency_budget_ms"),
+        f = float(f) - float(report.variants[0].accuracy)  # the score's change: 0 is no loss
+    p50 = final.latency_ms.p50 if final.latency_ms else None
+    tune.report({"stage": "done", "fidelity": f, "p50_ms": p50, "speedup": final.speedup_vs_fp32,
+                 "profiled_on": (report.profiled_on or {}).get("ray_node"),
+                 TRIAL_METRIC: objective(f, final.speedup_vs_fp32, p50, job.get("latency_budget_ms"),
                                          -tolerance if opts.evaluate is not None else floor, job.get("goal", "fidelity")),
                  "report": str(outdir / "report.json"),
                  "seconds": round(time.monotonic() - t0, 1)})
