@@ -45,7 +45,7 @@ def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """--backend for INT8, for quantize and run; the default follows bench/quant_inc.py (see
     compress/quantize/backends/int8_ort.py). The choices are the registry's."""
-    return click.option("--backend", type=click.Choice(backend_names()), default=QuantOptions.backend, show_default=True,
+    return click.option("--backend", type=click.Choice(backend_names()), default=QuantOptions.default("backend"), show_default=True,
                         help="INT8 backend: onnxruntime's quantizer on the ONNX graph (faster on both benchmark models), "
                              "or Intel Neural Compressor's PT2E static INT8 in torch (needs the PyTorch model: run).")(f)
 
@@ -54,13 +54,13 @@ def int4_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--block-size, --budget-mb, --avg-bits and --salience: weight-only INT4, for quantize (--to int4) and run
     (--quant int4); compress.quantize.int4.check_options checks them."""
     for opt in reversed([
-        click.option("--block-size", type=int, default=QuantOptions.block_size, show_default=True, help="INT4: weights per scale (32, 64 or 128)."),
+        click.option("--block-size", type=int, default=QuantOptions.default("block_size"), show_default=True, help="INT4: weights per scale (32, 64 or 128)."),
         click.option("--budget-mb", type=float,
                      help="INT4: total model size in MB (10^6 bytes); the most salient layers go 8-bit or float within it."),
         click.option("--avg-bits", type=float,
                      help="INT4: the budget as average bits per quantized weight (4-32), each layer 4, 8 or 32 (float); "
                           "scales and zero points not counted (--budget-mb counts every byte)."),
-        click.option("--salience", type=click.Choice(["measured", "proxy"]), default=QuantOptions.salience, show_default=True,
+        click.option("--salience", type=click.Choice(["measured", "proxy"]), default=QuantOptions.default("salience"), show_default=True,
                      help="INT4 budget: rank layers by measured output error (one model per layer) or predict it from "
                           "weights and activations (one pass, much faster)."),
     ]):

@@ -26,15 +26,15 @@ Examples:
 
 @click.command("quantize", epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=format_choice(), default=QuantOptions.to, show_default=True)
+@click.option("--to", "to", type=format_choice(), default=QuantOptions.default("to"), show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
 @click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
-@click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.method, show_default=True, help="INT8 activation calibration.")
+@click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.default("method"), show_default=True, help="INT8 activation calibration.")
 @click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
 @eval_options
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")
-@click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default=QuantOptions.fp8_format, show_default=True)
+@click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default=QuantOptions.default("fp8_format"), show_default=True)
 @int4_options
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
@@ -66,12 +66,11 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
                         evaluate=load_metric(eval_spec, metric_spec), backend=backend, block_size=block_size,
                         budget_mb=budget_mb, avg_bits=avg_bits, salience=salience)
     profile = load_profile(device)
-    check_format(profile, opts)
+    backend = check_format(profile, opts)
     check_model(Path(model))
-    if calib is None and to in ("fp8", "int4"):  # the INT8 quantizer warns about synthetic calibration itself
-        what = "layer salience and fidelity" if to == "int4" else "quantization scales"
-        console.warn(f"no --calib: {what} come from synthetic inputs, which are wrong for real data; "
-                     "pass --calib DATA.npz with real samples")
+    if calib is None and backend.synthetic_data_spoils:
+        console.warn(f"no --calib: {backend.synthetic_data_spoils} come from synthetic inputs, which are wrong for "
+                     "real data; pass --calib DATA.npz with real samples")
     with console.progress("quantizing") as step:
         report = quant_stage(Path(model), out, profile, calib, opts,
                              on_stage=lambda s: step.update(description=s)).to_json()
@@ -88,7 +87,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")
-    if to == "int4":
+    if report.get("avg_bits") is not None:  # weight-only with bits per layer (INT4)
         c = report["quantizer"]["counts"]
         console.out_console.print(f"size {report['size_mb']:.2f} MB (fp32 {report['fp32_size_mb']:.2f} MB), "
                                   f"{report['avg_bits']:.2f} bits per weight ({report['stored_bits']:.2f} stored with scales): "
@@ -100,7 +99,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     if report.get("op_selection"):
         console.out_console.print(f"op selection: {report['op_selection']['decision']}")
     if report["excluded_layers"]:
-        if to == "int4":
+        if report.get("avg_bits") is not None:
             names = ", ".join(f"{e['node']} ({'float' if e['bits'] == 32 else '8-bit'}"
                               f"{', salience %.3g' % e['salience'] if e.get('salience') is not None else ''}"
                               f"{', shared weight' if 'also read by' in e['why'] else ''})"

@@ -40,15 +40,15 @@ Examples:
 @max_calib_option
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
-@click.option("--importance", default=PruneOptions.importance, show_default=True, help="Channel importance criterion for --prune.")
+@click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
-@click.option("--quant", type=format_choice(none="last"), default=RunOptions.quant, show_default=True,
+@click.option("--quant", type=format_choice(none="last"), default=RunOptions.default("quant"), show_default=True,
               help="Quantize the final model (kept only if it pays: see the recommendation). int4 is weight-only "
                    "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
 @int4_options
 @click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
 @click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=RunOptions.tolerance, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=RunOptions.default("tolerance"), show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
 @eval_options
 @backend_option

@@ -28,7 +28,7 @@ Examples:
 @click.argument("model")
 @model_input_options
 @max_calib_option
-@click.option("--device", default=SearchSettings.device, show_default=True, help="Device profile (name or YAML) to build for and time on.")
+@click.option("--device", default=SearchSettings.default("device"), show_default=True, help="Device profile (name or YAML) to build for and time on.")
 @click.option("--latency-budget", "latency_budget", type=float, help="Largest acceptable p50 latency on the device, in ms.")
 @click.option("--min-fidelity", type=float,
               help="Floor on fidelity to fp32: top-1 agreement (classifiers) or worst per-sample cosine [default: 0.99].")
@@ -37,14 +37,14 @@ Examples:
 @click.option("--objective", type=click.Choice(["fidelity", "speed"]),
               help="What the pick maximises: fidelity within --latency-budget, or speed above the floor "
                    "[default: fidelity with a budget, speed without].")
-@click.option("--trials", type=int, default=SearchSettings.trials, show_default=True, help="Configurations to try (the first is compress run's default).")
-@click.option("--seed", type=int, default=SearchSettings.seed, show_default=True, help="Seeds the search algorithm and each trial.")
-@click.option("--prune-max", type=float, default=SearchSettings.prune_max, show_default=True, help="Largest prune ratio searched.")
+@click.option("--trials", type=int, default=SearchSettings.default("trials"), show_default=True, help="Configurations to try (the first is compress run's default).")
+@click.option("--seed", type=int, default=SearchSettings.default("seed"), show_default=True, help="Seeds the search algorithm and each trial.")
+@click.option("--prune-max", type=float, default=SearchSettings.default("prune_max"), show_default=True, help="Largest prune ratio searched.")
 @click.option("--quant", "quants", multiple=True, type=format_choice(none="first"),
               help="Quantization choices searched (repeat) [default: none, int8, and fp8 on FP8 hardware].")
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
 @click.option("--address", help="Ray cluster (ray://HOST:10001 or HOST:6379). Default: an embedded Ray for this command.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=SearchSettings.concurrency, show_default=True,
+@click.option("--concurrency", type=click.IntRange(min=1), default=SearchSettings.default("concurrency"), show_default=True,
               help="Trials at once. Profiling is one at a time per device anyway; on the host, 1 keeps compression "
                    "work off the cores being timed.")
 @click.option("--resume", is_flag=True, help="Continue the search saved in -o (Ray Tune's experiment state).")

@@ -16,5 +16,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
     "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "save_model"],
+    "options": ["Options"],
     "results": ["OpenResult", "Result"],
 }, modules=("atomic", "console", "errors", "interrupt", "onnxgraph", "sessions"))

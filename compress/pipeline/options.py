@@ -3,23 +3,19 @@ defaults from here, so each default is written once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional
 
+from pydantic import Field
+
+from compress.core import Options
+from compress.prune import PruneOptions
 from compress.quantize import QuantOptions
 
-if TYPE_CHECKING:
-    from compress.evaluate import Metric
-    from compress.pipeline.stage_cache import StageCache
-    from compress.pipeline.timing import Timings
-    from compress.prune import PruneOptions
 
-
-@dataclass
-class RunOptions:
+class RunOptions(Options):
     prune: Optional[PruneOptions] = None
     quant: str = "int8"  # a format of compress.quantize's registry, or "none"
-    int4: dict[str, Any] = field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
+    int4: dict[str, Any] = Field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
     calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
     max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
     simulate: bool = False
@@ -27,14 +23,14 @@ class RunOptions:
     runs: Optional[int] = None
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
-    backend: str = QuantOptions.backend  # a backend of compress.quantize's registry for `quant`
+    backend: str = QuantOptions.default("backend")  # a backend of compress.quantize's registry for `quant`
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quantize.opselect)
-    evaluate: Optional[Metric] = None  # --eval: tolerance bounds the drop of this score instead of fidelity
-    cache: Optional[StageCache] = None  # None: every stage computed (library callers); the CLI passes one
+    evaluate: Any = None  # --eval (a compress.evaluate.Metric): tolerance bounds the drop of this score instead of fidelity
+    cache: Any = None  # a compress.pipeline.StageCache; None: every stage computed (library callers); the CLI passes one
     source: str = ""
     command: str = ""
-    quant_method: str = QuantOptions.method  # INT8 activation calibration (compress search varies it)
+    quant_method: str = QuantOptions.default("method")  # INT8 activation calibration (compress search varies it)
     quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
     quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
-    timer: Optional[Callable[..., Timings]] = None  # time_variants, or where it runs (compress search)
-    on_result: Optional[Callable[[str, Any], None]] = None  # a stage's typed result as soon as it exists
+    timer: Any = None  # (paths, profile, feeds, runs, max_seconds, ab_rounds) -> Timings: time_variants, or where it runs
+    on_result: Any = None  # (stage, typed result) -> None, called as soon as a stage's result exists

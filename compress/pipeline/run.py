@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -126,7 +125,7 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
                 modules["pruned"], report = prune_stage(model, inputs, opts.prune, on_stage)
                 return _Pruned(stage=report, built=export_variant("pruned", modules["pruned"]))
 
-            parts = [*base_key, train, held_out, asdict(opts.prune), _function_file(opts.prune.finetune)]
+            parts = [*base_key, train, held_out, opts.prune.model_dump(), _function_file(opts.prune.finetune)]
             # a torch backend (INC) quantizes the torch module, which a cache hit does not bring back (only its ONNX)
             prune_cache = StageCache(enabled=False) if quantizer is not None and quantizer.takes == "torch" else cache
             got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export,
@@ -194,7 +193,7 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
     source = (module, example, train) if quantizer.takes == "torch" else None
     path = work / f"{opts.quant}.onnx"
     parts = [work / base.onnx, Path(opts.calib) if opts.calib else None,
-             {f.name: getattr(qopts, f.name) for f in fields(qopts) if f.name != "evaluate"}, _metric_parts(opts.evaluate),
+             qopts.model_dump(exclude={"evaluate"}), _metric_parts(opts.evaluate),
              profile.model_dump(mode="json", exclude={"source"})]
     judge = work / "fp32.onnx" if base.name != "fp32" else None  # tolerance is on the whole chain
     parts.append(judge)

@@ -124,13 +124,14 @@ class StageCache:
         self.enabled, self.force = enabled, force
         self.events: dict[str, str] = {}  # stage -> "hit" | "miss" | "forced" | "off"
 
-    def run(self, stage: str, key: str, outputs: Iterable[Path], compute: Callable[[], R], result: type[R]) -> R:
-        """The stage's typed result; its files copied to `outputs` (stored under their own names, which an ONNX
+    def run(self, stage: str, key: str, outputs: Iterable[Path], compute: Callable[[], Any],
+            result: Optional[type[R]] = None) -> Any:
+        """The stage's result; its files copied to `outputs` (stored under their own names, which an ONNX
         model's external data reference depends on).
 
-        On a miss `compute()` writes the outputs and returns the result, whose JSON form is stored with them; a
-        hit reads it back as `result`. A cache that cannot be written (full disk, read-only home) costs the
-        reuse, never the run.
+        On a miss `compute()` writes the outputs and returns the result (a typed `result`, stored as its JSON
+        form; or plain JSON data when `result` is None); a hit reads it back. A cache that cannot be written
+        (full disk, read-only home) costs the reuse, never the run.
         """
         entry = self.root / stage / key
         outputs = list(outputs)
@@ -139,7 +140,8 @@ class StageCache:
             return compute()
         if not self.force and (entry / "meta.json").is_file():
             try:
-                meta = result.from_json(json.loads((entry / "meta.json").read_text()))
+                meta = json.loads((entry / "meta.json").read_text())
+                meta = result.from_json(meta) if result is not None else meta
                 for dst in outputs:
                     _copy_model(entry / dst.name, dst)
                 self.events[stage] = "hit"
@@ -149,7 +151,7 @@ class StageCache:
         meta = compute()
         self.events[stage] = "forced" if self.force else "miss"
         try:
-            self._store(entry, meta.to_json(), outputs)
+            self._store(entry, meta.to_json() if result is not None else meta, outputs)
         except OSError as e:
             warn(f"stage cache not written ({self.root}): {e.strerror or e}")
         return meta

@@ -3,18 +3,18 @@ reads its defaults from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
-from compress.core import UsageError
+from pydantic import Field
+
+from compress.core import Options, UsageError
 
 
-@dataclass
-class PruneOptions:
+class PruneOptions(Options):
     ratio: Optional[float] = None  # structural: fraction of channels removed
     importance: str = "l2"
     global_pruning: bool = False
-    ignore: list[str] = field(default_factory=list)
+    ignore: list[str] = Field(default_factory=list)
     round_to: Optional[int] = None
     sparsity: Optional[float] = None  # masks: fraction of weights zeroed
     pattern: str = "unstructured"

@@ -38,7 +38,6 @@ from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
 from compress.quantize.fp8 import (
     MIN_OPSET,
-    QUANTIZABLE_OPS,
     QdqRewriter,
     fp8_session_options,
     plan_qdq,
@@ -47,6 +46,7 @@ from compress.quantize.fp8 import (
     upgrade_opset,
     weight_axis,
 )
+from compress.quantize.ops import is_quantizable, quantizable_positions
 from compress.quantize.presets import preset_for
 from compress.quantize.sensitivity import fallback, layer_sensitivity, metric_error
 from devices import DeviceProfile
@@ -266,7 +266,7 @@ def advise(
 
         # statistics: weights from the initializers, activations from one fp32 pass
         step("collecting activation statistics")
-        positions = [i for i, n in enumerate(up.graph.node) if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+        positions = quantizable_positions(up.graph)
         plan, skipped = plan_qdq(up, positions)
         acts = list(dict.fromkeys(up.graph.node[p].input[s] for p, sl in plan.items() for s, k in sl if k == "activation"))
         stats = _activation_stats(up, acts, feeds)
@@ -341,7 +341,7 @@ def _load_quantizable(src: Path) -> onnx.ModelProto:
         model = onnx.load(str(src), load_external_data=True)
     except Exception as e:
         raise InputError(f"{src} is not a readable ONNX model: {_first_line(e)}") from e
-    nodes = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+    nodes = [n for n in model.graph.node if is_quantizable(n)]
     if not nodes:
         raise InputError(f"{src} has no Conv/MatMul/Gemm node: nothing to quantize")
     if len({n.name for n in nodes}) != len(nodes) or any(not n.name for n in nodes):

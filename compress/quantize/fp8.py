@@ -42,10 +42,10 @@ from compress.core import (
     first_line as _first_line,
 )
 from compress.evaluate import onnx_outputs
+from compress.quantize.ops import quantizable_positions
 from export import metadata
 from export import write_model as _write_onnx
 
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float8 types from opset 19
 _TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the floor of any scale
 
@@ -440,7 +440,7 @@ def quantize_fp8(
         raise InputError(f"cannot read {src}: {_first_line(e)}") from e
     from_opset = opset_of(model)
     model = upgrade_opset(model, MIN_OPSET)
-    positions = [i for i, n in enumerate(model.graph.node) if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+    positions = quantizable_positions(model.graph)
     chosen_idx, left = _select([model.graph.node[i] for i in positions], include, exclude)
     chosen = [positions[i] for i in chosen_idx]
     plan, skipped = plan_qdq(model, chosen)

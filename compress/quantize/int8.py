@@ -58,6 +58,7 @@ from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
 from compress.quantize.candidates import pick, time_candidates, timing_json
+from compress.quantize.ops import INT8_OPS
 from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import Preset, candidates, preset_for
@@ -66,7 +67,6 @@ from devices import DeviceProfile, describe_host, usable_cores
 from export import get_metadata, set_metadata
 from runtime import resolve_providers
 
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 SMOOTH_ALPHAS = (None, 0.5, 0.7, 0.85)  # None: no smoothing; measured on MiniLM: 0.992, 0.989, 0.997, 0.997
 DEFAULT_ALPHA = 0.7  # when not tuning (per-layer sensitivity runs): the measured best on MiniLM
 # Smooth a MatMul input only when its largest channel range is this many times its median one: below that a
@@ -546,7 +546,7 @@ def _excluded(model: onnx.ModelProto, include: Optional[Sequence[str]], exclude:
     if include is None:
         return list(dict.fromkeys(exclude))
     inc = set(include)
-    return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and (n.name not in inc or n.name in exclude)]
+    return [n.name for n in model.graph.node if n.op_type in INT8_OPS and (n.name not in inc or n.name in exclude)]
 
 
 def quantize_int8(

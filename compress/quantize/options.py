@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
+
+from compress.core import Options
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # onnxruntime's calibrators, for static INT8
 
-if TYPE_CHECKING:
-    from compress.evaluate import Metric
 
-
-@dataclass
-class QuantOptions:
+class QuantOptions(Options):
     to: str = "int8"
     method: str = "minmax"
     tolerance: Optional[float] = None  # None: no fallback search
@@ -21,7 +18,7 @@ class QuantOptions:
     max_calib: Optional[int] = None
     measure: bool = True
     backend: str = "ort"  # INT8: "ort" (onnxruntime's quantizer on the ONNX graph) or "inc" (INC PT2E in torch)
-    evaluate: Optional[Metric] = None  # --eval: the user's score; --tolerance then bounds its drop
+    evaluate: Any = None  # --eval: the user's score (a compress.evaluate.Metric); --tolerance then bounds its drop
     select_ops: bool = True  # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster
     block_size: int = 32  # INT4: weights per scale
     budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it

@@ -86,6 +86,9 @@ class Backend:
     tolerance: ClassVar[bool] = True  # --tolerance/--eval steer it (INT4 is steered by its size budget)
     in_default_search: ClassVar[bool] = True  # `compress search` tries it unless --quant says otherwise
     needs: ClassVar[str] = ""  # a DeviceProfile flag the device must have to time it ("fp8"), else simulated
+    # what synthetic calibration data (no --calib) makes wrong, for the CLI's warning; "" when the quantizer
+    # warns about it itself (onnxruntime INT8)
+    synthetic_data_spoils: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw: Any) -> None:

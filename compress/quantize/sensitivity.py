@@ -28,8 +28,8 @@ import onnx
 from compress.core import EdgeError, UsageError
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
+from compress.quantize.ops import is_quantizable
 
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
 
@@ -44,7 +44,7 @@ def quantizable_nodes(model_path: str | Path) -> list[dict[str, str]]:
     """Conv/MatMul/Gemm nodes of the main graph in graph order: [{"node", "op_type"}]."""
     model = onnx.load(str(model_path), load_external_data=False)
     return [{"node": n.name, "op_type": n.op_type} for n in model.graph.node
-            if n.op_type in QUANTIZABLE_OPS and n.domain in ("", "ai.onnx")]
+            if is_quantizable(n)]
 
 
 def metric_error(fid: Mapping[str, Any], metric: str) -> float:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
-from compress.core import UsageError
+from pydantic import Field
+
+from compress.core import Options, UsageError
 from compress.prune import PruneOptions
 
 
-@dataclass
-class SearchSettings:
+class SearchSettings(Options):
     model: str
     device: str = "host"
     weights: Optional[str] = None
-    input_shapes: list[str] = field(default_factory=list)
+    input_shapes: list[str] = Field(default_factory=list)
     calib: Optional[str] = None
     max_calib: Optional[int] = None
     latency_budget_ms: Optional[float] = None
@@ -31,7 +31,7 @@ class SearchSettings:
     ab_rounds: int = 30
     prune_max: float = 0.6
     quants: Optional[list[str]] = None
-    recover_seconds: float = PruneOptions.recover_seconds  # type: ignore[assignment]  # the prune stage's default
+    recover_seconds: float = PruneOptions.default("recover_seconds")  # the prune stage's default
     outdir: str = "search-out"
     resume: bool = False
     command: str = ""

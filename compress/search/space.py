@@ -16,6 +16,7 @@ from typing import Any, Optional
 from torch import nn
 
 from compress.core import UsageError
+from compress.pipeline import RunOptions
 from compress.prune import IMPORTANCE, check_applicable
 from compress.quantize import CALIBRATION_METHODS, format_info, format_names
 from devices import DeviceProfile
@@ -31,7 +32,7 @@ def _takes(quant: Optional[str], what: str) -> bool:
     return quant not in (None, "none") and bool(getattr(format_info(quant), what))
 
 
-def _has(profile: DeviceProfile, quant: str) -> bool:
+def can_time(profile: DeviceProfile, quant: str) -> bool:
     """The device has the hardware the format needs to be timed (FP8 units for fp8; nothing for INT8/INT4)."""
     needs = format_info(quant).needs
     return not needs or bool(getattr(profile, needs))
@@ -43,7 +44,7 @@ class Space:
 
     prune_max: float = 0.6
     importances: list[str] = field(default_factory=lambda: ["l2"])
-    quants: list[str] = field(default_factory=lambda: ["none", "int8"])
+    quants: list[str] = field(default_factory=lambda: ["none", RunOptions.default("quant")])
     methods: list[str] = field(default_factory=lambda: list(CALIBRATION_METHODS))
     fallbacks: list[float] = field(default_factory=lambda: list(FALLBACK_FRACTIONS))
 
@@ -61,9 +62,9 @@ class Space:
     def start(self) -> dict[str, Any]:
         """The first point evaluated: `compress run`'s defaults (no pruning, INT8 minmax with float fallback)."""
         point: dict[str, Any] = {"prune": 0.0, "importance": self.importances[0],
-                                 "quant": "int8" if "int8" in self.quants else self.quants[0]}
+                                 "quant": RunOptions.default("quant") if RunOptions.default("quant") in self.quants else self.quants[0]}
         if any(_takes(q, "calibration_methods") for q in self.quants):
-            point["method"] = "minmax"
+            point["method"] = RunOptions.default("quant_method")
         if any(_takes(q, "tolerance") for q in self.quants):
             point["fallback"] = 1.0
         return point
@@ -89,11 +90,11 @@ def space_for(model: nn.Module, profile: DeviceProfile, prune_max: float, quants
         usable.append(name)
     usable.sort(key=lambda n: n != "l2")  # compress run's default first: the starting point uses it
     if quants is None:
-        quants = ["none"] + [f for f in format_names() if format_info(f).in_default_search and _has(profile, f)]
+        quants = ["none"] + [f for f in format_names() if format_info(f).in_default_search and can_time(profile, f)]
     for q in quants:
         if q != "none" and q not in format_names():
             raise UsageError(f"--quant {q}: one of {', '.join(['none', *format_names()])}")
-        if q != "none" and not _has(profile, q):
+        if q != "none" and not can_time(profile, q):
             raise UsageError(f"--quant {q}: device {profile.name!r} has no {format_info(q).needs.upper()} hardware "
                              "to time it on")
     return Space(prune_max=prune_max, importances=usable, quants=list(dict.fromkeys(quants)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -116,7 +115,7 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     prepare_inputs(loaded, s.input_shapes, s.calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
     space = space_for(loaded.module, profile, s.prune_max, s.quants)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    job = {**asdict(s), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
+    job = {**s.model_dump(), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
            "min_fidelity": None if s.eval_spec else (s.min_fidelity if s.min_fidelity is not None else 1 - s.tolerance())}
     outdir.mkdir(parents=True, exist_ok=True)
     on_stage("starting Ray" + (f" (cluster {s.address})" if s.address else " (embedded, for this command)"))

@@ -30,7 +30,9 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compress.core import InputError, UsageError, write_json
-from compress.search.space import label, normalise
+from compress.pipeline import RunOptions
+from compress.quantize import format_info
+from compress.search.space import can_time, label, normalise
 from compress.search.study import clean_partials, collect
 from compress.search.sweep_report import write_sweep_readable
 from compress.search.trials import TrialProgress, run_cell, start_ray, stop_ray
@@ -108,7 +110,7 @@ def cells(sweep: SweepFile) -> list[dict[str, Any]]:
     keys = [k for k in GRID_KEYS if k in sweep.grid]
     out = []
     for m, dev, values in itertools.product(sweep.models, sweep.devices, itertools.product(*(sweep.grid[k] for k in keys))):
-        c: dict[str, Any] = {"prune": 0.0, "quant": "int8", **dict(zip(keys, values))}
+        c: dict[str, Any] = {"prune": 0.0, "quant": RunOptions.default("quant"), **dict(zip(keys, values))}
         c["prune"] = float(c["prune"] or 0.0)
         c["cell"] = {"model": m.model, "name": m.name or m.model, "weights": m.weights, "calib": m.calib,
                      "input_shapes": list(m.input_shape), "device": dev, "tolerance": sweep.tolerance}
@@ -131,8 +133,10 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
         raise UsageError(f"--resume: -o {outdir} holds no sweep to continue")
     profiles = {d: load_profile(d) for d in sweep.devices}  # an unknown device fails here, before Ray starts
     for c in grid:
-        if c.get("quant") == "fp8" and not profiles[c["cell"]["device"]].fp8:
-            raise UsageError(f"{path}: quant fp8 on device {c['cell']['device']!r}, which has no FP8 hardware to time it on")
+        quant, device = c.get("quant", "none"), c["cell"]["device"]
+        if quant != "none" and not can_time(profiles[device], quant):
+            raise UsageError(f"{path}: quant {quant} on device {device!r}, which has no "
+                             f"{format_info(quant).needs.upper()} hardware to time it on")
     job = {"outdir": str(out), "trials_dir": "cells", "runs": sweep.runs, "max_calib": sweep.max_calib, "seed": 0,
            "tolerance": sweep.tolerance, "min_fidelity": None}
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ class Int8Inc(Backend):
     format = "int8"
     backend = "inc"
     takes = "torch"
+    synthetic_data_spoils = "quantization scales"
     summary = "Intel Neural Compressor's PT2E static INT8 in torch, exported to ONNX QDQ"
 
     def quantize(self, job: QuantJob) -> Quantized:
