@@ -55,15 +55,27 @@ def _unknown_name(name: str, known: list[str]) -> DeviceError:
     return DeviceError(f"unknown device {name!r}; {hint}known: {', '.join(known)} (or pass a path to a .yaml profile)")
 
 
-def read_text(path: Path, shown: str) -> str:
+# Bounds on what a config file may be and expand to. Shipped profiles are under 2 KB and 60 values; a sweep a
+# few hundred values. Past these bounds a file is refused in one line instead of loading for minutes or
+# exhausting memory (YAML anchors and aliases let 1 KB expand to billions of values: "billion laughs").
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 50
+
+
+def read_text(path: Path, shown: str, what: str = "device profile") -> str:
     if not path.exists():
-        raise InputError(f"{shown}: no such device profile file")
+        raise InputError(f"{shown}: no such {what} file")
     if path.is_dir():
-        raise InputError(f"{shown}: is a directory, expected a .yaml device profile")
+        raise InputError(f"{shown}: is a directory, expected a .yaml {what}")
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InputError(f"{shown}: {size / 1e6:.1f} MB is more than a {what} may be "
+                             f"({MAX_CONFIG_BYTES / 1e6:g} MB)")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{shown}: not UTF-8 text (byte {e.start}); a device profile must be a YAML text file") from None
+        raise InputError(f"{shown}: not UTF-8 text (byte {e.start}); a {what} must be a YAML text file") from None
     except OSError as e:
         raise InputError(f"{shown}: cannot read: {e.strerror or e}") from None
 
@@ -72,10 +84,51 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def parse_yaml(text: str, shown: str) -> dict[str, Any]:
-    """safe_load only: a profile must never be able to construct Python objects."""
+class _ConfigTooLarge(Exception):
+    pass
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int = 0) -> int:
+    """Values the node stands for once every alias is expanded (an anchored node counts at each use), without
+    expanding anything: each distinct node is sized once."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise _ConfigTooLarge(f"nests deeper than {MAX_CONFIG_DEPTH} levels")
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(_expanded_size(child, memo, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1)
+                           for k, v in node.value)
+        else:
+            size = 1
+        if size > MAX_CONFIG_VALUES:
+            raise _ConfigTooLarge(f"expands to more than {MAX_CONFIG_VALUES} values (anchors and aliases repeat "
+                                  "what they name)")
+        memo[key] = size
+    return memo[key]
+
+
+def _bounded_safe_load(text: str) -> Any:
+    """yaml.safe_load, after checking the composed document's expanded size and depth."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, shown: str, what: str = "device profile") -> dict[str, Any]:
+    """safe_load only: a config must never be able to construct Python objects; and bounded (see
+    MAX_CONFIG_VALUES): a config must not be able to expand to more than it could mean."""
+    try:
+        data = _bounded_safe_load(text)
+    except _ConfigTooLarge as e:
+        raise InputError(f"{shown}: the YAML {e}; a {what} is a few hundred values") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -84,9 +137,9 @@ def parse_yaml(text: str, shown: str) -> dict[str, Any]:
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
         raise InputError(f"{shown}: invalid YAML: {_one_line(e) or type(e).__name__}") from None
     if data is None:
-        raise InputError(f"{shown}: empty file; expected a mapping of device profile fields")
+        raise InputError(f"{shown}: empty file; expected a mapping of {what} fields")
     if not isinstance(data, dict):
-        raise InputError(f"{shown}: the top level must be a mapping of device profile fields, got a YAML {type(data).__name__}")
+        raise InputError(f"{shown}: the top level must be a mapping of {what} fields, got a YAML {type(data).__name__}")
     return data
 
 

@@ -58,6 +58,31 @@ def files(tmp_path_factory) -> Path:
         pickle.dump({"fc.weight": _Evil(str(d / "pwned"))}, f)
     (d / "bad.yaml").write_text("name: x\narch: [unclosed\n")
     (d / "invalid.yaml").write_text("name: x\narch: sparc\n")
+    # "billion laughs": 10 lines that expand to 9^9 values through anchors and aliases
+    laughs, prev = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"], "l0"
+    for i in range(1, 9):
+        laughs.append(f"l{i}: &l{i} [" + ", ".join([f"*{prev}"] * 9) + "]")
+        prev = f"l{i}"
+    (d / "laughs.yaml").write_text("name: x\narch: x86_64\nexecution_providers:\n  - name: cpu\n    options:\n"
+                                   + "".join(f"      {line}\n" for line in laughs))
+    (d / "laughs_sweep.yaml").write_text("models: [{model: 'compress.zoo:resnet_tiny'}]\ndevices: [host]\n"
+                                         "grid:\n  quant: [none]\nextra:\n" + "".join(f"  {line}\n" for line in laughs))
+    (d / "huge.yaml").write_text("name: x\n# " + "padding " * 200_000 + "\n")
+    nan = rng.standard_normal((8, 3, 32, 32), dtype=np.float32)
+    nan[5, 1, 2, 3] = np.nan
+    np.savez(d / "calib_nan.npz", image=nan)
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(d / "tiny.onnx"))
+    w = next(t for t in m.graph.initializer if len(t.dims) == 4)
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(d / "nan_weight.onnx"))
+    inf = rng.standard_normal((8, 3, 32, 32), dtype=np.float32)
+    inf[2, 0, 0, 0] = np.inf
+    np.savez(d / "eval_inf.npz", image=inf, y=np.zeros(8, np.int64))
     (d / "m.py").write_text("from compress.zoo import resnet_tiny\n\ndef build():\n    return resnet_tiny()\n")
     (d / "noisy.py").write_text("import torch\nfrom torch import nn\n\nclass Noisy(nn.Module):\n"
                                 "    def forward(self, x):\n        return x + torch.rand_like(x)\n\n"
@@ -106,6 +131,18 @@ CASES = [
     ("fp8 without hardware", ["quantize", "tiny.onnx", "--to", "fp8", "--device", "host", "-o", "out.onnx"], 2, "--simulate"),
     ("missing execution provider", ["profile", "tiny.onnx", "--device", "nvidia-h100-trt-fp8"], 1, "TensorrtExecutionProvider"),
     ("fails parity", ["export", "noisy.py:build", "--input-shape", "2,8", "-o", "out.onnx"], 1, "differs from torch"),
+    # issue 16: configs that expand without bound or are huge; non-finite data
+    ("yaml alias bomb", ["profile", "tiny.onnx", "--device", "laughs.yaml"], 1, "laughs.yaml: the YAML expands"),
+    ("sweep alias bomb", ["sweep", "laughs_sweep.yaml", "-o", "sw"], 1, "laughs_sweep.yaml: the YAML expands"),
+    ("huge yaml", ["profile", "tiny.onnx", "--device", "huge.yaml"], 1, "huge.yaml: 1.6 MB is more than"),
+    ("NaN in calib", ["quantize", "tiny.onnx", "--to", "int8", "--calib", "calib_nan.npz", "-o", "out.onnx"], 1,
+     "calib_nan.npz: array 'image' holds NaN or Inf in sample 5"),
+    ("NaN in calib of run", ["run", "compress.zoo:resnet_tiny", "--calib", "calib_nan.npz", "--quant", "none", "-o", "r"],
+     1, "calib_nan.npz: array 'image' holds NaN or Inf in sample 5"),
+    ("NaN weight quantized", ["quantize", "nan_weight.onnx", "--to", "int8", "--calib", "calib.npz",
+                              "-o", "out.onnx"], 1, "nan_weight.onnx: NaN or Inf in 1 weight tensor"),
+    ("Inf in eval", ["quantize", "tiny.onnx", "--to", "int8", "--calib", "calib.npz", "--eval", "eval_inf.npz", "-o",
+                     "out.onnx"], 1, "eval_inf.npz: array 'image' holds NaN or Inf in sample 2"),
 ]
 
 
@@ -147,8 +184,8 @@ def test_ctrl_c_wrapped_by_a_library_is_still_ctrl_c(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def _interrupt(argv: list[str], cwd: Path, out: Path, delay: float) -> subprocess.CompletedProcess:
-    """Start the command, wait until its temp output appears beside `out`, then Ctrl-C it."""
+def _interrupt(argv: list[str], cwd: Path, out: Path, delay: float, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start the command, wait until its temp output appears beside `out`, then Ctrl-C it (or send `sig`)."""
     env = {**os.environ, "EDGE_COMPRESS_CACHE": str(cwd / ".cache")}
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -159,7 +196,7 @@ def _interrupt(argv: list[str], cwd: Path, out: Path, delay: float) -> subproces
         time.sleep(0.05)
     time.sleep(delay)
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
@@ -184,3 +221,73 @@ def test_ctrl_c_leaves_the_output_as_it_was(tmp_path, kind, delay):
     assert "interrupted" in r.stderr and "Traceback" not in r.stderr
     assert _snapshot(out.parent) == before
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp files or folders left
+
+
+RUN_TINY = ["run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "none"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
+    """What CI runners, `timeout`, systemd and Kubernetes send (issue 16): exit 128 + signal, one line, the
+    earlier output as it was, no partial folder left."""
+    out = tmp_path / "o" / "run"
+    out.mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    before = _snapshot(out.parent)
+    r = _interrupt([*RUN_TINY, "-o", str(out)], tmp_path, out, 0.3, sig)
+    assert r.returncode == 128 + sig, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert lines == [f"error: terminated by {signal.Signals(sig).name}"], r.stderr
+    assert _snapshot(out.parent) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def _runners(model: Path) -> list[int]:
+    """PIDs of runner.py processes timing MODEL (read from /proc: no third-party process library)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(c.endswith(b"runner.py") for c in cmd) and str(model).encode() in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_while_profiling_stops_the_runner(files, tmp_path):
+    """The runner subprocess goes with the command: no orphan keeps timing after SIGTERM."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes((files / "tiny.onnx").read_bytes())
+    env = {**os.environ, "EDGE_COMPRESS_CACHE": str(tmp_path / ".cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "profile", str(model), "--runs", "10000000"],
+                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not _runners(model):
+        time.sleep(0.05)
+    assert _runners(model), "the runner never started"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr
+    deadline = time.monotonic() + 10
+    while _runners(model) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _runners(model) == []
+
+
+def test_stale_partial_folders_of_dead_processes_are_swept(tmp_path):
+    """A run killed with SIGKILL leaves its .OUT.partial-PID-* folder; the next run writing there removes it,
+    and nothing else: a live process's work folder and the user's own files stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".out.partial-{dead}-abc").mkdir()
+    (tmp_path / f".out.partial-{dead}-abc" / "fp32.onnx").write_text("half")
+    (tmp_path / f".out.partial-{os.getpid()}-xyz").mkdir()  # alive: this test's own process
+    (tmp_path / ".out.partial-notes").mkdir()  # not ours by name
+    r = _cli(*RUN_TINY, "--runs", "3", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == [
+        f".out.partial-{os.getpid()}-xyz", ".out.partial-notes", "out"]
+

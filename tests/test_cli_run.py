@@ -202,3 +202,37 @@ def test_run_int4_weight_only_under_an_avg_bits_budget(tmp_path):
     r = _cli("run", "compress.zoo:encoder_tiny", "--calib", str(calib), "--quant", "none", "--avg-bits", "6",
              "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and "--quant int4" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_variant_with_non_finite_outputs_is_never_recommended():
+    """A top-1 'agreement' of NaN outputs is no agreement: the variant is outside the tolerance and the reason
+    says why (issue 16)."""
+    from compress.pipeline.run import recommend, within_tolerance
+    from compress.report import Fidelity, Variant
+
+    def variant(name, fid, speedup):
+        return Variant(name=name, onnx=f"{name}.onnx", size_bytes=100, params=1, macs=1, simulated=False,
+                       excluded_layers=[], speedup_vs_fp32=speedup, fidelity=fid,
+                       within_tolerance=within_tolerance(fid, 0.01))
+
+    clean = Fidelity(cosine_min=1.0, top1_agreement=1.0, samples=16, nonfinite_samples=0)
+    broken = Fidelity(cosine_min=0.0, top1_agreement=1.0, samples=16, nonfinite_samples=3)
+    assert within_tolerance(clean, 0.01) and not within_tolerance(broken, 0.5)
+    name, why = recommend([variant("fp32", clean, 1.0), variant("int8", broken, 3.0)], 0.01)
+    assert name == "fp32" and "int8 gives NaN or Inf outputs on 3 of 16 held-out samples" in why
+
+
+def test_output_that_is_a_symlink_leaves_nothing_beside_it(tmp_path):
+    """-o LINK -> an earlier run folder: the link is replaced by the new folder, the folder it pointed to stays as
+    it was, and no .LINK.old-* is left beside it (issue 16)."""
+    base = ["run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "none", "--runs", "3"]
+    earlier = tmp_path / "earlier"
+    assert _cli(*base, "-o", str(earlier)).returncode == 0
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    (tmp_path / "out").symlink_to(earlier)
+    r = _cli(*base, "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out").is_symlink()
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".stage-cache") == ["earlier", "out"]  # conftest's cache

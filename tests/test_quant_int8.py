@@ -295,3 +295,27 @@ def test_recipe_replays_the_measured_choices(encoder, cnn, tmp_path):
     c = quantize_int8(cnn, tmp_path / "c.onnx", load_profile("host"), _images(8, 0), recipe={"graph": "s2d-stem"})
     assert c["graph"]["variant"] == "s2d-stem" and "int8_timing" not in c["graph"]
     assert any(n.op_type == "SpaceToDepth" for n in onnx.load(str(tmp_path / "c.onnx")).graph.node)
+
+
+def test_non_finite_scales_and_weights_are_found_and_masks_are_not():
+    """What the quantize stage refuses to write (issue 16): a NaN or Inf scale, zero point or weight; a -inf
+    constant that is not quantization arithmetic (an attention mask) is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.core import nonfinite_initializers
+    from compress.quantize.ops import must_be_finite
+
+    inits = [numpy_helper.from_array(np.array(np.nan, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
+             numpy_helper.from_array(np.full((4, 4), np.inf, np.float32), "w"),
+             numpy_helper.from_array(np.array([0.0, -np.inf, -np.inf, 0.0], np.float32), "mask")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+             helper.make_node("MatMul", ["xd", "w"], ["y0"]),
+             helper.make_node("Add", ["y0", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph)
+    names = must_be_finite(model.graph)
+    assert {"x_scale", "x_zp", "w"} <= names and "mask" not in names
+    assert sorted(nonfinite_initializers(model, names)) == ["w", "x_scale"]

@@ -103,11 +103,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted() -> NoReturn:
+    """Ctrl-C: exit 1 (documented); SIGTERM/SIGHUP: 128 + the signal's number, as a shell reports it."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn exit 1 into a traceback
-    click.echo("error: interrupted", err=True)
-    sys.exit(1)
+    from compress.core import interrupt
+
+    for sig in interrupt.SIGNALS:  # a second signal must not turn the exit into a traceback
+        signal.signal(sig, signal.SIG_IGN)
+    sig = interrupt.received()
+    if sig == signal.SIGINT:
+        click.echo("error: interrupted", err=True)
+        sys.exit(1)
+    click.echo(f"error: terminated by {signal.Signals(sig).name}", err=True)
+    sys.exit(128 + sig)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ from compress.core.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "atomic": [
         "atomic_dir", "atomic_path", "check_json_output", "check_onnx_output", "check_output_path",
-        "default_mode", "swap_in", "write_json",
+        "default_mode", "partial_dir", "swap_in", "write_json",
     ],
     "console": ["warn"],
     "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "first_line"],
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
-    "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "save_model"],
+    "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "nonfinite_initializers", "save_model"],
     "options": ["Options"],
     "results": ["OpenResult", "Result"],
 }, modules=("atomic", "console", "errors", "interrupt", "onnxgraph", "sessions"))

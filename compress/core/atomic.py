@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -122,7 +125,7 @@ def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[P
     target = Path(target)
     try:
         target.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
+        tmp = partial_dir(target, "")
     except OSError as e:
         raise InputError(f"cannot write into {target}: {e.strerror or type(e).__name__}") from None
     os.chmod(tmp, default_mode(0o777))
@@ -133,6 +136,34 @@ def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[P
             os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PARTIAL = re.compile(r"\.partial-(\d+)-[^/]*$")
+
+
+def partial_dir(parent: Path, name: str) -> Path:
+    """A new work folder `.{name}.partial-PID-XXXX` in PARENT, for an output that is swapped in when finished.
+
+    First removes the work folders of the same output that a process no longer alive left there (killed with
+    SIGKILL, or a machine that went down): they are ours by name and PID, and nothing else is ever removed."""
+    prefix = f".{name}.partial-" if name else ".partial-"
+    for old in parent.glob(f"{glob.escape(prefix)}*"):
+        m = _PARTIAL.search(old.name)
+        if m and old.is_dir() and not old.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def default_mode(base: int) -> int:
@@ -149,13 +180,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def swap_in(work: Path, outdir: Path) -> None:
-    """Replace OUTDIR by the finished folder with two renames; the old one is removed only afterwards."""
+    """Replace OUTDIR by the finished folder with two renames; the old one is removed only afterwards.
+
+    An OUTDIR that is a symlink is replaced as a link: the link goes, the folder it pointed to stays as it was.
+    Nothing is left beside OUTDIR; what cannot be removed is said, not ignored."""
     check_interrupted()
     old = None
-    if outdir.exists():
+    if outdir.exists() or outdir.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
         os.rmdir(old)
         os.replace(outdir, old)
     os.replace(work, outdir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
+        except OSError as e:  # the new folder is in place; the old one is the user's to remove
+            sys.stderr.write(f"warning: the previous {outdir.name} could not be removed, it is at {old}: "
+                             f"{e.strerror or e}\n")

@@ -1,10 +1,13 @@
-"""Ctrl-C that libraries cannot swallow.
+"""Ctrl-C, and the SIGTERM/SIGHUP that CI runners, `timeout`, systemd and Kubernetes send, that libraries cannot
+swallow.
 
 torch.export catches every exception while tracing, KeyboardInterrupt included, and re-raises it as a
 TorchExportError; our exporter then took that for an export failure, fell back to TorchScript and wrote the
 output the user had just cancelled. So the CLI's SIGINT handler also records the interrupt, and the places
 that commit an output (atomic renames) and the broad `except` blocks around library calls ask
 `check_interrupted` / `reraise_if_interrupted`: a cancelled command stops at the latest before it writes.
+SIGTERM and SIGHUP take the same path (every `finally` that removes a partial output or stops a runner
+process runs); the CLI then exits with 128 + the signal's number, as a shell reports a killed command.
 """
 
 from __future__ import annotations
@@ -14,21 +17,32 @@ import threading
 from typing import Any, NoReturn
 
 _interrupted = threading.Event()
+_received: list[int] = []  # the first signal that stopped the command
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _on_sigint(signum: int, frame: Any) -> NoReturn:
+def _on_signal(signum: int, frame: Any) -> NoReturn:
+    if not _received:
+        _received.append(signum)
     _interrupted.set()
     raise KeyboardInterrupt
 
 
 def install() -> None:
-    """Record Ctrl-C (and still raise KeyboardInterrupt, as Python's own handler does). Main thread only."""
+    """Record Ctrl-C, SIGTERM and SIGHUP, and raise KeyboardInterrupt for each, as Python's own handler does for
+    Ctrl-C. Main thread only."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+        for sig in SIGNALS:
+            signal.signal(sig, _on_signal)
 
 
 def interrupted() -> bool:
     return _interrupted.is_set()
+
+
+def received() -> int:
+    """The signal that stopped the command (SIGINT when it was a KeyboardInterrupt from elsewhere)."""
+    return _received[0] if _received else int(signal.SIGINT)
 
 
 def check_interrupted() -> None:

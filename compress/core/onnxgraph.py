@@ -56,6 +56,17 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return vals
 
 
+def nonfinite_initializers(model: onnx.ModelProto, among: set[str]) -> list[str]:
+    """The float initializers named in `among` that hold NaN or Inf (a -inf attention mask elsewhere is fine)."""
+    bad = []
+    for t in model.graph.initializer:
+        if t.name in among and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16):
+            if not np.isfinite(numpy_helper.to_array(t).astype(np.float32, copy=False)).all():
+                bad.append(t.name)
+    return bad
+
+
 def used_names(graph: onnx.GraphProto) -> set[str]:
     """Every value a node of the graph or of its subgraphs (If/Loop/Scan bodies) reads, and the graph outputs."""
     used = {o.name for o in graph.output}

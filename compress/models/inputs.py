@@ -47,7 +47,31 @@ def load_calib(path: str | Path, max_samples: int | None = None, *,
         raise InputError(f"{path}: arrays disagree on the number of samples: {counts}")
     if next(iter(counts.values())) == 0:
         raise InputError(f"{path}: no samples")
-    return read_rows(p, members, max_samples, str(path))
+    arrays = read_rows(p, members, max_samples, str(path))
+    check_finite(arrays, str(path))
+    return arrays
+
+
+# A calibration or evaluation array is scanned in chunks of about this many bytes: bounded memory on files of
+# any size (the rows a run reads are scanned once, a memory-mapped member page by page).
+_SCAN_BYTES = 64 << 20
+
+
+def check_finite(arrays: dict[str, np.ndarray], shown: str) -> None:
+    """NaN or Inf in calibration or evaluation data is an error, not a model: an INT8 model calibrated on it
+    gets a NaN scale (measured: top-1 agreement with fp32 fell to 16% with exit 0). Names the file, the array
+    and the first bad sample."""
+    for key, a in arrays.items():
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        step = max(1, _SCAN_BYTES // max(1, a[:1].nbytes))
+        for start in range(0, a.shape[0], step):
+            chunk = np.asarray(a[start:start + step])
+            ok = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if not ok.all():
+                i = start + int(np.argmin(ok))
+                raise InputError(f"{shown}: array {key!r} holds NaN or Inf in sample {i}; calibration and "
+                                 "evaluation data must be finite")
 
 
 def _calib_file(path: str | Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from compress.core import Result, default_mode, first_line, swap_in, warn, write_json
+from compress.core import Result, default_mode, first_line, partial_dir, swap_in, warn, write_json
 from compress.evaluate import LabelledMetric, Metric, fidelity, onnx_outputs, torch_outputs
 from compress.models import Prepared
 from compress.pipeline.options import RunOptions
@@ -57,7 +56,11 @@ def _numel(dims: Any) -> int:
 
 
 def within_tolerance(fid: Fidelity, tolerance: float) -> bool:
-    """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine."""
+    """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine; a
+    model whose outputs are not finite on some held-out sample is never within it (an arg-max of NaN can still
+    'agree')."""
+    if fid.nonfinite_samples:
+        return False
     if fid.top1_agreement is not None:
         return fid.top1_agreement >= 1.0 - tolerance
     return fid.cosine_min is not None and fid.cosine_min >= 1.0 - tolerance
@@ -76,6 +79,9 @@ def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
     for v in others:
         if v.simulated:
             why.append(f"{v.name} is simulated (no such hardware on this device)")
+        elif v.fidelity.nonfinite_samples:
+            why.append(f"{v.name} gives NaN or Inf outputs on {v.fidelity.nonfinite_samples} of "
+                       f"{v.fidelity.samples} held-out samples")
         elif not v.within_tolerance:
             why.append(f"{v.name} is outside tolerance {tolerance:g}")
         else:
@@ -101,7 +107,7 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
     quantizer = backend_for(opts.quant, opts.backend) if opts.quant != "none" else None
     outdir = Path(outdir)
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    work = partial_dir(outdir.parent, outdir.name)
     os.chmod(work, default_mode(0o777))
     try:
         cache = opts.cache or StageCache(enabled=False)

@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 
-from compress.core import TWO_GB, UsageError
+from compress.core import TWO_GB, InputError, ModelError, UsageError, nonfinite_initializers
 from compress.evaluate import fidelity, onnx_outputs
 from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
+from compress.quantize.ops import must_be_finite
 from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import QuantOptions
 from compress.quantize.registry import Backend, Quantized, QuantJob, backend_for
@@ -178,6 +179,12 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     `torch_source`: the PyTorch model `fp32` was exported from, which a torch backend (--backend inc) quantizes.
     """
     backend = check_format(profile, opts)
+    model = onnx.load(str(fp32), load_external_data=True)
+    bad = nonfinite_initializers(model, must_be_finite(model.graph))
+    del model
+    if bad:  # its ranges and scales would be NaN: onnxruntime's quantizer fails deep inside, or writes garbage
+        raise InputError(f"{fp32}: NaN or Inf in {len(bad)} weight tensor(s) ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): a model with non-finite weights cannot be quantized")
     if backend.takes == "torch" and torch_source is None:
         raise UsageError(f"--backend {backend.backend} quantizes the PyTorch model, and this command has only ONNX: "
                          f"use `compress run MODEL --backend {backend.backend} ...`")
@@ -197,6 +204,10 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         if opts.measure and not simulated:
             _time_against_fp32(fp32, final, opts.to, profile, held[0], report, on_stage)
         proto = onnx.load(str(final))  # with its external data, rewritten under dst's own name
+        bad = nonfinite_initializers(proto, must_be_finite(proto.graph))
+        if bad:  # whatever the cause (data, a degenerate range, a bug): never a silently broken model
+            raise ModelError(f"the {opts.to} model has NaN or Inf in {len(bad)} scale or weight tensor(s) "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): not written")
         write_model(proto, dst, external=proto.ByteSize() >= TWO_GB if proto.ByteSize() > 0 else False)
     report["onnx"] = str(dst)
     report["preset"] = made.preset

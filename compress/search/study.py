@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from compress.core import EdgeError, UsageError, first_line, swap_in, write_json
+from compress.core import EdgeError, UsageError, first_line, partial_dir, swap_in, write_json
 from compress.models import load_model, prepare_inputs
 from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
@@ -233,8 +233,8 @@ def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: lis
 
 def _install_best(src: Path, dst: Path) -> None:
     """best/ = a copy of the recommended trial's run folder, swapped in whole."""
-    tmp = dst.parent / f".{dst.name}.partial-{int(time.time() * 1000)}"
-    shutil.copytree(src, tmp)
+    tmp = partial_dir(dst.parent, dst.name)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
     try:
         swap_in(tmp, dst)
     finally:

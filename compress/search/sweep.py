@@ -78,7 +78,7 @@ def load_sweep(path: str | Path) -> SweepFile:
     """SWEEP.yaml through safe_load and the schema; one-line errors naming the file and the field. Relative paths
     in it are made absolute against the file's folder, so trials find them from any working directory."""
     p = Path(path)
-    data = parse_yaml(read_text(p, str(path)), str(path))
+    data = parse_yaml(read_text(p, str(path), "sweep file"), str(path), "sweep file")
     try:
         sweep = SweepFile.model_validate(data)
     except ValidationError as e:
