@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from compress.core import write_manifest
 from compress.zoo import encoder_tiny, resnet_tiny
 from export.onnx_export import export_onnx
 
@@ -214,6 +215,7 @@ def test_ctrl_c_leaves_the_output_as_it_was(tmp_path, kind, delay):
         out = tmp_path / "o" / "run"
         out.mkdir(parents=True)
         (out / "report.json").write_text("{}")
+        write_manifest(out)  # an earlier run's folder: it lists what it holds
         argv = ["run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--quant", "none", "-o", str(out)]
     before = _snapshot(out.parent)
     r = _interrupt(argv, tmp_path, out, delay)
@@ -233,6 +235,7 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
     out = tmp_path / "o" / "run"
     out.mkdir(parents=True)
     (out / "report.json").write_text("{}")
+    write_manifest(out)
     before = _snapshot(out.parent)
     r = _interrupt([*RUN_TINY, "-o", str(out)], tmp_path, out, 0.3, sig)
     assert r.returncode == 128 + sig, r.stderr
@@ -290,4 +293,29 @@ def test_stale_partial_folders_of_dead_processes_are_swept(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == [
         f".out.partial-{os.getpid()}-xyz", ".out.partial-notes", "out"]
+
+
+def test_run_folder_with_the_users_files_is_refused_or_moved_aside_whole(tmp_path):
+    """A folder holding a report.json and the user's own files used to be replaced whole (issue 16): it is refused,
+    and with --overwrite moved aside whole (nothing in it deleted); a folder the run wrote is replaced."""
+    out = tmp_path / "out"
+    assert _cli(*RUN_TINY, "--runs", "3", "-o", str(out), cwd=tmp_path).returncode == 0
+    r = _cli(*RUN_TINY, "--runs", "3", "-o", str(out), cwd=tmp_path)  # only what a run wrote: replaced
+    assert r.returncode == 0, r.stderr
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    r = _cli(*RUN_TINY, "--runs", "3", "-o", str(out), cwd=tmp_path)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert r.returncode == 2 and len(lines) == 1 and "other files in it (notes.txt)" in lines[0], r.stderr
+    assert _snapshot(out) == before
+    r = _cli(*RUN_TINY, "--runs", "3", "--overwrite", "-o", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "moved it, whole, to" in r.stderr
+    aside = tmp_path / "out.old-1"
+    assert _snapshot(aside) == before and (out / "report.json").is_file() and not (out / "notes.txt").exists()
+    legacy = tmp_path / "legacy"  # a report.json alone (no manifest) proves nothing
+    legacy.mkdir()
+    (legacy / "report.json").write_text("{}")
+    r = _cli(*RUN_TINY, "--runs", "3", "-o", str(legacy), cwd=tmp_path)
+    assert r.returncode == 2 and "other files in it (report.json)" in r.stderr
 

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from compress.core import write_manifest
+
 VARIANT_KEYS = {"name", "onnx", "size_bytes", "params", "macs", "latency_ms", "speedup_vs_fp32", "fidelity", "simulated",
                 "excluded_layers", "within_tolerance"}
 
@@ -53,9 +55,10 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
     out.mkdir()
     (out / "report.json").write_text("{}")  # an earlier run's folder, which a failed run must leave as it was
     (out / "keep.txt").write_text("earlier results")
+    write_manifest(out)
     r = _cli("run", f"{tmp_path / 'noisy.py'}:build", "--input-shape", "2,8", "--runs", "3", "-o", str(out))
     assert r.returncode == 1 and "differs from torch" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".edge-compress-run.json", "keep.txt", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noisy.py", "out"]  # no partial folders left
 
 

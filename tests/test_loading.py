@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,41 @@ def test_calib_validation(tmp_path):
 def test_all_errors_are_edge_errors():
     for cls in (InputError, ModelError, UsageError):
         assert issubclass(cls, EdgeError)
+
+
+def test_hf_folder_whose_weights_do_not_match_its_config_is_refused(bert_folder, tmp_path):
+    """Missing or unexpected tensors used to export a partly random model with exit 0 (issue 16)."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.core import ModelError
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text((bert_folder / "config.json").read_text())
+    sd = load_file(str(bert_folder / "model.safetensors"))
+    dropped = sorted(k for k in sd if k.endswith("query.weight"))[0]
+    del sd[dropped]
+    sd["extra.weight"] = torch.zeros(2)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError) as e:
+        load_model(str(folder))
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder) in msg and "do not match config.json" in msg
+    assert f"missing: {dropped}" in msg and "unexpected: extra.weight" in msg
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "export", str(folder), "--input-shape",
+                        "input_ids=1,8:int64", "-o", str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                       timeout=600)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert r.returncode == 1 and len(lines) == 1 and "do not match config.json" in lines[0], r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_hf_folder_with_tied_weights_loads(tmp_path):
+    """A causal LM's head is tied to its input embedding and not stored: that is not a missing weight."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    lm = load_model(str(tmp_path))
+    head, emb = lm.module.lm_head.weight, lm.module.transformer.wte.weight
+    assert head.data_ptr() == emb.data_ptr()

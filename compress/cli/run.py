@@ -53,6 +53,8 @@ Examples:
 @eval_options
 @backend_option
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
+@click.option("--overwrite", is_flag=True, help="An -o folder holding files no run wrote is moved aside whole "
+              "(to DIR.old-N) instead of refused; nothing in it is deleted.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
               "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
@@ -61,7 +63,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
-        force: bool,
+        overwrite: bool, force: bool,
         json_out: str | None, output: str) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
@@ -83,7 +85,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     if tolerance > 1 and not eval_spec:
         raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
     inputs = [model, weights, calib, device, eval_spec, metric_spec]
-    outdir = check_output_path(output, inputs, folder=True)
+    outdir = check_output_path(output, inputs, folder=True, overwrite=overwrite)
     check_json_output(json_out, output, inputs)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"-o {output} is a file; give a folder")
@@ -106,7 +108,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=calib, max_calib=max_calib, simulate=simulate,
                       tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
                       evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
-                      command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                      overwrite=overwrite, command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
         prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)

@@ -42,11 +42,12 @@ def _probe_writable(folder: Path, out: str | os.PathLike) -> None:
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, flag: str = "-o",
-                      folder: bool = False) -> Path:
+                      folder: bool = False, overwrite: bool = False) -> Path:
     """Refuse an output that would overwrite an input, or that lies where nothing can be written.
 
     folder=True is for outputs that replace a whole folder (`compress run -o DIR`): an input inside DIR, or a
-    non-empty DIR that is not an earlier run's output, would be deleted with it, so both are refused.
+    DIR holding anything its run manifest does not list (see run_folder_files), would be deleted with it, so
+    both are refused; with `overwrite` a folder of other files is accepted (the run moves it aside whole).
     """
     out_p = Path(out).expanduser()
     try:
@@ -62,9 +63,12 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
             raise UsageError(f"{flag} {out} is also an input; choose another output path")
         if folder and inp_r.is_relative_to(out_r):
             raise UsageError(f"{flag} {out} holds the input {inp}, and the run replaces that whole folder; choose another folder")
-    if folder and out_p.is_dir() and any(out_p.iterdir()) and not (out_p / "report.json").is_file():
-        raise UsageError(f"{flag} {out} is a folder with other files in it, and the run replaces that whole folder; "
-                         "give a new or empty folder (or an earlier run's output)")
+    if folder and not overwrite:
+        foreign = foreign_files(out_p)
+        if foreign:
+            raise UsageError(f"{flag} {out} is a folder with other files in it ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}), and the run replaces that whole folder; give a "
+                             "new or empty folder, an earlier run's output, or --overwrite to move it aside")
     parent = out_p.parent if str(out_p.parent) else Path(".")
     existing = parent
     while not existing.exists():
@@ -136,6 +140,43 @@ def atomic_dir(target: str | os.PathLike, last: str | None = None) -> Iterator[P
             os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Every file a run folder holds, as its run wrote it: the folder is replaced whole by the next run only when it
+# holds nothing else. A report.json alone proves nothing (a user's folder may hold one, and its notes beside it).
+MANIFEST = ".edge-compress-run.json"
+MANIFEST_SCHEMA = "edge-compress/run-folder/1"
+
+
+def write_manifest(folder: Path) -> None:
+    """List every entry of FOLDER (the finished run folder, before it is swapped in), itself included."""
+    names = sorted({p.name for p in folder.iterdir()} | {MANIFEST})
+    write_json(folder / MANIFEST, {"schema": MANIFEST_SCHEMA, "files": names})
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What in FOLDER a run did not write: everything, when it has no valid manifest; [] for a missing or
+    empty folder."""
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return []
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = set(manifest["files"]) if manifest.get("schema") == MANIFEST_SCHEMA else set()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        listed = set()
+    return [n for n in names if n not in listed]
+
+
+def move_aside(folder: Path) -> Path:
+    """--overwrite: the old folder renamed to FOLDER.old-N beside it, whole; never a delete of what is in it."""
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}.old-{n}")).exists() or aside.is_symlink():
+        n += 1
+    os.replace(folder, aside)
+    return aside
 
 
 _PARTIAL = re.compile(r"\.partial-(\d+)-[^/]*$")

@@ -181,13 +181,35 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             cls = transformers.AutoModel
-        module = cls.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report repeats, as a table, what we check
+        try:
+            module, info = cls.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
+                                               trust_remote_code=False, output_loading_info=True)
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
     except Exception as e:
         raise ModelError(f"loading {folder} with transformers failed: {type(e).__name__}: {_first_line(e)}") from e
+    _check_loading_info(folder, info)
     # Plain tensors out, not cache objects, so the ONNX graph has only the outputs people use.
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False
     return LoadedModel(module=module, source=str(folder), kind="hf", config=raw_cfg)
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
+    """Load a model folder as strictly as --weights: weights that config.json's architecture does not find
+    (left randomly initialised, with only transformers' warning to say so), weights it does not expect, or of
+    another shape are an error listing them. Weights the architecture ties to others (an LM head to its input
+    embedding) are re-created by transformers and not reported as missing, so they pass."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])]
+    problems = [f"{what}: {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                            ("of another shape", mismatched)) if keys]
+    if problems:
+        raise ModelError(f"{folder}: the weights do not match config.json ({'; '.join(problems)}); a model built "
+                         "from it would be partly random")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

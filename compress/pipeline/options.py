@@ -29,6 +29,7 @@ class RunOptions(Options):
     cache: Any = None  # a compress.pipeline.StageCache; None: every stage computed (library callers); the CLI passes one
     source: str = ""
     command: str = ""
+    overwrite: bool = False  # an output folder holding what no run wrote is moved aside (DIR.old-N), not refused
     quant_method: str = QuantOptions.default("method")  # INT8 activation calibration (compress search varies it)
     quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
     quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)

@@ -19,7 +19,18 @@ import onnx
 import torch
 from torch import nn
 
-from compress.core import Result, default_mode, first_line, partial_dir, swap_in, warn, write_json
+from compress.core import (
+    Result,
+    default_mode,
+    first_line,
+    foreign_files,
+    move_aside,
+    partial_dir,
+    swap_in,
+    warn,
+    write_json,
+    write_manifest,
+)
 from compress.evaluate import LabelledMetric, Metric, fidelity, onnx_outputs, torch_outputs
 from compress.models import Prepared
 from compress.pipeline.options import RunOptions
@@ -177,6 +188,9 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
         doc = report.to_json()
         write_json(work / "report.json", doc)
         _write_readable(doc, work)
+        write_manifest(work)
+        if opts.overwrite and foreign_files(outdir):
+            warn(f"{outdir} held files no run wrote: moved it, whole, to {move_aside(outdir)}")
         swap_in(work, outdir)
         return report
     finally:
