@@ -62,9 +62,9 @@ class QuantJob:
 
 @dataclass
 class Quantized:
-    """What a backend made: the model and its own account of how (`info`, report["quantizer"]), how to run a
-    model of this format (`outputs`, `session_options` for --eval), and, when it can, `requantize` with a set of
-    nodes (kept out, or the only ones quantized): op selection and the float fallback use it."""
+    """What a backend made: the model and its own account of how (`info`, report["quantizer"]), and, when it
+    can, `requantize` with a set of nodes (kept out, or the only ones quantized): op selection and the float
+    fallback use it. How to run a model of the format is the backend's `outputs()`."""
 
     path: Path
     info: dict[str, Any]
@@ -89,7 +89,6 @@ class Backend:
     # what synthetic calibration data (no --calib) makes wrong, for the CLI's warning; "" when the quantizer
     # warns about it itself (onnxruntime INT8)
     synthetic_data_spoils: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

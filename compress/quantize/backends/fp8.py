@@ -15,7 +15,6 @@ class Fp8(Backend):
     backend = "ort"
     needs = "fp8"
     synthetic_data_spoils = "quantization scales"
-    summary = "FP8 E4M3FN/E5M2 Q/DQ, scales from amax (per output channel for weights)"
 
     def check(self, profile: Any, opts: Any) -> None:
         if not profile.fp8 and not opts.simulate:

@@ -15,7 +15,6 @@ class Int4(Backend):
     tolerance = False
     in_default_search = False
     synthetic_data_spoils = "layer salience and fidelity"
-    summary = "weight-only INT4 MatMulNBits, mixed 4/8-bit/float per layer under a size budget"
 
     def check(self, profile: Any, opts: Any) -> None:
         from compress.quantize.int4 import check_options

@@ -11,7 +11,6 @@ class Int8Inc(Backend):
     backend = "inc"
     takes = "torch"
     synthetic_data_spoils = "quantization scales"
-    summary = "Intel Neural Compressor's PT2E static INT8 in torch, exported to ONNX QDQ"
 
     def quantize(self, job: QuantJob) -> Quantized:
         from compress.quantize.inc import quantize_inc

@@ -20,7 +20,6 @@ class Int8Ort(Backend):
     backend = "ort"
     calibration_methods = True
     selects_ops = True
-    summary = "onnxruntime's quantizer with the device's preset (QDQ/QOperator, U8S8/S8S8, per-channel)"
 
     def quantize(self, job: QuantJob) -> Quantized:
         from compress.quantize.int8 import quantize_int8, try_presets
