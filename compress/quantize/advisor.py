@@ -428,7 +428,7 @@ def _recommend(whole: Mapping[str, dict[str, Any]], caps: Mapping[str, dict[str,
 
 
 def _apply_fallback(rec: dict[str, Any], fb: Mapping[str, Any], metric: str, tolerance: float) -> None:
-    """Fold quant_sensitivity.fallback's answer into the recommendation: the layers to keep in float, or fp32."""
+    """Fold compress.quantize.sensitivity.fallback's answer into the recommendation: the layers to keep in float, or fp32."""
     kept = [e["node"] for e in fb["excluded"]]
     if fb["within_tolerance"]:
         rec.update(keep_float=kept, within_tolerance=True, error_with_float_layers=fb["error"])

@@ -28,7 +28,7 @@ What INC's PT2E path supports, and what follows for the device presets (compress
 - the op set is the X86InductorQuantizer's (conv, linear, matmul, pooling, add, ...), not the preset's op_types.
 
 Against --backend ort (bench/quant_inc.py, 2-vCPU AVX512-VNNI, 1 thread): resnet_demo 5.77 ms vs 5.39 ms, the
-gap being quant_int8's space-to-depth stem rewrite (ort's graph without it: 5.67 ms); all-MiniLM-L6-v2 8.50 vs
+gap being compress.quantize.int8's space-to-depth stem rewrite (ort's graph without it: 5.67 ms); all-MiniLM-L6-v2 8.50 vs
 8.27 ms, a tie, but static activation ranges give per-sentence cosine 0.991 where ort's dynamic ones give 0.997.
 """
 
@@ -680,7 +680,7 @@ def quantize_inc(
 
 
 def read_backend(path: str | Path) -> Optional[str]:
-    """"inc" or "ort" for an INT8 model written by this project (quant_int8 writes no backend: "ort")."""
+    """"inc" or "ort" for an INT8 model written by this project (compress.quantize.int8 writes no backend: "ort")."""
     meta = get_metadata(onnx.load(str(path), load_external_data=False)) or {}
     q = meta.get("quantization") or {}
     if q.get("format") != "int8":

@@ -1,7 +1,7 @@
 """The run report as one self-contained HTML file: the Markdown report's content, with the trade-off plot inline.
 
 The content is `render_markdown`'s, section for section: one renderer decides what the report says and
-this module only changes its markup. It reads the small, known subset of Markdown that report_md writes
+this module only changes its markup. It reads the small, known subset of Markdown that compress.report.markdown writes
 (headings, pipe tables, block quotes, bullets, fenced code, **bold**, *italics*, `code`, an image line and
 its <details>/<sub> lines) and escapes every piece of text with html.escape, so nothing from the report
 (a variant's name, the command line) can become markup. No Markdown library, no external resources: the
@@ -75,7 +75,7 @@ def write_html(report: dict[str, Any], path: str | os.PathLike, png: Optional[by
 
 
 def inline(text: str) -> str:
-    """One line of report_md's Markdown as HTML: escaped, then `code`, **bold** and *italics* marked up."""
+    """One line of compress.report.markdown's Markdown as HTML: escaped, then `code`, **bold** and *italics* marked up."""
     codes: list[str] = []
 
     def stash(m: re.Match[str]) -> str:
@@ -93,7 +93,7 @@ def _alt(report: dict[str, Any]) -> str:
 
 
 def markdown_to_html(md: str, img: Optional[str] = None, alt: Optional[str] = None) -> str:
-    """report_md's Markdown as HTML. `img`: the src for the plot's image line (none: the line is dropped);
+    """compress.report.markdown's Markdown as HTML. `img`: the src for the plot's image line (none: the line is dropped);
     `alt`: its alt text (default: the Markdown's)."""
     lines = md.split("\n")
     out: list[str] = []
