@@ -211,3 +211,46 @@ def test_sweep_runs_every_cell_into_one_table(tmp_path):
         assert c["recommended"] in ("fp32", "int8") and c["p50_ms"] > 0 and Path(c["report"]).exists()
     md = (tmp_path / "o" / "sweep.md").read_text()
     assert md.count("| compress.zoo:resnet_tiny | host |") == 2 and "sweep.png" in md
+
+
+def _ray_processes() -> list[str]:
+    """The embedded Ray's own processes (their command lines name its temp folder), from /proc."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "edge-compress-ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "default_worker" in cmd):
+                found.append(cmd[:120])
+    return found
+
+
+def test_sigterm_stops_a_search_like_ctrl_c(tmp_path):
+    """SIGTERM mid-search (issue 16): exit 143 and one line (Ray's driver prints a 16-line stack dump on its own),
+    Ray's processes gone, no trial's partial folder left; finished trials stay for --resume."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "search", "compress.zoo:resnet_tiny",
+                             "--input-shape", "1,3,32,32", "--trials", "3", "--runs", "3", "-o", str(out)],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((out / "trials").glob(".*.partial-*")) if (out / "trials").is_dir() else []:
+            break  # a trial is building its variants
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert lines == ["error: terminated by SIGTERM"], stderr
+    assert not [p for p in out.rglob("*") if ".partial-" in p.name]
+    deadline = time.monotonic() + 30
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes() == []

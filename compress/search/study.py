@@ -138,9 +138,9 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
         on_stage(f"searching: {s.trials} trials on {profile.name}")
         grid = tuner.fit()
     finally:
-        stop_ray()
+        stop_ray()  # its workers first: a trial stopped mid-run leaves its work folder, removed next
+        clean_partials(outdir / "trials")
     trials = collect(grid, normalise, label)
-    clean_partials(outdir / "trials")
     return summarise(s, profile.name, space.to_json(), trials, cluster, time.monotonic() - t0, outdir, on_stage)
 
 

@@ -156,9 +156,9 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
         on_stage(f"sweeping {len(grid)} cells")
         result = tuner.fit()
     finally:
-        stop_ray()
+        stop_ray()  # its workers first: a cell stopped mid-run leaves its work folder, removed next
+        clean_partials(out / "cells")
     records = collect(result, lambda cfg: normalise(cfg.get("cfg", cfg)), lambda cfg: label(cfg))
-    clean_partials(out / "cells")
     rows = [_row(r) for r in records]
     summary = {"schema": "edge-compress/sweep/1", "sweep": str(path), "command": command, "ray": cluster,
                "seconds": round(time.monotonic() - t0, 1), "tolerance": sweep.tolerance, "cells": rows}

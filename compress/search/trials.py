@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import ray
 from ray import tune
 
-from compress.core import EdgeError, UsageError, first_line
+from compress.core import EdgeError, UsageError, first_line, interrupt
 from compress.evaluate import load_metric
 from compress.models import load_model, prepare_inputs
 from compress.pipeline import RunOptions, StageCache, Timings, run_pipeline, time_variants
@@ -59,7 +59,7 @@ def start_ray(address: Optional[str], devices: list[DeviceProfile], cpus: Option
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
         with tempfile.TemporaryFile() as said, (contextlib.nullcontext() if debug else _fd2_to(said)):
             try:
-                ray.init(address=address, **kwargs)
+                _init(address=address, **kwargs)
                 err = None
             except Exception as e:  # ConnectionError, ValueError for a malformed address, RuntimeError ...
                 err = e
@@ -80,8 +80,15 @@ def start_ray(address: Optional[str], devices: list[DeviceProfile], cpus: Option
         return {"address": address, "embedded": False, "cluster_cpus": have.get("CPU", 0)}
     tmp = Path(tempfile.gettempdir()) / "edge-compress-ray"
     tmp.mkdir(exist_ok=True)
-    ray.init(num_cpus=cpus or os.cpu_count() or 1, resources={d.name: 1 for d in devices}, _temp_dir=str(tmp), **kwargs)
+    _init(num_cpus=cpus or os.cpu_count() or 1, resources={d.name: 1 for d in devices}, _temp_dir=str(tmp), **kwargs)
     return {"address": None, "embedded": True, "cluster_cpus": ray.cluster_resources().get("CPU", 0)}
+
+
+def _init(**kwargs: Any) -> None:
+    """ray.init, then our signal handlers back: Ray's core installs its own SIGTERM handler in the driver, which
+    dumps a stack trace on stderr (16 lines, measured) where the command should stop like Ctrl-C (issue 16)."""
+    ray.init(**kwargs)
+    interrupt.install()
 
 
 @contextlib.contextmanager
