@@ -27,7 +27,7 @@ from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
 from compress.search.space import label, normalise, space_for
 from compress.search.study_report import write_search_readable
-from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, run_trial, start_ray, stop_ray
+from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, fit_on_ray, run_trial
 from devices import load_profile
 
 EXPERIMENT = "search"
@@ -118,28 +118,24 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     job = {**s.model_dump(), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
            "min_fidelity": None if s.eval_spec else (s.min_fidelity if s.min_fidelity is not None else 1 - s.tolerance())}
     outdir.mkdir(parents=True, exist_ok=True)
-    on_stage("starting Ray" + (f" (cluster {s.address})" if s.address else " (embedded, for this command)"))
     t0 = time.monotonic()
-    cluster = start_ray(s.address, [profile])
-    try:
+
+    def make_tuner() -> Any:
         trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1})
         if s.resume:
-            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.trials))
-            alg = OptunaSearch(sampler=sampler, metric=TRIAL_METRIC, mode="max", points_to_evaluate=[space.start()])
-            tuner = tune.Tuner(
-                trainable, param_space=space.ray(),
-                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(alg, max_concurrent=s.concurrency),
-                                            num_samples=s.trials, max_concurrent_trials=s.concurrency),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(outdir / "ray"), stop=Hopeless(job["min_fidelity"]),
-                                          verbose=0, failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[TrialProgress(on_trial)]))
-        on_stage(f"searching: {s.trials} trials on {profile.name}")
-        grid = tuner.fit()
-    finally:
-        stop_ray()  # its workers first: a trial stopped mid-run leaves its work folder, removed next
-        clean_partials(outdir / "trials")
+            return tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.trials))
+        alg = OptunaSearch(sampler=sampler, metric=TRIAL_METRIC, mode="max", points_to_evaluate=[space.start()])
+        return tune.Tuner(
+            trainable, param_space=space.ray(),
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(alg, max_concurrent=s.concurrency),
+                                        num_samples=s.trials, max_concurrent_trials=s.concurrency),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(outdir / "ray"), stop=Hopeless(job["min_fidelity"]),
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[TrialProgress(on_trial)]))
+
+    grid, cluster = fit_on_ray(s.address, [profile], outdir / "trials", make_tuner,
+                               f"searching: {s.trials} trials on {profile.name}", on_stage)
     trials = collect(grid, normalise, label)
     return summarise(s, profile.name, space.to_json(), trials, cluster, time.monotonic() - t0, outdir, on_stage)
 
@@ -178,13 +174,6 @@ def _error_line(e: BaseException) -> str:
         cause = nxt
     text = first_line(cause)
     return text if isinstance(cause, EdgeError) else f"{type(cause).__name__}: {text}"
-
-
-def clean_partials(trials: Path) -> None:
-    """A trial stopped early is ended mid-pipeline: its unfinished work folder is removed here."""
-    if trials.exists():
-        for p in trials.glob(".*.partial-*"):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: list[dict[str, Any]],

@@ -33,9 +33,9 @@ from compress.core import InputError, UsageError, write_json
 from compress.pipeline import RunOptions
 from compress.quantize import format_info
 from compress.search.space import can_time, label, normalise
-from compress.search.study import clean_partials, collect
+from compress.search.study import collect
 from compress.search.sweep_report import write_sweep_readable
-from compress.search.trials import TrialProgress, run_cell, start_ray, stop_ray
+from compress.search.trials import TrialProgress, fit_on_ray, run_cell
 from devices import load_profile, parse_yaml, read_text
 
 EXPERIMENT = "sweep"
@@ -140,24 +140,20 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
     job = {"outdir": str(out), "trials_dir": "cells", "runs": sweep.runs, "max_calib": sweep.max_calib, "seed": 0,
            "tolerance": sweep.tolerance, "min_fidelity": None}
     out.mkdir(parents=True, exist_ok=True)
-    on_stage("starting Ray" + (f" (cluster {address})" if address else " (embedded, for this command)"))
     t0 = time.monotonic()
-    cluster = start_ray(address, list(profiles.values()))
-    try:
+
+    def make_tuner() -> Any:
         trainable = tune.with_resources(tune.with_parameters(run_cell, job=job), {"cpu": 1})
         if resume:
-            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            tuner = tune.Tuner(trainable, param_space={"cfg": tune.grid_search(grid)},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-                               run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
-                                                         failure_config=tune.FailureConfig(max_failures=0),
-                                                         callbacks=[TrialProgress(on_trial)]))
-        on_stage(f"sweeping {len(grid)} cells")
-        result = tuner.fit()
-    finally:
-        stop_ray()  # its workers first: a cell stopped mid-run leaves its work folder, removed next
-        clean_partials(out / "cells")
+            return tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner(trainable, param_space={"cfg": tune.grid_search(grid)},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+                          run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0,
+                                                    failure_config=tune.FailureConfig(max_failures=0),
+                                                    callbacks=[TrialProgress(on_trial)]))
+
+    result, cluster = fit_on_ray(address, list(profiles.values()), out / "cells", make_tuner,
+                                 f"sweeping {len(grid)} cells", on_stage)
     records = collect(result, lambda cfg: normalise(cfg.get("cfg", cfg)), lambda cfg: label(cfg))
     rows = [_row(r) for r in records]
     summary = {"schema": "edge-compress/sweep/1", "sweep": str(path), "command": command, "ray": cluster,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -109,6 +110,29 @@ def _fd2_to(f: Any) -> Iterator[None]:
 def stop_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+def fit_on_ray(address: Optional[str], devices: list[DeviceProfile], trials_dir: Path, make_tuner: Callable[[], Any],
+               what: str, on_stage: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Start Ray (embedded, or the cluster at `address`), build the Tune experiment and run it: (its results,
+    the cluster's description). Whatever ends it (done, an error, a signal), Ray's workers are stopped first and
+    then the work folders of trials they left mid-run in `trials_dir` are removed; finished trials stay."""
+    on_stage("starting Ray" + (f" (cluster {address})" if address else " (embedded, for this command)"))
+    cluster = start_ray(address, devices)
+    try:
+        tuner = make_tuner()
+        on_stage(what)
+        return tuner.fit(), cluster
+    finally:
+        stop_ray()
+        clean_partials(trials_dir)
+
+
+def clean_partials(trials: Path) -> None:
+    """A trial stopped early is ended mid-pipeline: its unfinished work folder is removed here."""
+    if trials.exists():
+        for p in trials.glob(".*.partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _read_models(paths: dict[str, Path]) -> dict[str, dict[str, bytes]]:
