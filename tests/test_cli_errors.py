@@ -90,6 +90,8 @@ def files(tmp_path_factory) -> Path:
                                 "def build():\n    return Noisy()\n")
     (d / "proj").mkdir()
     (d / "proj" / "m.py").write_text((d / "m.py").read_text())
+    (d / "good_sweep.yaml").write_text("models: [{model: 'compress.zoo:resnet_tiny', input_shape: ['1,3,32,32']}]\n"
+                                       "devices: [host]\ngrid: {prune: [0.0]}\n")
     (d / "notes").mkdir()
     (d / "notes" / "todo.txt").write_text("mine")
     return d
@@ -128,6 +130,8 @@ CASES = [
     ("--json is -o", ["export", *TINY, "--json", "out.onnx", "-o", "out.onnx"], 2, "--json"),
     ("run -o holds the model", ["run", "proj/m.py:build", "--input-shape", "1,3,32,32", "-o", "proj"], 2, "holds the input"),
     ("run -o holds other files", ["run", *TINY, "--quant", "none", "-o", "notes"], 2, "other files"),
+    ("search -o holds other files", ["search", *TINY, "--latency-budget", "1", "-o", "notes"], 2, "other files"),
+    ("sweep -o holds other files", ["sweep", "good_sweep.yaml", "-o", "notes"], 2, "other files"),
     ("unwritable -o", ["export", *TINY, "-o", "/proc/edge-compress-test/out.onnx"], 1, "cannot write"),
     ("fp8 without hardware", ["quantize", "tiny.onnx", "--to", "fp8", "--device", "host", "-o", "out.onnx"], 2, "--simulate"),
     ("missing execution provider", ["profile", "tiny.onnx", "--device", "nvidia-h100-trt-fp8"], 1, "TensorrtExecutionProvider"),
@@ -278,6 +282,20 @@ def test_sigterm_while_profiling_stops_the_runner(files, tmp_path):
     while _runners(model) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _runners(model) == []
+
+
+def test_stale_temp_files_of_dead_processes_are_swept(tmp_path):
+    """A command killed with SIGKILL leaves its .OUT.partial-PID-*.tmp file (here a --json report); the next write of
+    OUT removes it, and leaves a live process's temp file and the user's look-alike alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".r.json.partial-{dead}-abc.tmp").write_text("half")
+    (tmp_path / f".r.json.partial-{os.getpid()}-xyz.tmp").write_text("live")
+    (tmp_path / ".r.json.partial-mine.tmp").write_text("mine")
+    r = _cli("export", *TINY, "--json", "r.json", "-o", "m.onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == [
+        f".r.json.partial-{os.getpid()}-xyz.tmp", ".r.json.partial-mine.tmp", "m.onnx", "r.json"]
 
 
 def test_stale_partial_folders_of_dead_processes_are_swept(tmp_path):

@@ -86,16 +86,15 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
 
 
 def _check_outdir(output: str, inputs: list[Any]) -> Path:
-    """OUTDIR is new, empty, or an earlier search's/sweep's (it holds Ray's state there, for --resume); never a file,
-    never a folder of other files, never one holding an input."""
+    """OUTDIR is new, empty, or an earlier search's/sweep's (its manifest lists what is there; Ray's state is kept
+    there for --resume); never a file, never a folder of other files, never one holding an input."""
+    from compress.core import check_foreign
+
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {output} is a file; give a folder")
-    if out.exists() and any(out.iterdir()) and not (out / "ray").exists():
-        raise UsageError(f"-o {output} holds other files: give an empty or new folder (or an earlier run's, with --resume)")
     for p in inputs:
         if p and Path(p).exists() and Path(p).resolve().is_relative_to(out.resolve()):
             raise UsageError(f"-o {output} contains the input {p}: choose another folder")
+    check_foreign(out)
     return out
 
 

@@ -8,8 +8,9 @@ from compress.core.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "atomic": [
-        "atomic_dir", "atomic_path", "check_json_output", "check_onnx_output", "check_output_path",
-        "default_mode", "foreign_files", "move_aside", "partial_dir", "swap_in", "write_json", "write_manifest",
+        "atomic_dir", "atomic_path", "check_foreign", "check_json_output", "check_onnx_output", "check_output_path",
+        "claim_folder", "default_mode", "foreign_files", "move_aside", "partial_dir", "swap_in", "write_json",
+        "write_manifest",
     ],
     "console": ["warn"],
     "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "first_line"],

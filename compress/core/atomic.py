@@ -103,7 +103,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+        prefix = f".{target.name}.partial-"
+        _sweep_stale(target.parent, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=suffix + ".tmp", dir=target.parent)
     except OSError as e:
         raise InputError(f"cannot write {target}: {e.strerror or type(e).__name__}") from None
     os.close(fd)
@@ -148,10 +150,35 @@ MANIFEST = ".edge-compress-run.json"
 MANIFEST_SCHEMA = "edge-compress/run-folder/1"
 
 
-def write_manifest(folder: Path) -> None:
-    """List every entry of FOLDER (the finished run folder, before it is swapped in), itself included."""
-    names = sorted({p.name for p in folder.iterdir()} | {MANIFEST})
-    write_json(folder / MANIFEST, {"schema": MANIFEST_SCHEMA, "files": names})
+def write_manifest(folder: Path, names: Iterable[str] | None = None) -> None:
+    """List every entry of FOLDER (the finished run folder, before it is swapped in), itself included; or, for a
+    folder a command fills over time (a search's), the NAMES it will write there."""
+    listed = {p.name for p in folder.iterdir()} if names is None else set(names)
+    write_json(folder / MANIFEST, {"schema": MANIFEST_SCHEMA, "files": sorted(listed | {MANIFEST})})
+
+
+def claim_folder(folder: Path, names: Iterable[str], flag: str = "-o") -> None:
+    """Make FOLDER (new, empty, or one this command made before) the home of NAMES, by its manifest.
+
+    For outputs written into a folder rather than swapped in whole (`compress search/sweep -o`): a folder holding
+    anything its manifest does not list is the user's, and is refused before a file is written into it."""
+    check_foreign(folder, flag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write into {folder}: {e.strerror or type(e).__name__}") from None
+    write_manifest(folder, names)
+
+
+def check_foreign(folder: Path, flag: str = "-o") -> None:
+    """UsageError when FOLDER holds files that no manifest of ours lists."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file; give a folder")
+    foreign = foreign_files(folder)
+    if foreign:
+        raise UsageError(f"{flag} {folder} is a folder with other files in it ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or one this command "
+                         "wrote before")
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -188,11 +215,21 @@ def partial_dir(parent: Path, name: str) -> Path:
     First removes the work folders of the same output that a process no longer alive left there (killed with
     SIGKILL, or a machine that went down): they are ours by name and PID, and nothing else is ever removed."""
     prefix = f".{name}.partial-" if name else ".partial-"
+    _sweep_stale(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _sweep_stale(parent: Path, prefix: str) -> None:
+    """Remove PARENT's `{prefix}PID-*` work files and folders whose process is gone."""
     for old in parent.glob(f"{glob.escape(prefix)}*"):
         m = _PARTIAL.search(old.name)
-        if m and old.is_dir() and not old.is_symlink() and not _alive(int(m.group(1))):
+        if not m or old.is_symlink() or _alive(int(m.group(1))):
+            continue
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+        elif old.is_file():
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 def _alive(pid: int) -> bool:

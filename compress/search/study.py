@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from compress.core import EdgeError, UsageError, first_line, partial_dir, swap_in, write_json
+from compress.core import EdgeError, UsageError, claim_folder, first_line, partial_dir, swap_in, write_json
 from compress.models import load_model, prepare_inputs
 from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
@@ -31,6 +31,8 @@ from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, fideli
 from devices import load_profile
 
 EXPERIMENT = "search"
+# What a search writes in its -o folder (listed in the folder's manifest before Ray starts).
+OWNED = ("ray", "trials", "best", "search.json", "search.md", "search.png")
 
 
 def candidates(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -117,7 +119,7 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     job = {**s.model_dump(), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
            "min_fidelity": None if s.eval_spec else (s.min_fidelity if s.min_fidelity is not None else 1 - s.tolerance())}
-    outdir.mkdir(parents=True, exist_ok=True)
+    claim_folder(outdir, OWNED)
     t0 = time.monotonic()
 
     def make_tuner() -> Any:

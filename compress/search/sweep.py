@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from compress.core import InputError, UsageError, write_json
+from compress.core import InputError, UsageError, claim_folder, write_json
 from compress.pipeline import RunOptions
 from compress.quantize import format_info
 from compress.search.space import can_time, label, normalise
@@ -39,6 +39,8 @@ from compress.search.trials import TrialProgress, fit_on_ray, run_cell
 from devices import load_profile, parse_yaml, read_text
 
 EXPERIMENT = "sweep"
+# What a sweep writes in its -o folder (listed in the folder's manifest before Ray starts).
+OWNED = ("ray", "cells", "sweep.json", "sweep.md", "sweep.png")
 GRID_KEYS = ("prune", "importance", "quant", "method", "fallback")
 
 
@@ -139,7 +141,7 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
                              f"{format_info(quant).needs.upper()} hardware to time it on")
     job = {"outdir": str(out), "trials_dir": "cells", "runs": sweep.runs, "max_calib": sweep.max_calib, "seed": 0,
            "tolerance": sweep.tolerance, "min_fidelity": None}
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, OWNED)
     t0 = time.monotonic()
 
     def make_tuner() -> Any:
