@@ -225,6 +225,49 @@ def test_a_variant_with_non_finite_outputs_is_never_recommended():
     assert name == "fp32" and "int8 gives NaN or Inf outputs on 3 of 16 held-out samples" in why
 
 
+CANCEL_NET = """
+import torch
+from torch import nn
+
+
+class CancelNet(nn.Module):
+    # The weakest half of conv1's channels (by L2) carry the positive part of conv2's sum: finite in fp32, and
+    # log(relu(.)) of the half-pruned copy is log(0) = -inf everywhere.
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 1, bias=False)
+        self.conv2 = nn.Conv2d(64, 1, 1, bias=False)
+        with torch.no_grad():
+            self.conv1.weight[:32].fill_(0.02)
+            self.conv1.weight[32:].fill_(1.0)
+            self.conv2.weight[:, :32].fill_(1.0)
+            self.conv2.weight[:, 32:].fill_(-0.01)
+
+    def forward(self, image):
+        return torch.log(torch.relu(self.conv2(torch.relu(self.conv1(image)))))
+
+
+def build():
+    return CancelNet()
+"""
+
+
+def test_run_rejects_a_variant_whose_own_outputs_are_not_finite(tmp_path):
+    """Through the real CLI: the pruned model gives -inf on real data; its export is still faithful (-inf where
+    torch has -inf), and the run recommends fp32, saying why, with no warning leaking (issue 16)."""
+    (tmp_path / "cancel.py").write_text(CANCEL_NET)
+    np.savez(tmp_path / "calib.npz", image=np.random.default_rng(0).uniform(1, 10, (16, 3, 8, 8)).astype(np.float32))
+    r = _cli("run", "cancel.py:build", "--calib", "calib.npz", "--prune", "0.5", "--no-recover", "--quant", "none",
+             "--runs", "3", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    pruned = next(v for v in rep["variants"] if v["name"] == "pruned")
+    assert pruned["fidelity"]["nonfinite_samples"] == 4 and pruned["within_tolerance"] is False
+    assert rep["recommended"] == "fp32" and "pruned gives NaN or Inf outputs on 4 of 4 held-out samples" in rep["reason"]
+    assert "pruned gives NaN or Inf outputs" in r.stdout
+
+
 def test_output_that_is_a_symlink_leaves_nothing_beside_it(tmp_path):
     """-o LINK -> an earlier run folder: the link is replaced by the new folder, the folder it pointed to stays as
     it was, and no .LINK.old-* is left beside it (issue 16)."""

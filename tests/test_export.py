@@ -165,3 +165,13 @@ def test_cli_export_errors_are_one_line(tmp_path, args, code, text):
     assert text in r.stderr and "Traceback" not in r.stderr
     assert len(lines) == 1 or code == 2  # click's usage errors add a 'Usage:' line
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_parity_accepts_the_same_non_finite_values_and_nothing_else():
+    """-inf where torch has -inf is exact (a model may compute log(0)); NaN or Inf anywhere else is a mismatch."""
+    from export.parity import compare
+
+    ref = np.array([1.0, -np.inf, np.nan, 2.0], dtype=np.float32)
+    assert compare([ref], [ref.copy()], ["y"], 1e-4, 1e-3)[0].ok
+    for bad in ([1.0, np.inf, np.nan, 2.0], [1.0, -np.inf, 0.0, 2.0], [1.0, 5.0, np.nan, 2.0], [1.5, -np.inf, np.nan, 2.0]):
+        assert not compare([ref], [np.array(bad, dtype=np.float32)], ["y"], 1e-4, 1e-3)[0].ok, bad
