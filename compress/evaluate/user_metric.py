@@ -8,7 +8,7 @@ user ships against: their metric is.
   list of the model's outputs over all samples (first axis = samples).
 - `--eval FILE.py:FN`: FN receives the path of an ONNX model and returns one number (mAP, BLEU, ... computed
   however the user likes). It may take `session_options`: the onnxruntime SessionOptions the model needs
-  (FP8 Q/DQ graphs only run at ORT_ENABLE_BASIC on CPU); a one-parameter FN gets the path alone.
+  (BASIC, where FP8 Q/DQ run as the ONNX spec says); a one-parameter FN gets the path alone.
 
     def accuracy(model_path, session_options=None):
         sess = onnxruntime.InferenceSession(model_path, session_options)
