@@ -111,24 +111,47 @@ def test_rerun_reuses_finished_stages_and_force_redoes_them(tmp_path):
     r = _cli(*base, "-o", str(first))
     assert r.returncode == 0, r.stderr
     rep = json.loads((first / "report.json").read_text())
-    assert rep["cache"]["stages"] == {"export": "miss", "prune": "miss", "quantize": "miss"}
+    assert rep["cache"]["stages"] == {"export": "miss", "prune": "miss", "quantize-unpruned": "miss", "quantize": "miss"}
     assert rep["stages"]["quantize"]["fallback"]["against"] == "reference"  # the tolerance is on fp32 -> int8
     second = tmp_path / "b"
     r = _cli(*base, "-o", str(second))
     assert r.returncode == 0, r.stderr
     rep2 = json.loads((second / "report.json").read_text())
-    assert rep2["cache"]["stages"] == {"export": "hit", "prune": "hit", "quantize": "hit"}
-    for name in ("fp32.onnx", "pruned.onnx", "int8.onnx"):  # the same artifacts, measured again
+    assert rep2["cache"]["stages"] == {"export": "hit", "prune": "hit", "quantize-unpruned": "hit", "quantize": "hit"}
+    for name in ("fp32.onnx", "pruned.onnx", "int8-unpruned.onnx", "int8.onnx"):  # the same artifacts, measured again
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert rep2["stages"]["prune"] == rep["stages"]["prune"]
     assert all(v["latency_ms"]["p50"] > 0 for v in rep2["variants"])
     # a changed option invalidates only what depends on it; --force redoes everything
     r = _cli(*base, "--tolerance", "0.2", "-o", str(tmp_path / "c"))
     assert json.loads((tmp_path / "c" / "report.json").read_text())["cache"]["stages"] == {
-        "export": "hit", "prune": "hit", "quantize": "miss"}
+        "export": "hit", "prune": "hit", "quantize-unpruned": "miss", "quantize": "miss"}
     r = _cli(*base, "--force", "-o", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr
     assert set(json.loads((tmp_path / "d" / "report.json").read_text())["cache"]["stages"].values()) == {"forced"}
+
+
+def test_pruning_that_misses_backs_off_to_quantizing_the_unpruned_model(tmp_path):
+    """Issue 17: with --prune and --quant the run also quantizes the unpruned model; when the cut costs too much
+    (50% without recovery on resnet_tiny) the INT8 of the unpruned model is still there to recommend."""
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--no-recover",
+             "--no-op-select", "--tolerance", "0.1", "--runs", "3", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    v = {x["name"]: x for x in rep["variants"]}
+    assert list(v) == ["fp32", "pruned", "int8-unpruned", "int8"]  # the final (pruned + INT8) variant stays last
+    assert v["int8-unpruned"]["from"] == "fp32" and v["int8"]["from"] == "pruned"
+    assert v["pruned"]["within_tolerance"] is False and v["int8"]["within_tolerance"] is False
+    # INT8 of the unpruned model: per-channel weights on a random CNN stay within 10% top-1 of fp32
+    assert v["int8-unpruned"]["fidelity"]["top1_agreement"] >= 0.9 and v["int8-unpruned"]["within_tolerance"]
+    assert rep["recommended"] in ("fp32", "int8-unpruned")  # the faster of the two on this machine
+    assert rep["stages"]["quantize_unpruned"]["format"] == "int8" and (tmp_path / "out" / "int8-unpruned.onnx").is_file()
+    assert "### Quantize the unpruned model (the back-off)" in (tmp_path / "out" / "report.md").read_text()
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--no-recover",
+             "--no-op-select", "--no-backoff", "--runs", "3", "-o", "out2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x["name"] for x in json.loads((tmp_path / "out2" / "report.json").read_text())["variants"]] == [
+        "fp32", "pruned", "int8"]
 
 
 def test_cache_entry_without_meta_is_never_read(tmp_path):

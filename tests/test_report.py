@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
     """One real run (~10 s): fp32, pruned (no recovery: outside tolerance) and simulated fp8 of the pruned model."""
     out = tmp_path_factory.mktemp("run") / "out"
     r = subprocess.run([sys.executable, "-m", "compress.cli", "run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32",
-                        "--device", "host", "--prune", "0.5", "--no-recover", "--quant", "fp8", "--simulate", "--runs", "5",
+                        "--device", "host", "--prune", "0.5", "--no-recover", "--no-backoff", "--quant", "fp8", "--simulate", "--runs", "5",
                         "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return out

@@ -63,8 +63,8 @@ def profile_doc(tmp_path_factory) -> dict:
 
 
 def test_real_run_report_is_valid_against_the_shipped_schema(run_report) -> None:
-    assert [v["name"] for v in run_report["variants"]] == ["fp32", "pruned", "int8"]
-    assert run_report["stages"]["prune"] and run_report["stages"]["quantize"]
+    assert [v["name"] for v in run_report["variants"]] == ["fp32", "pruned", "int8-unpruned", "int8"]
+    assert run_report["stages"]["prune"] and run_report["stages"]["quantize"] and run_report["stages"]["quantize_unpruned"]
     _validator(report_schema).validate(run_report)
 
 

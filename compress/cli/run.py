@@ -42,6 +42,10 @@ Examples:
 @click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
+@click.option("--recover-seconds", type=click.FloatRange(min=1), default=PruneOptions.default("recover_seconds"),
+              show_default=True, help="Time budget for the distillation after pruning.")
+@click.option("--no-backoff", is_flag=True, help="With --prune and --quant: do not also quantize the unpruned model "
+              "(the '<quant>-unpruned' variant, kept when pruning costs too much accuracy).")
 @click.option("--quant", type=format_choice(none="last"), default=RunOptions.default("quant"), show_default=True,
               help="Quantize the final model (kept only if it pays: see the recommendation). int4 is weight-only "
                    "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
@@ -60,7 +64,8 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
-        prune_ratio: float | None, importance: str, no_recover: bool, quant: str, simulate: bool, no_op_select: bool,
+        prune_ratio: float | None, importance: str, no_recover: bool, recover_seconds: float, no_backoff: bool,
+        quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
         overwrite: bool, force: bool,
@@ -68,7 +73,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
-    too when --prune is given). Each is exported (verified against torch), profiled with the device profile,
+    too when --prune is given, and then 'int8-unpruned' etc. as well, the back-off should the cut cost too much). Each is exported (verified against torch), profiled with the device profile,
     timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
     fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
     fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
@@ -93,7 +98,8 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     prune_opts = None
     if prune_ratio is not None:
         prune_opts = PruneOptions(ratio=prune_ratio, importance=importance, recover=not no_recover,
-                                  round_to=profile.pruning.channel_multiple, real_data=calib is not None)
+                                  recover_seconds=recover_seconds, round_to=profile.pruning.channel_multiple,
+                                  real_data=calib is not None)
         prune_opts.check("--prune")
         from compress.prune import get_importance
 
@@ -108,7 +114,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=calib, max_calib=max_calib, simulate=simulate,
                       tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
                       evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
-                      overwrite=overwrite, command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                      overwrite=overwrite, backoff=not no_backoff, command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     with console.progress("loading model") as step:
         loaded = load_model(model, weights)
         prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)

@@ -35,3 +35,6 @@ class RunOptions(Options):
     quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
     timer: Any = None  # (paths, profile, feeds, runs, max_seconds, ab_rounds) -> Timings: time_variants, or where it runs
     on_result: Any = None  # (stage, typed result) -> None, called as soon as a stage's result exists
+    # with --prune and --quant: also quantize the unpruned model (variant '{quant}-unpruned'), so a cut that costs
+    # too much accuracy does not take quantization down with it; compress search tries prune 0 itself and skips it
+    backoff: bool = True

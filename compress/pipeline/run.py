@@ -152,10 +152,14 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
             built.append(got.built)
         reference = torch_outputs(model, held_out)
         if quantizer is not None:
-            base = built[-1]  # the pruned model when there is one: the final variant is pruned and quantized
+            if opts.prune is not None and opts.backoff:  # the back-off: quantization alone, should the cut not pay
+                stages.quantize_unpruned, variant = _quantize(quantizer, built[0], model, example, train, work,
+                                                              profile, opts, cache, on_stage, f"{opts.quant}-unpruned")
+                built.append(variant)
+            base = built[1] if opts.prune is not None else built[0]  # the final variant is pruned and quantized
             # the torch module only a torch backend needs (a prune cache hit brings back the ONNX alone)
             stages.quantize, variant = _quantize(quantizer, base, modules.get(base.name), example, train, work,
-                                                 profile, opts, cache, on_stage)
+                                                 profile, opts, cache, on_stage, opts.quant)
             built.append(variant)
         if opts.on_result is not None and stages.prune is not None:
             opts.on_result("prune", stages.prune)
@@ -200,9 +204,9 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
 
 def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], example: dict[str, torch.Tensor],
               train: list[dict[str, torch.Tensor]], work: Path, profile: DeviceProfile, opts: RunOptions,
-              cache: StageCache, on_stage: Callable[[str], None]) -> tuple[QuantResult, Built]:
-    """The quantize stage on the last variant (`base`, from `module`), through the stage cache: its result
-    (without the file name, which the variant holds) and the new variant."""
+              cache: StageCache, on_stage: Callable[[str], None], name: str) -> tuple[QuantResult, Built]:
+    """The quantize stage on the variant `base` (from `module`), through the stage cache: its result (without the
+    file name, which the variant holds) and the new variant NAME."""
     # a format steered by its own budget (weight-only INT4) takes neither the tolerance nor --eval
     steered = quantizer.tolerance
     qtol = opts.tolerance if opts.quant_tolerance is None else opts.quant_tolerance
@@ -211,16 +215,17 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
                          select_ops=opts.select_ops, evaluate=opts.evaluate if steered else None,
                          backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
     source = (module, example, train) if quantizer.takes == "torch" else None
-    path = work / f"{opts.quant}.onnx"
+    path = work / f"{name}.onnx"
     parts = [work / base.onnx, Path(opts.calib) if opts.calib else None,
              qopts.model_dump(exclude={"evaluate"}), _metric_parts(opts.evaluate),
              profile.model_dump(mode="json", exclude={"source"})]
     judge = work / "fp32.onnx" if base.name != "fp32" else None  # tolerance is on the whole chain
     parts.append(judge)
-    q = cache.run("quantize", key_of("quantize", parts), [path],
+    stage = "quantize" if name == opts.quant else "quantize-unpruned"
+    q = cache.run(stage, key_of("quantize", parts), [path],
                   lambda: quant_stage(work / base.onnx, path, profile, opts.calib, qopts, on_stage,
                                       reference_model=judge, torch_source=source), QuantResult)
-    variant = Built(name=opts.quant, onnx=path.name, size_bytes=path.stat().st_size, params=_params(path),
+    variant = Built(name=name, onnx=path.name, size_bytes=path.stat().st_size, params=_params(path),
                     macs=base.macs, parity=None, simulated=q.simulated, excluded_layers=q.excluded_layers,
                     from_=base.name)
     return QuantResult.from_json({k: v for k, v in q.to_json().items() if k != "onnx"}), variant

@@ -279,10 +279,13 @@ def _stages_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[s
     out: list[str] = []
     if stages.get("prune") is not None:
         out += ["### Prune", ""] + _prune_lines(as_dict(stages["prune"])) + [""]
+    if stages.get("quantize_unpruned") is not None:
+        out += ["### Quantize the unpruned model (the back-off)", ""]
+        out += _quant_lines(as_dict(stages["quantize_unpruned"]), variants, "-unpruned") + [""]
     if stages.get("quantize") is not None:
         out += ["### Quantize", ""] + _quant_lines(as_dict(stages["quantize"]), variants) + [""]
     for name, st in stages.items():  # stages added later render as their raw keys rather than vanish
-        if name not in ("prune", "quantize") and st is not None:
+        if name not in ("prune", "quantize", "quantize_unpruned") and st is not None:
             out += [f"### {str(name).capitalize()}", ""] + _generic_lines(st) + [""]
     return (["## Stages", ""] + out) if out else []
 
@@ -381,12 +384,12 @@ def _recovery_text(rec: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in rec.items())
 
 
-def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str = "") -> list[str]:
     out = []
     qz = as_dict(q.get("quantizer"))
     fmt = str(q.get("format") or "?")
     preset = as_dict(q.get("preset")) or as_dict(qz.get("preset"))
-    base = next((v.get("from") for v in variants if v.get("name") == fmt and v.get("from")), None)
+    base = next((v.get("from") for v in variants if v.get("name") == fmt + suffix and v.get("from")), None)
     details = [fmt.upper()]
     if preset.get("name"):
         details.append(f"preset {code(preset['name'])}")

@@ -116,7 +116,8 @@ class Variant(Built):
 
 class Stages(Result):
     prune: Optional[PruneResult] = None
-    quantize: Optional[QuantResult] = None
+    quantize: Optional[QuantResult] = None  # of the final variant (the pruned model's, with --prune)
+    quantize_unpruned: Optional[QuantResult] = None  # the back-off: the same quantization of the unpruned model
 
 
 class CacheUse(Result):

@@ -240,7 +240,8 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
                       quant_method=c.get("method", "minmax"), quant_fallback=fallback > 0,
                       quant_tolerance=fallback * tolerance if fallback > 0 else None,
                       timer=device_timer(profile), on_result=on_result, ab_rounds=job.get("ab_rounds", 30),
-                      command=f"compress search trial {trial_id}: {label(c)}")
+                      command=f"compress search trial {trial_id}: {label(c)}",
+                      backoff=False)  # the grid or the search tries the unpruned model as a point of its own
     report = run_pipeline(loaded.module, prep, profile, outdir, opts,
                           extra={"calibration": prep.info, "search_config": c})
     final = report.variants[-1]
