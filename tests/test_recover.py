@@ -240,3 +240,46 @@ def test_batchnorm_left_as_it_was_when_it_cannot_be_estimated():
     assert res["layers"] == 0 and "more than 1 value" in res["skipped"]
     for k, v in net[2].state_dict().items():
         assert torch.equal(v, before[k])
+
+
+# --- augmented views and early stopping (issue 17) --------------------------------------------------------------
+
+
+def test_augmented_views_keep_shapes_padding_and_the_batch_vocabulary():
+    from compress.prune.recover import augment_batch
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(8, 3, 32, 32)
+    ids = torch.randint(5, 50, (4, 16))
+    ids[:, 12:] = 0
+    mask = (ids != 0).long()
+    a = augment_batch({"image": img, "input_ids": ids, "attention_mask": mask}, gen)
+    assert a["image"].shape == img.shape and a["image"].dtype == img.dtype and not torch.equal(a["image"], img)
+    assert torch.equal(a["attention_mask"], mask)  # a mask is left as it is
+    assert torch.equal(a["input_ids"] == 0, ids == 0)  # padding stays padding
+    assert set(a["input_ids"].unique().tolist()) <= set(ids.unique().tolist())  # ids of the batch only
+    assert 0 < int((a["input_ids"] != ids).sum()) < ids.numel() // 4  # ~10% of the tokens replaced
+    b = augment_batch({"image": img}, torch.Generator().manual_seed(0))
+    assert torch.equal(b["image"], augment_batch({"image": img}, torch.Generator().manual_seed(0))["image"])  # seeded
+
+
+def test_validation_keeps_the_best_weights_and_records_the_curve(teacher, calib, held_out):
+    """With validation batches: a curve of (seconds, loss, agreement) and the weights of its lowest loss, never worse
+    than where it started on those batches; a learning rate far too high stops early instead of running on."""
+    from compress.prune.recover import _calib_loss, _output_weights, _teacher_targets
+
+    val = _batches(5, 2, 8)
+    student = _pruned(teacher)
+    targets = _teacher_targets(teacher, val)
+    weights = _output_weights(_teacher_targets(teacher, calib))  # distill scales outputs by the training batches
+    before = _calib_loss(student, val, targets, weights)
+    res = distill(student, teacher, calib, steps=400, lr=1e-3, augment=True, validation=val, eval_every=20)
+    curve = res["curve"]
+    assert res["augmented"] and res["validation_samples"] == 16 and curve[0][0] == 0.0 and len(curve) >= 3
+    assert curve[0][1] == pytest.approx(before, rel=1e-5)
+    assert _calib_loss(student, val, targets, weights) == pytest.approx(min(c[1] for c in curve), rel=1e-5)
+    assert min(c[1] for c in curve) < before
+    wild = _pruned(teacher)
+    res = distill(wild, teacher, calib, steps=5000, lr=0.5, augment=True, validation=val, eval_every=10, patience=3)
+    assert res["stopped"] == "early" and res["steps"] < 5000
+    assert _calib_loss(wild, val, targets, weights) <= before * 1.0001  # the start, or better, was kept

@@ -17,6 +17,15 @@ from compress.prune.structural import prune_model
 from compress.report import PruneResult
 
 
+def split_validation(batches: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The tuning batches less an eighth (at least one batch, from 4 batches on) that recovery checks itself on
+    and never trains on: the held-out batches judge the result, and must not pick the checkpoint too."""
+    if len(batches) < 4:
+        return batches, []
+    k = max(1, len(batches) // 8)
+    return batches[:-k], batches[-k:]
+
+
 def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
                 on_stage: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, PruneResult]:
     """Return the compressed module and what was done to it; `model` itself is left untouched. `inputs`: the
@@ -54,8 +63,9 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
         report["recovery"] = {"method": "finetune", "fn": opts.finetune}
     elif opts.recover:
         on_stage("recovering by distillation from the unpruned model")
-        stats = distill(student, model, train, steps=opts.recover_steps, lr=opts.lr, time_budget_s=opts.recover_seconds,
-                        after_step=after_step)
+        fit, val = split_validation(train)
+        stats = distill(student, model, fit, steps=opts.recover_steps, lr=opts.lr, time_budget_s=opts.recover_seconds,
+                        after_step=after_step, augment=opts.real_data, validation=val)
         report["recovery"] = {"method": "distillation", **stats}
     student.eval()
     report["fidelity"] = fidelity(reference, torch_outputs(student, held_out))

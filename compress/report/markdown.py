@@ -378,10 +378,26 @@ def _recovery_text(rec: Any) -> str:
             txt += f", calibration loss {lb:.4g} → {la:.4g}"
         if rec.get("restored"):
             txt += " (did not help: the pre-recovery weights were kept)"
+        if rec.get("augmented"):
+            txt += "; on augmented views of the calibration samples"
         if rec.get("stopped"):
             txt += f"; stopped: {rec['stopped']}"
+        curve = [c for c in as_list(rec.get("curve")) if isinstance(c, list) and len(c) == 3]
+        if curve:
+            txt += f"\n- **Recovery curve** (on {rec.get('validation_samples', NA)} validation samples it did not train on): "
+            txt += _curve_text(curve)
         return txt
     return ", ".join(f"{k} {v}" for k, v in rec.items())
+
+
+def _curve_text(curve: list[list[Any]], points: int = 6) -> str:
+    """A handful of evenly spaced (seconds, loss, top-1 agreement) points, first and last included."""
+    idx = sorted({round(i * (len(curve) - 1) / max(1, points - 1)) for i in range(points)})
+    parts = []
+    for i in idx:
+        t, loss, agree = curve[i]
+        parts.append(f"{t:.0f} s: loss {loss:.3g}" + (f", top-1 {fmt_pct(agree)}" if num(agree) is not None else ""))
+    return " → ".join(parts)
 
 
 def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str = "") -> list[str]:

@@ -232,7 +232,7 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     if ratio:
         prune = PruneOptions(ratio=ratio, importance=c.get("importance", "l2"), recover=True,
                              round_to=profile.pruning.channel_multiple, real_data=calib is not None,
-                             recover_seconds=job.get("recover_seconds", 120.0))
+                             recover_seconds=job.get("recover_seconds", PruneOptions.default("recover_seconds")))
     fallback = float(c.get("fallback", 1.0))
     opts = RunOptions(prune=prune, quant=c.get("quant", "none"), calib=calib, max_calib=job.get("max_calib"),
                       tolerance=tolerance, runs=job.get("runs"), source=model_spec,
