@@ -346,6 +346,7 @@ def test_sigterm_in_each_command_leaves_the_output_as_it_was(files, tmp_path, ki
     out.write_text("earlier model")
     argv = {"export": ["export", "compress.zoo:resnet_demo", "--input-shape", "1,3,224,224", "-o", str(out)],
             "prune": ["prune", "compress.zoo:resnet_demo", "--input-shape", "1,3,224,224", "--ratio", "0.3",
+                      "--recover-seconds", "2",
                       "-o", str(out)],
             "quantize": ["quantize", str(files / "tiny.onnx"), "--to", "int8", "--calib", str(files / "calib.npz"),
                          "-o", str(out)]}[kind]

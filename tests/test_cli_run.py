@@ -64,6 +64,8 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
 
 @pytest.mark.parametrize("args,text", [
     (["--input-shape", "1,3,32,32", "--prune", "0"], "--prune 0.0"),
+    (["--input-shape", "1,3,32,32", "--prune", "half"], "neither a fraction (0.3) nor 'auto'"),
+    (["--input-shape", "1,3,32,32", "--prune", "auto", "--no-recover"], "does not take --no-recover"),
     (["--input-shape", "1,3,32,32", "--quant", "fp8"], "no FP8 hardware"),
     (["--input-shape", "1,3,32,32", "--device", "nosuch"], "unknown device"),
 ])

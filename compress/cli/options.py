@@ -73,3 +73,17 @@ def format_choice(none: str = "") -> click.Choice:
     that may skip quantization."""
     names = list(format_names())
     return click.Choice(["none", *names] if none == "first" else [*names, "none"] if none == "last" else names)
+
+
+class RatioOrAuto(click.ParamType):
+    """--prune R (a fraction) or --prune auto (compress.prune.stage.prune_auto finds it)."""
+
+    name = "R|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a fraction (0.3) nor 'auto'", param, ctx)

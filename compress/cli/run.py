@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from compress.cli.options import (
+    RatioOrAuto,
     backend_option,
     eval_options,
     format_choice,
@@ -26,6 +27,7 @@ EPILOG = """\b
 Examples:
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
   compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
+  compress run compress.zoo:shapes_resnet --calib calib.npz --prune auto --tolerance 0.02 -o out/
   compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
   compress run compress.zoo:shapes_resnet --calib calib.npz --backend inc -o out-inc/
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
@@ -39,7 +41,9 @@ Examples:
 @model_input_options
 @max_calib_option
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
-@click.option("--prune", "prune_ratio", type=float, help="Prune this fraction of channels (adds the 'pruned' variant).")
+@click.option("--prune", "prune_ratio", type=RatioOrAuto(), help="Prune this fraction of channels (adds the 'pruned' "
+              "variant); 'auto': the largest fraction up to 0.75 whose pruned and recovered model stays within --tolerance "
+              "of the unpruned one, found by bisection in 4 probes that share --recover-seconds.")
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion for --prune.")
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
 @click.option("--recover-seconds", type=click.FloatRange(min=1), default=PruneOptions.default("recover_seconds"),
@@ -64,7 +68,7 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
-        prune_ratio: float | None, importance: str, no_recover: bool, recover_seconds: float, no_backoff: bool,
+        prune_ratio: float | str | None, importance: str, no_recover: bool, recover_seconds: float, no_backoff: bool,
         quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
@@ -97,9 +101,13 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     profile = load_profile(device)
     prune_opts = None
     if prune_ratio is not None:
-        prune_opts = PruneOptions(ratio=prune_ratio, importance=importance, recover=not no_recover,
-                                  recover_seconds=recover_seconds, round_to=profile.pruning.channel_multiple,
-                                  real_data=calib is not None)
+        auto = prune_ratio == "auto"
+        if auto and no_recover:
+            raise UsageError("--prune auto judges each probe after its recovery: it does not take --no-recover")
+        prune_opts = PruneOptions(ratio=PruneOptions.default("max_ratio") if auto else prune_ratio,
+                                  importance=importance, recover=not no_recover, recover_seconds=recover_seconds,
+                                  round_to=profile.pruning.channel_multiple, real_data=calib is not None,
+                                  auto=auto, tolerance=tolerance)
         prune_opts.check("--prune")
         from compress.prune import get_importance
 

@@ -70,11 +70,7 @@ def within_tolerance(fid: Fidelity, tolerance: float) -> bool:
     """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine; a
     model whose outputs are not finite on some held-out sample is never within it (an arg-max of NaN can still
     'agree')."""
-    if fid.nonfinite_samples:
-        return False
-    if fid.top1_agreement is not None:
-        return fid.top1_agreement >= 1.0 - tolerance
-    return fid.cosine_min is not None and fid.cosine_min >= 1.0 - tolerance
+    return fid.within(tolerance)
 
 
 def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:

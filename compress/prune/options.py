@@ -27,6 +27,12 @@ class PruneOptions(Options):
     lr: float = 1e-3
     finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
     real_data: bool = True  # the tuning batches are real samples (--calib): BatchNorm statistics may be re-estimated
+    # --prune auto: bisect the ratio in (0, max_ratio] for the largest cut whose fidelity to the unpruned model
+    # stays within `tolerance`, in `probes` pruned-and-recovered models sharing recover_seconds
+    auto: bool = False
+    max_ratio: float = 0.75
+    tolerance: float = 0.01
+    probes: int = 4
 
     def check(self, ratio_flag: str = "--ratio") -> None:
         """Validate; `ratio_flag` is the option that set `ratio`, so the message names what the user typed."""

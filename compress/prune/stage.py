@@ -4,6 +4,7 @@ measured before and after. `compress prune` and `compress run --prune` both go t
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from torch import nn
@@ -30,6 +31,8 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
                 on_stage: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, PruneResult]:
     """Return the compressed module and what was done to it; `model` itself is left untouched. `inputs`: the
     example, the batches recovery tunes on (train) and those fidelity is judged on (held_out)."""
+    if opts.auto:
+        return prune_auto(model, inputs, opts, on_stage)
     example, train, held_out = inputs.example, inputs.train, inputs.held_out
     opts.check()
     report: dict[str, Any] = {"structural": None, "sparsity": None, "recovery": None}
@@ -70,3 +73,35 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
     student.eval()
     report["fidelity"] = fidelity(reference, torch_outputs(student, held_out))
     return student, PruneResult.from_json(report)
+
+
+def prune_auto(model: nn.Module, inputs: Prepared, opts: PruneOptions,
+               on_stage: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, PruneResult]:
+    """--prune auto: the largest ratio in (0, max_ratio] whose pruned and recovered model keeps its held-out
+    fidelity loss within `tolerance`, by bisection over `probes` full prune+recover runs (each gets an equal share
+    of recover_seconds, so the whole search costs what one recovery was given). The probe itself is the result:
+    nothing is pruned twice. When no probe fits, the smallest one is returned, to be judged (and refused) like any
+    cut that misses. The probes go into the result's `auto`."""
+    lo, hi = 0.0, opts.max_ratio
+    share = None if opts.recover_seconds is None else opts.recover_seconds / opts.probes
+    probes: list[dict[str, Any]] = []
+    best: tuple[nn.Module, PruneResult] | None = None
+    smallest: tuple[nn.Module, PruneResult] | None = None
+    for k in range(opts.probes):
+        ratio = round((lo + hi) / 2 if k else hi / 2, 4)
+        on_stage(f"--prune auto: probe {k + 1}/{opts.probes}, ratio {ratio:.0%}")
+        probe = opts.model_copy(update={"auto": False, "ratio": ratio, "recover_seconds": share})
+        t0 = time.perf_counter()
+        got = prune_stage(model, inputs, probe, on_stage)
+        loss = got[1].fidelity.loss()
+        within = loss <= opts.tolerance
+        probes.append({"ratio": ratio, "loss": loss if loss != float("inf") else None, "within": within,
+                       "seconds": round(time.perf_counter() - t0, 1)})
+        if within:
+            lo, best = ratio, got
+        else:
+            hi, smallest = ratio, got  # misses only ever move down: this is the smallest so far
+    module, result = best if best is not None else smallest  # type: ignore[misc]
+    result.auto = {"tolerance": opts.tolerance, "max_ratio": opts.max_ratio, "probes": probes,
+                   "chosen": lo if best is not None else None}
+    return module, result

@@ -306,7 +306,7 @@ def _ratio(before: Any, after: Any) -> str:
 
 
 def _prune_lines(p: dict[str, Any]) -> list[str]:
-    out = []
+    out = _auto_lines(as_dict(p.get("auto")))
     s = as_dict(p.get("structural"))
     if s:
         how = []
@@ -361,6 +361,20 @@ def _prune_lines(p: dict[str, Any]) -> list[str]:
 
 def _shape(v: Any) -> str:
     return " × ".join(str(x) for x in v) if isinstance(v, list) else (NA if v is None else str(v))
+
+
+def _auto_lines(auto: dict[str, Any]) -> list[str]:
+    """--prune auto: each probe's ratio and fidelity loss, and the pick."""
+    if not auto:
+        return []
+    probes = [as_dict(x) for x in as_list(auto.get("probes"))]
+    steps = ", ".join(f"{num(x.get('ratio')) or 0:.0%} " + (f"loss {x['loss']:.3g}" if num(x.get("loss")) is not None
+                                                          else "not finite") + (" ✓" if x.get("within") else " ✗")
+                      for x in probes)
+    chosen = num(auto.get("chosen"))
+    pick = f"kept {chosen:.0%}" if chosen is not None else "no probe fit, the smallest is shown"
+    return [f"- **`--prune auto`** (fidelity loss ≤ {auto.get('tolerance')} on held-out inputs, up to "
+            f"{num(auto.get('max_ratio')) or 0:.0%}): probes {steps}; {pick}"]
 
 
 def _recovery_text(rec: Any) -> str:

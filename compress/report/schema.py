@@ -33,6 +33,18 @@ class Fidelity(OpenResult):
     samples: int
     nonfinite_samples: int = 0
 
+    def loss(self) -> float:
+        """What the tolerance bounds: 1 - top-1 agreement for classifiers, else 1 - the worst per-sample cosine;
+        infinite when some output is not finite (an arg-max of NaN can still 'agree') or nothing was measured."""
+        if self.nonfinite_samples:
+            return float("inf")
+        if self.top1_agreement is not None:
+            return 1.0 - self.top1_agreement
+        return float("inf") if self.cosine_min is None else 1.0 - self.cosine_min
+
+    def within(self, tolerance: float) -> bool:
+        return self.loss() <= tolerance
+
 
 class QuantResult(Result):
     """What the quantize stage did: `compress quantize --json`, and report.json's stages.quantize."""
@@ -69,6 +81,8 @@ class PruneResult(Result):
     batchnorm: Optional[dict[str, Any]] = None
     fidelity_after_batchnorm: Optional[Fidelity] = None
     fidelity: Fidelity
+    # --prune auto: {"tolerance", "max_ratio", "probes": [{"ratio", "loss", "within", "seconds"}], "chosen"}
+    auto: Optional[dict[str, Any]] = None
 
 
 class Built(Result):
