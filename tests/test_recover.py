@@ -283,3 +283,18 @@ def test_validation_keeps_the_best_weights_and_records_the_curve(teacher, calib,
     res = distill(wild, teacher, calib, steps=5000, lr=0.5, augment=True, validation=val, eval_every=10, patience=3)
     assert res["stopped"] == "early" and res["steps"] < 5000
     assert _calib_loss(wild, val, targets, weights) <= before * 1.0001  # the start, or better, was kept
+
+
+def test_feature_hints_match_the_main_blocks_and_leave_no_hooks_behind(teacher, calib):
+    """Hints go to a model's blocks (not its stem's conv/bn/relu), and the teacher and student keep no hook."""
+    from compress.prune.recover import _block_names
+    from compress.zoo import encoder_tiny
+
+    assert _block_names(teacher) == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert _block_names(encoder_tiny()) == ["layers.0", "layers.1"]
+    student = _pruned(teacher)
+    res = distill(student, teacher, calib, steps=30, lr=1e-3, augment=True, validation=_batches(5, 1, 8), eval_every=10)
+    assert res["loss_before"] > 0.3  # far from the teacher (0.71 measured): hints on
+    assert res["feature_hints"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    for m in (*teacher.modules(), *student.modules()):
+        assert not m._forward_hooks
