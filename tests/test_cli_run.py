@@ -147,6 +147,7 @@ def test_pruning_that_misses_backs_off_to_quantizing_the_unpruned_model(tmp_path
     # INT8 of the unpruned model: per-channel weights on a random CNN stay within 10% top-1 of fp32
     assert v["int8-unpruned"]["fidelity"]["top1_agreement"] >= 0.9 and v["int8-unpruned"]["within_tolerance"]
     assert rep["recommended"] in ("fp32", "int8-unpruned")  # the faster of the two on this machine
+    assert rep["reason"].endswith("the pruned model missed the tolerance: `--prune auto` finds the largest cut within it")
     assert rep["stages"]["quantize_unpruned"]["format"] == "int8" and (tmp_path / "out" / "int8-unpruned.onnx").is_file()
     assert "### Quantize the unpruned model (the back-off)" in (tmp_path / "out" / "report.md").read_text()
     r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--no-recover",

@@ -98,6 +98,21 @@ def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
     return "fp32", "; ".join(why) + ": keeping fp32"
 
 
+def _prune_hint(variants: list[Variant], prune: Optional[PruneResult]) -> str:
+    """When the pruned model missed the tolerance, what would have fit: --prune auto's probes, or a pointer to it."""
+    pruned = next((v for v in variants if v.name == "pruned"), None)
+    if prune is None or pruned is None or pruned.within_tolerance:
+        return ""
+    auto = prune.auto or {}
+    if not auto:
+        return "; the pruned model missed the tolerance: `--prune auto` finds the largest cut within it"
+    fits = [p["ratio"] for p in auto.get("probes", []) if p.get("within")]
+    if fits:  # a probe fitted on the prune stage's held-out fidelity, and the judged variant still missed
+        return f"; --prune auto's {max(fits):.0%} fitted in the prune stage but not as the built model"
+    least = min((p["ratio"] for p in auto.get("probes", [])), default=None)
+    return f"; --prune auto: no ratio down to {least:.0%} kept the pruned model within the tolerance" if least else ""
+
+
 class _Pruned(Result):
     """The prune stage's result and the pruned model's export, cached together."""
 
@@ -165,6 +180,7 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
                       {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds)
         variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
         name, reason = recommend(variants, opts.tolerance)
+        reason += _prune_hint(variants, stages.prune)
         report = RunReport(
             schema_=SCHEMA,
             device={**profile.model_dump(mode="json", exclude={"remote"}),
