@@ -385,9 +385,9 @@ def augment_batch(feed: Mapping[str, torch.Tensor], gen: torch.Generator) -> dic
 
     Float images (N, C, H, W with H, W >= 8): random horizontal flips, a shift of up to 1/10 of the side
     (reflect-padded), Gaussian noise at 10% of the batch's std, and each sample mixed with another by up to half.
-    Integer token ids (N, L): about 10% of the positions replaced by ids drawn from the same batch (only where
-    ids are not 0, so padding stays padding). Other inputs: noise (floats) or as they are. The same view is
-    applied to every input of the batch where shapes allow (a mask beside the ids is left as it is)."""
+    Token ids (an integer `*input_ids`, N x L): about 10% of the positions replaced by ids drawn from the same
+    batch (only where ids are not 0, so padding stays padding). Other float inputs get the noise; other integer
+    inputs (masks, position and token-type ids) are left as they are."""
     out = dict(feed)
     for k, x in feed.items():
         n = int(x.shape[0]) if x.ndim else 0
@@ -405,7 +405,7 @@ def augment_batch(feed: Mapping[str, torch.Tensor], gen: torch.Generator) -> dic
             x = (1 - lam) * x + lam * x[torch.randperm(n, generator=gen)]
         elif x.is_floating_point():
             x = x + 0.05 * x.std() * torch.randn(x.shape, generator=gen) if x.numel() > 1 else x
-        elif x.ndim == 2 and k.endswith("ids"):
+        elif x.ndim == 2 and k.endswith("input_ids"):  # not position or token-type ids
             swap = (torch.rand(x.shape, generator=gen) < 0.1) & (x != 0)
             pool = x[x != 0]
             if pool.numel():
