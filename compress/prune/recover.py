@@ -342,15 +342,18 @@ def _fit(student: nn.Module, teacher: nn.Module, feeds: list[dict[str, torch.Ten
                     stopped = "early"
                     break
         last_step_s = time.perf_counter() - now
+    start_kept = False
     if val_targets:
         v = _validate(student, plan.validation, val_targets, weights, curve, time.perf_counter() - start)
         if v >= best[0]:
             student.load_state_dict(best[1] if best[1] is not None else snapshot)
+            start_kept = best[1] is None  # no checkpoint beat the starting weights
     _check_finite_weights(student, done)
     loss_after = _calib_loss(student, feeds, targets, weights)
     if not np.isfinite(loss_after):
         raise ModelError(f"distillation diverged: the loss after {done} steps is {loss_after} (lower the learning rate, now {lr:g})")
-    restored = loss_after > loss_before and not val_targets  # with validation, the best checkpoint decided
+    # with validation, the best checkpoint decided (the starting weights among them)
+    restored = start_kept or (loss_after > loss_before and not val_targets)
     if restored:  # training made it worse (lr too high for an already close student): keep what we had
         student.load_state_dict(snapshot)
     out = {"steps": done, "seconds": round(time.perf_counter() - start, 3), "loss_first": loss_first,
