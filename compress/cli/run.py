@@ -107,7 +107,8 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         prune_opts = PruneOptions(ratio=PruneOptions.default("max_ratio") if auto else prune_ratio,
                                   importance=importance, recover=not no_recover, recover_seconds=recover_seconds,
                                   round_to=profile.pruning.channel_multiple, real_data=calib is not None,
-                                  auto=auto, tolerance=tolerance)
+                                  # a fixed ratio does not depend on --tolerance (nor does its stage cache key)
+                                  **({"auto": True, "tolerance": tolerance} if auto else {}))
         prune_opts.check("--prune")
         from compress.prune import get_importance
 
