@@ -13,7 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "write_manifest",
     ],
     "console": ["warn"],
-    "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "first_line"],
+    "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "few", "first_line"],
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
     "onnxgraph": ["TWO_GB", "drop_unused", "initializer_bytes", "nonfinite_initializers", "save_model"],

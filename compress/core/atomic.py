@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from compress.core.errors import InputError, UsageError
+from compress.core.errors import InputError, UsageError, few
 from compress.core.interrupt import check_interrupted
 
 
@@ -46,7 +46,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     """Refuse an output that would overwrite an input, or that lies where nothing can be written.
 
     folder=True is for outputs that replace a whole folder (`compress run -o DIR`): an input inside DIR, or a
-    DIR holding anything its run manifest does not list (see run_folder_files), would be deleted with it, so
+    DIR holding anything its run manifest does not list (see foreign_files), would be deleted with it, so
     both are refused; with `overwrite` a folder of other files is accepted (the run moves it aside whole).
     """
     out_p = Path(out).expanduser()
@@ -66,9 +66,9 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     if folder and not overwrite:
         foreign = foreign_files(out_p)
         if foreign:
-            raise UsageError(f"{flag} {out} is a folder with other files in it ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}), and the run replaces that whole folder; give a "
-                             "new or empty folder, an earlier run's output, or --overwrite to move it aside")
+            raise UsageError(f"{flag} {out} is a folder with other files in it ({few(foreign)}), and the run "
+                             "replaces that whole folder; give a new or empty folder, an earlier run's output, or "
+                             "--overwrite to move it aside")
     parent = out_p.parent if str(out_p.parent) else Path(".")
     existing = parent
     while not existing.exists():
@@ -176,9 +176,8 @@ def check_foreign(folder: Path, flag: str = "-o") -> None:
         raise UsageError(f"{flag} {folder} is a file; give a folder")
     foreign = foreign_files(folder)
     if foreign:
-        raise UsageError(f"{flag} {folder} is a folder with other files in it ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or one this command "
-                         "wrote before")
+        raise UsageError(f"{flag} {folder} is a folder with other files in it ({few(foreign)}); give a new or "
+                         "empty folder, or one this command wrote before")
 
 
 def foreign_files(folder: Path) -> list[str]:

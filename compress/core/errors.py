@@ -48,3 +48,8 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message: library errors span lines, ours take one."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def few(items: list[str], n: int = 3) -> str:
+    """The first `n` names of a list for a one-line error, with ', ...' when there are more."""
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compress.core import InputError, ModelError, UsageError
+from compress.core import InputError, ModelError, UsageError, few
 from compress.core import first_line as _first_line
 
 MODEL_FORMS = "path/to/file.py:factory, package.module:factory, or a Hugging Face model folder"
@@ -205,7 +205,7 @@ def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
     missing = list(info.get("missing_keys") or [])
     unexpected = list(info.get("unexpected_keys") or [])
     mismatched = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])]
-    problems = [f"{what}: {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+    problems = [f"{what}: {few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
                                                             ("of another shape", mismatched)) if keys]
     if problems:
         raise ModelError(f"{folder}: the weights do not match config.json ({'; '.join(problems)}); a model built "
@@ -259,16 +259,13 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     mismatched = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing ({_few(missing)})")
+        problems.append(f"{len(missing)} missing ({few(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_few(mismatched)})")
+        problems.append(f"{len(mismatched)} shape mismatches ({few(mismatched)})")
     if problems:
         raise InputError(f"weights {path} do not fit the model: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from compress.core import InputError, ModelError, UsageError
+from compress.core import InputError, ModelError, UsageError, few
 from compress.core import first_line as _first_line
 
 PATTERNS = ("unstructured", "2:4")
@@ -158,7 +158,7 @@ def _check_ignore(module: nn.Module, ignore: list[str]) -> None:
     unknown = [p for p in ignore if not any(_matches(n, [p]) for n in names)]
     if unknown:
         layers = [n for n, m in module.named_modules() if isinstance(m, COVERED_TYPES)]
-        hint = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
+        hint = few(layers, 8)
         raise UsageError(f"ignored layer(s) {', '.join(map(repr, unknown))} match no module of the model; its Conv/Linear layers: {hint}")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 
-from compress.core import TWO_GB, InputError, ModelError, UsageError, nonfinite_initializers
+from compress.core import TWO_GB, InputError, ModelError, UsageError, few, nonfinite_initializers
 from compress.evaluate import fidelity, onnx_outputs
 from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
@@ -183,8 +183,8 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     bad = nonfinite_initializers(model, must_be_finite(model.graph))
     del model
     if bad:  # its ranges and scales would be NaN: onnxruntime's quantizer fails deep inside, or writes garbage
-        raise InputError(f"{fp32}: NaN or Inf in {len(bad)} weight tensor(s) ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}): a model with non-finite weights cannot be quantized")
+        raise InputError(f"{fp32}: NaN or Inf in {len(bad)} weight tensor(s) ({few(bad)}): a model with "
+                         "non-finite weights cannot be quantized")
     if backend.takes == "torch" and torch_source is None:
         raise UsageError(f"--backend {backend.backend} quantizes the PyTorch model, and this command has only ONNX: "
                          f"use `compress run MODEL --backend {backend.backend} ...`")
@@ -207,7 +207,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         bad = nonfinite_initializers(proto, must_be_finite(proto.graph))
         if bad:  # whatever the cause (data, a degenerate range, a bug): never a silently broken model
             raise ModelError(f"the {opts.to} model has NaN or Inf in {len(bad)} scale or weight tensor(s) "
-                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): not written")
+                             f"({few(bad)}): not written")
         write_model(proto, dst, external=proto.ByteSize() >= TWO_GB if proto.ByteSize() > 0 else False)
     report["onnx"] = str(dst)
     report["preset"] = made.preset
