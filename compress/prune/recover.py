@@ -371,11 +371,12 @@ def _rows(feed: Mapping[str, torch.Tensor]) -> int:
 
 def _validate(student: nn.Module, feeds: list[dict[str, torch.Tensor]], targets: list[list[torch.Tensor]],
               weights: list[float], curve: list[list[Any]], seconds: float) -> float:
-    """The loss on the validation batches, appended to `curve` with the top-1 agreement of a classifier's output."""
-    loss = _calib_loss(student, feeds, targets, weights)
-    agree = None
+    """The loss on the validation batches (as _calib_loss gives it), appended to `curve` with the top-1 agreement
+    of a classifier's output; one forward pass per batch serves both."""
     with torch.no_grad():
-        outs = [[t for _, t in flatten_outputs(student(**f)) if t.is_floating_point()] for f in feeds]
+        outs = [_student_outputs(student, f, t, i) for i, (f, t) in enumerate(zip(feeds, targets))]
+        loss = float(np.mean([float(_mse(o, t, weights)) for o, t in zip(outs, targets)]))
+    agree = None
     if all(o and o[0].ndim == 2 and o[0].shape[1] > 1 for o in outs):
         hits = sum(int((o[0].argmax(1) == t[0].argmax(1)).sum()) for o, t in zip(outs, targets))
         agree = round(hits / max(1, sum(int(o[0].shape[0]) for o in outs)), 4)
@@ -458,6 +459,12 @@ def _batch_order(n: int, seed: int) -> Iterator[int]:
 
 def _loss(student: nn.Module, feed: dict[str, torch.Tensor], target: list[torch.Tensor], weights: list[float],
           i: int) -> torch.Tensor:
+    return _mse(_student_outputs(student, feed, target, i), target, weights)
+
+
+def _student_outputs(student: nn.Module, feed: dict[str, torch.Tensor], target: list[torch.Tensor],
+                     i: int) -> list[torch.Tensor]:
+    """The student's float outputs on one batch, checked against the teacher's shapes."""
     try:
         out = student(**feed)
     except Exception as e:
@@ -465,6 +472,10 @@ def _loss(student: nn.Module, feed: dict[str, torch.Tensor], target: list[torch.
     got = [t for _, t in flatten_outputs(out) if t.is_floating_point()]
     if len(got) != len(target) or any(g.shape != t.shape for g, t in zip(got, target)):
         raise ModelError(f"the student's outputs {[list(g.shape) for g in got]} do not match the teacher's {[list(t.shape) for t in target]}")
+    return got
+
+
+def _mse(got: list[torch.Tensor], target: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return sum(w * torch.mean((g.float() - t) ** 2) for g, t, w in zip(got, target, weights))
 
 
