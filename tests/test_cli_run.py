@@ -236,17 +236,17 @@ def test_run_int4_weight_only_under_an_avg_bits_budget(tmp_path):
 def test_a_variant_with_non_finite_outputs_is_never_recommended():
     """A top-1 'agreement' of NaN outputs is no agreement: the variant is outside the tolerance and the reason
     says why (issue 16)."""
-    from compress.pipeline.run import recommend, within_tolerance
+    from compress.pipeline.run import recommend
     from compress.report import Fidelity, Variant
 
     def variant(name, fid, speedup):
         return Variant(name=name, onnx=f"{name}.onnx", size_bytes=100, params=1, macs=1, simulated=False,
                        excluded_layers=[], speedup_vs_fp32=speedup, fidelity=fid,
-                       within_tolerance=within_tolerance(fid, 0.01))
+                       within_tolerance=fid.within(0.01))
 
     clean = Fidelity(cosine_min=1.0, top1_agreement=1.0, samples=16, nonfinite_samples=0)
     broken = Fidelity(cosine_min=0.0, top1_agreement=1.0, samples=16, nonfinite_samples=3)
-    assert within_tolerance(clean, 0.01) and not within_tolerance(broken, 0.5)
+    assert clean.within(0.01) and not broken.within(0.5)
     name, why = recommend([variant("fp32", clean, 1.0), variant("int8", broken, 3.0)], 0.01)
     assert name == "fp32" and "int8 gives NaN or Inf outputs on 3 of 16 held-out samples" in why
 

@@ -77,8 +77,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
-    too when --prune is given, and then 'int8-unpruned' etc. as well, the back-off should the cut cost too much). Each is exported (verified against torch), profiled with the device profile,
-    timed against fp32 interleaved, and compared with fp32 on held-out inputs. The recommendation is the
+    too when --prune is given, and then 'int8-unpruned' etc. as well, the back-off should the cut cost too
+    much). Each is exported (verified against torch), profiled with the device profile, timed against fp32
+    interleaved, and compared with fp32 on held-out inputs. The recommendation is the
     fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
     fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
     the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is

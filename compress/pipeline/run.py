@@ -66,13 +66,6 @@ def _numel(dims: Any) -> int:
     return n
 
 
-def within_tolerance(fid: Fidelity, tolerance: float) -> bool:
-    """Classifiers are judged on top-1 agreement with fp32, everything else on the worst per-sample cosine; a
-    model whose outputs are not finite on some held-out sample is never within it (an arg-max of NaN can still
-    'agree')."""
-    return fid.within(tolerance)
-
-
 def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
     ok = [v for v in variants if v.name == "fp32" or (v.within_tolerance and not v.simulated)]
     best = max(ok, key=lambda v: (v.speedup_vs_fp32 or 0.0, v.name == "fp32"))
@@ -259,7 +252,7 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
             t = timed.variants[b.name]
             figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
         fid = Fidelity.from_json(fidelity(reference, runner(work / b.onnx, held_out)))
-        ok = within_tolerance(fid, opts.tolerance)
+        ok = fid.within(opts.tolerance)  # top-1 agreement or worst cosine; never with NaN/Inf outputs
         scored: dict[str, Any] = {}
         if opts.evaluate is not None:
             on_stage(f"scoring {b.name} with --eval")

@@ -129,10 +129,10 @@ def distill(
     budget, and starts lower for a student already close to its teacher (lr x loss_before / 0.5, between 0.3x
     and 1x: at 25% pruned, loss 0.09, lr 1e-3 ended at 97.1% held-out accuracy and 3e-4 at 97.9%; at 50%, loss
     0.84, 1e-3 gave 88.5% and 3e-4 85.7%); and with `validation` batches (not trained on) the student is checked
-    every `eval_every` steps, the
-    best weights are kept and training stops after `patience` checks without improvement. The result then holds
-    "curve": [[seconds, validation loss, validation top-1 agreement or None], ...]. Measured (2-vCPU Xeon, 256
-    samples, 60 s): 50% pruned held-out accuracy 66% -> 89%; 25% pruned 96% within 9 s.
+    every `eval_every` steps, the best weights are kept and training stops after `patience` checks without
+    improvement. The result then holds "curve": [[seconds, validation loss, validation top-1 agreement or None],
+    ...]. Measured by bench/prune_recovery.py (2-vCPU Xeon with AVX-512 VNNI, 256 samples, 60 s, with the
+    feature hints of _FeatureHints): held-out accuracy 66.0% -> 91.4% at 50% pruned, 97.5% -> 98.1% at 25%.
     """
     _check_args(student, teacher, batches, steps, lr, time_budget_s)
     feeds = [_to_tensors(b) for b in (_merged(batches) if augment else batches)]
