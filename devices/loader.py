@@ -88,25 +88,35 @@ class _ConfigTooLarge(Exception):
     pass
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int = 0) -> int:
+def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int = 0) -> int:
     """Values the node stands for once every alias is expanded (an anchored node counts at each use), without
-    expanding anything: each distinct node is sized once."""
+    expanding anything: each distinct node is sized once. Its height is remembered with its size, so an alias
+    used deep down counts the depth of what it names (nesting aliases cannot pile depth past the bound)."""
+    return _sized(node, memo, depth)[0]
+
+
+def _sized(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int) -> tuple[int, int]:
+    """(expanded size, height) of `node`, found at `depth`."""
     if depth > MAX_CONFIG_DEPTH:
         raise _ConfigTooLarge(f"nests deeper than {MAX_CONFIG_DEPTH} levels")
     key = id(node)
     if key not in memo:
         if isinstance(node, yaml.SequenceNode):
-            size = 1 + sum(_expanded_size(child, memo, depth + 1) for child in node.value)
+            children = list(node.value)
         elif isinstance(node, yaml.MappingNode):
-            size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1)
-                           for k, v in node.value)
+            children = [x for pair in node.value for x in pair]
         else:
-            size = 1
+            children = []
+        sized = [_sized(child, memo, depth + 1) for child in children]
+        size, height = 1 + sum(sz for sz, _ in sized), 1 + max((h for _, h in sized), default=0)
         if size > MAX_CONFIG_VALUES:
             raise _ConfigTooLarge(f"expands to more than {MAX_CONFIG_VALUES} values (anchors and aliases repeat "
                                   "what they name)")
-        memo[key] = size
-    return memo[key]
+        memo[key] = (size, height)
+    size, height = memo[key]
+    if depth + height - 1 > MAX_CONFIG_DEPTH:
+        raise _ConfigTooLarge(f"nests deeper than {MAX_CONFIG_DEPTH} levels")
+    return size, height
 
 
 def _bounded_safe_load(text: str) -> Any:

@@ -69,6 +69,10 @@ def files(tmp_path_factory) -> Path:
     (d / "laughs_sweep.yaml").write_text("models: [{model: 'compress.zoo:resnet_tiny'}]\ndevices: [host]\n"
                                          "grid:\n  quant: [none]\nextra:\n" + "".join(f"  {line}\n" for line in laughs))
     (d / "huge.yaml").write_text("name: x\n# " + "padding " * 200_000 + "\n")
+    # 45 levels named once and used again 44 levels down: each use is within the bound, together 89 levels
+    (d / "deep_alias.yaml").write_text("name: x\narch: x86_64\nexecution_providers:\n  - name: cpu\n    options:\n"
+                                       "      a: &deep " + "[" * 45 + "1" + "]" * 45 + "\n"
+                                       "      b: " + "[" * 44 + "*deep" + "]" * 44 + "\n")
     nan = rng.standard_normal((8, 3, 32, 32), dtype=np.float32)
     nan[5, 1, 2, 3] = np.nan
     np.savez(d / "calib_nan.npz", image=nan)
@@ -139,6 +143,8 @@ CASES = [
     # issue 16: configs that expand without bound or are huge; non-finite data
     ("yaml alias bomb", ["profile", "tiny.onnx", "--device", "laughs.yaml"], 1, "laughs.yaml: the YAML expands"),
     ("sweep alias bomb", ["sweep", "laughs_sweep.yaml", "-o", "sw"], 1, "laughs_sweep.yaml: the YAML expands"),
+    ("yaml depth piled up by an alias", ["profile", "tiny.onnx", "--device", "deep_alias.yaml"], 1,
+     "deep_alias.yaml: the YAML nests deeper than 50 levels"),
     ("huge yaml", ["profile", "tiny.onnx", "--device", "huge.yaml"], 1, "huge.yaml: 1.6 MB is more than"),
     ("NaN in calib", ["quantize", "tiny.onnx", "--to", "int8", "--calib", "calib_nan.npz", "-o", "out.onnx"], 1,
      "calib_nan.npz: array 'image' holds NaN or Inf in sample 5"),
