@@ -46,6 +46,20 @@ def test_run_prune_quant_none_report(tmp_path):
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_ignore_keeps_those_layers_at_full_width(tmp_path):
+    out = tmp_path / "out"
+    r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--ignore", "stem",
+             "--ignore", "layers.0", "--no-recover", "--quant", "none", "--runs", "3", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["stages"]["prune"]["structural"]
+    assert s["ignored"] == ["stem", "layers.0"]
+    changed = {layer["name"] for layer in s["layers"]}
+    assert changed and not any(n == "stem" or n.startswith(("stem.", "layers.0.")) for n in changed)
+    assert any(n.startswith("layers.3.") for n in changed)
+    assert "`layers.0`" in (out / "report.md").read_text()
+
+
 def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
     (tmp_path / "noisy.py").write_text(
         "import torch\nfrom torch import nn\n\n"
@@ -68,6 +82,9 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
     (["--input-shape", "1,3,32,32", "--prune", "auto", "--no-recover"], "does not take --no-recover"),
     (["--input-shape", "1,3,32,32", "--quant", "fp8"], "no FP8 hardware"),
     (["--input-shape", "1,3,32,32", "--device", "nosuch"], "unknown device"),
+    (["--input-shape", "1,3,32,32", "--ignore", "stem"], "give --prune too"),
+    (["--input-shape", "1,3,32,32", "--prune", "0.5", "--ignore", "no.such.layer", "--quant", "none"],
+     "--ignore 'no.such.layer' matches no module"),
 ])
 def test_run_usage_errors(tmp_path, args, text):
     r = _cli("run", "compress.zoo:resnet_tiny", *args, "-o", str(tmp_path / "o"))

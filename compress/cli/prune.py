@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from compress.cli.options import max_calib_option, model_input_options
+from compress.cli.options import ignore_option, max_calib_option, model_input_options
 from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 from compress.prune import PruneOptions
@@ -29,7 +29,7 @@ Examples:
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion (see --importance list).")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
-@click.option("--ignore", multiple=True, metavar="NAME", help="Module (qualified name or prefix) never to prune; repeatable.")
+@ignore_option
 @click.option("--round-to", type=int, help="Round channel counts to this multiple (default: the device's channel multiple).")
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): channel multiple, and where speed is measured.")
 @click.option("--sparsity", type=float, help="Also (or instead) zero this fraction of weights as masks.")
