@@ -24,7 +24,7 @@ demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m compress.zoo.shapes data --calib $(DEMO_OUT)/calib.npz --eval $(DEMO_OUT)/eval.npz
 	$(VENV)/bin/compress run compress.zoo:shapes_resnet --calib $(DEMO_OUT)/calib.npz --eval $(DEMO_OUT)/eval.npz \
-		--device host --prune 0.25 --tolerance 0.01 -o $(DEMO_OUT)/run
+		--device host --prune 0.25 --allocation measured --tolerance 0.01 -o $(DEMO_OUT)/run
 	@echo "demo report: $(abspath $(DEMO_OUT))/run/report.md (and report.json, tradeoff.png, one .onnx per variant)"
 
 bench-deps: $(STAMP)

@@ -10,6 +10,10 @@ recipe vs ours, side by side in one run, on the shipped trained demo (compress.z
 - ours:    `compress run --prune R` today (compress.prune.prune_stage defaults): BatchNorm re-estimation, then
            distillation on augmented views with cosine decay and early stopping on an eighth it never trains on,
            within --seconds.
+- measured: ours with `--allocation measured`: per-block ratios that save the time the uniform cut saves,
+           where each block's measured loss is lowest (compress.prune.allocate); its probing is in `seconds`.
+Every recipe's model is exported and timed against fp32 (onnxruntime, one intra-op thread, interleaved, medians of
+thread CPU time): "x fp32" is its speedup, the figure the allocation trades accuracy against.
 Held-out accuracy is on labelled images none of the recipes saw (labels are used only to score). Widths are
 rounded to the host profile's channel multiple for every recipe but the anchor. Prints the CPU it ran on.
 """
@@ -34,12 +38,23 @@ from compress.prune.recover import distill, recalibrate_batchnorm
 from compress.prune.structural import prune_model
 from devices.host import describe_host
 from devices.loader import load_profile
+from export.onnx_export import export_onnx
+from runtime.abtest import interleaved_latency
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
         return float(np.mean(np.concatenate([model(x[i:i + 256]).argmax(1).numpy() for i in range(0, len(x), 256)]) == y))
+
+
+def speedups(models: dict[str, torch.nn.Module], example: dict[str, torch.Tensor], tmp: Path) -> dict[str, float]:
+    paths = {}
+    for name, m in models.items():
+        paths[name] = tmp / f"{name}.onnx"
+        export_onnx(m, example, paths[name])
+    res = interleaved_latency(paths, threads=1, rounds=400)
+    return {name: res.speedup(name) for name in paths}
 
 
 def main() -> int:
@@ -63,25 +78,30 @@ def main() -> int:
     cpu = describe_host()
     print(f"shapes_resnet, {args.n_calib} unlabelled calibration samples, {len(y)} labelled held-out images, "
           f"2 torch threads, widths rounded to {multiple}; CPU: {cpu.get('cpu')} ({', '.join(cpu.get('isa', []))})")
-    print(f"{'ratio':>5} {'recipe':<8} {'accuracy':>8} {'drop pt':>7} {'seconds':>7}")
-    print(f"{'-':>5} {'fp32':<8} {fp32:>8.4f} {0:>7.2f} {0:>7.1f}")
+    print(f"{'ratio':>5} {'recipe':<8} {'accuracy':>8} {'drop pt':>7} {'seconds':>7} {'x fp32':>7}")
+    print(f"{'-':>5} {'fp32':<8} {fp32:>8.4f} {0:>7.2f} {0:>7.1f} {1:>7.2f}")
     for ratio in (float(r) for r in args.ratios.split(",")):
-        rows = []
+        rows: list = []
         t0 = time.perf_counter()
         anchor = copy.deepcopy(model)
         tp.pruner.MetaPruner(anchor, prep.example["image"], importance=tp.importance.GroupMagnitudeImportance(p=2),
                              pruning_ratio=ratio, ignored_layers=[anchor.fc]).step()
-        rows.append(("anchor", accuracy(anchor, x, y), time.perf_counter() - t0))
+        rows.append(("anchor", accuracy(anchor, x, y), time.perf_counter() - t0, anchor))
         t0 = time.perf_counter()
         before = prune_model(model, prep.example, ratio=ratio, importance="l2", round_to=multiple).module
         recalibrate_batchnorm(before, prep.train)
         distill(before, model, prep.train, steps=200, lr=1e-4)
-        rows.append(("before", accuracy(before, x, y), time.perf_counter() - t0))
+        rows.append(("before", accuracy(before, x, y), time.perf_counter() - t0, before))
         t0 = time.perf_counter()
         ours, _ = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds))
-        rows.append(("ours", accuracy(ours, x, y), time.perf_counter() - t0))
-        for name, acc, secs in rows:
-            print(f"{ratio:>5.2f} {name:<8} {acc:>8.4f} {100 * (fp32 - acc):>7.2f} {secs:>7.1f}")
+        rows.append(("ours", accuracy(ours, x, y), time.perf_counter() - t0, ours))
+        t0 = time.perf_counter()
+        measured, _ = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds,
+                                                            allocation="measured"))
+        rows.append(("measured", accuracy(measured, x, y), time.perf_counter() - t0, measured))
+        speed = speedups({"fp32": model, **{name: m for name, _, _, m in rows}}, prep.example, tmp)
+        for name, acc, secs, _ in rows:
+            print(f"{ratio:>5.2f} {name:<8} {acc:>8.4f} {100 * (fp32 - acc):>7.2f} {secs:>7.1f} {speed[name]:>7.2f}")
     return 0
 
 

@@ -36,6 +36,20 @@ def test_prune_cnn_report_and_model(tmp_path):
     assert n_params < 0.5 * s["params_before"]
 
 
+def test_prune_allocation_measured_reports_where_it_cut(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.standard_normal((16, 3, 32, 32)).astype(np.float32))
+    r = _cli("prune", "compress.zoo:resnet_tiny", "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.5", "--round-to", "4",
+             "--allocation", "measured", "--recover-steps", "5", "--json", "-", "-o", str(tmp_path / "p.onnx"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["structural"]
+    alloc = s["allocation"]
+    assert alloc["method"] == "measured" and set(alloc["ratios"]) == {"stem", "layers.0", "layers.1", "layers.2", "layers.3", "fc"}
+    assert all(0 <= v <= 0.75 for v in alloc["ratios"].values()) and any(alloc["ratios"].values())
+    assert alloc["baseline_ms"] > 0 and alloc["probes"] and s["ratio"] == 0.5 and s["ratios"] == alloc["ratios"]
+    assert s["macs_after"] < s["macs_before"]
+
+
 def test_prune_2to4_sparsity_reports_zipped_size_honestly(tmp_path):
     out = tmp_path / "s.onnx"
     r = _cli("prune", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--sparsity", "0.5", "--pattern", "2:4",
@@ -54,6 +68,7 @@ def test_prune_2to4_sparsity_reports_zipped_size_honestly(tmp_path):
     (["--input-shape", "1,3,32,32"], "give --ratio"),
     (["--input-shape", "1,3,32,32", "--ratio", "0.5", "--importance", "magic"], "magic"),
     (["--input-shape", "1,3,32,32", "--ratio", "0.5", "--ignore", "no.such.layer"], "no.such.layer"),
+    (["--input-shape", "1,3,32,32", "--ratio", "0.5", "--allocation", "measured", "--global"], "does not combine with --global"),
 ])
 def test_prune_usage_errors(tmp_path, args, text):
     r = _cli("prune", "compress.zoo:resnet_tiny", *args, "-o", str(tmp_path / "x.onnx"))

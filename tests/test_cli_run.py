@@ -82,7 +82,7 @@ def test_failed_run_leaves_output_folder_as_it_was(tmp_path):
     (["--input-shape", "1,3,32,32", "--prune", "auto", "--no-recover"], "does not take --no-recover"),
     (["--input-shape", "1,3,32,32", "--quant", "fp8"], "no FP8 hardware"),
     (["--input-shape", "1,3,32,32", "--device", "nosuch"], "unknown device"),
-    (["--input-shape", "1,3,32,32", "--ignore", "stem"], "give --prune too"),
+    (["--input-shape", "1,3,32,32", "--ignore", "stem"], "is about pruning: give --prune too"),
     (["--input-shape", "1,3,32,32", "--prune", "0.5", "--ignore", "no.such.layer", "--quant", "none"],
      "--ignore 'no.such.layer' matches no module"),
 ])

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from compress.prune import ALLOCATIONS, PruneOptions
 from compress.quantize import QuantOptions, backend_names, format_names
 
 
@@ -34,6 +35,14 @@ def ignore_option(f: Callable[..., Any]) -> Callable[..., Any]:
     where a uniform 25% cut loses its accuracy (AVX2 host, multiple 8: held-out 0.963 cut, 0.9785 kept)."""
     return click.option("--ignore", multiple=True, metavar="NAME",
                         help="Module (qualified name or prefix) never to prune; repeatable.")(f)
+
+
+def allocation_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--allocation for prune and run (compress.prune.allocate): one ratio everywhere, or per block from measured
+    sensitivity and latency."""
+    return click.option("--allocation", type=click.Choice(ALLOCATIONS), default=PruneOptions.default("allocation"),
+                        show_default=True, help="uniform: the ratio in every block; measured: per-block ratios that save "
+                        "the time the uniform cut saves (timed here) where a cut costs the least (each block probed alone).")(f)
 
 
 def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from compress.cli.options import ignore_option, max_calib_option, model_input_options
+from compress.cli.options import allocation_option, ignore_option, max_calib_option, model_input_options
 from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 from compress.prune import PruneOptions
@@ -28,6 +28,7 @@ Examples:
 @max_calib_option
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion (see --importance list).")
+@allocation_option
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
 @ignore_option
 @click.option("--round-to", type=int, help="Round channel counts to this multiple (default: the device's channel multiple).")
@@ -43,7 +44,7 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path (the pruned model).")
 def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None,
           ratio: float | None,
-          importance: str, global_pruning: bool, ignore: tuple[str, ...], round_to: int | None, device: str,
+          importance: str, allocation: str, global_pruning: bool, ignore: tuple[str, ...], round_to: int | None, device: str,
           sparsity: float | None, pattern: str, no_recover: bool, recover_steps: int, recover_seconds: float,
           finetune: str | None, no_measure: bool, json_out: str | None, output: str) -> None:
     """Prune MODEL structurally so it is really faster, recover it, export it, and measure it.
@@ -60,7 +61,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     require_one_input_source(input_shapes, calib)
     out = check_onnx_output(output, [model, weights, calib, device, finetune])
     check_json_output(json_out, output, [model, weights, calib, device, finetune])
-    opts = PruneOptions(ratio=ratio, importance=importance, global_pruning=global_pruning, ignore=list(ignore),
+    opts = PruneOptions(ratio=ratio, importance=importance, allocation=allocation, global_pruning=global_pruning, ignore=list(ignore),
                         round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
                         recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
                         real_data=calib is not None)

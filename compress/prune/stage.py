@@ -11,6 +11,7 @@ from torch import nn
 
 from compress.evaluate import fidelity, torch_outputs
 from compress.models import Prepared
+from compress.prune.allocate import allocate
 from compress.prune.options import PruneOptions
 from compress.prune.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
 from compress.prune.sparsity import apply_sparsity
@@ -40,11 +41,21 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
     student = model
     protected: list[str] = []
     if opts.ratio is not None:
+        kw = {"importance": opts.importance, "ignore": opts.ignore, "round_to": opts.round_to, "calib": train}
+        alloc = None
+        if opts.allocation == "measured":
+            on_stage(f"measuring where to cut: each block's sensitivity and latency ({opts.ratio:.0%})")
+            fit, val = split_validation(train)
+            alloc = allocate(model, example, fit, val or train, ratio=opts.ratio, **kw)
         on_stage(f"pruning {opts.ratio:.0%} of channels ({opts.importance})")
-        res = prune_model(model, example, ratio=opts.ratio, importance=opts.importance, global_pruning=opts.global_pruning,
-                          ignore=opts.ignore, round_to=opts.round_to, calib=train)
+        ratios = alloc.ratios if alloc is not None and alloc.ratios else None  # no blocks found: the uniform cut
+        res = prune_model(model, example, ratio=0.0 if ratios else opts.ratio, ratios=ratios,
+                          global_pruning=opts.global_pruning, **kw)
+        res.ratio = opts.ratio
         student, protected = res.module, list(res.protected)
         report["structural"] = res.to_json()
+        if alloc is not None:
+            report["structural"]["allocation"] = alloc.to_json()
     after_step = None
     if opts.sparsity is not None:
         on_stage(f"masking {opts.sparsity:.0%} of weights ({opts.pattern})")

@@ -25,7 +25,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
@@ -256,6 +256,7 @@ class PruneResult:
     global_pruning: bool = False
     output_coupled: list[str] = field(default_factory=list)  # other layers kept because their outputs reach a model output
     notes: list[str] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)  # per-module ratios, when chosen per block
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if k != "module"}
@@ -282,6 +283,7 @@ def prune_model(
     calib: list[dict[str, torch.Tensor]] | None = None,
     max_layer_ratio: float = 0.9,
     prune_heads: bool = True,
+    ratios: Mapping[str, float] | None = None,
 ) -> PruneResult:
     """Remove `ratio` of the channels, heads and neurons of a copy of `module` (which is left untouched).
 
@@ -294,8 +296,14 @@ def prune_model(
         one multiple).
     calib: batches for gradient-based criteria (the example is used when none are given).
     prune_heads: False keeps every attention head; MLP neurons and conv channels are still removed.
+    ratios: per-module ratios (module name -> ratio in [0, 1)) for the layers under each named module, `ratio` for
+        the rest (which may then be 0); a channel group takes the ratio of the module its pruning starts from.
+        compress.prune.allocate chooses them.
     """
-    _check_args(ratio, round_to, max_layer_ratio)
+    _check_args(ratio, round_to, max_layer_ratio, allow_zero=bool(ratios))
+    for name, r in (ratios or {}).items():
+        if not 0.0 <= r < 1.0:
+            raise UsageError(f"pruning ratio {r} for {name}: must be in [0, 1)")
     crit = get_criterion(importance)
     check_applicable(importance, module)
     model = copy.deepcopy(module).eval()
@@ -318,7 +326,8 @@ def prune_model(
         notes.append(f"attention not in the registry left untouched (heads and the widths it reads): {listed}")
     with warnings.catch_warnings():  # Torch-Pruning warns about every op it treats as element-wise
         warnings.filterwarnings("ignore", module=r"torch_pruning")
-        pruner = _build_pruner(model, example, imp, global_pruning, ratio, max_layer_ratio, round_to)
+        per_module = {_submodule(model, n): r for n, r in (ratios or {}).items()}
+        pruner = _build_pruner(model, example, imp, global_pruning, ratio, max_layer_ratio, round_to, per_module)
         untouchable = ignored_modules | _tied_modules(model) | {x for m in unknown.values() for x in m.modules()}
         guard = _Guard(pruner.DG, model, untouchable, trace.producers, pruner.output_grad_fns)
         pruner.guard = guard
@@ -327,7 +336,7 @@ def prune_model(
         heads = {}
         if prune_heads:
             for a in attention:
-                left = _prune_heads(pruner.DG, imp, a, guard, ratio, round_to, max_layer_ratio)
+                left = _prune_heads(pruner.DG, imp, a, guard, _ratio_of(a.name, ratio, ratios), round_to, max_layer_ratio)
                 if left != a.heads:
                     heads[a.name] = (a.heads, left)
         _prune_channels(pruner, guard)
@@ -350,11 +359,26 @@ def prune_model(
         macs_after=macs_after, layers=layers, heads=heads, protected=protected,
         ignored=list(dict.fromkeys(ignore)), ratio=ratio, importance=importance.strip().lower(), round_to=round_to,
         global_pruning=global_pruning, output_coupled=[n for n in guard.coupled_names() if n not in protected], notes=notes,
+        ratios=dict(ratios or {}),
     )
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise UsageError(f"pruning ratio for {name!r}: the model has no such module") from e
+
+
+def _ratio_of(name: str, ratio: float, ratios: Mapping[str, float] | None) -> float:
+    """The ratio for module `name`: that of the longest named prefix in `ratios`, else `ratio`."""
+    hits = [k for k in (ratios or {}) if name == k or name.startswith(k + ".")]
+    return ratios[max(hits, key=len)] if hits else ratio  # type: ignore[index]
+
+
 def _build_pruner(model: nn.Module, example: dict[str, torch.Tensor], imp: Any, global_pruning: bool, ratio: float,
-                  max_layer_ratio: float, round_to: int | None) -> _GuardedPruner:
+                  max_layer_ratio: float, round_to: int | None,
+                  per_module: Mapping[nn.Module, float] | None = None) -> _GuardedPruner:
     """Trace the model into a DepGraph. Heads are not declared to Torch-Pruning (num_heads): they are removed
     by `_prune_heads`, which keeps the count per layer under our control, rounding included."""
     outputs = _OutputRecorder()
@@ -363,6 +387,7 @@ def _build_pruner(model: nn.Module, example: dict[str, torch.Tensor], imp: Any, 
             pruner = _GuardedPruner(
                 model, example, importance=imp, global_pruning=global_pruning, pruning_ratio=ratio,
                 max_pruning_ratio=max_layer_ratio, round_to=round_to, ignored_layers=[],
+                pruning_ratio_dict=dict(per_module) if per_module else None,
                 in_channel_groups={}, out_channel_groups={}, num_heads={}, output_transform=outputs,
             )
     except Exception as e:
@@ -387,8 +412,8 @@ class _OutputRecorder:
         return tensors
 
 
-def _check_args(ratio: float, round_to: int | None, max_layer_ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+def _check_args(ratio: float, round_to: int | None, max_layer_ratio: float, allow_zero: bool = False) -> None:
+    if not isinstance(ratio, (int, float)) or not (0.0 <= ratio if allow_zero else 0.0 < ratio) or not ratio < 1.0:
         raise UsageError(f"pruning ratio {ratio}: must be between 0 and 1 (exclusive)")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise UsageError(f"round_to {round_to}: must be a positive integer")

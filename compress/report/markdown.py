@@ -300,6 +300,11 @@ def _fid_pair(f: Any) -> str:
     return ", ".join(parts) or NA
 
 
+def _ms(x: Any) -> str:
+    v = num(x)
+    return NA if v is None else f"{fmt_ms(v)} ms"
+
+
 def _ratio(before: Any, after: Any) -> str:
     b, a = num(before), num(after)
     return f" ({b / a:.2f}× fewer)" if b and a else ""
@@ -321,6 +326,13 @@ def _prune_lines(p: dict[str, Any]) -> list[str]:
                    f"{fmt_count(s.get('params_after'))}{_ratio(s.get('params_before'), s.get('params_after'))}, "
                    f"MACs {fmt_count(s.get('macs_before'))} → {fmt_count(s.get('macs_after'))}"
                    f"{_ratio(s.get('macs_before'), s.get('macs_after'))}; {len(as_list(s.get('layers')))} layers changed")
+        alloc = as_dict(s.get("allocation"))
+        if alloc:
+            ratios = ", ".join(f"{code(k)} {num(v):.0%}" for k, v in as_dict(alloc.get("ratios")).items() if num(v) is not None)
+            out.append(f"- **Where to cut** (measured: each block's output loss when cut alone, and its latency, "
+                       f"{alloc.get('timed_on', NA)}): {ratios}; saves {_ms(alloc.get('ms_saved'))} of "
+                       f"{_ms(alloc.get('baseline_ms'))}, the uniform cut {_ms(alloc.get('target_ms_saved'))} "
+                       f"({alloc.get('seconds', NA)} s)")
         heads = as_dict(s.get("heads"))
         if heads:
             hs = ", ".join(f"{code(k)} {v[0]} → {v[1]}" if isinstance(v, list) and len(v) == 2 else f"{code(k)} {v}"

@@ -1,0 +1,94 @@
+"""Per-block ratios (compress.prune.allocate): the greedy choice, per-module ratios in prune_model, the blocks
+found, and the whole allocation on a model where one block is fragile and another is cheap to cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress.core import UsageError
+from compress.prune.allocate import allocate, choose, prune_units
+from compress.prune.structural import prune_model
+from compress.zoo import resnet_tiny
+
+
+def test_choose_takes_the_least_loss_per_saving_until_the_target():
+    options = {
+        "fragile": [(0.25, 1.0, 1.0), (0.5, 2.0, 3.0)],  # 1.0 loss per ms
+        "cheap": [(0.25, 1.0, 0.01), (0.5, 2.0, 0.05), (0.75, 3.0, 0.2)],  # 0.01-0.15 per ms
+        "rounded": [(0.25, 0.0, 0.0), (0.5, 0.0, 0.0)],  # rounding left nothing to cut: never chosen
+    }
+    assert choose(options, 2.0) == {"fragile": 0.0, "cheap": 0.5, "rounded": 0.0}
+    assert choose(options, 3.5) == {"fragile": 0.25, "cheap": 0.75, "rounded": 0.0}
+    assert choose(options, 100.0) == {"fragile": 0.5, "cheap": 0.75, "rounded": 0.0}  # all there is
+    assert choose(options, 0.0) == {"fragile": 0.0, "cheap": 0.0, "rounded": 0.0}
+
+
+def test_choose_looks_past_a_ratio_that_rounding_made_free_of_savings():
+    # 0.25 saves nothing (rounded back), 0.5 saves a lot for little: the step 0 -> 0.5 must be seen
+    options = {"a": [(0.25, 0.0, 0.0), (0.5, 4.0, 0.1)], "b": [(0.25, 1.0, 0.5)]}
+    assert choose(options, 1.0) == {"a": 0.5, "b": 0.0}
+
+
+def _widths(m: nn.Module) -> dict[str, int]:
+    return {n: x.out_channels for n, x in m.named_modules() if isinstance(x, nn.Conv2d)}
+
+
+def test_prune_model_takes_a_ratio_per_module():
+    model = resnet_tiny()
+    ex = {"image": torch.randn(1, 3, 32, 32)}
+    names = {n: 0.0 for n, _ in model.named_children()} | {f"layers.{i}": 0.0 for i in range(4)}
+    res = prune_model(model, ex, ratio=0.0, ratios={**names, "layers.3": 0.5})
+    before, after = _widths(model), _widths(res.module)
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed and all(n.startswith("layers.3.") for n in changed)
+    assert after["layers.3.conv1"] == before["layers.3.conv1"] // 2
+    assert res.ratios["layers.3"] == 0.5
+    with pytest.raises(UsageError, match="no such module"):
+        prune_model(model, ex, ratio=0.0, ratios={"nope": 0.5})
+    with pytest.raises(UsageError, match=r"in \[0, 1\)"):
+        prune_model(model, ex, ratio=0.0, ratios={"layers.3": 1.0})
+    with pytest.raises(UsageError):
+        prune_model(model, ex, ratio=0.0)  # 0 only with per-module ratios
+
+
+def test_units_are_the_stages_and_the_other_weighted_children():
+    assert list(prune_units(resnet_tiny())) == ["stem", "layers.0", "layers.1", "layers.2", "layers.3", "fc"]
+    deep = nn.Sequential(nn.Conv2d(3, 8, 3), *[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(40)])
+    units = prune_units(deep)
+    assert len(units) <= 16  # runs of consecutive blocks, the stem conv among them
+    assert [n for v in units.values() for n in v] == [str(i) for i in range(41)]
+
+
+class TwoBranch(nn.Module):
+    """Two independent branches of the same cost: `fragile` feeds the output at 100x the weight of `cheap`, so
+    cutting it costs far more accuracy for the same time saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+
+        def branch() -> nn.Sequential:
+            s = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 3, padding=1))
+            for p in s.parameters():
+                p.data = torch.randn(p.shape, generator=g) * 0.1
+            return s
+
+        self.fragile, self.cheap = branch(), branch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 100 * self.fragile(x) + self.cheap(x)
+
+
+def test_allocate_cuts_the_cheap_block_and_spares_the_fragile_one():
+    model = TwoBranch().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 8, 16, 16, generator=g)} for _ in range(6)]
+    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60)
+    assert alloc.ratios["cheap"] > alloc.ratios["fragile"]
+    assert alloc.ratios["cheap"] >= 0.5  # it took the uniform cut's saving from the cheap branch
+    probes = {(p.unit, p.ratio): p for p in alloc.probes}
+    assert probes[("fragile", 0.25)].loss > 10 * probes[("cheap", 0.25)].loss
+    assert alloc.baseline_ms > 0 and alloc.target_ms_saved > 0
+    assert alloc.to_json()["method"] == "measured" and set(alloc.to_json()["ratios"]) == {"fragile", "cheap"}
