@@ -155,13 +155,15 @@ def _time(modules: Mapping[str, nn.Module], example: dict[str, torch.Tensor], ro
 
 def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence[Mapping[str, Any]],
              held_out: Sequence[Mapping[str, Any]], *, ratio: float, max_ratio: float = 0.75, rounds: int = 200,
-             **kw: Any) -> Allocation:
+             recalibrate: bool = True, **kw: Any) -> Allocation:
     """Per-unit ratios that save the time of a uniform `ratio` cut at the least measured loss (see the module's
-    docstring). `kw` goes to prune_model for every probe (importance, round_to, ignore, ...)."""
+    docstring). `recalibrate`: re-estimate BatchNorm in every probe, as the prune stage will (only on real data:
+    on synthetic inputs it would fit the statistics to noise). `kw` goes to prune_model for every probe
+    (importance, round_to, ignore, ...)."""
     t0 = time.perf_counter()
     units = prune_units(model)
     reference = torch_outputs(model, held_out)
-    _, zero = _probe(model, example, train, held_out, reference, {}, kw)  # re-estimation alone
+    _, zero = _probe(model, example, train if recalibrate else [], held_out, reference, {}, kw)  # re-estimation alone
     grid = sorted({round(min(ratio * s, max_ratio), 4) for s in STEPS})
     none = {n: 0.0 for names in units.values() for n in names}
     probes: list[Probe] = []
@@ -172,7 +174,8 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
             # named module it reaches, so probes and the final cut must name the same modules
             cut = {**none, **dict.fromkeys(names, r)}
             res = prune_model(model, example, ratio=0.0, ratios=cut, **kw)
-            recalibrate_batchnorm(res.module, train)
+            if recalibrate:
+                recalibrate_batchnorm(res.module, train)
             loss = max(_loss(reference, torch_outputs(res.module, held_out)) - zero, 0.0)
             probes.append(Probe(unit, r, res.macs_before - res.macs_after, loss))
             if probes[-1].macs_saved > 0:
@@ -188,18 +191,24 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
         for p in mine:
             p.ms_saved = round(per_mac * p.macs_saved, 5)
             options[unit] = [*options.get(unit, []), (p.ratio, p.ms_saved, p.loss)]
-    aim, ratios, saved = target, dict(none), 0.0
+    # The estimate adds block savings that interact (a stage's output width is the next one's input, heads and
+    # widths overlap), so the chosen cut is timed and the aim scaled by target / measured, both ways, up to 3
+    # times: measured on compress.zoo:encoder_demo at 30%, the first choice saved 10.6 ms where uniform saved 6.5.
+    # Kept: the timed choice closest to the target among those saving at least 95% of it, else the nearest.
+    aim, tried = target, []
     for _ in range(3):
         chosen = choose(options, aim)
         ratios = {n: r for u, r in chosen.items() for n in units[u]}
-        if not any(ratios.values()):
+        if not any(ratios.values()) or any(t[1] == ratios for t in tried):
             break
         cut = prune_model(model, example, ratio=0.0, ratios=ratios, **kw).module
         got = _time({"unpruned": model, "chosen": cut}, example, rounds)
-        saved = got["unpruned"] - got["chosen"]
-        more = aim + (target - saved) * got["unpruned"] / ms["unpruned"]
-        if saved >= target or choose(options, more) == chosen:
+        saved = (got["unpruned"] - got["chosen"]) * ms["unpruned"] / got["unpruned"]  # on the first timing's scale
+        tried.append((saved, ratios))
+        if abs(saved - target) <= 0.05 * target or saved <= 0:
             break
-        aim = more
+        aim *= target / saved
+    ok = [t for t in tried if t[0] >= 0.95 * target]
+    saved, ratios = (min(ok, key=lambda t: t[0]) if ok else max(tried, key=lambda t: t[0])) if tried else (0.0, dict(none))
     return Allocation(ratios=ratios, probes=probes, target_ms_saved=round(target, 5), ms_saved=round(saved, 5),
                       baseline_ms=round(ms["unpruned"], 5), seconds=time.perf_counter() - t0, units=units)

@@ -46,7 +46,7 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
         if opts.allocation == "measured":
             on_stage(f"measuring where to cut: each block's sensitivity and latency ({opts.ratio:.0%})")
             fit, val = split_validation(train)
-            alloc = allocate(model, example, fit, val or train, ratio=opts.ratio, **kw)
+            alloc = allocate(model, example, fit, val or train, ratio=opts.ratio, recalibrate=opts.recover and opts.real_data, **kw)
         on_stage(f"pruning {opts.ratio:.0%} of channels ({opts.importance})")
         ratios = alloc.ratios if alloc is not None and alloc.ratios else None  # no blocks found: the uniform cut
         res = prune_model(model, example, ratio=0.0 if ratios else opts.ratio, ratios=ratios,
