@@ -33,7 +33,7 @@ from torch import nn
 
 from compress.evaluate import torch_outputs
 from compress.prune.recover import recalibrate_batchnorm
-from compress.prune.structural import prune_model
+from compress.prune.structural import main_blocks, prune_model
 from export import export_onnx
 from runtime import interleaved_latency
 
@@ -73,11 +73,7 @@ def prune_units(model: nn.Module) -> dict[str, list[str]]:
     """The blocks ratios are chosen for: each child of the model's longest nn.Sequential/nn.ModuleList of
     composite modules (its stages or layers), and each other top-level child holding weights (a stem, a head).
     More than MAX_UNITS blocks are grouped into runs of consecutive ones. Name -> module names it covers."""
-    best: list[str] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 2 and len(mod) > len(best) and all(
-                any(True for _ in c.children()) for c in mod.children()):
-            best = [f"{name}.{k}" if name else k for k, _ in mod.named_children()]
+    best = main_blocks(model)
     units: list[str] = []
     for name, child in model.named_children():
         inside = [b for b in best if b.startswith(name + ".")]

@@ -26,6 +26,7 @@ from torch import nn
 from compress.core import ModelError, UsageError
 from compress.core import first_line as _first_line
 from compress.models import load_option_function
+from compress.prune.structural import main_blocks
 from export import flatten_outputs
 
 Batch = Mapping[str, Any]
@@ -234,14 +235,8 @@ class _FeatureHints:
 
 
 def _block_names(model: nn.Module, most: int = 8) -> list[str]:
-    """The children of the model's longest nn.Sequential/nn.ModuleList of blocks (children that are modules of
-    modules: its stages or layers, not a stem's conv/bn/relu), at most `most`."""
-    best: list[str] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Sequential, nn.ModuleList)) or len(mod) < 2 or len(mod) <= len(best):
-            continue
-        if all(any(True for _ in child.children()) for child in mod.children()):
-            best = [f"{name}.{k}" if name else k for k, _ in mod.named_children()]
+    """The model's main blocks (structural.main_blocks), at most `most`, spread evenly."""
+    best = main_blocks(model)
     if len(best) > most:
         best = [best[round(i * (len(best) - 1) / (most - 1))] for i in range(most)]
     return best

@@ -730,6 +730,19 @@ def _prune_channels(pruner: _GuardedPruner, guard: _Guard) -> None:
 # Measuring and checking
 
 
+def main_blocks(model: nn.Module) -> list[str]:
+    """Names of the children of the model's longest nn.Sequential/nn.ModuleList of blocks (children that are
+    modules of modules: its stages or layers, not a stem's conv/bn/relu); [] when it has none. Recovery matches
+    their outputs (feature hints) and the allocation chooses a ratio for each."""
+    best: list[str] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)) or len(mod) < 2 or len(mod) <= len(best):
+            continue
+        if all(any(True for _ in child.children()) for child in mod.children()):
+            best = [f"{name}.{k}" if name else k for k, _ in mod.named_children()]
+    return best
+
+
 def count_macs(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(MACs, params) of one forward pass on `example`, as Torch-Pruning counts them, without its prints."""
     try:
