@@ -96,16 +96,19 @@ def _loss(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> flo
     return total / max(len(reference), 1)
 
 
-def _probe(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence[Mapping[str, Any]],
+def _probe(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence[Mapping[str, Any]] | None,
            held_out: Sequence[Mapping[str, Any]], reference: list[list[np.ndarray]], ratios: Mapping[str, float],
-           kw: Mapping[str, Any]) -> tuple[int, float]:
-    if not ratios:  # nothing cut: what BatchNorm re-estimation alone does to the outputs
+           kw: Mapping[str, Any]) -> tuple[nn.Module, int, float]:
+    """(the cut model, MACs it saves, output loss) of a cut by `ratios` ({}: nothing cut), with BatchNorm
+    re-estimated on `train` unless it is None."""
+    if not ratios:
         module, saved = copy.deepcopy(model), 0
     else:
         res = prune_model(model, example, ratio=0.0, ratios=ratios, **kw)
         module, saved = res.module, res.macs_before - res.macs_after
-    recalibrate_batchnorm(module, train)
-    return saved, _loss(reference, torch_outputs(module, held_out))
+    if train is not None:
+        recalibrate_batchnorm(module, train)
+    return module, saved, _loss(reference, torch_outputs(module, held_out))
 
 
 def choose(options: Mapping[str, Sequence[tuple[float, float, float]]], target: float) -> dict[str, float]:
@@ -159,7 +162,8 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
     t0 = time.perf_counter()
     units = prune_units(model)
     reference = torch_outputs(model, held_out)
-    _, zero = _probe(model, example, train if recalibrate else [], held_out, reference, {}, kw)  # re-estimation alone
+    tune = train if recalibrate else None
+    _, _, zero = _probe(model, example, tune, held_out, reference, {}, kw)  # what re-estimation alone does
     grid = sorted({round(min(ratio * s, max_ratio), 4) for s in STEPS})
     none = {n: 0.0 for names in units.values() for n in names}
     probes: list[Probe] = []
@@ -168,14 +172,10 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
         for r in grid:
             # every unit named (at 0 but this one): a channel group shared by blocks takes the ratio of the first
             # named module it reaches, so probes and the final cut must name the same modules
-            cut = {**none, **dict.fromkeys(names, r)}
-            res = prune_model(model, example, ratio=0.0, ratios=cut, **kw)
-            if recalibrate:
-                recalibrate_batchnorm(res.module, train)
-            loss = max(_loss(reference, torch_outputs(res.module, held_out)) - zero, 0.0)
-            probes.append(Probe(unit, r, res.macs_before - res.macs_after, loss))
-            if probes[-1].macs_saved > 0:
-                widest[unit] = res.module  # the last, largest ratio that saved anything is the one timed
+            cut, saved, loss = _probe(model, example, tune, held_out, reference, {**none, **dict.fromkeys(names, r)}, kw)
+            probes.append(Probe(unit, r, saved, max(loss - zero, 0.0)))
+            if saved > 0:
+                widest[unit] = cut  # the last, largest ratio that saved anything is the one timed
     uniform = prune_model(model, example, ratio=ratio, **kw)
     ms = _time({"unpruned": model, "uniform": uniform.module, **widest}, example, rounds)
     target = ms["unpruned"] - ms["uniform"]
