@@ -88,15 +88,11 @@ class _ConfigTooLarge(Exception):
     pass
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int = 0) -> int:
-    """Values the node stands for once every alias is expanded (an anchored node counts at each use), without
-    expanding anything: each distinct node is sized once. Its height is remembered with its size, so an alias
-    used deep down counts the depth of what it names (nesting aliases cannot pile depth past the bound)."""
-    return _sized(node, memo, depth)[0]
-
-
-def _sized(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int) -> tuple[int, int]:
-    """(expanded size, height) of `node`, found at `depth`."""
+def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int = 0) -> tuple[int, int]:
+    """(values, height) of `node` found at `depth`: the values it stands for once every alias is expanded (an
+    anchored node counts at each use), without expanding anything: each distinct node is sized once. Its height
+    is remembered with its size, so an alias used deep down counts the depth of what it names (nesting aliases
+    cannot pile depth past the bound)."""
     if depth > MAX_CONFIG_DEPTH:
         raise _ConfigTooLarge(f"nests deeper than {MAX_CONFIG_DEPTH} levels")
     key = id(node)
@@ -107,7 +103,7 @@ def _sized(node: yaml.Node, memo: dict[int, tuple[int, int]], depth: int) -> tup
             children = [x for pair in node.value for x in pair]
         else:
             children = []
-        sized = [_sized(child, memo, depth + 1) for child in children]
+        sized = [_expanded_size(child, memo, depth + 1) for child in children]
         size, height = 1 + sum(sz for sz, _ in sized), 1 + max((h for _, h in sized), default=0)
         if size > MAX_CONFIG_VALUES:
             raise _ConfigTooLarge(f"expands to more than {MAX_CONFIG_VALUES} values (anchors and aliases repeat "
