@@ -34,27 +34,17 @@ import torch_pruning as tp
 
 from compress.models import load_model, prepare_inputs
 from compress.prune import PruneOptions, prune_stage
+from compress.prune.allocate import time_modules
 from compress.prune.recover import distill, recalibrate_batchnorm
 from compress.prune.structural import prune_model
 from devices.host import describe_host
 from devices.loader import load_profile
-from export.onnx_export import export_onnx
-from runtime.abtest import interleaved_latency
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
         return float(np.mean(np.concatenate([model(x[i:i + 256]).argmax(1).numpy() for i in range(0, len(x), 256)]) == y))
-
-
-def speedups(models: dict[str, torch.nn.Module], example: dict[str, torch.Tensor], tmp: Path) -> dict[str, float]:
-    paths = {}
-    for name, m in models.items():
-        paths[name] = tmp / f"{name}.onnx"
-        export_onnx(m, example, paths[name])
-    res = interleaved_latency(paths, threads=1, rounds=400)
-    return {name: res.speedup(name) for name in paths}
 
 
 def main() -> int:
@@ -99,7 +89,8 @@ def main() -> int:
         measured, _ = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds,
                                                             allocation="measured"))
         rows.append(("measured", accuracy(measured, x, y), time.perf_counter() - t0, measured))
-        speed = speedups({"fp32": model, **{name: m for name, _, _, m in rows}}, prep.example, tmp)
+        ms = time_modules({"fp32": model, **{name: m for name, _, _, m in rows}}, prep.example, rounds=400)
+        speed = {name: ms["fp32"] / v for name, v in ms.items()}
         for name, acc, secs, _ in rows:
             print(f"{ratio:>5.2f} {name:<8} {acc:>8.4f} {100 * (fp32 - acc):>7.2f} {secs:>7.1f} {speed[name]:>7.2f}")
     return 0

@@ -25,12 +25,11 @@ import torch
 
 from compress.evaluate import fidelity, torch_outputs
 from compress.models import load_model, prepare_inputs
+from compress.prune.allocate import time_modules
 from compress.prune.recover import recalibrate_batchnorm
 from compress.prune.structural import prune_model
 from devices.host import describe_host
 from devices.loader import load_profile
-from export.onnx_export import export_onnx
-from runtime.abtest import interleaved_latency
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
@@ -57,8 +56,7 @@ def main() -> int:
     blocks = ["stem", *(f"layers.{i}" for i in range(len(model.layers)))]
     reference = torch_outputs(model, prep.held_out)
     fp32 = accuracy(model, x, y)
-    paths = {"fp32": tmp / "fp32.onnx"}
-    export_onnx(model, prep.example, paths["fp32"])
+    modules = {"fp32": model}
     rows = {}
     for name in [*blocks, "all"]:
         ignore = [] if name == "all" else [b for b in blocks if b != name]
@@ -67,20 +65,19 @@ def main() -> int:
         fid = fidelity(reference, torch_outputs(res.module, prep.held_out))
         rows[name] = (accuracy(res.module, x, y), fid["top1_agreement"], res.macs_before / res.macs_after,
                       [f"{layer['before'][1]}->{layer['after'][1]}" for layer in res.layers if layer["name"].endswith("conv1")])
-        paths[name] = tmp / f"{name}.onnx"
-        export_onnx(res.module, prep.example, paths[name])
-    t = interleaved_latency(paths, threads=1, rounds=args.rounds)
+        modules[name] = res.module
+    ms = time_modules(modules, prep.example, rounds=args.rounds)
     cpu = describe_host()
     print(f"shapes_resnet, --ratio {args.ratio} one block at a time (others kept), widths rounded to {multiple}, BatchNorm "
-          f"re-estimated, no distillation; {t.rounds} interleaved rounds; CPU: {cpu['cpu']} ({', '.join(cpu['isa'])})")
-    print(f"fp32 accuracy {fp32:.4f}, {t.cpu_ms['fp32']:.3f} ms (1-thr cpu)")
+          f"re-estimated, no distillation; at least {args.rounds} interleaved rounds; CPU: {cpu['cpu']} ({', '.join(cpu['isa'])})")
+    print(f"fp32 accuracy {fp32:.4f}, {ms['fp32']:.3f} ms (1-thr cpu)")
     print("| block cut | accuracy | drop pt | top-1 agree | MACs x | 1-thr ms | ms saved | drop pt per 0.01 ms saved | conv1 widths |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, (acc, agree, macs, widths) in rows.items():
-        saved = t.cpu_ms["fp32"] - t.cpu_ms[name]
+        saved = ms["fp32"] - ms[name]
         drop = 100 * (fp32 - acc)
         per = f"{drop / (saved * 100):.2f}" if saved > 0.001 else "-"
-        print(f"| {name} | {acc:.4f} | {drop:.2f} | {agree:.3f} | {macs:.2f} | {t.cpu_ms[name]:.3f} | {saved:.3f} | {per} | "
+        print(f"| {name} | {acc:.4f} | {drop:.2f} | {agree:.3f} | {macs:.2f} | {ms[name]:.3f} | {saved:.3f} | {per} | "
               f"{', '.join(widths)} |")
     return 0
 

@@ -140,8 +140,9 @@ def choose(options: Mapping[str, Sequence[tuple[float, float, float]]], target: 
     return {unit: ladders[unit][i][0] for unit, i in at.items()}
 
 
-def _time(modules: Mapping[str, nn.Module], example: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
-    """Milliseconds per run of each module as onnxruntime runs it here (exported, timed interleaved, one thread)."""
+def time_modules(modules: Mapping[str, nn.Module], example: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
+    """Milliseconds per run of each module as onnxruntime runs it here (exported, timed interleaved, one thread,
+    medians of thread CPU time)."""
     with tempfile.TemporaryDirectory(prefix="edge-compress-allocate-") as tmp:
         paths = {}
         for i, (name, module) in enumerate(modules.items()):
@@ -177,7 +178,7 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
             if saved > 0:
                 widest[unit] = cut  # the last, largest ratio that saved anything is the one timed
     uniform = prune_model(model, example, ratio=ratio, **kw)
-    ms = _time({"unpruned": model, "uniform": uniform.module, **widest}, example, rounds)
+    ms = time_modules({"unpruned": model, "uniform": uniform.module, **widest}, example, rounds)
     target = ms["unpruned"] - ms["uniform"]
     options: dict[str, list[tuple[float, float, float]]] = {}
     for unit in units:
@@ -198,7 +199,7 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
         if not any(ratios.values()) or any(t[1] == ratios for t in tried):
             break
         cut = prune_model(model, example, ratio=0.0, ratios=ratios, **kw).module
-        got = _time({"unpruned": model, "chosen": cut}, example, rounds)
+        got = time_modules({"unpruned": model, "chosen": cut}, example, rounds)
         saved = (got["unpruned"] - got["chosen"]) * ms["unpruned"] / got["unpruned"]  # on the first timing's scale
         tried.append((saved, ratios))
         if abs(saved - target) <= 0.05 * target or saved <= 0:
