@@ -255,6 +255,33 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
 
+_SIGNAL_INSIDE_EXEC = """
+import sys
+from compress.cli import cli, main
+
+@cli.command("generated")
+def generated():
+    # generated code run through exec() of a string, as torch.fx, dataclasses and namedtuple do
+    exec("import os, signal, time\\nos.kill(os.getpid(), signal.{sig})\\ntime.sleep(30)")
+
+main(["generated"])
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 1)])
+def test_a_signal_inside_generated_code_keeps_the_documented_exit_code(tmp_path, sig, code):
+    """CI once saw a SIGTERMed export end as killed by SIGINT (-2): CPython flags a KeyboardInterrupt that left
+    an exec() of a string as unhandled and, under `python -m`, kills itself with SIGINT at exit. Deterministic
+    here: the signal is sent from inside such an exec, and the script runs as a module, as the tests run the
+    CLI."""
+    (tmp_path / "signal_in_exec.py").write_text(_SIGNAL_INSIDE_EXEC.format(sig=sig))
+    r = subprocess.run([sys.executable, "-m", "signal_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: interrupted" if sig == "SIGINT"
+                                                 else f"error: terminated by {sig}")
+
+
 def _runners(model: Path) -> list[int]:
     """PIDs of runner.py processes timing MODEL (read from /proc: no third-party process library)."""
     pids = []

@@ -110,6 +110,11 @@ def _interrupted() -> NoReturn:
 
     for sig in interrupt.SIGNALS:  # a second signal must not turn the exit into a traceback
         signal.signal(sig, signal.SIG_IGN)
+    # CPython marks a KeyboardInterrupt that left an exec()/eval() of a string (torch.fx, dataclasses and
+    # namedtuple run generated code that way) as unhandled, even though we caught it, and under `python -m`
+    # then kills itself with SIGINT at exit, whatever code we pass: CI saw -2 for a SIGTERMed export. Any
+    # later string exec clears that mark, so this one does.
+    exec("None")
     sig = interrupt.received()
     if sig == signal.SIGINT:
         click.echo("error: interrupted", err=True)
