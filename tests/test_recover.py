@@ -298,3 +298,25 @@ def test_feature_hints_match_the_main_blocks_and_leave_no_hooks_behind(teacher, 
     assert res["feature_hints"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
     for m in (*teacher.modules(), *student.modules()):
         assert not m._forward_hooks
+
+
+def test_weights_run_channels_last_and_come_back_as_they_were(teacher, calib):
+    """Distillation runs the convolutions channels-last (~1.5x the steps in a time budget) and hands both
+    models back in the layout they came in: the teacher is the user's model, the student is exported next."""
+    from compress.prune.recover import channels_last
+
+    student = _pruned(teacher)
+    convs = [m.weight for m in (*teacher.modules(), *student.modules()) if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    seen: list[bool] = []
+    state = _state(teacher)
+    with channels_last(teacher, student):
+        seen = [w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs]
+    assert convs and all(seen)
+    distill(student, teacher, calib, steps=20, lr=1e-3, augment=True, validation=_batches(5, 1, 8), eval_every=5)
+    assert all(p.is_contiguous() for p in (*teacher.parameters(), *student.parameters()))
+    _assert_same_state(_state(teacher), state)
+    already = copy.deepcopy(teacher).to(memory_format=torch.channels_last)  # a user's channels-last model stays so
+    kept = [m.weight for m in already.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    with channels_last(already):
+        pass
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in kept)

@@ -30,7 +30,7 @@ class PruneOptions(Options):
     # stopped early at 88 s
     recover_steps: int = 20000
     recover_seconds: Optional[float] = 60.0
-    lr: float = 1e-3
+    lr: float = 1e-3  # distillation: scaled by how far the student starts from its teacher (recover.distill)
     finetune: Optional[str] = None  # file.py:fn or module:fn, run instead of the built-in distillation
     real_data: bool = True  # the tuning batches are real samples (--calib): BatchNorm statistics may be re-estimated
     # --prune auto: bisect the ratio in (0, max_ratio] for the largest cut whose fidelity to the unpruned model
