@@ -307,7 +307,6 @@ def test_weights_run_channels_last_and_come_back_as_they_were(teacher, calib):
 
     student = _pruned(teacher)
     convs = [m.weight for m in (*teacher.modules(), *student.modules()) if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
-    seen: list[bool] = []
     state = _state(teacher)
     with channels_last(teacher, student):
         seen = [w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs]

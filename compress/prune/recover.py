@@ -40,8 +40,8 @@ WARMUP_STEPS = 100
 EARLY_STOP_AFTER = 0.5
 # A student farther than FAR (loss over the teacher's variance) learns the block outputs too (hints, whose 1x1 maps
 # start at zero) at FAR_LR times the learning rate. On the demo (60 s, 256 samples, 2-vCPU Xeon, seeds 1 and 2),
-# held-out accuracy, 1x against 3x: 25% uniform (loss 0.34) 95.9/96.7% vs 96.9/96.5%; 50% (0.84) 91.6/90.4% vs
-# 92.8/91.2%. A close student wants the lower rate: the demo's measured 25% cut (0.15) 97.9/98.2% at 1x,
+# held-out accuracy, 1x against 3x: 25% uniform (loss 0.34) 95.9/96.7% vs 96.9/96.5%; 50% (0.84; 1.7x against
+# 3x) 91.6/90.4% vs 92.8/91.2%. A close student wants the lower rate: the demo's measured 25% cut (0.15) 97.9/98.2% at 1x,
 # 97.7/97.3% at 3x.
 FAR = 0.3
 FAR_LR = 3.0
@@ -146,8 +146,8 @@ def distill(
     loss_before / 0.5, between 0.3x and 1x: at 25% pruned, loss 0.09, lr 1e-3 ended at 97.1% held-out accuracy
     and 3e-4 at 97.9%) and higher for one far from it (FAR_LR); and with `validation` batches (not trained on)
     the student is checked every `eval_every` steps, the best weights are kept and training stops after
-    `patience` checks without improvement (with augmentation, from EARLY_STOP_AFTER of the budget on). The result then holds "curve": [[seconds, validation loss, validation top-1 agreement or None],
-    ...]. Measured by bench/prune_recovery.py (2-vCPU Xeon with AVX-512 VNNI, 256 samples, 60 s, with the
+    `patience` checks without improvement (with augmentation, from EARLY_STOP_AFTER of the budget on). The
+    result then holds "curve": [[seconds, validation loss, validation top-1 agreement or None], ...]. Measured by bench/prune_recovery.py (2-vCPU Xeon with AVX-512 VNNI, 256 samples, 60 s, with the
     feature hints of _FeatureHints): held-out accuracy 66.0% -> 91.4% at 50% pruned, 97.5% -> 98.1% at 25%.
     """
     _check_args(student, teacher, batches, steps, lr, time_budget_s)
