@@ -47,6 +47,7 @@ def test_prune_allocation_measured_reports_where_it_cut(tmp_path):
     assert alloc["method"] == "measured" and set(alloc["ratios"]) == {"stem", "layers.0", "layers.1", "layers.2", "layers.3", "fc"}
     assert all(0 <= v <= 0.75 for v in alloc["ratios"].values()) and any(alloc["ratios"].values())
     assert alloc["baseline_ms"] > 0 and alloc["probes"] and s["ratio"] == 0.5 and s["ratios"] == alloc["ratios"]
+    assert alloc["probe_recovery_steps"] == 5  # each probe recovered as the stage does, for --recover-steps at most
     assert s["macs_after"] < s["macs_before"]
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from compress.core import UsageError
-from compress.prune.allocate import allocate, choose, prune_units
+from compress.prune.allocate import ProbeRecovery, allocate, choose, prune_units
 from compress.prune.structural import prune_model
 from compress.zoo import resnet_tiny
 
@@ -92,3 +92,19 @@ def test_allocate_cuts_the_cheap_block_and_spares_the_fragile_one():
     assert probes[("fragile", 0.25)].loss > 10 * probes[("cheap", 0.25)].loss
     assert alloc.baseline_ms > 0 and alloc.target_ms_saved > 0
     assert alloc.to_json()["method"] == "measured" and set(alloc.to_json()["ratios"]) == {"fragile", "cheap"}
+
+
+def test_probes_are_judged_after_a_short_recovery_as_the_stage_will_run_it():
+    model = TwoBranch().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 8, 16, 16, generator=g)} for _ in range(6)]
+    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60,
+                     recovery=ProbeRecovery(steps=20))
+    cut = [p for p in alloc.probes if p.macs_saved > 0]
+    assert cut and all(p.loss_unrecovered is not None and p.loss <= p.loss_unrecovered * 1.01 + 1e-9 for p in cut)
+    assert sum(p.loss < 0.9 * p.loss_unrecovered for p in cut) >= len(cut) // 2  # recovery took back part of it
+    assert alloc.ratios["cheap"] > alloc.ratios["fragile"]
+    assert alloc.to_json()["probe_recovery_steps"] == 20
+    plain = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60)
+    assert plain.probe_recovery_steps == 0 and all(p.loss == p.loss_unrecovered for p in plain.probes)
+    assert model.fragile[0].weight.shape[0] == 64  # the user's model is left as it was

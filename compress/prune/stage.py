@@ -11,7 +11,7 @@ from torch import nn
 
 from compress.evaluate import fidelity, torch_outputs
 from compress.models import Prepared
-from compress.prune.allocate import allocate
+from compress.prune.allocate import PROBE_SHARE, PROBE_STEPS, ProbeRecovery, allocate
 from compress.prune.options import PruneOptions
 from compress.prune.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
 from compress.prune.sparsity import apply_sparsity
@@ -46,7 +46,11 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
         if opts.allocation == "measured":
             on_stage(f"measuring where to cut: each block's sensitivity and latency ({opts.ratio:.0%})")
             fit, val = split_validation(train)
-            alloc = allocate(model, example, fit, val or train, ratio=opts.ratio, recalibrate=opts.recover and opts.real_data, **kw)
+            real = opts.recover and opts.real_data
+            # probes recover as the stage will (shortened), unless the user's own fine-tuning does it
+            share = None if opts.recover_seconds is None else opts.recover_seconds * PROBE_SHARE
+            rec = None if opts.finetune else ProbeRecovery(min(PROBE_STEPS, opts.recover_steps), opts.lr, share)
+            alloc = allocate(model, example, fit, val or train, ratio=opts.ratio, recalibrate=real, recovery=rec, **kw)
         on_stage(f"pruning {opts.ratio:.0%} of channels ({opts.importance})")
         ratios = alloc.ratios if alloc is not None and alloc.ratios else None  # no blocks found: the uniform cut
         res = prune_model(model, example, ratio=0.0 if ratios else opts.ratio, ratios=ratios,

@@ -329,7 +329,8 @@ def _prune_lines(p: dict[str, Any]) -> list[str]:
         alloc = as_dict(s.get("allocation"))
         if alloc:
             ratios = ", ".join(f"{code(k)} {num(v):.0%}" for k, v in as_dict(alloc.get("ratios")).items() if num(v) is not None)
-            out.append(f"- **Where to cut** (measured: each block's output loss when cut alone, and its latency, "
+            after = f" after {alloc['probe_recovery_steps']} recovery steps" if alloc.get("probe_recovery_steps") else ""
+            out.append(f"- **Where to cut** (measured: each block's output loss when cut alone{after}, and its latency, "
                        f"{alloc.get('timed_on', NA)}): {ratios}; saves {_ms(alloc.get('ms_saved'))} of "
                        f"{_ms(alloc.get('baseline_ms'))}, the uniform cut {_ms(alloc.get('target_ms_saved'))} "
                        f"({alloc.get('seconds', NA)} s)")
