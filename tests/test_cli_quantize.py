@@ -168,3 +168,27 @@ def test_eval_data_errors(cnn, tmp_path, monkeypatch, args, code, message):
     r = _cli("quantize", str(cnn), "--no-measure", *args, "-o", str(tmp_path / "x.onnx"))
     assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_fallback_ranks_layers_by_salience_per_millisecond_kept_in_float(tmp_path):
+    """A model with feature-map outputs is judged by the worst cosine, which INT8 never leaves at 1.0: a tolerance
+    of 1e-6 makes the fallback run, and where it can time the device here it orders layers by what each costs
+    the whole model in float."""
+    import numpy as np
+    import torch
+
+    from export import export_onnx
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()]
+    for _ in range(3):
+        layers += [torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()]
+    src = tmp_path / "features.onnx"
+    export_onnx(torch.nn.Sequential(*layers).eval(), {"input": torch.randn(1, 3, 24, 24)}, src)
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((32, 3, 24, 24)).astype(np.float32))
+    r = _cli("quantize", str(src), "--calib", str(tmp_path / "calib.npz"), "--tolerance", "1e-6", "--json", "-", "-o", str(tmp_path / "q.onnx"))
+    assert r.returncode == 0, r.stderr
+    fb = json.loads(r.stdout)["fallback"]
+    assert fb["metric"] == "cosine_min" and fb["error_before"] > 1e-6
+    assert fb["ranked_by"].startswith("salience per ms in float")
+    assert fb["excluded"] and all("ms in float (ranked by salience per ms)" in e["why"] for e in fb["excluded"])

@@ -19,7 +19,14 @@ from onnx import TensorProto, helper, numpy_helper
 from compress.core.errors import InputError, UsageError
 from compress.evaluate.compare import fidelity, onnx_outputs
 from compress.quantize.fp8 import fp8_outputs, quantize_fp8
-from compress.quantize.sensitivity import fallback, layer_sensitivity, metric_error, quantizable_nodes
+from compress.quantize.sensitivity import (
+    fallback,
+    float_costs,
+    layer_sensitivity,
+    metric_error,
+    quantizable_nodes,
+    rank_by_cost,
+)
 from export.metadata import read_metadata
 
 WIDTH = 32
@@ -166,3 +173,27 @@ def test_out_of_reach_tolerance_is_reported_and_nothing_written(mlp, tmp_path):
     assert not result["within_tolerance"] and result["path"] is None and not dst.exists()
     assert "even with all 2 ranked layers" in result["note"]
     assert [s["excluded_count"] for s in result["steps"]] == [0, 1, 2]
+
+
+def test_rank_by_cost_puts_salience_per_millisecond_first():
+    sens = [{"node": "a", "salience": 0.1}, {"node": "b", "salience": 0.05}, {"node": "c", "salience": 0.01},
+            {"node": "d", "salience": 0.02}, {"node": "e", "salience": None}]
+    # a costs 1 ms in float, b 0.01 (under the floor: counts as 0.05), c nothing; d was not timed
+    ranked = rank_by_cost(sens, {"a": 1.0, "b": 0.01, "c": 0.0}, floor_ms=0.05)
+    assert [r["node"] for r in ranked] == ["b", "c", "a", "d", "e"]  # 1.0, 0.2, 0.1 per ms; then the rest as they were
+    assert ranked[0]["float_cost_ms"] == 0.01 and "float_cost_ms" not in ranked[3]
+    assert "float_cost_ms" not in sens[0]  # the caller's rows are left as they were
+
+
+def test_float_costs_time_one_float_layer_at_a_time_against_the_quantized_model(mlp, tmp_path):
+    quantized = tmp_path / "all.onnx"
+    all_but()(mlp, quantized, [])
+    seen: list[dict[str, list[str]]] = []
+
+    def timer(models):  # a model's "time": 1 ms per Gemm left in float, read from the file that was written
+        seen.append({k: read_metadata(v)["quantization"]["excluded"] for k, v in models.items()})
+        return {k: 2.0 + len(read_metadata(v)["quantization"]["excluded"]) for k, v in models.items()}
+
+    costs, base = float_costs(mlp, quantized, all_but(), ["fc2", "fc4"], timer)
+    assert base == 2.0 and costs == {"fc2": 1.0, "fc4": 1.0}
+    assert seen == [{"": [], "fc2": ["fc2"], "fc4": ["fc4"]}]  # each variant keeps just its layer, all timed at once

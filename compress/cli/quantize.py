@@ -38,7 +38,8 @@ Examples:
 @int4_options
 @max_calib_option
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
-@click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (ops INT8 does not speed up stay INT8).")
+@click.option("--no-op-select", is_flag=True, help="Skip timing each op against fp32 (INT8: ops it does not speed up stay INT8) and "
+              "what each layer the fallback may keep in float costs (it then keeps the most sensitive).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None,

@@ -59,7 +59,8 @@ Examples:
                    "(MatMul/Gemm weights), steered by --budget-mb/--avg-bits.")
 @int4_options
 @click.option("--simulate", is_flag=True, help="--quant fp8 on a device without FP8 hardware: fidelity only.")
-@click.option("--no-op-select", is_flag=True, help="INT8: skip timing each op against fp32 (keep every quantizable op INT8).")
+@click.option("--no-op-select", is_flag=True, help="Skip timing each op against fp32 (INT8: keep every quantizable op INT8) and what each "
+              "layer the fallback may keep in float costs (it then keeps the most sensitive).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=RunOptions.default("tolerance"), show_default=True,
               help="Allowed loss vs fp32: 1 - top-1 agreement (classifiers) or 1 - min cosine; with --eval, the drop of its score.")
 @eval_options

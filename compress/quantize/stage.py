@@ -24,13 +24,17 @@ from compress.quantize.ops import must_be_finite
 from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import QuantOptions
 from compress.quantize.registry import Backend, Quantized, QuantJob, backend_for
-from compress.quantize.sensitivity import fallback, layer_sensitivity, quantizable_nodes
+from compress.quantize.sensitivity import fallback, float_costs, layer_sensitivity, quantizable_nodes, rank_by_cost
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
 from runtime import interleaved_latency, resolve_providers
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
+# The fallback times keeping each of its FALLBACK_TIMED most sensitive layers in float (one model each, timed
+# together, interleaved); a cost under FLOAT_COST_FLOOR of the quantized model's time is timing noise
+FALLBACK_TIMED = 12
+FLOAT_COST_FLOOR = 0.01
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> Backend:
@@ -67,29 +71,49 @@ def _metric(fid: dict[str, Any]) -> str:
     return "top1" if fid.get("top1_agreement") is not None else "cosine_min"
 
 
+@dataclass
+class _Timer:
+    """Whole models timed on this machine as the device runs them (its providers, threads and session options),
+    interleaved; None from `_timer` when a provider the device names is not here."""
+
+    providers: list[Any]
+    threads: int
+    feed: dict[str, np.ndarray]
+    session_config: dict[str, str]
+
+    @property
+    def clock(self) -> str:
+        return "cpu" if self.threads == 1 else "wall"
+
+    def __call__(self, models: dict[str, Path]) -> dict[str, float]:
+        res = interleaved_latency({k: str(v) for k, v in models.items()}, feeds=self.feed, providers=self.providers,
+                                  threads=self.threads, session_config=self.session_config, rounds=30, warmup=3,
+                                  min_seconds=1.0)
+        return res.cpu_ms if self.clock == "cpu" else res.wall_ms
+
+
+def _timer(profile: DeviceProfile, feed: dict[str, np.ndarray]) -> tuple[Optional[_Timer], list[str]]:
+    providers, missing = resolve_providers(profile)
+    if missing:  # another EP's answer cannot come from this one
+        return None, missing
+    threads = max(1, min(profile.threads, usable_cores()))
+    # onnxruntime takes (name, options) tuples only
+    return _Timer([(name, dict(o)) for name, o in providers], threads, feed, dict(profile.session_config)), []
+
+
 def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
                 quantize: Callable[[Path, Path, list[str], bool], None], feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """compress.quantize.opselect with the device's providers, threads and session options; timed on this machine."""
-    providers, missing = resolve_providers(profile)
-    if missing:  # another EP's answer cannot come from this one
+    whole, missing = _timer(profile, feed)
+    if whole is None:
         return {"ops": [], "kept_fp32": [], "path": int8,
                 "decision": f"skipped: {', '.join(missing)} not available here, and op timings on another provider "
                             "describe another device"}
-    threads = max(1, min(profile.threads, usable_cores()))
-    providers = [(name, dict(o)) for name, o in providers]  # onnxruntime takes (name, options) tuples only
-    clock = "cpu" if threads == 1 else "wall"
-
-    def whole(models: dict[str, Path]) -> dict[str, float]:
-        res = interleaved_latency({k: str(v) for k, v in models.items()}, feeds=feed, providers=providers,
-                                  threads=threads, session_config=dict(profile.session_config), rounds=30, warmup=3,
-                                  min_seconds=1.0)
-        return res.cpu_ms if clock == "cpu" else res.wall_ms
-
-    sel = select_ops(fp32, int8, work, lambda s, o, n: quantize(s, o, n, False), whole, feed, SELECT_OPS, providers,
-                     threads, dict(profile.session_config))
+    sel = select_ops(fp32, int8, work, lambda s, o, n: quantize(s, o, n, False), whole, feed, SELECT_OPS,
+                     whole.providers, whole.threads, whole.session_config)
     host = describe_host()
     sel["measured_on"] = f"{host['arch']} {host['cpu']}"
-    sel["clock"] = clock
+    sel["clock"] = whole.clock
     if host["arch"] != profile.arch:
         sel["warning"] = (f"ops timed on this {host['arch']} machine, not on the {profile.arch} device: run the "
                           "quantization on the device for its own answer")
@@ -121,10 +145,13 @@ class _Judge:
 
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
-              tolerance: float, judge: _Judge, report: dict[str, Any], on_stage: Callable[[str], None]) -> Path:
+              tolerance: float, judge: _Judge, report: dict[str, Any], on_stage: Callable[[str], None],
+              timer: Optional[_Timer] = None) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
-    quantizer's input, `reference`), then the fewest most sensitive kept in float until fidelity to the judge's
-    model (or the drop of the user's score) is within it. Returns the model to keep; records it in `report`."""
+    quantizer's input, `reference`) and, with a `timer`, by that per millisecond keeping each in float costs the
+    whole model (the FALLBACK_TIMED most sensitive are timed), then the fewest first-ranked kept in float until
+    fidelity to the judge's model (or the drop of the user's score) is within it. Returns the model to keep;
+    records it in `report`."""
     score = judge.score
     if score is not None:
         metric = "score_drop"
@@ -142,6 +169,12 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
     # labelled set ties at zero drop
     sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
+    salient = [r["node"] for r in sens if r.get("salience")][:FALLBACK_TIMED]
+    if timer is not None and len(salient) > 1:
+        on_stage(f"timing what keeping each of {len(salient)} layers in float costs")
+        costs, base_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
+        sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
+        report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.clock} clock, {timer.threads} threads)"
     on_stage("keeping the most sensitive layers in float")
     second = work / "fallback.onnx"
     fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, judge.outputs, tolerance,
@@ -256,4 +289,8 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     def keep_slow_ops(src: Path, out: Path, nodes: list[str], only: bool) -> None:
         requantize(src, out, nodes if only else sorted(set(nodes) | set(slow_ops)), only)
 
-    return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, opts.tolerance, judge, report, on_stage)
+    # ranked by time only where this machine runs what the device runs (op selection warns; this just skips)
+    local = opts.select_ops and not job.simulated and describe_host()["arch"] == job.profile.arch
+    timer = _timer(job.profile, held[0])[0] if local else None
+    return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, opts.tolerance, judge, report, on_stage,
+                     timer)

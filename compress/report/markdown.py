@@ -494,6 +494,8 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
             txt += ", within tolerance: nothing kept in float"
         elif fb.get("within_tolerance"):
             txt += f"; {len(excl)} layer{'s' if len(excl) != 1 else ''} kept in float" + (f" → error {ea:.4g}" if ea is not None else "")
+            if fb.get("ranked_by"):
+                txt += f" (chosen by {fb['ranked_by']})"
             total = _quantizable_count(qz, excl)
             if total and len(excl) >= total:
                 txt += (f". **All {total} quantizable layers are in float: this variant is not quantized in effect**; "
