@@ -1,5 +1,6 @@
 """How the speedup a run recommends on depends on how it is timed: one run per model per interleaved round (what
-`compress run` does on this machine) against bursts of runs per model (the first after each switch not counted).
+`compress run` did until it timed warm bursts of about 2 ms, runtime.abtest.WARM_BURST_MS) against bursts of runs
+per model (the first after each switch not counted).
 Worker threads do not spin by default, as the host profile sets it when the pool takes every core; `--spinning`
 turns it on (one setting per process: a spinning pool left idle would steal the cores of the other). Reads the variants of a `compress run` output folder (fp32.onnx and the others beside it).
 

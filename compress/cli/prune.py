@@ -97,7 +97,7 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
              no_latency: bool) -> dict[str, Any]:
     """Export the original beside the result and compare sizes (zipped, for sparsity) and latency A/B."""
     from export import export_onnx
-    from runtime import interleaved_latency, resolve_providers
+    from runtime import device_latency
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "original.onnx"
@@ -112,10 +112,8 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
         if no_latency:
             return measured
         step.update(description=f"timing original vs pruned on {profile.name}")
-        providers, _ = resolve_providers(profile)
         feeds = {k: v.numpy() for k, v in example.items()}
-        ab = interleaved_latency({"original": base, "pruned": pruned_path}, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
-                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=30, min_seconds=3.0)
+        ab = device_latency({"original": base, "pruned": pruned_path}, profile, feeds)
         measured["latency"] = ab.to_json()
     return measured
 

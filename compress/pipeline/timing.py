@@ -13,7 +13,7 @@ from typing import Any, Optional
 from compress.core import Result
 from compress.report import VariantProfile, VariantTiming
 from devices import DeviceProfile
-from runtime import Latency, interleaved_latency, profile_model, resolve_providers
+from runtime import Latency, device_latency, profile_model
 
 
 class Timings(Result):
@@ -32,7 +32,7 @@ def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[st
     """Profile each model on the device and its speedup over paths["fp32"]: files in, typed figures out, so that
     `compress search` can run it where the device is (a Ray task holding the device's resource), one at a time.
 
-    Locally the speedup is the interleaved A/B's median wall-clock ratio (both sides see the same machine); for
+    Locally the speedup is the interleaved A/B's median wall-clock ratio, warm (both sides see the same machine); for
     a remote device, the ratio of p50s measured there in turn."""
     out: dict[str, dict[str, Any]] = {}
     measured = None
@@ -45,13 +45,11 @@ def time_variants(paths: dict[str, Path], profile: DeviceProfile, feeds: dict[st
                                                threads=prof.threads, fallback=prof.fallback, load_ms=prof.load_ms,
                                                peak_rss_mb=prof.peak_rss_mb)}
     if profile.remote is None:
-        providers, _ = resolve_providers(profile)
-        ab = interleaved_latency(paths, feeds=feeds, providers=[(p, dict(o)) for p, o in providers],
-                                 threads=profile.threads, session_config=dict(profile.session_config), rounds=ab_rounds,
-                                 min_seconds=3.0, baseline="fp32")
+        ab = device_latency(paths, profile, feeds, rounds=ab_rounds, baseline="fp32")
         for name in paths:
             out[name]["speedup_vs_fp32"] = ab.speedup(name, "wall")
-        how = f"median wall-clock of {ab.rounds} interleaved rounds, {ab.threads} threads"
+        how = (f"median wall-clock of {ab.rounds} interleaved rounds of warm ~{ab.burst_ms:g} ms bursts per variant, "
+               f"{ab.threads} threads")
     else:  # the interleaved A/B runs in this process, on this machine: for a remote device, ratios of its p50s
         base = out["fp32"]["latency_ms"].p50
         for name in paths:

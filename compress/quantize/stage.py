@@ -28,7 +28,7 @@ from compress.quantize.sensitivity import fallback, float_costs, layer_sensitivi
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
-from runtime import interleaved_latency, resolve_providers
+from runtime import WARM_BURST_MS, device_latency, interleaved_latency, resolve_providers
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
 # The fallback times keeping each of its FALLBACK_TIMED most sensitive layers in float (one model each, timed
@@ -88,7 +88,7 @@ class _Timer:
     def __call__(self, models: dict[str, Path]) -> dict[str, float]:
         res = interleaved_latency({k: str(v) for k, v in models.items()}, feeds=self.feed, providers=self.providers,
                                   threads=self.threads, session_config=self.session_config, rounds=30, warmup=3,
-                                  min_seconds=1.0)
+                                  min_seconds=1.0, burst_ms=WARM_BURST_MS)
         return res.cpu_ms if self.clock == "cpu" else res.wall_ms
 
 
@@ -194,10 +194,7 @@ def _time_against_fp32(fp32: Path, model: Path, name: str, profile: DeviceProfil
                        report: dict[str, Any], on_stage: Callable[[str], None]) -> None:
     """report["latency"] and ["speedup_vs_fp32"]: `model` against fp32, interleaved, with the profile's providers."""
     on_stage(f"timing fp32 vs {name} on {profile.name}")
-    providers, _ = resolve_providers(profile)
-    ab = interleaved_latency({"fp32": fp32, name: model}, feeds=feed, providers=[(p, dict(o)) for p, o in providers],
-                             threads=profile.threads, session_config=dict(profile.session_config), rounds=30,
-                             min_seconds=3.0, baseline="fp32")
+    ab = device_latency({"fp32": fp32, name: model}, profile, feed, baseline="fp32")
     report["latency"] = ab.to_json()
     report["speedup_vs_fp32"] = ab.speedup(name, "wall")
 
