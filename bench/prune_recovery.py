@@ -86,13 +86,15 @@ def main() -> int:
         ours, _ = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds))
         rows.append(("ours", accuracy(ours, x, y), time.perf_counter() - t0, ours))
         t0 = time.perf_counter()
-        measured, _ = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds,
-                                                            allocation="measured"))
+        measured, how = prune_stage(model, prep, PruneOptions(ratio=ratio, round_to=multiple, recover_seconds=args.seconds,
+                                                              allocation="measured"))
+        chosen = how.structural["allocation"]["ratios"]
         rows.append(("measured", accuracy(measured, x, y), time.perf_counter() - t0, measured))
         ms = time_modules({"fp32": model, **{name: m for name, _, _, m in rows}}, prep.example, rounds=400)
         speed = {name: ms["fp32"] / v for name, v in ms.items()}
         for name, acc, secs, _ in rows:
             print(f"{ratio:>5.2f} {name:<8} {acc:>8.4f} {100 * (fp32 - acc):>7.2f} {secs:>7.1f} {speed[name]:>7.2f}")
+        print(f"      measured cut: {', '.join(f'{k} {v:.0%}' for k, v in chosen.items())}")
     return 0
 
 

@@ -92,6 +92,9 @@ def test_allocate_cuts_the_cheap_block_and_spares_the_fragile_one():
     assert probes[("fragile", 0.25)].loss > 10 * probes[("cheap", 0.25)].loss
     assert alloc.baseline_ms > 0 and alloc.target_ms_saved > 0
     assert alloc.to_json()["method"] == "measured" and set(alloc.to_json()["ratios"]) == {"fragile", "cheap"}
+    # every timed choice is reported, and the kept one is among them with the time it saved
+    assert 1 <= len(alloc.tried) <= 3
+    assert {"ms_saved": alloc.ms_saved, "ratios": alloc.ratios} in alloc.to_json()["tried"]
 
 
 def test_probes_are_judged_after_a_short_recovery_as_the_stage_will_run_it():
