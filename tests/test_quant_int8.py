@@ -15,10 +15,12 @@ import torch
 
 from compress.core.errors import InputError
 from compress.evaluate.compare import fidelity, onnx_outputs
+from compress.quantize import SEARCHED_METHODS
 from compress.quantize.calib import CalibReader
 from compress.quantize.int8 import detect_family, quantize_int8, residual_add_to_sum, space_to_depth_stem, try_presets
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import candidates, preset_for
+from compress.search.space import Space
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 from export.metadata import read_metadata
@@ -319,3 +321,18 @@ def test_non_finite_scales_and_weights_are_found_and_masks_are_not():
     names = must_be_finite(model.graph)
     assert {"x_scale", "x_zp", "w"} <= names and "mask" not in names
     assert sorted(nonfinite_initializers(model, names)) == ["w", "x_scale"]
+
+
+def test_onnxruntime_entropy_calibration_gives_minmax_scales_so_a_search_skips_it(cnn, tmp_path):
+    """quantize_static runs its entropy calibrator at 128 bins for 128 levels (no option reaches them): the KL
+    search keeps the whole range. Should onnxruntime change that, this fails and entropy goes back in the search."""
+    scales = {}
+    for method in ("minmax", "entropy", "percentile"):
+        dst = tmp_path / f"{method}.onnx"
+        quantize_int8(cnn, dst, load_profile("host"), _images(16, 0), method=method, tune=False)
+        scales[method] = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer
+                          if i.name.endswith("_scale")}
+    assert scales["minmax"] and scales["minmax"].keys() == scales["entropy"].keys()
+    assert all(np.array_equal(scales["minmax"][k], scales["entropy"][k]) for k in scales["minmax"])
+    assert any(not np.array_equal(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"])
+    assert "entropy" not in SEARCHED_METHODS and Space().methods == list(SEARCHED_METHODS)

@@ -29,7 +29,9 @@ Examples:
 @click.option("--to", "to", type=format_choice(), default=QuantOptions.default("to"), show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
 @click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
-@click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.default("method"), show_default=True, help="INT8 activation calibration.")
+@click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.default("method"), show_default=True,
+              help="INT8 activation calibration. With --backend ort, entropy is onnxruntime's as quantize_static runs it "
+                   "(128 bins for 128 levels): it keeps the whole range, the scales of minmax.")
 @click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
 @eval_options
 @backend_option

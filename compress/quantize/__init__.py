@@ -13,6 +13,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "registry": [
         "Backend", "QuantJob", "Quantized", "backend_for", "backend_names", "format_info", "format_names",
     ],
-    "options": ["CALIBRATION_METHODS", "QuantOptions"],
+    "options": ["CALIBRATION_METHODS", "SEARCHED_METHODS", "QuantOptions"],
     "stage": ["check_format", "quant_stage"],
 }, modules=("advisor_report",))

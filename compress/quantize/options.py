@@ -7,6 +7,11 @@ from typing import Any, Optional
 from compress.core import Options
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # onnxruntime's calibrators, for static INT8
+# What a search tries: onnxruntime 1.32's quantize_static runs its entropy calibrator with 128 histogram bins for
+# 128 levels and passes no option to change them, so its KL search keeps the whole range: the scales of minmax
+# (the demo pruned 25%: all 45 the same). With 2048 bins (the calibrator called directly) it clipped far too
+# much there: accuracy 0.934 against 0.975, held-out cosine min 0.44 against 0.998 (AVX2 kernels).
+SEARCHED_METHODS = ("minmax", "percentile")
 
 
 class QuantOptions(Options):

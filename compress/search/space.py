@@ -18,7 +18,7 @@ from torch import nn
 from compress.core import UsageError
 from compress.pipeline import RunOptions
 from compress.prune import IMPORTANCE, check_applicable
-from compress.quantize import CALIBRATION_METHODS, format_info, format_names
+from compress.quantize import SEARCHED_METHODS, format_info, format_names
 from devices import DeviceProfile
 
 PRUNE_STEP = 0.05
@@ -45,7 +45,7 @@ class Space:
     prune_max: float = 0.6
     importances: list[str] = field(default_factory=lambda: ["l2"])
     quants: list[str] = field(default_factory=lambda: ["none", RunOptions.default("quant")])
-    methods: list[str] = field(default_factory=lambda: list(CALIBRATION_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(SEARCHED_METHODS))  # entropy = minmax with ort
     fallbacks: list[float] = field(default_factory=lambda: list(FALLBACK_FRACTIONS))
 
     def ray(self) -> dict[str, Any]:
