@@ -192,3 +192,31 @@ def test_fallback_ranks_layers_by_salience_per_millisecond_kept_in_float(tmp_pat
     assert fb["metric"] == "cosine_min" and fb["error_before"] > 1e-6
     assert fb["ranked_by"].startswith("salience per ms in float")
     assert fb["excluded"] and all("ms in float (ranked by salience per ms)" in e["why"] for e in fb["excluded"])
+
+
+def test_a_calibration_that_misses_the_tolerance_is_redone_with_another_method_before_layers_go_float(tmp_path):
+    """One calibration sample with a single large pixel (300 sigma) stretches minmax's ranges (worst cosine 0.91
+    here); percentile clips it (0.99), meets the tolerance, and no layer is kept in float."""
+    import numpy as np
+    import torch
+
+    from export import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+    src = tmp_path / "features.onnx"
+    export_onnx(net.eval(), {"input": torch.randn(1, 3, 32, 32)}, src)
+    # 128 samples: one pixel is then under the 0.001% that percentile (99.999) clips
+    data = np.random.default_rng(0).standard_normal((128, 3, 32, 32)).astype(np.float32)
+    data[0, 0, 0, 0] = 300.0  # in the calibration part (the last quarter is held out)
+    np.savez(tmp_path / "calib.npz", input=data)
+    before = data.copy()
+    r = _cli("quantize", str(src), "--calib", str(tmp_path / "calib.npz"), "--tolerance", "0.05", "--no-measure",
+             "--json", "-", "-o", str(tmp_path / "q.onnx"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    tried = {t["method"]: t["error"] for t in rep["calibration"]["tried"]}
+    assert tried["minmax"] > 0.05 >= tried["percentile"]
+    assert rep["calibration"]["method"] == "percentile" and rep["excluded_layers"] == []
+    assert 1 - rep["fidelity"]["cosine_min"] == pytest.approx(tried["percentile"], abs=1e-5)
+    assert np.array_equal(np.load(tmp_path / "calib.npz")["input"], before)  # the input file is left as it was

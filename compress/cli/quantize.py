@@ -101,6 +101,10 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
         console.out_console.print(f"--eval {e['function']}: fp32 {e['fp32']:.4g}, {to} {e[to]:.4g} (drop {e['fp32'] - e[to]:.4g})")
     if report.get("op_selection"):
         console.out_console.print(f"op selection: {report['op_selection']['decision']}")
+    tried = report["calibration"].get("tried") or []
+    if len(tried) > 1:
+        console.out_console.print("calibration: " + ", ".join(f"{t['method']} error {t['error']:.4g}" for t in tried)
+                                  + f" (tolerance {report['fallback']['tolerance']:g}): kept {report['calibration']['method']}")
     if report["excluded_layers"]:
         if report.get("avg_bits") is not None:
             names = ", ".join(f"{e['node']} ({'float' if e['bits'] == 32 else '8-bit'}"

@@ -70,6 +70,8 @@ class Quantized:
     info: dict[str, Any]
     preset: Optional[dict[str, Any]] = None
     requantize: Optional[Requantize] = None
+    # the same recipe calibrated with another --method (its requantize), where the backend has methods
+    recalibrated: Optional[Callable[[str], Requantize]] = None
     fidelity: Optional[dict[str, Any]] = None  # when the backend measured it on the held-out feeds already
     excluded_layers: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # the format's own report fields (INT4: size, bits)

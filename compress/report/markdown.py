@@ -453,6 +453,11 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
         n = calib.get("calibration_samples") or calib.get("samples") or as_dict(qz.get("calibration")).get("samples")
         out.append(f"- **Calibration:** {src}" + (f", {n} samples" if n else "")
                    + (" — scales fit synthetic inputs, not your data" if src == "synthetic" else ""))
+        tried = as_list(calib.get("tried"))
+        if len(tried) > 1:
+            out.append("- **Calibration method:** " + ", ".join(f"{code(t.get('method'))} error {num(t.get('error')) or 0:.4g}"
+                                                                for t in tried)
+                       + f" (tolerance {num(as_dict(q.get('fallback')).get('tolerance')) or 0:g}); kept {code(calib.get('method'))}")
     presets = as_dict(qz.get("presets"))
     if presets.get("tried"):
         out.append(f"- **Preset choice:** tried {', '.join(code(t) for t in as_list(presets['tried']))}; chose "

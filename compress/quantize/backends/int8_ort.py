@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.quantize.registry import Backend, Quantized, QuantJob
+from compress.quantize.registry import Backend, Quantized, QuantJob, Requantize
 
 
 def _signedness(preset: dict[str, Any]) -> str:
@@ -31,11 +31,14 @@ class Int8Ort(Backend):
         preset = result.get("preset")
         chosen = preset_for(profile, _signedness(preset), family=result.get("family"))  # the faster candidate
 
-        def requantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
-            # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
-            kw = {"include": nodes} if only else {"exclude": sorted(set(nodes))}
-            quantize_int8(src, out, profile, job.calib_part, method=opts.method, preset=chosen,
-                          recipe=result.get("recipe"), calib_label=job.calib_label, **kw)
+        def calibrated(method: str) -> Requantize:
+            def requantize(src: Path, out: Path, nodes: list[str], only: bool) -> None:
+                # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
+                kw = {"include": nodes} if only else {"exclude": sorted(set(nodes))}
+                quantize_int8(src, out, profile, job.calib_part, method=method, preset=chosen,
+                              recipe=result.get("recipe"), calib_label=job.calib_label, **kw)
+
+            return requantize
 
         return Quantized(job.out, {k: v for k, v in result.items() if k != "path"}, preset=preset,
-                         requantize=requantize)
+                         requantize=calibrated(opts.method), recalibrated=calibrated)
