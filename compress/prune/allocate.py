@@ -20,8 +20,7 @@ costs ~20 s there (allocation 17-22 s -> 39 s).
 
 Each block's probe at the largest ratio, the uniform cut and the unpruned model are exported and timed
 interleaved with onnxruntime's CPU provider on this machine (one intra-op thread, medians of thread CPU time; see
-time_modules); a
-block's time saved at the other ratios is scaled by their MACs. Then, greedily, the least loss per millisecond
+time_modules); a block's time saved at the other ratios is scaled by their MACs. Then, greedily, the least loss per millisecond
 saved is taken, block by block, until the estimate saves what the uniform cut measured; the chosen cut is timed
 too, and the aim raised while it saves less. Losses are taken to add up across blocks; the pruned model is
 recovered and judged afterwards like any other.

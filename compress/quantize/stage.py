@@ -28,7 +28,7 @@ from compress.quantize.sensitivity import fallback, float_costs, layer_sensitivi
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
-from runtime import WARM_BURST_MS, device_latency, interleaved_latency, resolve_providers
+from runtime import device_latency, resolve_providers
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
 # The fallback times keeping each of its FALLBACK_TIMED most sensitive layers in float (one model each, timed
@@ -76,19 +76,21 @@ class _Timer:
     """Whole models timed on this machine as the device runs them (its providers, threads and session options),
     interleaved; None from `_timer` when a provider the device names is not here."""
 
-    providers: list[Any]
+    profile: DeviceProfile
+    providers: list[Any]  # as onnxruntime takes them, for op selection's single-op models
     threads: int
     feed: dict[str, np.ndarray]
-    session_config: dict[str, str]
 
     @property
     def clock(self) -> str:
         return "cpu" if self.threads == 1 else "wall"
 
+    @property
+    def session_config(self) -> dict[str, str]:
+        return dict(self.profile.session_config)
+
     def __call__(self, models: dict[str, Path]) -> dict[str, float]:
-        res = interleaved_latency({k: str(v) for k, v in models.items()}, feeds=self.feed, providers=self.providers,
-                                  threads=self.threads, session_config=self.session_config, rounds=30, warmup=3,
-                                  min_seconds=1.0, burst_ms=WARM_BURST_MS)
+        res = device_latency(models, self.profile, self.feed, threads=self.threads, rounds=30, warmup=3, min_seconds=1.0)
         return res.cpu_ms if self.clock == "cpu" else res.wall_ms
 
 
@@ -98,7 +100,7 @@ def _timer(profile: DeviceProfile, feed: dict[str, np.ndarray]) -> tuple[Optiona
         return None, missing
     threads = max(1, min(profile.threads, usable_cores()))
     # onnxruntime takes (name, options) tuples only
-    return _Timer([(name, dict(o)) for name, o in providers], threads, feed, dict(profile.session_config)), []
+    return _Timer(profile, [(name, dict(o)) for name, o in providers], threads, feed), []
 
 
 def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
@@ -157,11 +159,11 @@ def _error(model: Path, fp32: Path, judge: _Judge, runner: Callable[..., Any], h
 
 def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated: Callable[[str], Requantize],
                  slow_ops: list[str], runner: Callable[..., Any], held: list[dict[str, np.ndarray]],
-                 reference: list[list[np.ndarray]], tolerance: float, judge: _Judge, report: dict[str, Any],
-                 on_stage: Callable[[str], None]) -> tuple[Path, str]:
+                 reference: list[list[np.ndarray]], err: float, tolerance: float, judge: _Judge,
+                 report: dict[str, Any], on_stage: Callable[[str], None]) -> tuple[Path, str, float]:
     """Before any layer is kept in float: when `first` misses the tolerance, the same recipe calibrated with each
     other SEARCHED_METHODS method (one quantization and one evaluation each, no speed lost). Returns the first
-    one within the tolerance and its method, else `first` and its own: the layer fallback starts from the method
+    one within the tolerance, its method and error, else `first`'s (`err`): the layer fallback starts from the method
     it was given, since a method that merely errs less can still fail it (percentile clips the activations of
     the ops left quantized when every layer is in float: resnet_tiny at tolerance 0 never got back to 0).
     Records what was tried in report["calibration"]["tried"].
@@ -169,9 +171,6 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
     On the demo pruned 25% (AVX2 kernels), minmax lost 2-3 of 512 held-out images more than percentile in 2 of 3
     runs (the same in the third), and in one cold `make demo` the float fallback then kept 5 layers in float to
     get back within 1 point: INT8 1.96x fp32 instead of 2.39x."""
-    _, err = _error(first, fp32, judge, runner, held, report, measured=True)
-    if err <= tolerance:
-        return first, method
     tried = [{"method": method, "error": round(err, 6)}]
     for other in SEARCHED_METHODS:
         if other == method:
@@ -186,22 +185,21 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
             report["fidelity"] = fidelity(reference, runner(out, held))
             if judge.score is not None:
                 report["eval"][report["format"]] = judge.score(out)
-            return out, other
+            return out, other, e
     report["calibration"] = {**report["calibration"], "tried": tried, "method": method}
-    return first, method
+    return first, method, err
 
 
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
-              tolerance: float, judge: _Judge, report: dict[str, Any], on_stage: Callable[[str], None],
-              timer: Optional[_Timer] = None) -> Path:
+              metric: str, err: float, tolerance: float, judge: _Judge, report: dict[str, Any],
+              on_stage: Callable[[str], None], timer: Optional[_Timer] = None) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`) and, with a `timer`, by that per millisecond keeping each in float costs the
     whole model (the FALLBACK_TIMED most sensitive are timed), then the fewest first-ranked kept in float until
-    fidelity to the judge's model (or the drop of the user's score) is within it. Returns the model to keep;
-    records it in `report`."""
+    fidelity to the judge's model (or the drop of the user's score) is within it; `metric` and `err` are
+    `first`'s (_error). Returns the model to keep; records it in `report`."""
     score = judge.score
-    metric, err = _error(first, fp32, judge, runner, held, report, measured=True)
     report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,
                           "against": "input" if judge.model == fp32 else "reference"}
     if err <= tolerance:
@@ -324,10 +322,12 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
                               f"{backend.backend} (its graph is quantized in torch); use --backend ort for it"}
         return first
     requantize = made.requantize
-    if made.recalibrated is not None:
-        first, method = _recalibrate(fp32, first, work, opts.method, made.recalibrated, slow_ops, runner, held,
-                                     reference, opts.tolerance, judge, report, on_stage)
-        requantize = made.recalibrated(method)
+    metric, err = _error(first, fp32, judge, runner, held, report, measured=True)
+    if made.recalibrated is not None and err > opts.tolerance:
+        first, method, err = _recalibrate(fp32, first, work, opts.method, made.recalibrated, slow_ops, runner, held,
+                                          reference, err, opts.tolerance, judge, report, on_stage)
+        if method != opts.method:
+            requantize = made.recalibrated(method)
 
     def keep_slow_ops(src: Path, out: Path, nodes: list[str], only: bool) -> None:
         requantize(src, out, nodes if only else sorted(set(nodes) | set(slow_ops)), only)
@@ -335,5 +335,5 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     # ranked by time only where this machine runs what the device runs (op selection warns; this just skips)
     local = opts.select_ops and not job.simulated and describe_host()["arch"] == job.profile.arch
     timer = _timer(job.profile, held[0])[0] if local else None
-    return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, opts.tolerance, judge, report, on_stage,
-                     timer)
+    return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, metric, err, opts.tolerance, judge,
+                     report, on_stage, timer)
