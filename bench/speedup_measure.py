@@ -5,6 +5,11 @@ Worker threads do not spin by default, as the host profile sets it when the pool
 turns it on (one setting per process: a spinning pool left idle would steal the cores of the other). Reads the variants of a `compress run` output folder (fp32.onnx and the others beside it).
 
     .venv/bin/python bench/speedup_measure.py demo-out/run [--threads 2] [--burst 5] [--seconds 8] [--spinning]
+        [--pipeline 3]
+
+`--pipeline N` then times the folder N more times as `compress run` does (runtime.interleaved_latency with the
+host profile's threads and session options, 30 rounds, at least 3 s), one run per model per round against warm
+bursts of runtime.abtest.WARM_BURST_MS, the two ways alternating: the figure the pipeline's recommendation rests on.
 
 A model run over and over, as a deployed one is, keeps its weights in cache; one run at a time between other
 models starts cold each time, which costs a small model a larger share of its time than a big one.
@@ -21,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from devices import load_profile
 from devices.host import describe_host
+from runtime import WARM_BURST_MS, interleaved_latency
 
 
 def main() -> int:
@@ -31,6 +38,7 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--spinning", action="store_true")
+    ap.add_argument("--pipeline", type=int, default=0, metavar="N", help="then N pairs timed as compress run does")
     args = ap.parse_args()
     paths = sorted(args.run.glob("*.onnx"), key=lambda p: (p.stem != "fp32", p.stem))
     if not paths or paths[0].stem != "fp32":
@@ -70,6 +78,18 @@ def main() -> int:
         med = {p.stem: float(np.median(times[((burst, spin), (p.stem, spin))])) * 1e3 for p in paths}
         label = f"{'one run' if burst == 1 else f'bursts of {burst}'}, spinning {'on' if spin == '1' else 'off'}"
         print(f"{label:<34}" + "".join(f"{med[n]:>10.3f} ms {med['fp32'] / med[n]:>5.2f}x " for n in med))
+    if args.pipeline:
+        prof = load_profile("host")
+        print(f"as compress run times them (host profile: {prof.threads} threads, {dict(prof.session_config)}); "
+              "wall-clock medians")
+        models = {p.stem: str(p) for p in paths}
+        for rep in range(args.pipeline):
+            for burst in (0.0, WARM_BURST_MS):
+                ab = interleaved_latency(models, feeds=feeds, threads=prof.threads, rounds=30, min_seconds=3.0,
+                                         session_config=dict(prof.session_config), baseline="fp32", burst_ms=burst)
+                label = f"{rep + 1}: {'one run per round' if not burst else f'warm bursts of {burst:g} ms'}"
+                print(f"{label:<34}" + "".join(f"{ab.wall_ms[n]:>10.3f} ms {ab.speedup(n, 'wall'):>5.2f}x "
+                                               for n in models))
     return 0
 
 
