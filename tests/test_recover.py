@@ -285,6 +285,21 @@ def test_validation_keeps_the_best_weights_and_records_the_curve(teacher, calib,
     assert _calib_loss(wild, val, targets, weights) <= before * 1.0001  # the start, or better, was kept
 
 
+def test_a_plateau_takes_the_rate_down_its_decay_before_training_stops(teacher, calib):
+    """With augmentation, patience running out does not stop training at the rate it has: the rest of the cosine
+    decay runs within ANNEAL of the steps, then it stops (a student equal to its teacher never improves)."""
+    import copy
+
+    from compress.prune.recover import ANNEAL
+
+    twin = copy.deepcopy(teacher)
+    res = distill(twin, teacher, calib, steps=200, lr=1e-3, augment=True, validation=_batches(5, 1, 8), eval_every=5,
+                  patience=2)
+    start = res["annealed_from"]["step"]
+    assert res["stopped"] == "early" and 100 <= start < 200 - int(ANNEAL * 200)  # from half the budget on
+    assert res["steps"] == start + int(ANNEAL * 200)
+
+
 def test_feature_hints_match_the_main_blocks_and_leave_no_hooks_behind(teacher, calib):
     """Hints go to a model's blocks (not its stem's conv/bn/relu), and the teacher and student keep no hook."""
     from compress.prune.recover import _block_names

@@ -409,6 +409,9 @@ def _recovery_text(rec: Any) -> str:
             txt += "; on augmented views of the calibration samples"
         if rec.get("stopped"):
             txt += f"; stopped: {rec['stopped']}"
+        ann = rec.get("annealed_from")
+        if isinstance(ann, dict):
+            txt += f" (no better on validation from step {ann.get('step', NA)}, {ann.get('seconds', NA)} s: the rate's decay ran out first)"
         curve = [c for c in as_list(rec.get("curve")) if isinstance(c, list) and len(c) == 3]
         if curve:
             txt += f"\n- **Recovery curve** (on {rec.get('validation_samples', NA)} validation samples it did not train on): "
