@@ -9,8 +9,9 @@ figures are reported too: they are what users see.
 One run per model per round measures each run from cold: the other models have just evicted its weights and
 activations from cache. A deployed model runs over and over, warm, and a cold start costs a sub-millisecond
 model a larger share of its time than a big one. `burst_ms` times each model in warm bursts instead, still
-interleaved: on the demo pruned 25% with its INT8 (AVX2 kernels, 2 threads, workers not spinning), INT8 was
-1.72-1.88x fp32 one run per round and 2.09x in bursts of five, where the warm p50s of the profiler say 2.33x.
+interleaved: on a `make demo` run's files (pruned 25% and its INT8, AVX2 kernels, 2 threads, workers not
+spinning; `bench/speedup_measure.py RUN --pipeline 3` under bench/isa/avx2_only.sh), INT8 was 1.78-1.80x fp32
+one run per round and 2.31-2.36x in warm bursts of WARM_BURST_MS, three pairs alternating.
 """
 
 from __future__ import annotations

@@ -97,6 +97,22 @@ def test_low_opset_uses_torchscript(tmp_path):
     assert onnx.load(str(tmp_path / "o17.onnx")).opset_import[0].version == 17
 
 
+def test_quick_export_tries_torchscript_first_and_falls_back_to_dynamo(tmp_path, monkeypatch):
+    import export.onnx_export as oe
+
+    lm = load_model("compress.zoo:resnet_tiny")
+    ex = example_inputs(lm, [parse_input_shape("1,3,32,32")])
+    res = export_onnx(lm.module, ex, tmp_path / "q.onnx", exporter="quick")
+    assert res.exporter == "torchscript" and [a["exporter"] for a in res.attempts] == ["torchscript"]
+
+    def broken(*a, **k):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setitem(oe._EXPORTERS, "torchscript", broken)
+    res = export_onnx(lm.module, ex, tmp_path / "q2.onnx", exporter="quick")
+    assert res.exporter == "dynamo" and res.attempts[0] == {"exporter": "torchscript", "error": "RuntimeError: tracing failed"}
+
+
 class Noisy(nn.Module):
     """Random in forward: torch and onnxruntime draw different numbers, so parity must fail."""
 

@@ -213,7 +213,7 @@ def time_modules(modules: Mapping[str, nn.Module], example: dict[str, torch.Tens
         paths = {}
         for i, (name, module) in enumerate(modules.items()):
             paths[name] = Path(tmp) / f"m{i}.onnx"
-            export_onnx(module, example, paths[name])
+            export_onnx(module, example, paths[name], exporter="quick")  # timed, never shipped
         feeds = {k: v.detach().cpu().numpy() for k, v in example.items()}
         res = interleaved_latency(paths, feeds=feeds, threads=1, rounds=rounds, min_seconds=1.0)
     return dict(res.cpu_ms)
