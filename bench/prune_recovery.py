@@ -78,7 +78,7 @@ def main() -> int:
                              pruning_ratio=ratio, ignored_layers=[anchor.fc]).step()
         rows.append(("anchor", accuracy(anchor, x, y), time.perf_counter() - t0, anchor))
         t0 = time.perf_counter()
-        before = prune_model(model, prep.example, ratio=ratio, importance="l2", round_to=multiple).module
+        before = prune_model(model, prep.example, ratio=ratio, importance="l2", round_to=multiple, prune_first_conv=True).module
         recalibrate_batchnorm(before, prep.train)
         distill(before, model, prep.train, steps=200, lr=1e-4)
         rows.append(("before", accuracy(before, x, y), time.perf_counter() - t0, before))

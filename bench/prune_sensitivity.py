@@ -60,7 +60,7 @@ def main() -> int:
     rows = {}
     for name in [*blocks, "all"]:
         ignore = [] if name == "all" else [b for b in blocks if b != name]
-        res = prune_model(model, prep.example, ratio=args.ratio, round_to=multiple, ignore=ignore + ["fc"])
+        res = prune_model(model, prep.example, ratio=args.ratio, round_to=multiple, ignore=ignore + ["fc"], prune_first_conv=True)
         recalibrate_batchnorm(res.module, prep.train)
         fid = fidelity(reference, torch_outputs(res.module, prep.held_out))
         rows[name] = (accuracy(res.module, x, y), fid["top1_agreement"], res.macs_before / res.macs_after,

@@ -300,8 +300,9 @@ def test_run_rejects_a_variant_whose_own_outputs_are_not_finite(tmp_path):
     torch has -inf), and the run recommends fp32, saying why, with no warning leaking (issue 16)."""
     (tmp_path / "cancel.py").write_text(CANCEL_NET)
     np.savez(tmp_path / "calib.npz", image=np.random.default_rng(0).uniform(1, 10, (16, 3, 8, 8)).astype(np.float32))
-    r = _cli("run", "cancel.py:build", "--calib", "calib.npz", "--prune", "0.5", "--no-recover", "--quant", "none",
-             "--runs", "3", "-o", "out", cwd=tmp_path)
+    # conv1 is the first convolution, kept by default: --prune-first-conv cuts it
+    r = _cli("run", "cancel.py:build", "--calib", "calib.npz", "--prune", "0.5", "--prune-first-conv", "--no-recover",
+             "--quant", "none", "--runs", "3", "-o", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -190,7 +190,7 @@ def test_every_output_keeps_its_shape_even_one_also_used_inside():
     torch.manual_seed(0)
     model = FeaturesAndLogits().eval()
     example = _image(1, 3, 8, 8)
-    res = prune_model(model, example, ratio=0.5)
+    res = prune_model(model, example, ratio=0.5, prune_first_conv=True)  # conv1 is the only layer to cut
     assert _shapes(res.module, example) == _shapes(model, example)
     assert res.protected == ["conv2", "fc"] and res.module.conv1.out_channels == 8
 
@@ -207,8 +207,12 @@ def test_prune_heads_false_keeps_attention_and_prunes_mlp():
 
 def test_resnet_demo_half_channels_rounded_to_16_cuts_macs_3_5x():
     model = resnet_demo()
-    res = prune_model(model, _image(1, 3, 64, 64), ratio=0.5, round_to=16)
+    res = prune_model(model, _image(1, 3, 64, 64), ratio=0.5, round_to=16, prune_first_conv=True)
     assert res.macs_before / res.macs_after >= 3.5
+    kept = prune_model(model, _image(1, 3, 64, 64), ratio=0.5, round_to=16)  # the default keeps the stem's 64
+    assert kept.module.stem[0].out_channels == 64 and res.module.stem[0].out_channels == 32
+    assert 1.5 <= kept.macs_before / kept.macs_after < res.macs_before / res.macs_after
+    assert any("first convolution kept at full width: stem.0" in n for n in kept.notes)
     widths = [m.out_channels for m in res.module.modules() if isinstance(m, nn.Conv2d)]
     assert all(w % 16 == 0 for w in widths)
 
@@ -250,7 +254,7 @@ def test_low_magnitude_channels_are_the_ones_removed(criterion):
         model.conv.weight[TINY] *= 1e-3
         model.fc.weight[:, TINY] *= 1e-3
     calib = [_image(4, 3, 8, 8, seed=s) for s in range(2)]
-    res = prune_model(model, _image(1, 3, 8, 8), ratio=0.5, importance=criterion, calib=calib)
+    res = prune_model(model, _image(1, 3, 8, 8), ratio=0.5, importance=criterion, calib=calib, prune_first_conv=True)
     kept = [c for c in range(8) if c not in TINY]
     assert torch.equal(res.module.conv.weight, model.conv.weight[kept])
     assert torch.equal(res.module.conv.bias, model.conv.bias[kept])

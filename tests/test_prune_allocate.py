@@ -115,7 +115,7 @@ def test_allocate_cuts_the_cheap_block_and_spares_the_fragile_one():
     model = TwoBranch().eval()
     g = torch.Generator().manual_seed(1)
     batches = [{"x": torch.randn(4, 8, 16, 16, generator=g)} for _ in range(6)]
-    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60)
+    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60, prune_first_conv=True)
     assert alloc.ratios["cheap"] > alloc.ratios["fragile"]
     assert alloc.ratios["cheap"] >= 0.5  # it took the uniform cut's saving from the cheap branch
     probes = {(p.unit, p.ratio): p for p in alloc.probes}
@@ -136,13 +136,13 @@ def test_probes_are_judged_after_a_short_recovery_as_the_stage_will_run_it():
     model = TwoBranch().eval()
     g = torch.Generator().manual_seed(1)
     batches = [{"x": torch.randn(4, 8, 16, 16, generator=g)} for _ in range(6)]
-    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60,
+    alloc = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60, prune_first_conv=True,
                      recovery=ProbeRecovery(steps=20))
     cut = [p for p in alloc.probes if p.macs_saved > 0]
     assert cut and all(p.loss_unrecovered is not None and p.loss <= p.loss_unrecovered * 1.01 + 1e-9 for p in cut)
     assert sum(p.loss < 0.9 * p.loss_unrecovered for p in cut) >= len(cut) // 2  # recovery took back part of it
     assert alloc.ratios["cheap"] > alloc.ratios["fragile"]
     assert alloc.to_json()["probe_recovery_steps"] == 20
-    plain = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60)
+    plain = allocate(model, {"x": batches[0]["x"][:1]}, batches[:4], batches[4:], ratio=0.25, rounds=60, prune_first_conv=True)
     assert plain.probe_recovery_steps == 0 and all(p.loss == p.loss_unrecovered for p in plain.probes)
     assert model.fragile[0].weight.shape[0] == 64  # the user's model is left as it was

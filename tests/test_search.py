@@ -32,13 +32,14 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(3, 32, 3, padding=1)
         self.bn = nn.BatchNorm2d(32)
         self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
         self.fc = nn.Linear(32, 4)
 
     def forward(self, image):
-        x = torch.relu(self.bn(self.conv(image)))
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn(self.conv(image))))))  # conv is the first: kept
         if x.shape[1] != 32:
             raise RuntimeError("this model needs all 32 channels")
-        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+        return self.fc(x.mean((2, 3)))
 
 
 def build():

@@ -37,6 +37,13 @@ def ignore_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="Module (qualified name or prefix) never to prune; repeatable.")(f)
 
 
+def prune_first_conv_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--prune-first-conv for prune and run: the first convolution is kept whole unless asked (see
+    compress.prune.structural.prune_model for the measured reason)."""
+    return click.option("--prune-first-conv", is_flag=True, default=PruneOptions.default("prune_first_conv"),
+                        help="Also cut the first convolution's channels (kept by default, as NNCF does).")(f)
+
+
 def allocation_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """--allocation for prune and run (compress.prune.allocate): one ratio everywhere, or per block from measured
     sensitivity and latency."""

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from compress.cli.options import allocation_option, ignore_option, max_calib_option, model_input_options
+from compress.cli.options import (
+    allocation_option,
+    ignore_option,
+    max_calib_option,
+    model_input_options,
+    prune_first_conv_option,
+)
 from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 from compress.prune import PruneOptions
@@ -31,6 +37,7 @@ Examples:
 @allocation_option
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers instead of the same ratio per layer.")
 @ignore_option
+@prune_first_conv_option
 @click.option("--round-to", type=int, help="Round channel counts to this multiple (default: the device's channel multiple).")
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): channel multiple, and where speed is measured.")
 @click.option("--sparsity", type=float, help="Also (or instead) zero this fraction of weights as masks.")
@@ -44,7 +51,7 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path (the pruned model).")
 def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None,
           ratio: float | None,
-          importance: str, allocation: str, global_pruning: bool, ignore: tuple[str, ...], round_to: int | None, device: str,
+          importance: str, allocation: str, global_pruning: bool, ignore: tuple[str, ...], prune_first_conv: bool, round_to: int | None, device: str,
           sparsity: float | None, pattern: str, no_recover: bool, recover_steps: int, recover_seconds: float,
           finetune: str | None, no_measure: bool, json_out: str | None, output: str) -> None:
     """Prune MODEL structurally so it is really faster, recover it, export it, and measure it.
@@ -62,7 +69,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     out = check_onnx_output(output, [model, weights, calib, device, finetune])
     check_json_output(json_out, output, [model, weights, calib, device, finetune])
     opts = PruneOptions(ratio=ratio, importance=importance, allocation=allocation, global_pruning=global_pruning, ignore=list(ignore),
-                        round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
+                        prune_first_conv=prune_first_conv, round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
                         recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
                         real_data=calib is not None)
     opts.check()

@@ -19,6 +19,7 @@ from compress.cli.options import (
     int4_options,
     max_calib_option,
     model_input_options,
+    prune_first_conv_option,
 )
 from compress.core import UsageError, console
 from compress.models import require_one_input_source
@@ -49,6 +50,7 @@ Examples:
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion for --prune.")
 @allocation_option
 @ignore_option
+@prune_first_conv_option
 @click.option("--no-recover", is_flag=True, help="Skip distillation after pruning.")
 @click.option("--recover-seconds", type=click.FloatRange(min=1), default=PruneOptions.default("recover_seconds"),
               show_default=True, help="Time budget for the distillation after pruning.")
@@ -73,7 +75,8 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
-        prune_ratio: float | str | None, importance: str, allocation: str, ignore: tuple[str, ...], no_recover: bool, recover_seconds: float, no_backoff: bool,
+        prune_ratio: float | str | None, importance: str, allocation: str, ignore: tuple[str, ...], prune_first_conv: bool, no_recover: bool, recover_seconds: float,
+        no_backoff: bool,
         quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
@@ -106,14 +109,17 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         raise UsageError(f"-o {output} is a file; give a folder")
     profile = load_profile(device)
     prune_opts = None
-    if (ignore or allocation != PruneOptions.default("allocation")) and prune_ratio is None:
-        raise UsageError(f"{'--ignore' if ignore else '--allocation'} is about pruning: give --prune too")
+    pruning_only = {"--ignore": bool(ignore), "--allocation": allocation != PruneOptions.default("allocation"),
+                    "--prune-first-conv": prune_first_conv}
+    if any(pruning_only.values()) and prune_ratio is None:
+        raise UsageError(f"{next(k for k, v in pruning_only.items() if v)} is about pruning: give --prune too")
     if prune_ratio is not None:
         auto = prune_ratio == "auto"
         if auto and no_recover:
             raise UsageError("--prune auto judges each probe after its recovery: it does not take --no-recover")
         prune_opts = PruneOptions(ratio=PruneOptions.default("max_ratio") if auto else prune_ratio,
-                                  importance=importance, allocation=allocation, ignore=list(ignore), recover=not no_recover, recover_seconds=recover_seconds,
+                                  importance=importance, allocation=allocation, ignore=list(ignore), prune_first_conv=prune_first_conv,
+                                  recover=not no_recover, recover_seconds=recover_seconds,
                                   round_to=profile.pruning.channel_multiple, real_data=calib is not None,
                                   # a fixed ratio does not depend on --tolerance (nor does its stage cache key)
                                   **({"auto": True, "tolerance": tolerance} if auto else {}))

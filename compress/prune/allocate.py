@@ -93,7 +93,7 @@ class Allocation:
     seconds: float
     units: dict[str, list[str]] = field(default_factory=dict)
     probe_recovery_steps: int = 0  # distillation steps each probe had before its loss was taken (0: none)
-    tried: list[dict[str, Any]] = field(default_factory=list)  # each timed choice: ms it saved, its ratios
+    tried: list[dict[str, Any]] = field(default_factory=list)  # each timed state: ms saved, share of uniform's, ratios
 
     def to_json(self) -> dict[str, Any]:
         return {"method": "measured", "ratios": self.ratios, "baseline_ms": self.baseline_ms,

@@ -20,6 +20,7 @@ class PruneOptions(Options):
     importance: str = "l2"
     global_pruning: bool = False
     ignore: list[str] = Field(default_factory=list)
+    prune_first_conv: bool = False  # structural.prune_model: the first convolution is kept unless this is set
     round_to: Optional[int] = None
     sparsity: Optional[float] = None  # masks: fraction of weights zeroed
     pattern: str = "unstructured"

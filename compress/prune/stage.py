@@ -41,7 +41,8 @@ def prune_stage(model: nn.Module, inputs: Prepared, opts: PruneOptions,
     student = model
     protected: list[str] = []
     if opts.ratio is not None:
-        kw = {"importance": opts.importance, "ignore": opts.ignore, "round_to": opts.round_to, "calib": train}
+        kw = {"importance": opts.importance, "ignore": opts.ignore, "round_to": opts.round_to, "calib": train,
+              "prune_first_conv": opts.prune_first_conv}
         alloc = None
         if opts.allocation == "measured":
             on_stage(f"measuring where to cut: each block's sensitivity and latency ({opts.ratio:.0%})")

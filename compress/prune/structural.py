@@ -284,6 +284,7 @@ def prune_model(
     max_layer_ratio: float = 0.9,
     prune_heads: bool = True,
     ratios: Mapping[str, float] | None = None,
+    prune_first_conv: bool = False,
 ) -> PruneResult:
     """Remove `ratio` of the channels, heads and neurons of a copy of `module` (which is left untouched).
 
@@ -299,6 +300,11 @@ def prune_model(
     ratios: per-module ratios (module name -> ratio in [0, 1)) for the layers under each named module, `ratio` for
         the rest (which may then be 0); a channel group takes the ratio of the module its pruning starts from.
         compress.prune.allocate chooses them.
+    prune_first_conv: also remove output channels of the first convolution (the one run first, and any other
+        reading a model input directly), and so of the channels coupled to it (a ResNet's first-stage residual
+        stream). Kept by default, as NNCF's filter pruning does (prune_first_conv: false): on the shapes demo pruned
+        50% by measured allocation (AVX2 kernels, 256 samples, 60 s recovery), cutting its 32-channel stem to 24
+        left 95.70/95.12% held-out, sparing it 97.07/96.68% (fp32 98.63%), two runs each.
     """
     _check_args(ratio, round_to, max_layer_ratio, allow_zero=bool(ratios))
     for name, r in (ratios or {}).items():
@@ -333,6 +339,8 @@ def prune_model(
         pruner.guard = guard
         for a in attention:  # whole heads are removed below; the channel pass must leave q/k/v widths alone
             guard.frozen_outputs.update(a.projections)
+        kept_first = [] if prune_first_conv else [m for m in trace.first_convs if m not in ignored_modules]
+        guard.frozen_outputs.update(kept_first)
         heads = {}
         if prune_heads:
             for a in attention:
@@ -343,6 +351,10 @@ def prune_model(
 
     for p in model.parameters():
         p.grad = None
+    if kept_first:
+        names = {m: n for n, m in model.named_modules()}
+        notes.append(f"first convolution kept at full width: {', '.join(names[m] for m in kept_first)} "
+                     "(--prune-first-conv cuts it too)")
     macs_after, params_after = count_macs(model, example)
     head_dims = {a.name: a.head_dim for a in attention}
     layers = _changed(before, _widths(model), swapped) + [
@@ -462,6 +474,7 @@ class _Trace:
     shapes: dict[str, tuple[int, ...]]
     producers: dict[nn.Module, str]  # parameterised leaf layer -> name, for layers whose output *is* a model output
     attention_like: list[nn.Module]  # modules calling softmax / scaled_dot_product_attention in their own forward
+    first_convs: list[nn.Module]  # the first convolution run, and any other that reads a model input directly
 
 
 class _SoftmaxSpy(TorchFunctionMode):
@@ -497,6 +510,15 @@ def _trace_outputs(model: nn.Module, example: dict[str, torch.Tensor]) -> _Trace
     names = {m: n for n, m in model.named_modules()}
     leaves = [m for m in model.modules() if _is_leaf(m) and any(True for _ in m.parameters(recurse=False))]
     handles = [m.register_forward_hook(record) for m in leaves]
+    first: list[nn.Module] = []
+    inputs = {id(t) for t in example.values() if isinstance(t, torch.Tensor)}
+
+    def first_conv(mod: nn.Module, inp: Any) -> None:
+        x = inp[0] if isinstance(inp, tuple) and inp else None
+        if mod not in first and (not first or (isinstance(x, torch.Tensor) and id(x) in inputs)):
+            first.append(mod)
+
+    handles += [m.register_forward_pre_hook(first_conv) for m in leaves if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
     def enter(mod: nn.Module, _inp: Any) -> None:
         stack.append(mod)
@@ -523,7 +545,7 @@ def _trace_outputs(model: nn.Module, example: dict[str, torch.Tensor]) -> _Trace
         ref, mod = produced.get(id(t), (None, None))
         if ref is not None and ref() is t:
             producers[mod] = names[mod]
-    return _Trace({n: tuple(t.shape) for n, t in flat}, producers, [m for m in softmax_users if m is not model])
+    return _Trace({n: tuple(t.shape) for n, t in flat}, producers, [m for m in softmax_users if m is not model], first)
 
 
 def _unknown_attention(model: nn.Module, known: list[_Attention], attention_like: list[nn.Module]) -> dict[str, nn.Module]:
