@@ -211,8 +211,10 @@ def test_a_calibration_that_misses_the_tolerance_is_redone_with_another_method_b
     data[0, 0, 0, 0] = 300.0  # in the calibration part (the last quarter is held out)
     np.savez(tmp_path / "calib.npz", input=data)
     before = data.copy()
+    # --no-op-select: op selection is timed, and keeping the first conv in fp32 (as it does in some runs) leaves
+    # minmax within the tolerance (cosine min 0.967 against 0.909), so nothing would be redone
     r = _cli("quantize", str(src), "--calib", str(tmp_path / "calib.npz"), "--tolerance", "0.05", "--no-measure",
-             "--json", "-", "-o", str(tmp_path / "q.onnx"))
+             "--no-op-select", "--json", "-", "-o", str(tmp_path / "q.onnx"))
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     tried = {t["method"]: t["error"] for t in rep["calibration"]["tried"]}
