@@ -265,9 +265,12 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
     estimates = [est for est, _ in path]
     at: int | None = next((k for k, est in enumerate(estimates) if est >= target), len(path) - 1)
     lo, hi, shares = 0, len(path), {}
+
+    def per_module(k: int) -> dict[str, float]:  # path state k's ratios, each unit's spelt out for its modules
+        return {n: r for u, r in path[k][1].items() for n in units[u]}
+
     while at is not None and at > 0 and len(shares) < MAX_TIMED:
-        ratios = {n: r for u, r in path[at][1].items() for n in units[u]}
-        cut = prune_model(model, example, ratio=0.0, ratios=ratios, **kw).module
+        cut = prune_model(model, example, ratio=0.0, ratios=per_module(at), **kw).module
         got = time_modules({"unpruned": model, "uniform": uniform.module, "chosen": cut}, example, rounds)
         shares[at] = (got["unpruned"] - got["chosen"]) / max(got["unpruned"] - got["uniform"], 1e-9)
         if shares[at] >= ENOUGH:
@@ -277,11 +280,9 @@ def allocate(model: nn.Module, example: dict[str, torch.Tensor], train: Sequence
         at = next_state(estimates, at, shares[at], lo, hi)
     ok = [k for k in shares if shares[k] >= ENOUGH]
     kept = min(ok) if ok else max(shares, key=shares.__getitem__, default=0)
-    ratios = {n: r for u, r in path[kept][1].items() for n in units[u]}
     saved = shares.get(kept, 0.0) * target  # on the first timing's scale
-    tried = [(shares[k] * target, {n: r for u, r in path[k][1].items() for n in units[u]}, shares[k]) for k in shares]
-    return Allocation(ratios=ratios, probes=probes, target_ms_saved=round(target, 5), ms_saved=round(saved, 5),
+    return Allocation(ratios=per_module(kept), probes=probes, target_ms_saved=round(target, 5), ms_saved=round(saved, 5),
                       baseline_ms=round(ms["unpruned"], 5), seconds=time.perf_counter() - t0, units=units,
                       probe_recovery_steps=recovery.steps if recovery is not None and tune is not None else 0,
-                      tried=[{"ms_saved": round(t[0], 5), "share_of_uniform": round(t[2], 4), "ratios": t[1]}
-                             for t in tried])
+                      tried=[{"ms_saved": round(share * target, 5), "share_of_uniform": round(share, 4),
+                              "ratios": per_module(k)} for k, share in shares.items()])

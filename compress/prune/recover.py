@@ -384,16 +384,17 @@ def _fit(student: nn.Module, teacher: nn.Module, feeds: list[dict[str, torch.Ten
                 best, stale = (v, {k: t.detach().clone() for k, t in student.state_dict().items()}), 0
             else:
                 stale += 1
-                if stale >= plan.patience and (not plan.augment or v > 2 * best[0]):
-                    stopped = "early"  # no schedule to finish, or a climb rather than a plateau
-                    break
-                if stale >= plan.patience and squeeze is None and frac >= EARLY_STOP_AFTER:
-                    # a plateau: the rest of the decay, in ANNEAL of the budget (or what is left of it), then stop
-                    t = time.perf_counter()
-                    left_s = 0.0 if time_budget_s is None else max(time_budget_s - (t - start), 0.0)
-                    squeeze = (frac, t, done, min(left_s, ANNEAL * time_budget_s) if time_budget_s else 0.0,
-                               max(1, min(steps - done, int(ANNEAL * steps))))
-                    stale = 0
+                if stale >= plan.patience:
+                    if not plan.augment or v > 2 * best[0]:
+                        stopped = "early"  # no schedule to finish, or a climb rather than a plateau
+                        break
+                    if squeeze is None and frac >= EARLY_STOP_AFTER:
+                        # a plateau: the rest of the decay, in ANNEAL of the budget (or what is left of it), then stop
+                        t = time.perf_counter()
+                        left_s = 0.0 if time_budget_s is None else max(time_budget_s - (t - start), 0.0)
+                        squeeze = (frac, t, done, min(left_s, ANNEAL * time_budget_s) if time_budget_s else 0.0,
+                                   max(1, min(steps - done, int(ANNEAL * steps))))
+                        stale = 0
         last_step_s = time.perf_counter() - now
     start_kept = False
     if val_targets:

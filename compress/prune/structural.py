@@ -352,8 +352,7 @@ def prune_model(
     for p in model.parameters():
         p.grad = None
     if kept_first:
-        names = {m: n for n, m in model.named_modules()}
-        notes.append(f"first convolution kept at full width: {', '.join(names[m] for m in kept_first)} "
+        notes.append(f"first convolution kept at full width: {', '.join(guard.names[m] for m in kept_first)} "
                      "(--prune-first-conv cuts it too)")
     macs_after, params_after = count_macs(model, example)
     head_dims = {a.name: a.head_dim for a in attention}
