@@ -303,8 +303,9 @@ def prune_model(
     prune_first_conv: also remove output channels of the first convolution (the one run first, and any other
         reading a model input directly), and so of the channels coupled to it (a ResNet's first-stage residual
         stream). Kept by default, as NNCF's filter pruning does (prune_first_conv: false): on the shapes demo pruned
-        50% by measured allocation (AVX2 kernels, 256 samples, 60 s recovery), cutting its 32-channel stem to 24
-        left 95.70/95.12% held-out, sparing it 97.07/96.68% (fp32 98.63%), two runs each.
+        50% by measured allocation (AVX2 kernels, 256 samples, 60 s recovery; bench/prune_recovery.py --ratios
+        0.5), cutting its 32-channel stem to 24 left 95.51/95.90% held-out, keeping it 96.88/97.27% (fp32 98.63%),
+        two runs each.
     """
     _check_args(ratio, round_to, max_layer_ratio, allow_zero=bool(ratios))
     for name, r in (ratios or {}).items():
