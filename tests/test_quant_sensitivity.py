@@ -20,6 +20,8 @@ from compress.core.errors import InputError, UsageError
 from compress.evaluate.compare import fidelity, onnx_outputs
 from compress.quantize.fp8 import fp8_outputs, quantize_fp8
 from compress.quantize.sensitivity import (
+    SOURCE,
+    affordable,
     fallback,
     float_costs,
     layer_sensitivity,
@@ -194,6 +196,34 @@ def test_float_costs_time_one_float_layer_at_a_time_against_the_quantized_model(
         seen.append({k: read_metadata(v)["quantization"]["excluded"] for k, v in models.items()})
         return {k: 2.0 + len(read_metadata(v)["quantization"]["excluded"]) for k, v in models.items()}
 
-    costs, base = float_costs(mlp, quantized, all_but(), ["fc2", "fc4"], timer)
-    assert base == 2.0 and costs == {"fc2": 1.0, "fc4": 1.0}
+    def timed(models):  # the unquantized source has no quantization metadata: it "takes" 9 ms
+        src = {k: v for k, v in models.items() if k == SOURCE}
+        assert src == {SOURCE: mlp}
+        return {**timer({k: v for k, v in models.items() if k != SOURCE}), SOURCE: 9.0}
+
+    costs, base, source = float_costs(mlp, quantized, all_but(), ["fc2", "fc4"], timed)
+    assert base == 2.0 and source == 9.0 and costs == {"fc2": 1.0, "fc4": 1.0}
     assert seen == [{"": [], "fc2": ["fc2"], "fc4": ["fc4"]}]  # each variant keeps just its layer, all timed at once
+
+
+def test_affordable_counts_layers_until_the_model_is_no_faster_than_its_source():
+    ranked = [{"node": "a", "float_cost_ms": 1.0}, {"node": "b", "float_cost_ms": 2.0}, {"node": "c"},
+              {"node": "d", "float_cost_ms": 0.5}]
+    assert affordable(ranked, base_ms=2.0, source_ms=10.0) == 4  # 2 + 1 + 2 + 1.17 (c: the mean) + 0.5 < 10
+    assert affordable(ranked, base_ms=2.0, source_ms=5.0) == 1  # 2 + 1 = 3 < 5; + 2 reaches it
+    assert affordable(ranked, base_ms=6.0, source_ms=5.0) == 0  # already slower with nothing in float
+    assert affordable([{"node": "a"}], base_ms=1.0, source_ms=2.0) == 1  # nothing timed: no cost known, no bound
+
+
+def test_fallback_stops_at_max_excluded_and_says_why(tmp_path):
+    mlp = make_mlp(tmp_path / "three.onnx", layers=12, sensitive=(2, 5, 8))
+    ref = onnx_outputs(mlp, EVAL)
+    sens = layer_sensitivity(mlp, None, only(), EVAL, ref, runner=fp8_outputs)
+    dst = tmp_path / "capped.onnx"
+    result = fallback(mlp, dst, all_but(), sens, EVAL, ref, tolerance=0.03, runner=fp8_outputs,
+                      max_excluded=2, max_why="test bound")
+    assert not result["within_tolerance"] and result["path"] is None and not dst.exists()
+    assert [s["excluded_count"] for s in result["steps"]] == [0, 1, 2]  # the three sensitive layers: 3 never tried
+    assert result["max_excluded"] == 2 and "no faster than its source (test bound)" in result["note"]
+    result = fallback(mlp, dst, all_but(), sens, EVAL, ref, tolerance=0.03, runner=fp8_outputs, max_excluded=3)
+    assert result["within_tolerance"] and dst.exists() and "max_excluded" not in result

@@ -435,3 +435,13 @@ def test_cli_usage_errors(run_dir, tmp_path, capsys, monkeypatch):
 def test_cli_help_has_examples(capsys, monkeypatch):
     rc, out, _ = _report_cli(capsys, monkeypatch, "--help")
     assert rc == 0 and "Examples:" in out and "compress report out/\n" in out
+
+
+def test_markdown_says_where_the_float_fallback_stopped(rep):
+    r = copy.deepcopy(rep)
+    r["stages"]["quantize"]["fallback"] = {"metric": "top1", "tolerance": 0.01, "error_before": 0.05, "error": 0.03,
+                                           "within_tolerance": False, "max_excluded": 4, "excluded": []}
+    md = render_markdown(r)
+    assert "stopped at 4 layer(s) in float (error 0.03)" in md and "no faster than its input" in md
+    del r["stages"]["quantize"]["fallback"]["max_excluded"]
+    assert "did not reach the tolerance" in render_markdown(r)

@@ -18,6 +18,7 @@ class RunOptions(Options):
     int4: dict[str, Any] = Field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
     calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
     max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
+    calib_name: Optional[str] = None  # the user's --calib DATA when `calib` is the .npz it was read into
     simulate: bool = False
     tolerance: float = 0.01  # allowed loss: 1 - top-1 agreement for classifiers, else 1 - min cosine
     runs: Optional[int] = None

@@ -218,11 +218,12 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
     qopts = QuantOptions(to=opts.quant, method=opts.quant_method, simulate=opts.simulate,
                          tolerance=qtol if steered and opts.quant_fallback else None, measure=False,
                          select_ops=opts.select_ops, evaluate=opts.evaluate if steered else None,
-                         backend=opts.backend, max_calib=opts.max_calib, **opts.int4)
+                         backend=opts.backend, max_calib=opts.max_calib, calib_name=opts.calib_name,
+                         fallback_must_pay=True, **opts.int4)
     source = (module, example, train) if quantizer.takes == "torch" else None
     path = work / f"{name}.onnx"
     parts = [work / base.onnx, Path(opts.calib) if opts.calib else None,
-             qopts.model_dump(exclude={"evaluate"}), _metric_parts(opts.evaluate),
+             qopts.model_dump(exclude={"evaluate", "calib_name"}), _metric_parts(opts.evaluate),
              profile.model_dump(mode="json", exclude={"source"})]
     judge = work / "fp32.onnx" if base.name != "fp32" else None  # tolerance is on the whole chain
     parts.append(judge)

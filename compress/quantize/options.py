@@ -21,12 +21,17 @@ class QuantOptions(Options):
     simulate: bool = False
     fp8_format: str = "e4m3fn"
     max_calib: Optional[int] = None
+    calib_name: Optional[str] = None  # how reports name --calib: the user's DATA when it was read into an .npz
     measure: bool = True
     backend: str = "ort"  # INT8: "ort" (onnxruntime's quantizer on the ONNX graph) or "inc" (INC PT2E in torch)
     evaluate: Any = None  # --eval: the user's score (a compress.evaluate.Metric); --tolerance then bounds its drop
     # INT8: time each quantized op against fp32 and keep fp32 where INT8 is not faster; any format: time what each
     # layer the fallback may keep in float costs the whole model, and rank them by salience per millisecond
     select_ops: bool = True
+    # the float fallback stops where keeping more layers in float would leave the model no faster than its input
+    # (estimated from the layers' timed costs): `compress run` keeps a variant only if it pays; `compress quantize`
+    # is asked for a model within the tolerance, whatever its speed
+    fallback_must_pay: bool = False
     block_size: int = 32  # INT4: weights per scale
     budget_mb: Optional[float] = None  # INT4: total model size; layers go 8-bit or float by salience within it
     avg_bits: Optional[float] = None  # INT4: the budget as nominal bits per quantized weight (4/8/32 each)

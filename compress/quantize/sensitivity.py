@@ -40,6 +40,7 @@ from compress.quantize.ops import is_quantizable
 
 METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
+SOURCE = "\0source"  # float_costs' key for the unquantized model among what it times (never a node's name)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 Outputs = list[list[np.ndarray]]
@@ -152,17 +153,37 @@ def layer_sensitivity(
 
 
 def float_costs(src: str | Path, quantized: str | Path, quantize: QuantizeFn, nodes: Sequence[str],
-                timer: Callable[[dict[str, Path]], dict[str, float]]) -> tuple[dict[str, float], float]:
+                timer: Callable[[dict[str, Path]], dict[str, float]]) -> tuple[dict[str, float], float, float]:
     """(milliseconds that keeping each of `nodes` alone in float adds to the whole `quantized` model, that
-    model's own milliseconds): each variant written by `quantize(src, dst, [node])` and all timed together by
-    `timer` (interleaved, so they see the same machine). A cost below zero is noise: 0."""
+    model's own milliseconds, `src`'s): each variant written by `quantize(src, dst, [node])` and all timed
+    together with `src` and `quantized` by `timer` (interleaved, so they see the same machine). A cost below
+    zero is noise: 0."""
     with tempfile.TemporaryDirectory(prefix=".float-cost-") as tmp:
-        paths = {"": Path(quantized)}
+        paths = {"": Path(quantized), SOURCE: Path(src)}
         for i, n in enumerate(nodes):
             paths[n] = Path(tmp) / f"float{i}.onnx"
             quantize(Path(src), paths[n], [n])
         ms = timer(paths)
-    return {n: max(ms[n] - ms[""], 0.0) for n in nodes}, ms[""]
+    return {n: max(ms[n] - ms[""], 0.0) for n in nodes}, ms[""], ms[SOURCE]
+
+
+def affordable(ranked: Sequence[Mapping[str, Any]], base_ms: float, source_ms: float) -> int:
+    """How many of `ranked` (the fallback's order) can be kept in float before the model is estimated to be no
+    faster than its source: the quantized model's `base_ms` plus each kept layer's "float_cost_ms" (a layer not
+    timed costs the timed ones' mean), against `source_ms`. Costs timed one layer at a time add up only roughly
+    (neighbours kept together share their conversions), so this is an estimate, and a bound the fallback stops
+    at, not a choice: the pipeline times what it keeps anyway. Why: on the demo pruned 25% (AVX2 kernels), one
+    cold run kept 12 of its 13 layers in float to reach the tolerance, and the model that took minutes to find
+    was 0.87x fp32."""
+    timed = [float(r["float_cost_ms"]) for r in ranked if r.get("float_cost_ms") is not None]
+    mean = sum(timed) / len(timed) if timed else 0.0
+    total = base_ms
+    for k, r in enumerate(ranked):
+        cost = r.get("float_cost_ms")
+        total += mean if cost is None else float(cost)
+        if total >= source_ms:
+            return k
+    return len(ranked)
 
 
 def rank_by_cost(sensitivities: list[dict[str, Any]], costs: Mapping[str, float], floor_ms: float) -> list[dict[str, Any]]:
@@ -207,6 +228,8 @@ def fallback(
     evaluate: Evaluate | None = None,
     growth: str = "auto",
     reference_model: str | Path | None = None,
+    max_excluded: int | None = None,
+    max_why: str = "",
 ) -> dict[str, Any]:
     """Keep the most sensitive layers in fp32, as few as reach the tolerance; write that model to dst.
 
@@ -215,7 +238,9 @@ def fallback(
     growth: "linear" adds one layer per step; "doubling" adds 1, 2, 4, ... then bisects between the last
     failing and the first passing count (assuming more exclusions never hurt); "auto" is linear up to
     LINEAR_UP_TO candidates. `reference_model` (default: src) is what the error is measured against, e.g. the
-    unpruned fp32 model when src was pruned first: the tolerance is then on the whole chain. When nothing passes — even with every ranked layer excluded, which can only happen
+    unpruned fp32 model when src was pruned first: the tolerance is then on the whole chain. `max_excluded`
+    (say `affordable`'s answer, with `max_why` saying so in the note) caps the layers kept in float: beyond it the
+    model would not pay for being quantized, so the search stops there. When nothing passes — even with every ranked layer excluded, which can only happen
     when the quantizer touches more than the ranked layers or the evaluation is noisy — dst is not written and
     the result says so (within_tolerance False).
     """
@@ -229,6 +254,7 @@ def fallback(
         growth = "linear" if len(ranked) <= LINEAR_UP_TO else "doubling"
     if growth not in ("linear", "doubling"):
         raise UsageError(f"growth {growth!r}: one of auto, linear, doubling")
+    limit = len(ranked) if max_excluded is None else max(0, min(max_excluded, len(ranked)))
     scorer = _Scorer(Path(reference_model) if reference_model else src, eval_feeds, reference, runner, evaluate)
     steps: list[dict[str, Any]] = []
     tried: dict[int, dict[str, Any]] = {}
@@ -252,7 +278,7 @@ def fallback(
     with tempfile.TemporaryDirectory(prefix=".fallback-") as tmp:
         work = Path(tmp)
         last_fail = -1
-        for k in _schedule(len(ranked), growth):
+        for k in [c for c in _schedule(len(ranked), growth) if c < limit] + [limit]:
             if attempt(k, work)["within_tolerance"]:
                 best = k
                 break
@@ -269,14 +295,20 @@ def fallback(
 
     what = "drop of the user's score" if evaluate is not None else metric
     if best is None:
-        final = tried[len(ranked)]
+        final = tried[limit]
+        if limit < len(ranked):
+            note = (f"keeping more than {limit} of the {len(ranked)} ranked layers in float would leave the model no "
+                    f"faster than its source{' (' + max_why + ')' if max_why else ''}, and with {limit} the error "
+                    f"is {final['error']:.4g} > tolerance {tolerance:g}: stopped there, nothing was written")
+        else:
+            note = (f"even with all {len(ranked)} ranked layers in fp32 the error is {final['error']:.4g} > "
+                    f"tolerance {tolerance:g}: the quantizer changes more than these layers, or the evaluation "
+                    f"is not deterministic; nothing was written")
         return {
             "within_tolerance": False, "path": None, "metric": what, "tolerance": tolerance,
-            "excluded": _explain(ranked, len(ranked), tried, what, tolerance),
-            "fidelity": final["fidelity"], "error": final["error"], "steps": steps,
-            "note": (f"even with all {len(ranked)} ranked layers in fp32 the error is {final['error']:.4g} > "
-                     f"tolerance {tolerance:g}: the quantizer changes more than these layers, or the evaluation "
-                     f"is not deterministic; nothing was written"),
+            "excluded": _explain(ranked, limit, tried, what, tolerance),
+            "fidelity": final["fidelity"], "error": final["error"], "steps": steps, "note": note,
+            **({"max_excluded": limit} if limit < len(ranked) else {}),
         }
     quantize(src, dst, [r["node"] for r in ranked[:best]])
     return {

@@ -24,7 +24,14 @@ from compress.quantize.ops import must_be_finite
 from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import SEARCHED_METHODS, QuantOptions
 from compress.quantize.registry import Backend, Quantized, QuantJob, Requantize, backend_for
-from compress.quantize.sensitivity import fallback, float_costs, layer_sensitivity, quantizable_nodes, rank_by_cost
+from compress.quantize.sensitivity import (
+    affordable,
+    fallback,
+    float_costs,
+    layer_sensitivity,
+    quantizable_nodes,
+    rank_by_cost,
+)
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
@@ -49,7 +56,8 @@ def check_format(profile: DeviceProfile, opts: QuantOptions) -> Backend:
     return backend
 
 
-def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, Any, dict[str, Any]]:
+def _split_calib(calib: Optional[str], max_calib: Optional[int], shown: Optional[str] = None
+                 ) -> tuple[Any, Any, dict[str, Any]]:
     """Calibration arrays and held-out arrays (a quarter, when there are 8+ samples); None means synthetic.
 
     The arrays are load_calib's lazy ones (memory-mapped or read up to max_calib samples); the split slices
@@ -60,10 +68,10 @@ def _split_calib(calib: Optional[str], max_calib: Optional[int]) -> tuple[Any, A
     data = load_calib(calib, max_samples=max_calib)
     n = next(iter(data.values())).shape[0]
     if n < 8:
-        return data, data, {"source": calib, "samples": n, "held_out": False}
+        return data, data, {"source": shown or calib, "samples": n, "held_out": False}
     cut = n - max(1, n // 4)
     return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()},
-            {"source": calib, "samples": n, "calibration_samples": cut, "held_out": True})
+            {"source": shown or calib, "samples": n, "calibration_samples": cut, "held_out": True})
 
 
 def _metric(fid: dict[str, Any]) -> str:
@@ -193,12 +201,13 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
               metric: str, err: float, tolerance: float, judge: _Judge, report: dict[str, Any],
-              on_stage: Callable[[str], None], timer: Optional[_Timer] = None) -> Path:
+              on_stage: Callable[[str], None], timer: Optional[_Timer] = None, must_pay: bool = False) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`) and, with a `timer`, by that per millisecond keeping each in float costs the
     whole model (the FALLBACK_TIMED most sensitive are timed), then the fewest first-ranked kept in float until
     fidelity to the judge's model (or the drop of the user's score) is within it; `metric` and `err` are
-    `first`'s (_error). Returns the model to keep; records it in `report`."""
+    `first`'s (_error). `must_pay`: stop where the timed costs say more layers in float would leave the model no
+    faster than `fp32` (compress.quantize.sensitivity.affordable). Returns the model to keep; records it in `report`."""
     score = judge.score
     report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,
                           "against": "input" if judge.model == fp32 else "reference"}
@@ -210,16 +219,21 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     # labelled set ties at zero drop
     sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
     salient = [r["node"] for r in sens if r.get("salience")][:FALLBACK_TIMED]
+    limit, why = None, ""
     if timer is not None and len(salient) > 1:
         on_stage(f"timing what keeping each of {len(salient)} layers in float costs")
-        costs, base_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
+        costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
         sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
         report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.clock} clock, {timer.threads} threads)"
+        if must_pay:
+            limit = affordable([r for r in sens if r.get("salience") is not None], base_ms, fp32_ms)
+            why = (f"estimated from each layer's cost in float: {base_ms:.3f} ms quantized + the kept layers' costs "
+                   f"against {fp32_ms:.3f} ms for {fp32.name}")
     on_stage("keeping the most sensitive layers in float")
     second = work / "fallback.onnx"
     fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, judge.outputs, tolerance,
                   "cosine_min" if metric == "score_drop" else metric, runner=runner, evaluate=score,
-                  reference_model=judge.model)
+                  reference_model=judge.model, max_excluded=limit, max_why=why)
     report["fallback"].update({k: v for k, v in fb.items() if k not in ("fidelity", "path")})
     if not (fb.get("within_tolerance", True) and second.exists()):
         return first
@@ -258,7 +272,7 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     if backend.takes == "torch" and torch_source is None:
         raise UsageError(f"--backend {backend.backend} quantizes the PyTorch model, and this command has only ONNX: "
                          f"use `compress run MODEL --backend {backend.backend} ...`")
-    calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib)
+    calib_part, held_part, calib_info = _split_calib(calib, opts.max_calib, opts.calib_name)
     held = calibration_feeds(fp32, held_part, seed=99, max_samples=64, label=calib)
     simulated = backend.simulated(profile, opts)
     report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
@@ -336,4 +350,4 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     local = opts.select_ops and not job.simulated and describe_host()["arch"] == job.profile.arch
     timer = _timer(job.profile, held[0])[0] if local else None
     return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, metric, err, opts.tolerance, judge,
-                     report, on_stage, timer)
+                     report, on_stage, timer, opts.fallback_must_pay)

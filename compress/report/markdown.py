@@ -508,6 +508,10 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
             if total and len(excl) >= total:
                 txt += (f". **All {total} quantizable layers are in float: this variant is not quantized in effect**; "
                         "a looser `--tolerance` or real `--calib` data may let some layers be quantized")
+        elif fb.get("max_excluded") is not None:
+            txt += (f"; stopped at {fb['max_excluded']} layer(s) in float" + (f" (error {ea:.4g})" if ea is not None else "")
+                    + ": keeping more would leave the model no faster than its input, so the fully quantized model "
+                    "was kept")
         else:
             txt += "; keeping layers in float did not reach the tolerance, so the fully quantized model was kept"
         out.append(txt)
