@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from compress.cli.options import model_input_options
+from compress.cli.options import data_options, model_input_options
 from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
 
@@ -20,6 +22,7 @@ Examples:
 @click.command("export", epilog=EPILOG)
 @click.argument("model")
 @model_input_options
+@data_options
 @click.option("--device", default=None, help="Device profile (name or YAML) whose opset to use.")
 @click.option("--opset", type=click.IntRange(7, 23), default=None, help="ONNX opset (default: the device profile's, else 18).")
 @click.option("--dynamic-batch", is_flag=True, help="Make the first axis of every input symbolic.")
@@ -30,14 +33,15 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, device: str | None,
            opset: int | None, dynamic_batch: bool, exporter: str, atol: float, rtol: float, json_out: str | None,
-           output: str) -> None:
+           output: str, **data_flags: Any) -> None:
     """Export MODEL to ONNX and verify it against torch.
 
     MODEL is path/to/file.py:factory, package.module:factory (a callable returning an nn.Module), or a
     Hugging Face model folder (config.json + safetensors). Nothing is written unless onnxruntime's outputs
     match torch's within tolerance.
     """
-    from compress.models import calib_samples, check_calib_names, load_calib, parse_input_shape
+    from compress.cli.data import data_opts, user_data
+    from compress.models import calib_samples, check_calib_names, load_calib, parse_input_shape, torch_model_inputs
 
     require_one_input_source(input_shapes, calib)
     out = check_onnx_output(output, [model, weights, calib, device])
@@ -52,11 +56,14 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     from compress.models import example_inputs, load_model
     from export import export_onnx
 
-    with console.progress("loading model") as step:
+    dopts = data_opts(**data_flags)
+    with console.progress("loading model"):
         loaded = load_model(model, weights)
+    with user_data(torch_model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib, max_calib=4) as got, \
+            console.progress("exporting") as step:
         data = None
-        if calib:
-            data = load_calib(calib)
+        if got.calib:
+            data = load_calib(got.calib)
             check_calib_names(data, loaded, calib)
         example = example_inputs(loaded, shapes, data)
         # parity on a few more real samples, one at a time

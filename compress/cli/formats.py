@@ -4,10 +4,13 @@ device, from measurements on the user's data (see compress.quantize.advisor)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
+from compress.cli.options import CALIB_HELP, data_options, max_calib_option
 from compress.core import console
 
 EPILOG = """\b
@@ -21,7 +24,9 @@ Examples:
 @click.command("formats", epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--device", required=True, help="Device profile (name or YAML): which formats it executes fast.")
-@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
+@click.option("--calib", metavar="DATA", help=CALIB_HELP + " Without it, synthetic data (warned).")
+@max_calib_option
+@data_options
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Largest acceptable whole-model error: 1 - top-1 agreement (classifiers) or 1 - min cosine.")
 @click.option("--max-layers", type=int, default=None,
@@ -29,8 +34,8 @@ Examples:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the per-layer error plot (PNG).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the report as JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write a Markdown report.")
-def formats(model: str, device: str, calib: str | None, tolerance: float, max_layers: int | None, plot: str | None,
-            json_out: str | None, output: str | None) -> None:
+def formats(model: str, device: str, calib: str | None, max_calib: int | None, tolerance: float, max_layers: int | None,
+            plot: str | None, json_out: str | None, output: str | None, **data_flags: Any) -> None:
     """Measure INT8 and FP8 fidelity per layer and for the whole MODEL, and recommend a format for the device.
 
     The advice follows the measurements: among the formats the device runs fast (INT8 with int8_dot, FP8 with
@@ -53,13 +58,16 @@ def formats(model: str, device: str, calib: str | None, tolerance: float, max_la
     check_json_output(json_out, output, inputs + outs)
     if not Path(model).expanduser().is_file():
         raise InputError(f"model {model} not found")
-    if calib and not Path(calib).expanduser().is_file():
-        raise InputError(f"--calib {calib} not found")
+    from compress.cli.data import data_opts, user_data
+    from compress.models import onnx_model_inputs
     from devices import load_profile
 
+    dopts = data_opts(**data_flags)
     profile = load_profile(device)
-    with console.progress("measuring formats") as step:
-        report = advise(model, profile, calib, tolerance=tolerance, max_layers=max_layers, calib_label=calib,
+    near = Path(output or plot).expanduser().absolute().parent if (output or plot) else Path(tempfile.gettempdir())
+    with user_data(onnx_model_inputs(model), dopts, near, calib, max_calib=max_calib) as data, \
+            console.progress("measuring formats") as step:
+        report = advise(model, profile, data.calib, tolerance=tolerance, max_layers=max_layers, calib_label=calib,
                         on_step=lambda s: step.update(description=s))
 
     from compress.quantize import advisor_report as fr

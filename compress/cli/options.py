@@ -6,8 +6,12 @@ from typing import Any, Callable
 
 import click
 
+from compress.data import DataOptions
 from compress.prune import ALLOCATIONS, PruneOptions
 from compress.quantize import QuantOptions, backend_names, format_names
+
+CALIB_HELP = ("Real samples: DATA.npz (keys = input names, first axis = samples), an image folder, a .txt/.jsonl/.csv "
+              "of text, or hf:DATASET[:split][:column] (see --image-size, --seq-len).")
 
 
 def model_input_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -17,8 +21,28 @@ def model_input_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="State dict: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]",
                      help="Example input shape, e.g. 1,3,224,224 or input_ids=1,128:int64; repeat per input."),
-        click.option("--calib", type=click.Path(dir_okay=False),
-                     help=".npz of real samples: keys are the forward() input names, first axis is samples."),
+        click.option("--calib", metavar="DATA", help=CALIB_HELP),
+    ]):
+        f = opt(f)
+    return f
+
+
+def data_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How --calib/--eval DATA that is not arrays becomes inputs (compress.data.DataOptions): image
+    pre-processing and text tokenization; each defaults to the model's own config, then to timm's ImageNet
+    evaluation (images) or a sequence length of 128 (text), and the report says which applied."""
+    for opt in reversed([
+        click.option("--image-size", metavar="H[,W]", help="Images: size after the center crop (default: the model's)."),
+        click.option("--crop-pct", type=float, help="Images: resize to size / crop_pct, then center-crop (default 0.875)."),
+        click.option("--mean", metavar="R,G,B", help="Images: per-channel mean of [0,1] pixels (default: ImageNet's)."),
+        click.option("--std", metavar="R,G,B", help="Images: per-channel std (default: ImageNet's)."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Images: resize filter."),
+        click.option("--seq-len", type=click.IntRange(min=1), help="Text: tokens per sample (default: the model's, else 128)."),
+        click.option("--tokenizer", metavar="FOLDER", help="Text: a Hugging Face tokenizer folder (default: the model's folder)."),
+        click.option("--column", metavar="NAME", help="Text/datasets: the column holding the samples."),
+        click.option("--label-column", default=DataOptions.default("label_column"), show_default=True,
+                     help="--eval text/datasets: the column holding class indices."),
+        click.option("--skip-bad", is_flag=True, help="Skip (and count) unreadable files in a data folder instead of stopping."),
     ]):
         f = opt(f)
     return f
@@ -55,9 +79,10 @@ def allocation_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--eval and --metric: the user's score, for quantize and run (see compress.evaluate.user_metric)."""
     for opt in reversed([
-        click.option("--eval", "eval_spec", metavar="DATA.npz|FILE.py:FN",
-                     help="Score each model: labelled DATA.npz (inputs + 'y': top-1 accuracy, or --metric), or your "
-                          "FN(model_path) -> score. --tolerance then bounds the drop of that score from fp32."),
+        click.option("--eval", "eval_spec", metavar="DATA|FILE.py:FN",
+                     help="Score each model: labelled DATA (an .npz with 'y', DIR/CLASS/ images, text or hf: with a "
+                          "label column; top-1 accuracy, or --metric), or your FN(model_path) -> score. --tolerance "
+                          "then bounds the drop of that score from fp32."),
         click.option("--metric", "metric_spec", metavar="FILE.py:FN",
                      help="With --eval DATA.npz: FN(outputs, y) -> score (higher is better) instead of top-1."),
     ]):

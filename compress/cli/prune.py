@@ -10,6 +10,7 @@ import click
 
 from compress.cli.options import (
     allocation_option,
+    data_options,
     ignore_option,
     max_calib_option,
     model_input_options,
@@ -32,6 +33,7 @@ Examples:
 @click.argument("model")
 @model_input_options
 @max_calib_option
+@data_options
 @click.option("--ratio", type=float, help="Fraction of channels/heads/neurons to remove (0-1).")
 @click.option("--importance", default=PruneOptions.default("importance"), show_default=True, help="Channel importance criterion (see --importance list).")
 @allocation_option
@@ -53,7 +55,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
           ratio: float | None,
           importance: str, allocation: str, global_pruning: bool, ignore: tuple[str, ...], prune_first_conv: bool, round_to: int | None, device: str,
           sparsity: float | None, pattern: str, no_recover: bool, recover_steps: int, recover_seconds: float,
-          finetune: str | None, no_measure: bool, json_out: str | None, output: str) -> None:
+          finetune: str | None, no_measure: bool, json_out: str | None, output: str, **data_flags: Any) -> None:
     """Prune MODEL structurally so it is really faster, recover it, export it, and measure it.
 
     Channels, attention heads and neurons are removed on Torch-Pruning's dependency graph (residuals,
@@ -61,7 +63,8 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     rounded to the device's SIMD multiple, and the pruned model is distilled from the original on the
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
-    from compress.models import load_model, prepare_inputs
+    from compress.cli.data import data_opts, user_data
+    from compress.models import load_model, prepare_inputs, torch_model_inputs
     from compress.prune import get_importance, prune_stage
     from devices import load_profile
 
@@ -78,9 +81,16 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     if opts.round_to is None and opts.ratio is not None:
         opts.round_to = profile.pruning.channel_multiple
 
-    with console.progress("loading model") as step:
+    dopts = data_opts(**data_flags)
+    with console.progress("loading model"):
         loaded = load_model(model, weights)
-        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
+    with user_data(torch_model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib,
+                   max_calib=max_calib) as data, console.progress("preparing inputs") as step:
+        prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
+        if calib:
+            prep.info["source"] = calib
+        if data.info:
+            prep.info["data"] = data.info
         example = prep.example
         pruned, result = prune_stage(loaded.module, prep, opts, on_stage=lambda s: step.update(description=s))
         report = result.to_json()  # the command's document: the stage's result, then what the command adds

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from compress.cli.options import backend_option, eval_options, format_choice, int4_options, max_calib_option
+from compress.cli.options import (
+    CALIB_HELP,
+    backend_option,
+    data_options,
+    eval_options,
+    format_choice,
+    int4_options,
+    max_calib_option,
+)
 from compress.core import console
 from compress.quantize import CALIBRATION_METHODS, QuantOptions
 
@@ -28,7 +37,7 @@ Examples:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=format_choice(), default=QuantOptions.default("to"), show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML): presets, and where speed is measured.")
-@click.option("--calib", type=click.Path(dir_okay=False), help=".npz of real samples (keys = input names). Without it, synthetic data (warned).")
+@click.option("--calib", metavar="DATA", help=CALIB_HELP + " Without it, synthetic data (warned).")
 @click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.default("method"), show_default=True,
               help="INT8 activation calibration. With --backend ort, entropy is onnxruntime's as quantize_static runs it "
                    "(128 bins for 128 levels): it keeps the whole range, the scales of minmax.")
@@ -39,6 +48,7 @@ Examples:
 @click.option("--fp8-format", type=click.Choice(["e4m3fn", "e5m2"]), default=QuantOptions.default("fp8_format"), show_default=True)
 @int4_options
 @max_calib_option
+@data_options
 @click.option("--no-measure", is_flag=True, help="Skip the fp32-vs-quantized timing.")
 @click.option("--no-op-select", is_flag=True, help="Skip timing each op against fp32 (INT8: ops it does not speed up stay INT8) and "
               "what each layer the fallback may keep in float costs (it then keeps the most sensitive).")
@@ -46,7 +56,8 @@ Examples:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 def quantize(model: str, to: str, device: str, calib: str | None, method: str, tolerance: float | None,
              eval_spec: str | None, metric_spec: str | None, backend: str, simulate: bool,
-             fp8_format: str, block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str) -> None:
+             fp8_format: str, block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str, max_calib: int | None, no_measure: bool, no_op_select: bool, json_out: str | None, output: str,
+             **data_flags: Any) -> None:
     """Quantize an ONNX MODEL the way the device runs it fastest, and say what it cost.
 
     INT8 follows the device profile's preset (QDQ/QOperator, U8S8/S8S8, per-channel, reduce_range); where the
@@ -56,27 +67,33 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     --tolerance the most sensitive layers stay in float. INT4 is weight-only (MatMulNBits): uniform 4-bit, or
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
+    from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_onnx_output
     from compress.evaluate import load_metric
+    from compress.models import onnx_model_inputs
     from compress.quantize import check_format, quant_stage
     from devices import load_profile
     from runtime import check_model
 
     out = check_onnx_output(output, [model, calib, device, eval_spec, metric_spec])
     check_json_output(json_out, output, [model, calib, device, eval_spec, metric_spec])
+    dopts = data_opts(**data_flags)
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
-                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select,
-                        evaluate=load_metric(eval_spec, metric_spec), backend=backend, block_size=block_size,
-                        budget_mb=budget_mb, avg_bits=avg_bits, salience=salience)
+                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select, calib_name=calib,
+                        evaluate=None if eval_spec and is_data(eval_spec) else load_metric(eval_spec, metric_spec),
+                        backend=backend, block_size=block_size, budget_mb=budget_mb, avg_bits=avg_bits, salience=salience)
     profile = load_profile(device)
     backend = check_format(profile, opts)
     check_model(Path(model))
     if calib is None and backend.synthetic_data_spoils:
         console.warn(f"no --calib: {backend.synthetic_data_spoils} come from synthetic inputs, which are wrong for "
-                     "real data; pass --calib DATA.npz with real samples")
-    with console.progress("quantizing") as step:
-        report = quant_stage(Path(model), out, profile, calib, opts,
-                             on_stage=lambda s: step.update(description=s)).to_json()
+                     "real data; pass --calib DATA with real samples")
+    with user_data(onnx_model_inputs(model), dopts, out.absolute().parent, calib, eval_spec, max_calib) as data:
+        if eval_spec and is_data(eval_spec):
+            opts.evaluate = load_metric(data.eval, metric_spec)
+        with console.progress("quantizing") as step:
+            report = quant_stage(Path(model), out, profile, data.calib, opts,
+                                 on_stage=lambda s: step.update(description=s)).to_json()
     if console.report_json(json_out, report):
         return
     for warning in (((report.get("quantizer") or {}).get("presets") or {}).get("warning"),

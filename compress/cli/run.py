@@ -13,6 +13,7 @@ from compress.cli.options import (
     RatioOrAuto,
     allocation_option,
     backend_option,
+    data_options,
     eval_options,
     format_choice,
     ignore_option,
@@ -43,6 +44,7 @@ Examples:
 @click.argument("model")
 @model_input_options
 @max_calib_option
+@data_options
 @click.option("--device", default="host", show_default=True, help="Device profile (name or YAML) to build for and profile on.")
 @click.option("--prune", "prune_ratio", type=RatioOrAuto(), help="Prune this fraction of channels (adds the 'pruned' "
               "variant); 'auto': the largest fraction up to 0.75 whose pruned and recovered model stays within --tolerance "
@@ -81,7 +83,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
         overwrite: bool, force: bool,
-        json_out: str | None, output: str) -> None:
+        json_out: str | None, output: str, **data_flags: Any) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
@@ -93,9 +95,10 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
     measured again every time.
     """
+    from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
     from compress.evaluate import load_metric
-    from compress.models import load_model, prepare_inputs
+    from compress.models import load_model, prepare_inputs, torch_model_inputs
     from compress.pipeline import StageCache, run_pipeline
     from devices import load_profile
 
@@ -134,16 +137,27 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend, **int4))
     elif budget_mb is not None or avg_bits is not None:
         raise UsageError("--budget-mb/--avg-bits allocate bits per layer for --quant int4, not --quant none")
-    opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=calib, max_calib=max_calib, simulate=simulate,
-                      tolerance=tolerance, runs=runs, source=model, select_ops=not no_op_select,
-                      evaluate=load_metric(eval_spec, metric_spec), backend=backend, cache=StageCache(force=force),
-                      overwrite=overwrite, backoff=not no_backoff, command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    with console.progress("loading model") as step:
+    dopts = data_opts(**data_flags)
+    if eval_spec and not is_data(eval_spec):
+        load_metric(eval_spec, metric_spec)  # a FILE.py:FN fails here, before the model is loaded
+    with console.progress("loading model"):
         loaded = load_model(model, weights)
-        prep = prepare_inputs(loaded, input_shapes, calib, max_samples=max_calib)
-        report = run_pipeline(loaded.module, prep, profile, Path(outdir), opts,
-                              on_stage=lambda s: step.update(description=s),
-                              extra={"calibration": prep.info}).to_json()
+    with user_data(torch_model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
+                   max_calib) as data:
+        opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,
+                          max_calib=max_calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
+                          select_ops=not no_op_select, evaluate=load_metric(data.eval, metric_spec), backend=backend,
+                          cache=StageCache(force=force), overwrite=overwrite, backoff=not no_backoff,
+                          command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        with console.progress("preparing inputs") as step:
+            prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
+            if calib:
+                prep.info["source"] = calib
+            if data.info:
+                prep.info["data"] = data.info
+            report = run_pipeline(loaded.module, prep, profile, Path(outdir), opts,
+                                  on_stage=lambda s: step.update(description=s),
+                                  extra={"calibration": prep.info}).to_json()
     if console.report_json(json_out, report):
         return
     _print_table(report, outdir)

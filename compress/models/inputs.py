@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from compress.core import InputError, UsageError, warn
+from compress.data import npz_members, read_rows
 from compress.models.loading import LoadedModel
-from compress.models.npz_rows import npz_members, read_rows
 from compress.models.shapes import ShapeArg, parse_input_shape, require_one_input_source
 
 

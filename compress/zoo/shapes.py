@@ -11,6 +11,7 @@ stripes, checkerboard, blob pair. The striped and checkered patches share their 
 telling them apart needs texture orientation, and the solid shapes need their outline.
 
     python -m compress.zoo.shapes data --calib calib.npz --eval eval.npz     # inputs for `compress run`
+    python -m compress.zoo.shapes images --calib calib/ --eval eval/         # the same as PNG folders
     python -m compress.zoo.shapes train --out compress/zoo/weights/shapes_resnet.safetensors
 
 The shipped weights came from `train --threads 1` with the other defaults (30 epochs x 100 steps x 96 fresh
@@ -247,6 +248,9 @@ def shapes_resnet() -> ResNet:
     model = ShapesResNet()
     state = {k: t.float() if t.is_floating_point() else t for k, t in load_file(str(WEIGHTS)).items()}
     model.load_state_dict(state, strict=True)
+    # timm's convention for how its inputs are made: `--calib DIR/` of images reads it (compress.data.images)
+    model.pretrained_cfg = {"input_size": (3, SIZE, SIZE), "crop_pct": 1.0, "interpolation": "bilinear",
+                            "mean": tuple(float(v) for v in MEAN), "std": tuple(float(v) for v in STD)}
     return model.eval()
 
 
@@ -344,6 +348,25 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
             os.unlink(tmp)
 
 
+def _save_pngs(folder: Path, x: np.ndarray, y: np.ndarray | None) -> None:
+    """Images (ImageNet-normalised, as make_shapes draws them) as 8-bit PNGs, numbered; in a subfolder per class
+    (named for it, so sorted names give make_shapes' label order: a 00-circle prefix) when labelled. Written
+    into a temporary folder that is renamed into place."""
+    from PIL import Image
+
+    if folder.exists():
+        raise SystemExit(f"{folder} exists; give a new folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * STD + MEAN) * 255.0), 0, 255).astype(np.uint8)
+    for i, img in enumerate(pixels):
+        sub = tmp / f"{y[i]:02d}-{CLASSES[y[i]]}" if y is not None else tmp
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(img).save(sub / f"{i:05d}.png")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, folder)
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--eval", type=Path, dest="eval_out", help="output .npz with 'image' and 'y' (held-out, labelled)")
     d.add_argument("--n-calib", type=int, default=256)
     d.add_argument("--n-eval", type=int, default=512)
+    im = sub.add_parser("images", help="write the same sets as PNG files: DIR/*.png, and DIR/CLASS/*.png for --eval")
+    im.add_argument("--calib", type=Path, help="output folder of calibration images")
+    im.add_argument("--eval", type=Path, dest="eval_out", help="output folder of labelled images, a subfolder per class")
+    im.add_argument("--n-calib", type=int, default=256)
+    im.add_argument("--n-eval", type=int, default=512)
     t = sub.add_parser("train", help="train the shipped weights")
     t.add_argument("--out", type=Path, default=WEIGHTS)
     t.add_argument("--epochs", type=int, default=30)
@@ -363,12 +391,21 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.cmd == "data":
+    if args.cmd in ("data", "images"):
         if not args.calib and not args.eval_out:
-            ap.error("data: give --calib and/or --eval")
+            ap.error(f"{args.cmd}: give --calib and/or --eval")
         for flag, value in (("--n-calib", args.n_calib), ("--n-eval", args.n_eval)):
             if value < 1:
                 ap.error(f"{flag} must be at least 1")
+        if args.cmd == "images":
+            for out, n, seed, labelled in ((args.calib, args.n_calib, CALIB_SEED, False),
+                                           (args.eval_out, args.n_eval, EVAL_SEED, True)):
+                if out:
+                    x, y = make_shapes(n, seed)
+                    _save_pngs(out, x, y if labelled else None)
+                    print(f"wrote {out}: {n} PNG images {SIZE}x{SIZE}" + (" in a folder per class" if labelled else "")
+                          + f" (seed {seed})")
+            return 0
         if args.calib:
             x, _ = make_shapes(args.n_calib, CALIB_SEED)
             _save_npz(args.calib, image=x)

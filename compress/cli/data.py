@@ -1,0 +1,72 @@
+"""--calib and --eval DATA for every command that takes them: the data flags parsed into DataOptions, and the
+sources read (compress.data) into .npz files that live in a folder beside the output for the command's run."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from compress.core import UsageError
+from compress.data import DataOptions, ModelInputs, resolve_data
+
+DATA_SUFFIXES = (".npz", ".npy", ".txt", ".jsonl", ".csv")
+
+
+def data_opts(image_size: Optional[str] = None, crop_pct: Optional[float] = None, mean: Optional[str] = None,
+              std: Optional[str] = None, interpolation: Optional[str] = None, seq_len: Optional[int] = None,
+              tokenizer: Optional[str] = None, column: Optional[str] = None,
+              label_column: str = DataOptions.default("label_column"), skip_bad: bool = False) -> DataOptions:
+    """The data flags as DataOptions (comma lists parsed, ranges checked)."""
+    size = _floats("--image-size", image_size)
+    if size is not None and (len(size) not in (1, 2) or any(v != int(v) for v in size)):
+        raise UsageError(f"--image-size {image_size}: one or two whole numbers, H[,W]")
+    opts = DataOptions(image_size=None if size is None else (int(size[0]), int(size[-1])), crop_pct=crop_pct,
+                       mean=_floats("--mean", mean), std=_floats("--std", std), interpolation=interpolation,
+                       seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    opts.check()
+    return opts
+
+
+def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text}: comma-separated numbers") from None
+
+
+def is_data(spec: str) -> bool:
+    """Whether --eval names data (scored by top-1 or --metric) rather than a FILE.py:FN / module:FN function."""
+    return spec.startswith("hf:") or spec.lower().endswith(DATA_SUFFIXES) or Path(spec).expanduser().is_dir()
+
+
+@dataclass
+class UserData:
+    calib: Optional[str] = None  # an .npz keyed by input names
+    eval: Optional[str] = None  # an .npz with 'y', or the user's FILE.py:FN unchanged
+    info: dict[str, Any] = field(default_factory=dict)  # {"calib": ..., "eval": ...}: what each source did
+
+
+@contextlib.contextmanager
+def user_data(inputs: ModelInputs, opts: DataOptions, near: Path, calib: Optional[str] = None,
+              eval_spec: Optional[str] = None, max_calib: Optional[int] = None) -> Iterator[UserData]:
+    """--calib and --eval as .npz paths, for the duration of the block; what had to be written lives in a
+    hidden folder in `near` (the output's folder: the same disk, and removed however the block ends)."""
+    near.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=near) as tmp:
+        out = UserData(eval=eval_spec)
+        if calib:
+            r = resolve_data(calib, inputs, opts, Path(tmp), max_samples=max_calib)
+            out.calib = r.path
+            if r.info:
+                out.info["calib"] = r.info
+        if eval_spec and is_data(eval_spec):
+            r = resolve_data(eval_spec, inputs, opts, Path(tmp), labels=True, option="--eval")
+            out.eval = r.path
+            if r.info:
+                out.info["eval"] = r.info
+        yield out

@@ -1,0 +1,51 @@
+"""What a data source must produce for a model (compress.data.ModelInputs): from a loaded PyTorch model (its
+forward() names, --input-shape, its Hugging Face folder, timm's `pretrained_cfg`) or from an ONNX file (its
+graph inputs, the folder it lies in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import onnx
+
+from compress.data import ModelInputs
+from compress.models.loading import LoadedModel
+from compress.models.shapes import parse_input_shape
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
+
+
+def torch_model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> ModelInputs:
+    shapes: dict[str, tuple[Optional[int], ...]] = {}
+    dtypes: dict[str, str] = {}
+    names = loaded.input_names
+    for s in map(parse_input_shape, input_shapes):
+        name = s.name or (names[0] if names else None)
+        if name is not None:
+            shapes[name] = tuple(s.shape)
+            if s.dtype:
+                dtypes[name] = s.dtype
+    cfg: Any = getattr(loaded.module, "pretrained_cfg", None) or {}
+    return ModelInputs(names=tuple(names), required=tuple(loaded.required_inputs), shapes=shapes, dtypes=dtypes,
+                       folder=Path(loaded.source) if loaded.kind == "hf" else None,
+                       pretrained_cfg=dict(cfg) if isinstance(cfg, dict) else {})
+
+
+def onnx_model_inputs(path: str | Path) -> ModelInputs:
+    """Graph inputs that are not initializers, their static dims (None where symbolic) and dtypes; the folder
+    the file lies in holds its tokenizer or preprocessor_config.json when it came from a Hugging Face export."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    shapes: dict[str, tuple[Optional[int], ...]] = {}
+    dtypes: dict[str, str] = {}
+    names = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        names.append(i.name)
+        t = i.type.tensor_type
+        shapes[i.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        dtypes[i.name] = _ONNX_DTYPES.get(t.elem_type, "float32")
+    return ModelInputs(names=tuple(names), required=tuple(names), shapes=shapes, dtypes=dtypes,
+                       folder=Path(path).expanduser().resolve().parent)
