@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo test lint test-arm64 venv bench-deps clean
+.PHONY: demo demo-images test lint test-arm64 venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,16 @@ demo: $(STAMP)
 	$(VENV)/bin/compress run compress.zoo:shapes_resnet --calib $(DEMO_OUT)/calib.npz --eval $(DEMO_OUT)/eval.npz \
 		--device host --prune 0.25 --allocation measured --tolerance 0.01 -o $(DEMO_OUT)/run
 	@echo "demo report: $(abspath $(DEMO_OUT))/run/report.md (and report.json, tradeoff.png, one .onnx per variant)"
+
+# The same demo from folders of PNG files (calibration: DIR/*.png; labelled: DIR/CLASS/*.png), as a user's photos
+# would be: the pre-processing comes from the model's pretrained_cfg, as it does for timm models.
+demo-images: $(STAMP)
+	mkdir -p $(DEMO_OUT)
+	test -d $(DEMO_OUT)/calib-images || $(PY) -m compress.zoo.shapes images --calib $(DEMO_OUT)/calib-images
+	test -d $(DEMO_OUT)/eval-images || $(PY) -m compress.zoo.shapes images --eval $(DEMO_OUT)/eval-images
+	$(VENV)/bin/compress run compress.zoo:shapes_resnet --calib $(DEMO_OUT)/calib-images --eval $(DEMO_OUT)/eval-images \
+		--device host --prune 0.25 --allocation measured --tolerance 0.01 -o $(DEMO_OUT)/run-images
+	@echo "demo report: $(abspath $(DEMO_OUT))/run-images/report.md"
 
 bench-deps: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

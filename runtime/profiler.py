@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.core import DeviceError, InputError, first_line, warn
+from compress.core import DeviceError, InputError, UsageError, first_line, warn
 from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
 from devices import providers as ep_registry
 from export import get_metadata
@@ -66,6 +66,7 @@ def profile_model(
         chosen, missing = [[ep.name, dict(ep.options)] for ep in profile.execution_providers], []
     user = inputs or {}
     specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
+    check_shapes_given(path, specs)
     config = {
         "providers": chosen,
         "threads": threads if threads is not None else profile.threads,
@@ -204,16 +205,43 @@ def metadata_input_specs(proto: Any) -> dict[str, dict[str, Any]]:
     return {}
 
 
+def graph_input_dims(proto: Any) -> dict[str, list[Any]]:
+    """Each fed input's dims as the graph declares them: an int, the symbolic name (str), or None (unnamed)."""
+    dims = {}
+    weights = {t.name for t in proto.graph.initializer}  # old IRs list weights as inputs; they are not fed
+    for vi in proto.graph.input:
+        if vi.name not in weights and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                             for d in vi.type.tensor_type.shape.dim]
+    return dims
+
+
+def check_shapes_given(path: Path, specs: dict[str, dict[str, Any]]) -> None:
+    """A symbolic dimension other than the first (the batch, timed at 1) needs a shape from the file's metadata
+    or the caller: timing a BERT exported elsewhere at sequence length 1 measures nothing anyone runs, and it
+    used to happen silently."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for name, dims in graph_input_dims(proto).items():
+        if specs.get(name, {}).get("shape") is not None:
+            continue
+        free = [(i, d) for i, d in enumerate(dims) if i > 0 and not (isinstance(d, int) and d > 0)]
+        if free:
+            i, d = free[0]
+            shown = "[" + ", ".join(str(x) if isinstance(x, int) and x > 0 else (x or "?") for x in dims) + "]"
+            example = ",".join("1" if j == 0 else (str(x) if isinstance(x, int) and x > 0 else "N") for j, x in enumerate(dims))
+            raise UsageError(f"{path.name}: input {name!r} {shown} has a symbolic dimension {d or '?'!s} (axis {i}) "
+                             f"and no shape to time it at: give --input-shape {name}={example} (N: the size you run)")
+
+
 def _fit_shapes(proto: Any, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Drop metadata shapes the graph contradicts (a later edit changed an input): the graph is the truth.
 
     Only metadata is treated this leniently; shapes the caller passes are checked strictly by the runner.
     """
-    graph_dims = {}
-    weights = {t.name for t in proto.graph.initializer}  # old IRs list weights as inputs; they are not fed
-    for vi in proto.graph.input:
-        if vi.name not in weights and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            graph_dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    graph_dims = {n: [d if isinstance(d, int) and d > 0 else None for d in dims]
+                  for n, dims in graph_input_dims(proto).items()}
     out = {}
     for name, spec in specs.items():
         if name not in graph_dims:

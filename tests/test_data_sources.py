@@ -231,3 +231,32 @@ def test_compress_run_on_an_image_folder_matches_the_hand_built_npz(tmp_path):
         assert va["fidelity"]["top1_agreement"] == pytest.approx(vb["fidelity"]["top1_agreement"], abs=1e-9)
     assert ra["calibration"]["source"] == str(tmp_path / "calib") and ra["calibration"]["data"]["eval"]["kind"] == "images"
     assert not list(tmp_path.glob(".edge-data-*"))  # the read-in copies are gone
+
+
+def test_compress_run_on_a_text_file_in_a_model_folder_matches_the_hand_built_npz(bert_folder, tokenizer_dir, tmp_path):
+    """A Hugging Face folder holding its tokenizer, calibrated from a .txt: the same report as the .npz of the
+    same tokens built by hand (input_ids, attention_mask and token_type_ids, as BERT takes them)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "bert"
+    shutil.copytree(bert_folder, folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    lines = [f"{a} {b} on the mat" for a in ("the", "a", "dog", "cat") for b in ("cat", "dog", "sat", "ran")]
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    enc = AutoTokenizer.from_pretrained(folder)(lines, padding="max_length", truncation=True, max_length=12,
+                                                return_tensors="np", return_token_type_ids=True)
+    np.savez(tmp_path / "s.npz", **{k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    common = ["--device", "host", "--quant", "int8", "--no-op-select", "--runs", "3"]
+    a = _run(str(folder), "--calib", str(tmp_path / "s.txt"), "--seq-len", "12", *common, "-o", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr
+    b = _run(str(folder), "--calib", str(tmp_path / "s.npz"), *common, "-o", str(tmp_path / "b"))
+    assert b.returncode == 0, b.stderr
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b"))
+    for va, vb in zip(ra["variants"], rb["variants"]):
+        assert va["name"] == vb["name"]
+        assert va["fidelity"]["cosine_min"] == pytest.approx(vb["fidelity"]["cosine_min"], abs=1e-6)
+    notes = ra["calibration"]["data"]["calib"]["notes"]
+    assert any("PreTrainedTokenizerFast" in n and "12" in n for n in notes)

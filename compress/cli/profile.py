@@ -14,6 +14,7 @@ Examples:
   compress profile model.onnx --device rpi4-cortex-a72 --hotspots
   compress profile model.onnx --device ./my-board.yaml --runs 200 --threads 2
   compress profile model.onnx --device host --json profile.json
+  compress profile bert.onnx --input-shape input_ids=1,128 --input-shape attention_mask=1,128
   compress profile model.onnx --json - | jq .latency_ms.p50
   compress profile model.onnx --device rpi4-cortex-a72 --remote pi@raspberrypi.local --remote-python '~/venv/bin/python'
   compress profile model.onnx --device ./my-pi.yaml            (a profile with a remote: section)
@@ -25,6 +26,9 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
 @click.command("profile", epilog=EPILOG)
 @click.argument("model", metavar="MODEL.onnx")
 @click.option("--device", default="host", show_default=True, metavar="NAME|PATH.yaml", help="Device profile: a bundled name or a YAML file.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]SHAPE[:DTYPE]",
+              help="Shape to time an input at, e.g. input_ids=1,128 (repeat per input); needed for symbolic dimensions "
+                   "other than the batch that the file's metadata does not fix.")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs (default: adaptive, until the p50's 95% CI is within 2%).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed runs first (default 10).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the device profile's).")
@@ -39,7 +43,7 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
               help="Verify the device's host key against FILE only (default: ~/.ssh/known_hosts). Unknown or changed keys are refused.")
 @click.option("--remote-python", metavar="PATH", default=None,
               help="Python on the device that has onnxruntime and numpy (default: the profile's remote.python, else python3).")
-def profile(model: str, device: str, runs: int | None, warmup: int | None, threads: int | None,
+def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | None, warmup: int | None, threads: int | None,
             max_seconds: float | None, hotspots: bool, json_out: str | None, remote_target: str | None,
             identity: str | None, known_hosts: str | None, remote_python: str | None) -> None:
     """Time MODEL.onnx with onnxruntime as the device profile configures it.
@@ -70,9 +74,11 @@ def profile(model: str, device: str, runs: int | None, warmup: int | None, threa
             console.warn(f"--remote with the {dev.name!r} profile: its ISA, cores and threads were detected on THIS machine, "
                          "not on the device; `compress devices probe --remote ...` writes a profile for the device itself")
     budget = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS
+    shapes = _input_specs(model, input_shapes)
     with console.progress(f"profiling on {where}", total=1) as step:
         result = profile_model(model, dev, runs=runs, warmup=warmup, threads=threads, hotspots=hotspots,
-                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote).to_json()
+                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote,
+                               inputs=shapes).to_json()
     if json_out == "-":
         console.emit_json(result)
         return
@@ -217,3 +223,24 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
+
+
+def _input_specs(model: str, input_shapes: tuple[str, ...]) -> dict[str, dict[str, Any]] | None:
+    """--input-shape as the profiler's per-input specs; an unnamed one names the model's only input."""
+    if not input_shapes:
+        return None
+    from compress.core import UsageError
+    from compress.models import onnx_model_inputs, parse_input_shape
+
+    names = list(onnx_model_inputs(model).names)
+    specs: dict[str, dict[str, Any]] = {}
+    for arg in map(parse_input_shape, input_shapes):
+        name = arg.name
+        if name is None:
+            if len(names) != 1:
+                raise UsageError(f"--input-shape without a name: {model} has inputs {', '.join(names)}; write NAME=SHAPE")
+            name = names[0]
+        if name not in names:
+            raise UsageError(f"--input-shape names {name!r}, which is not an input of {model}; its inputs are {', '.join(names)}")
+        specs[name] = {"shape": list(arg.shape), **({"dtype": arg.dtype} if arg.dtype else {})}
+    return specs

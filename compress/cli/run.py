@@ -30,6 +30,8 @@ from compress.prune import PruneOptions
 EPILOG = """\b
 Examples:
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host --prune 0.5 --quant none -o out/
+  compress run model.onnx --calib photos/ --eval labelled/ --image-size 224 -o out/
+  compress run bert.onnx --calib sentences.txt --tokenizer ./bert-folder --seq-len 128 -o out/
   compress run model.py:build --weights w.safetensors --calib calib.npz --device rpi4-cortex-a72 --prune 0.3 -o out/
   compress run compress.zoo:shapes_resnet --calib calib.npz --prune auto --tolerance 0.02 -o out/
   compress run compress.zoo:encoder_demo --calib calib.npz --json - -o out/
@@ -86,6 +88,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         json_out: str | None, output: str, **data_flags: Any) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
+    MODEL is a PyTorch model (FILE.py:factory, package.module:factory, a Hugging Face folder) or an ONNX file,
+    which is taken as the fp32 variant as it is (no export; no pruning).
+
     Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
     too when --prune is given, and then 'int8-unpruned' etc. as well, the back-off should the cut cost too
     much). Each is exported (verified against torch), profiled with the device profile, timed against fp32
@@ -98,11 +103,17 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
     from compress.evaluate import load_metric
-    from compress.models import load_model, prepare_inputs, torch_model_inputs
+    from compress.models import load_model, load_onnx_model, prepare_inputs, torch_model_inputs
     from compress.pipeline import StageCache, run_pipeline
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)
+    onnx_in = model.lower().endswith(".onnx")
+    if onnx_in and weights:
+        raise UsageError(f"--weights loads a PyTorch model's state; {model} is ONNX and holds its weights")
+    if onnx_in and prune_ratio is not None:
+        raise UsageError(f"{model} is ONNX: pruning needs the PyTorch model (a factory or a Hugging Face folder); "
+                         "drop --prune to quantize, profile and compare the ONNX file as it is")
     if tolerance > 1 and not eval_spec:
         raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
     inputs = [model, weights, calib, device, eval_spec, metric_spec]
@@ -141,7 +152,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     if eval_spec and not is_data(eval_spec):
         load_metric(eval_spec, metric_spec)  # a FILE.py:FN fails here, before the model is loaded
     with console.progress("loading model"):
-        loaded = load_model(model, weights)
+        loaded = load_onnx_model(model) if onnx_in else load_model(model, weights)
     with user_data(torch_model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
                    max_calib) as data:
         opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,
@@ -155,7 +166,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
                 prep.info["source"] = calib
             if data.info:
                 prep.info["data"] = data.info
-            report = run_pipeline(loaded.module, prep, profile, Path(outdir), opts,
+            report = run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
                                   on_stage=lambda s: step.update(description=s),
                                   extra={"calibration": prep.info}).to_json()
     if console.report_json(json_out, report):

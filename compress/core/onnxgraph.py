@@ -108,3 +108,39 @@ def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None)
     else:
         onnx.save_model(model, str(path))
     return external
+
+
+def graph_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes for these input shapes, from
+    onnx's shape inference (a node whose shapes it cannot infer counts 0): what `count_macs` gives for a torch
+    module, for a model that arrives as ONNX (the demo CNN: 16.6 M against count_macs' 16.9 M, which also counts
+    BatchNorm and pooling)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in m.graph.input:
+        if vi.name in input_shapes and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, input_shapes[vi.name]):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - a graph onnx cannot infer: no count rather than no model
+        return 0
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+              for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output] if vi.type.HasField("tensor_type")}
+    shapes.update({t.name: list(t.dims) for t in m.graph.initializer})
+    total = 0
+    for n in m.graph.node:
+        out, ins = shapes.get(n.output[0], []), [shapes.get(i, []) for i in n.input]
+        if not out or not all(out) or not ins or not all(ins[0]):
+            continue
+        if n.op_type in ("Conv", "ConvTranspose") and len(ins) > 1 and all(ins[1]):
+            w = ins[1]  # [out, in/group, k...] (Conv) or [in, out/group, k...] (ConvTranspose)
+            per = int(np.prod(w[1:])) if n.op_type == "Conv" else int(np.prod(w[2:])) * ins[0][1] // max(1, out[1])
+            total += int(np.prod(out)) * per
+        elif n.op_type in ("Gemm", "MatMul") and len(ins) > 1:
+            transa = next((a.i for a in n.attribute if a.name == "transA"), 0)
+            k = ins[0][-2] if (n.op_type == "Gemm" and transa) else ins[0][-1]
+            total += int(np.prod(out)) * int(k)
+    return total

@@ -4,6 +4,7 @@ graph inputs, the folder it lies in)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -12,11 +13,18 @@ import onnx
 from compress.data import ModelInputs
 from compress.models.loading import LoadedModel
 from compress.models.shapes import parse_input_shape
+from runtime import check_model
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
 
 
 def torch_model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> ModelInputs:
+    """What data must give a loaded model (an ONNX one's from its graph, --input-shape filling its free dims)."""
+    if loaded.kind == "onnx":
+        base = onnx_model_inputs(loaded.source)
+        given = {s.name or base.names[0]: tuple(s.shape) for s in map(parse_input_shape, input_shapes)}
+        return ModelInputs(names=base.names, required=base.required, dtypes=base.dtypes, folder=base.folder,
+                           shapes={**base.shapes, **given})
     shapes: dict[str, tuple[Optional[int], ...]] = {}
     dtypes: dict[str, str] = {}
     names = loaded.input_names
@@ -30,6 +38,16 @@ def torch_model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) ->
     return ModelInputs(names=tuple(names), required=tuple(loaded.required_inputs), shapes=shapes, dtypes=dtypes,
                        folder=Path(loaded.source) if loaded.kind == "hf" else None,
                        pretrained_cfg=dict(cfg) if isinstance(cfg, dict) else {})
+
+
+def load_onnx_model(path: str | Path) -> LoadedModel:
+    """An ONNX file as compress run takes it: no module (nothing to prune or export), its graph inputs as the
+    inputs --calib and --input-shape name, all required."""
+    p = Path(path).expanduser()
+    check_model(p)
+    names = onnx_model_inputs(p).names
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    return LoadedModel(module=None, source=str(path), kind="onnx", params=params)  # type: ignore[arg-type]
 
 
 def onnx_model_inputs(path: str | Path) -> ModelInputs:

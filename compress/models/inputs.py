@@ -218,7 +218,7 @@ def prepare_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = (), calib:
     names = list(example)
     if data is None:
         warn("no --calib: channel scores, recovery and fidelity use random inputs, which say little about "
-             "real data; pass --calib DATA.npz with real samples")
+             "real data; pass --calib with real samples (an .npz, an image folder, a text file or an hf: dataset)")
         train = random_batches(loaded, example, count=8)
         held = random_batches(loaded, example, count=2, seed=99)
         return Prepared(example, train, held, {"source": "random", "samples": 0, "train_samples": 64, "held_out": True})

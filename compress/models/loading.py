@@ -33,7 +33,7 @@ class LoadedModel:
 
     module: nn.Module
     source: str
-    kind: str  # "factory" or "hf"
+    kind: str  # "factory", "hf", or "onnx" (module None: compress run takes the file as it is)
     params: list[inspect.Parameter] = field(default_factory=list)  # forward() parameters, in order
     config: dict[str, Any] = field(default_factory=dict)  # HF config values (vocab sizes) for dummy inputs
     weights: str | None = None

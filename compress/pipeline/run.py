@@ -21,11 +21,14 @@ from torch import nn
 
 from compress.core import (
     Result,
+    UsageError,
     default_mode,
     first_line,
     foreign_files,
+    graph_macs,
     move_aside,
     partial_dir,
+    save_model,
     swap_in,
     warn,
     write_json,
@@ -51,7 +54,7 @@ from compress.report import (
     write_markdown,
 )
 from devices import DeviceProfile, describe_host
-from export import export_onnx
+from export import export_onnx, get_metadata, input_specs, set_metadata
 
 
 def _params(path: Path) -> int:
@@ -106,6 +109,24 @@ def _prune_hint(variants: list[Variant], prune: Optional[PruneResult]) -> str:
     return f"; --prune auto: no ratio down to {least:.0%} kept the pruned model within the tolerance" if least else ""
 
 
+def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
+    """The user's ONNX file as the fp32 variant: written into the run (weights beside it past 2 GB), its MACs
+    counted from shape inference at the example's shapes. A file without our metadata gets the example's input
+    specs in it, so that profiling and synthetic calibration use the shapes the run was given (a symbolic
+    sequence length is otherwise 1) and the copy says where it came from."""
+    proto = onnx.load(str(src), load_external_data=True)
+    meta = get_metadata(proto) or {}
+    if not meta.get("inputs"):
+        fed = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+        set_metadata(proto, {**meta, "source": str(src), "exporter": meta.get("exporter", "none: taken as ONNX"),
+                             "inputs": [spec.to_json() for spec in input_specs(example) if spec.name in fed]})
+    macs = graph_macs(proto, {k: tuple(v.shape) for k, v in example.items()})
+    save_model(proto, dst)
+    size = sum(p.stat().st_size for p in (dst, dst.parent / (dst.name + ".data")) if p.exists())
+    return Built(name="fp32", onnx=dst.name, size_bytes=size, params=_params(dst), macs=macs, parity=None,
+                 simulated=False, excluded_layers=[])
+
+
 class _Pruned(Result):
     """The prune stage's result and the pruned model's export, cached together."""
 
@@ -113,10 +134,11 @@ class _Pruned(Result):
     built: Built
 
 
-def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, outdir: Path, opts: RunOptions,
+def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfile, outdir: Path, opts: RunOptions,
                  on_stage: Callable[[str], None] = lambda s: None, extra: Optional[dict[str, Any]] = None) -> RunReport:
     """Build every variant of MODEL (fp32, pruned, quantized), time each on the device, judge each against the
     tolerance, recommend one, and write OUTDIR (report.json, report.md, tradeoff.png, the models) atomically.
+    MODEL is a torch module, or an ONNX file (a Path) taken as the fp32 variant: no export, no pruning.
     `inputs`: the example, the batches stages tune on (train) and those variants are judged on (held_out)."""
     example, train, held_out = inputs.example, inputs.train, inputs.held_out
     quantizer = backend_for(opts.quant, opts.backend) if opts.quant != "none" else None
@@ -138,9 +160,15 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
             return Built(name=name, onnx=path.name, size_bytes=res.size_bytes, params=_params(path), macs=int(macs),
                          parity=res.parity, simulated=False, excluded_layers=[])
 
-        built = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
-                           lambda: export_variant("fp32", model), Built)]
-        modules = {"fp32": model}
+        if isinstance(model, Path):  # an ONNX file: it is the fp32 variant as it is, nothing to export or prune
+            if opts.prune is not None:
+                raise UsageError(f"{model.name} is ONNX: pruning needs the PyTorch model; drop --prune")
+            built = [_take_onnx(model, work / "fp32.onnx", example)]
+            modules: dict[str, nn.Module] = {}
+        else:
+            built = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
+                               lambda: export_variant("fp32", model), Built)]
+            modules = {"fp32": model}
         if opts.prune is not None:
             def prune_and_export() -> _Pruned:
                 modules["pruned"], report = prune_stage(model, inputs, opts.prune, on_stage)
@@ -154,7 +182,7 @@ def run_pipeline(model: nn.Module, inputs: Prepared, profile: DeviceProfile, out
             cache.events["prune"] = prune_cache.events["prune"]
             stages.prune = got.stage
             built.append(got.built)
-        reference = torch_outputs(model, held_out)
+        reference = onnx_outputs(work / "fp32.onnx", held_out) if isinstance(model, Path) else torch_outputs(model, held_out)
         if quantizer is not None:
             if opts.prune is not None and opts.backoff:  # the back-off: quantization alone, should the cut not pay
                 stages.quantize_unpruned, variant = _quantize(quantizer, built[0], model, example, train, work,

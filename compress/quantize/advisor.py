@@ -248,7 +248,7 @@ def advise(
     calibration = reader.info()
     if reader.source == "synthetic":
         warn("no calibration data: ranges and errors come from synthetic inputs shaped by the model's metadata; "
-             "pass --calib DATA.npz with real samples for advice about your data")
+             "pass --calib with real samples (an .npz, an image folder, a text file or an hf: dataset) for advice about your data")
     preset = preset_for(profile)
     symmetric = bool(preset.options().get("ActivationSymmetric", False))
 

@@ -601,7 +601,7 @@ def quantize_int8(
     reader = CalibReader(proto, calib, max_samples=max_samples, label=calib_label)
     if reader.source == "synthetic":
         warn("no calibration data: INT8 ranges come from synthetic inputs shaped by the model's metadata, which "
-             "fit noise rather than your data; pass --calib DATA.npz with real samples")
+             "fit noise rather than your data; pass --calib with real samples (an .npz, an image folder, a text file or an hf: dataset)")
     try:
         with tempfile.TemporaryDirectory(prefix=".quant-int8-", dir=dst.parent) as tmp:
             work = Path(tmp)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compress.core import InputError, UsageError, claim_folder, write_json
 from compress.pipeline import RunOptions
 from compress.quantize import format_info
+from compress.search.options import check_npz_only
 from compress.search.space import can_time, label, normalise
 from compress.search.study import collect
 from compress.search.sweep_report import write_sweep_readable
@@ -103,6 +104,7 @@ def load_sweep(path: str | Path) -> SweepFile:
             m.model = f"{base / file}:{fn}"
         if bool(m.input_shape) == bool(m.calib):
             raise InputError(f"{path}: model {m.model}: give either input_shape or calib (exactly one)")
+        check_npz_only("calib", m.calib, f"{path}: a sweep")
     sweep.devices = [here(d) if d.lower().endswith((".yaml", ".yml")) or "/" in d else d for d in sweep.devices]  # type: ignore[misc]
     return sweep
 

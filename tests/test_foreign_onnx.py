@@ -1,0 +1,109 @@
+"""An ONNX file exported elsewhere (plain torch.onnx.export with dynamic axes, no metadata of ours): profiling
+refuses to guess its sequence length and takes --input-shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compress.zoo.encoder import encoder_tiny
+
+
+@pytest.fixture(scope="module")
+def dynamic_encoder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("foreign") / "enc.onnx"
+    ids, mask = torch.randint(0, 1000, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    torch.onnx.export(encoder_tiny(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["out"], dynamic_axes=axes, dynamo=False)
+    return path
+
+
+def _profile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress.cli", "profile", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_symbolic_sequence_length_is_an_error_naming_the_flag(dynamic_encoder):
+    r = _profile(str(dynamic_encoder), "--runs", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "input 'input_ids' [batch, seq] has a symbolic dimension seq (axis 1)" in r.stderr
+    assert "--input-shape input_ids=1,N" in r.stderr
+
+
+def test_input_shape_fixes_the_symbolic_dimensions(dynamic_encoder):
+    r = _profile(str(dynamic_encoder), "--runs", "3", "--input-shape", "input_ids=2,48",
+                 "--input-shape", "attention_mask=2,48", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    timed = {i["name"]: i["shape"] for i in json.loads(r.stdout)["inputs"]}
+    assert timed == {"input_ids": [2, 48], "attention_mask": [2, 48]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-shape", "1,48"], "without a name"),
+    (["--input-shape", "tokens=1,48"], "not an input of"),
+    (["--input-shape", "input_ids=1,48"], "'attention_mask'"),  # the other input still has no length
+])
+def test_input_shape_errors(dynamic_encoder, args, message):
+    r = _profile(str(dynamic_encoder), "--runs", "3", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress.cli", "run", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_compress_run_takes_the_onnx_file_with_input_shapes(dynamic_encoder, tmp_path):
+    import onnx
+
+    from export import get_metadata
+
+    r = _run(str(dynamic_encoder), "--input-shape", "input_ids=1,32", "--input-shape", "attention_mask=1,32",
+             "--runs", "3", "--no-op-select", "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [v["name"] for v in rep["variants"]] == ["fp32", "int8"]
+    fp32 = rep["variants"][0]
+    assert fp32["macs"] > 0 and fp32["parity"] is None  # counted from the graph; nothing was exported
+    meta = get_metadata(onnx.load(str(tmp_path / "out" / "fp32.onnx")))
+    assert {i["name"]: i["shape"] for i in meta["inputs"]} == {"input_ids": [1, 32], "attention_mask": [1, 32]}
+    assert not get_metadata(onnx.load(str(dynamic_encoder)))  # the user's file is left as it was
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prune", "0.3"], "pruning needs the PyTorch model"),
+    (["--weights", "w.safetensors"], "holds its weights"),
+])
+def test_compress_run_on_onnx_refuses_what_needs_torch(dynamic_encoder, tmp_path, args, message):
+    r = _run(str(dynamic_encoder), "--input-shape", "input_ids=1,8", *args, "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_compress_run_on_an_onnx_export_scores_as_its_torch_model(tmp_path):
+    """The demo CNN exported by plain torch.onnx.export, run on the same data: fp32 accuracy and INT8 built."""
+    from compress.zoo.shapes import make_shapes, shapes_resnet
+
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(shapes_resnet(), (x,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+    cx, _ = make_shapes(32, 5)
+    ex, ey = make_shapes(64, 6)
+    import numpy as np
+
+    np.savez(tmp_path / "calib.npz", image=cx)
+    np.savez(tmp_path / "eval.npz", image=ex, y=ey)
+    common = ["--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--runs", "3", "--no-op-select"]
+    a = _run(str(path), *common, "-o", str(tmp_path / "onnx"))
+    b = _run("compress.zoo:shapes_resnet", *common, "--quant", "none", "-o", str(tmp_path / "torch"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("onnx", "torch"))
+    assert ra["variants"][0]["accuracy"] == pytest.approx(rb["variants"][0]["accuracy"], abs=1e-9)
+    assert ra["variants"][1]["name"] == "int8" and ra["variants"][1]["accuracy"] > 0.5
+    assert ra["model"] == str(path)
