@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import threading
+import time
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -52,16 +55,51 @@ def report_json(path: str | None, obj: Any) -> bool:
     return False
 
 
+def plain_every() -> float:
+    """Seconds between plain progress lines when stderr is not a TTY ($EDGE_COMPRESS_PROGRESS_EVERY, default 5)."""
+    try:
+        return max(0.05, float(os.environ.get("EDGE_COMPRESS_PROGRESS_EVERY", PLAIN_EVERY)))
+    except ValueError:
+        return PLAIN_EVERY
+
+
+PLAIN_EVERY = 5.0
+
+
 @contextlib.contextmanager
 def progress(description: str, total: float | None = None) -> Iterator["Step"]:
-    """A progress bar (or spinner when total is None) on stderr, disabled when stderr is not a TTY."""
+    """A progress bar (or spinner when total is None) on stderr. When stderr is not a TTY (CI logs, a script's
+    pipe), a plain line instead every few seconds while the step lasts (`progress: STAGE [done/total] 12s`):
+    a 10-minute quantization used to print nothing at all until it ended. Steps shorter than that print
+    nothing."""
     columns = [SpinnerColumn(), TextColumn("{task.description}")]
     if total is not None:
         columns += [BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}")]
     columns.append(TimeElapsedColumn())
-    with Progress(*columns, console=err_console, disable=not interactive(), transient=True) as prog:
+    plain = not interactive()
+    with Progress(*columns, console=err_console, disable=plain, transient=True) as prog:
         task = prog.add_task(description, total=total)
-        yield Step(prog, task)
+        stop = threading.Event()
+        ticker = threading.Thread(target=_plain_lines, args=(prog, task, stop, plain_every()), daemon=True)
+        if plain:
+            ticker.start()
+        try:
+            yield Step(prog, task)
+        finally:
+            stop.set()
+            if plain:
+                ticker.join()
+
+
+def _plain_lines(prog: Progress, task: Any, stop: threading.Event, every: float) -> None:
+    t0 = time.monotonic()
+    while not stop.wait(every):
+        t = next((x for x in prog.tasks if x.id == task), None)
+        if t is None:
+            return
+        done = f" [{t.completed:.0f}/{t.total:.0f}]" if t.total is not None else ""
+        sys.stderr.write(f"progress: {t.description}{done} {time.monotonic() - t0:.0f}s\n")
+        sys.stderr.flush()
 
 
 class Step:
