@@ -49,7 +49,9 @@ def files(tmp_path_factory) -> Path:
     (d / "junk.onnx").write_bytes(os.urandom(4096))
     rng = np.random.default_rng(0)
     np.savez(d / "calib.npz", image=rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
-    np.savez(d / "calib_key.npz", pixels=rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
+    # two arrays, neither an input name: nothing says which is the input (one array alone would be read as it)
+    np.savez(d / "calib_key.npz", pixels=rng.standard_normal((8, 3, 32, 32), dtype=np.float32),
+             depth=rng.standard_normal((8, 1, 32, 32), dtype=np.float32))
     np.savez(d / "calib_shape.npz", image=rng.standard_normal((8, 3, 16, 16), dtype=np.float32))
     save_file(encoder_tiny().state_dict(), d / "other.safetensors")
     save_file(resnet_tiny().state_dict(), d / "w.safetensors")

@@ -107,3 +107,22 @@ def test_compress_run_on_an_onnx_export_scores_as_its_torch_model(tmp_path):
     assert ra["variants"][0]["accuracy"] == pytest.approx(rb["variants"][0]["accuracy"], abs=1e-9)
     assert ra["variants"][1]["name"] == "int8" and ra["variants"][1]["accuracy"] > 0.5
     assert ra["model"] == str(path)
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(bert_folder, tmp_path):
+    """org/name resolved from $HF_HUB_CACHE (a snapshot laid out as huggingface_hub keeps one), never fetched."""
+    import os
+    import shutil
+
+    snap = tmp_path / "hub" / "models--acme--tiny-bert" / "snapshots" / "0123abcd"
+    shutil.copytree(bert_folder, snap)
+    (tmp_path / "hub" / "models--acme--tiny-bert" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-bert" / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "compress.cli", "export", "acme/tiny-bert", "--input-shape", "input_ids=1,8"]
+    r = subprocess.run([*cmd, "-o", str(tmp_path / "m.onnx")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").is_file()
+    r = subprocess.run([*cmd[:4], "acme/not-cached", *cmd[5:], "-o", str(tmp_path / "n.onnx")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "not in the local Hugging Face cache" in r.stderr and "huggingface-cli download" in r.stderr

@@ -36,7 +36,7 @@ def torch_model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) ->
                 dtypes[name] = s.dtype
     cfg: Any = getattr(loaded.module, "pretrained_cfg", None) or {}
     return ModelInputs(names=tuple(names), required=tuple(loaded.required_inputs), shapes=shapes, dtypes=dtypes,
-                       folder=Path(loaded.source) if loaded.kind == "hf" else None,
+                       folder=loaded.folder,
                        pretrained_cfg=dict(cfg) if isinstance(cfg, dict) else {})
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import pickle
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from torch import nn
 from compress.core import InputError, ModelError, UsageError, few
 from compress.core import first_line as _first_line
 
-MODEL_FORMS = "path/to/file.py:factory, package.module:factory, or a Hugging Face model folder"
+MODEL_FORMS = ("path/to/file.py:factory, package.module:factory, a Hugging Face model folder, or a Hub id (org/name) "
+               "in the local cache")
+# org/name as the Hugging Face Hub spells ids: letters, digits, '-', '_', '.'; never a path that exists
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass
@@ -37,6 +41,7 @@ class LoadedModel:
     params: list[inspect.Parameter] = field(default_factory=list)  # forward() parameters, in order
     config: dict[str, Any] = field(default_factory=dict)  # HF config values (vocab sizes) for dummy inputs
     weights: str | None = None
+    folder: Path | None = None  # a Hugging Face model's files (its tokenizer, preprocessor_config.json)
 
     @property
     def input_names(self) -> list[str]:
@@ -63,6 +68,9 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         loaded = LoadedModel(module=_call_factory(factory, spec), source=spec, kind="factory")
     elif path.suffix == ".py":
         raise UsageError(f"MODEL {spec!r} names a file but no factory; write it as {spec}:factory_name")
+    elif HUB_ID.fullmatch(spec) and not path.exists():
+        loaded = _load_hf_folder(hub_folder(spec))
+        loaded.source = spec
     elif not path.exists() and ("/" in spec or path.suffix):
         raise InputError(f"model {spec} not found")
     else:
@@ -73,6 +81,24 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
     loaded.module.eval()
     loaded.params = forward_params(loaded.module)
     return loaded
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local snapshot of a Hub model, offline (nothing is downloaded; $HF_HUB_CACHE/$HF_HOME honoured);
+    InputError saying how to fetch it when it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise UsageError("a Hub id needs huggingface_hub (with transformers): pip install 'edge-compress[hf]'") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise InputError(f"model {repo_id} is not in the local Hugging Face cache and nothing is downloaded here: "
+                         f"fetch it where there is a network (`huggingface-cli download {repo_id}`, the same "
+                         "HF_HOME), or pass the model's folder") from None
+    except Exception as e:  # a damaged cache entry, an id the library refuses
+        raise InputError(f"model {repo_id}: the local Hugging Face cache cannot give it ({_first_line(e)})") from e
 
 
 def forward_params(module: nn.Module) -> list[inspect.Parameter]:
@@ -194,7 +220,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     # Plain tensors out, not cache objects, so the ONNX graph has only the outputs people use.
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False
-    return LoadedModel(module=module, source=str(folder), kind="hf", config=raw_cfg)
+    return LoadedModel(module=module, source=str(folder), kind="hf", config=raw_cfg, folder=folder)
 
 
 def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
