@@ -51,7 +51,8 @@ def test_image_folder_gives_the_hand_built_tensors_and_class_labels(tmp_path):
     np.testing.assert_allclose(data["image"], _by_hand(pixels[order]), atol=1e-6)
     assert data["y"].tolist() == [0, 0, 0, 1, 1, 1]
     assert r.info["classes"] == ["class0", "class1"] and r.info["preprocess"]["size"] == [16, 16]
-    assert any("the model's input shape" in n for n in r.info["notes"])
+    assert any("size 16x16 from the model's input shape; crop_pct 1.0, mean (0.5, 0.4, 0.3), std (0.2, 0.25, 0.3) "
+               "from the flags" in n for n in r.info["notes"])
 
 
 def test_image_folder_resizes_the_shorter_side_then_center_crops(tmp_path):
@@ -71,7 +72,8 @@ def test_image_size_comes_from_the_model_config_and_defaults_are_said(tmp_path):
     model = ModelInputs(names=("x",), required=("x",), pretrained_cfg={"input_size": (3, 8, 8), "crop_pct": 1.0})
     src = open_source(str(root), model, DataOptions())
     assert src.plan.size == (8, 8) and src.plan.crop_pct == 1.0
-    assert any("mean: (0.485" in n and "set it with the flag" in n for n in src.notes)  # ImageNet's, said so
+    assert any("mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), interpolation bilinear from defaults" in n
+               and "--mean" in n for n in src.notes)  # ImageNet's, said so
     with pytest.raises(UsageError, match="--image-size"):
         open_source(str(root), ModelInputs(names=("x",), required=("x",)), DataOptions())
 
@@ -259,4 +261,4 @@ def test_compress_run_on_a_text_file_in_a_model_folder_matches_the_hand_built_np
         assert va["name"] == vb["name"]
         assert va["fidelity"]["cosine_min"] == pytest.approx(vb["fidelity"]["cosine_min"], abs=1e-6)
     notes = ra["calibration"]["data"]["calib"]["notes"]
-    assert any("PreTrainedTokenizerFast" in n and "12" in n for n in notes)
+    assert any(n.startswith("tokenized with") and str(folder) in n and "truncated to 12" in n for n in notes)

@@ -179,27 +179,24 @@ def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     if size is None:
         raise UsageError(f"{shown}: the image size is not known from the model; give --image-size H[,W] (or "
                          "--input-shape with the full shape)")
-    notes.append(f"images resized and cropped to {size[0]}x{size[1]} ({where})")
+    origin: dict[str, list[str]] = {where: [f"size {size[0]}x{size[1]}"]}  # source -> the settings it gave
 
     def pick(flag: Any, *found: tuple[Any, str], default: Any, what: str) -> Any:
-        if flag is not None:
-            return flag
-        for value, src in found:
-            if value is not None:
-                notes.append(f"{what} from {src}")
-                return value
-        notes.append(f"{what}: {default} (nothing given; set it with the flag)")
-        return default
+        value, src = next(((v, s) for v, s in ((flag, "the flags"), *found) if v is not None),
+                          (default, "defaults, timm's ImageNet evaluation (the flags --crop-pct, --mean, --std, "
+                                    "--interpolation set them)"))
+        origin.setdefault(src, []).append(f"{what} {_short(value)}")
+        return value
 
-    crop = pick(opts.crop_pct, (cfg.get("crop_pct"), "the model's pretrained_cfg"), (hf.get("crop_pct"), "preprocessor_config.json"),
+    pretrained, hf_file = "the model's pretrained_cfg", "preprocessor_config.json"
+    crop = pick(opts.crop_pct, (cfg.get("crop_pct"), pretrained), (hf.get("crop_pct"), hf_file),
                 default=DEFAULT_CROP_PCT, what="crop_pct")
-    mean = pick(opts.mean, (cfg.get("mean"), "the model's pretrained_cfg"), (hf.get("image_mean"), "preprocessor_config.json"),
-                default=IMAGENET_MEAN, what="mean")
-    std = pick(opts.std, (cfg.get("std"), "the model's pretrained_cfg"), (hf.get("image_std"), "preprocessor_config.json"),
-               default=IMAGENET_STD, what="std")
-    interp = pick(opts.interpolation, (cfg.get("interpolation"), "the model's pretrained_cfg"),
-                  (_PIL_RESAMPLE.get(hf.get("resample", -1)), "preprocessor_config.json"), default="bilinear",
-                  what="interpolation")
+    mean = pick(opts.mean, (cfg.get("mean"), pretrained), (hf.get("image_mean"), hf_file), default=IMAGENET_MEAN,
+                what="mean")
+    std = pick(opts.std, (cfg.get("std"), pretrained), (hf.get("image_std"), hf_file), default=IMAGENET_STD, what="std")
+    interp = pick(opts.interpolation, (cfg.get("interpolation"), pretrained),
+                  (_PIL_RESAMPLE.get(hf.get("resample", -1)), hf_file), default="bilinear", what="interpolation")
+    notes.append("images pre-processed with " + "; ".join(f"{', '.join(v)} from {k}" for k, v in origin.items()))
     if interp not in ("nearest", "bilinear", "bicubic"):
         interp = "bicubic" if "cubic" in str(interp) else "bilinear"
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -211,10 +208,14 @@ def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     return _Plan(name, size, float(crop), mean, std, interp, channels, channels_last, dtype, notes)
 
 
+def _short(v: Any) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")" if isinstance(v, (list, tuple)) else str(v)
+
+
 def _size(opts: Any, cfg: dict[str, Any], hf: dict[str, Any], shape: tuple[Optional[int], ...],
           channels_last: bool) -> tuple[Optional[tuple[int, int]], str]:
     if opts.image_size is not None:
-        return tuple(opts.image_size), "--image-size"  # type: ignore[return-value]
+        return tuple(opts.image_size), "the flags"  # type: ignore[return-value]
     if cfg.get("input_size"):
         c_h_w = cfg["input_size"]
         return (int(c_h_w[-2]), int(c_h_w[-1])), "the model's pretrained_cfg"
