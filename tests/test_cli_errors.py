@@ -251,7 +251,7 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
     before = _snapshot(out.parent)
     r = _interrupt([*RUN_TINY, "-o", str(out)], tmp_path, out, 0.3, sig)
     assert r.returncode == 128 + sig, r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("warning:", "progress:"))]
     assert lines == [f"error: terminated by {signal.Signals(sig).name}"], r.stderr
     assert _snapshot(out.parent) == before
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
@@ -358,7 +358,7 @@ def test_run_folder_with_the_users_files_is_refused_or_moved_aside_whole(tmp_pat
     (out / "notes.txt").write_text("mine")
     before = _snapshot(out)
     r = _cli(*RUN_TINY, "--runs", "3", "-o", str(out), cwd=tmp_path)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("warning:", "progress:"))]
     assert r.returncode == 2 and len(lines) == 1 and "other files in it (notes.txt)" in lines[0], r.stderr
     assert _snapshot(out) == before
     r = _cli(*RUN_TINY, "--runs", "3", "--overwrite", "-o", str(out), cwd=tmp_path)

@@ -248,7 +248,7 @@ def test_sigterm_stops_a_search_like_ctrl_c(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("warning:", "progress:"))]
     assert lines == ["error: terminated by SIGTERM"], stderr
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
     deadline = time.monotonic() + 30

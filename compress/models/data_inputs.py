@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional
 
 import onnx
 
+from compress.core import InputError, first_line
 from compress.data import ModelInputs
 from compress.models.loading import LoadedModel
 from compress.models.shapes import parse_input_shape
@@ -53,7 +54,12 @@ def load_onnx_model(path: str | Path) -> LoadedModel:
 def onnx_model_inputs(path: str | Path) -> ModelInputs:
     """Graph inputs that are not initializers, their static dims (None where symbolic) and dtypes; the folder
     the file lies in holds its tokenizer or preprocessor_config.json when it came from a Hugging Face export."""
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise InputError(f"model {path} not found") from None
+    except Exception as e:  # protobuf's DecodeError and others: not a model
+        raise InputError(f"{path} is not a readable ONNX model ({first_line(e)})") from e
     inits = {i.name for i in model.graph.initializer}
     shapes: dict[str, tuple[Optional[int], ...]] = {}
     dtypes: dict[str, str] = {}
