@@ -233,6 +233,9 @@ def test_compress_run_on_an_image_folder_matches_the_hand_built_npz(tmp_path):
         assert va["fidelity"]["top1_agreement"] == pytest.approx(vb["fidelity"]["top1_agreement"], abs=1e-9)
     assert ra["calibration"]["source"] == str(tmp_path / "calib") and ra["calibration"]["data"]["eval"]["kind"] == "images"
     assert not list(tmp_path.glob(".edge-data-*"))  # the read-in copies are gone
+    md = (tmp_path / "from-folders" / "report.md").read_text()
+    assert "## Data" in md and "(images, 64 samples read)" in md and "from the model's pretrained_cfg" in md
+    assert "## Data" not in (tmp_path / "from-npz" / "report.md").read_text()  # read in place: nothing to say
 
 
 def test_compress_run_on_a_text_file_in_a_model_folder_matches_the_hand_built_npz(bert_folder, tokenizer_dir, tmp_path):

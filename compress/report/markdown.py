@@ -107,6 +107,7 @@ def render_markdown(report: dict[str, Any], plot: Optional[str] = None) -> str:
     lines += _variants_section(r, variants, plot)
     lines += _excluded_section(variants)
     lines += _stages_section(r, variants)
+    lines += _data_section(r)
     lines += _measure_section(r, variants)
     cmd = r.get("command")
     if isinstance(cmd, str) and cmd.strip():
@@ -542,6 +543,22 @@ def _generic_lines(st: Any) -> list[str]:
         if isinstance(v, (str, int, float, bool)) or v is None:
             out.append(f"- **{k}:** {v}")
     return out or ["No details recorded."]
+
+
+def _data_section(r: dict[str, Any]) -> list[str]:
+    """How --calib/--eval data that was not an .npz became inputs (compress.data): the source, the samples read,
+    and where each pre-processing setting came from."""
+    read = as_dict(as_dict(r.get("calibration")).get("data"))
+    out: list[str] = []
+    for flag in ("calib", "eval"):
+        d = as_dict(read.get(flag))
+        if not d:
+            continue
+        n = d.get("samples")
+        out.append(f"- **--{flag}** {code(d.get('source', NA))} ({d.get('kind', NA)}"
+                   + (f", {n} samples read" if n is not None else "") + ")"
+                   + "".join(f"; {note}" for note in as_list(d.get("notes"))))
+    return (["## Data", ""] + out + [""]) if out else []
 
 
 def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
