@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,34 @@ def test_a_hub_id_loads_from_the_local_cache_offline(bert_folder, tmp_path):
     r = subprocess.run([*cmd[:4], "acme/not-cached", *cmd[5:], "-o", str(tmp_path / "n.onnx")], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 1 and "not in the local Hugging Face cache" in r.stderr and "huggingface-cli download" in r.stderr
+
+
+def test_search_takes_an_onnx_model_and_an_image_folder(tmp_path):
+    """compress search on a plain ONNX export: no pruning dimension, the PNG folder read once into OUTDIR/data,
+    every trial built from it."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(_tiny_cnn(), (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "search", str(path), "--calib", str(tmp_path / "imgs"),
+                        "--trials", "2", "--runs", "3", "--min-fidelity", "0.5", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "search.json").read_text())
+    assert {t["config"].get("prune", 0.0) for t in s["trials"]} == {0.0} and len(s["trials"]) == 2
+    assert (out / "data" / "calib.npz").is_file() and not list(tmp_path.glob(".edge-data-*"))
+    rep = json.loads(Path(s["trials"][0]["report"]).read_text())
+    assert rep["calibration"]["samples"] == 8
+
+
+def _tiny_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()

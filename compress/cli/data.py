@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from compress.core import UsageError
-from compress.data import DataOptions, ModelInputs, resolve_data
-
-DATA_SUFFIXES = (".npz", ".npy", ".txt", ".jsonl", ".csv")
+from compress.data import DataOptions, ModelInputs, is_data, resolve_data
 
 
 def data_opts(image_size: Optional[str] = None, crop_pct: Optional[float] = None, mean: Optional[str] = None,
@@ -39,9 +37,7 @@ def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
         raise UsageError(f"{flag} {text}: comma-separated numbers") from None
 
 
-def is_data(spec: str) -> bool:
-    """Whether --eval names data (scored by top-1 or --metric) rather than a FILE.py:FN / module:FN function."""
-    return spec.startswith("hf:") or spec.lower().endswith(DATA_SUFFIXES) or Path(spec).expanduser().is_dir()
+__all__ = ["UserData", "data_opts", "is_data", "user_data"]
 
 
 @dataclass

@@ -103,14 +103,12 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
     from compress.evaluate import load_metric
-    from compress.models import load_model, load_onnx_model, prepare_inputs, torch_model_inputs
+    from compress.models import load_run_model, prepare_inputs, torch_model_inputs
     from compress.pipeline import StageCache, run_pipeline
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)
     onnx_in = model.lower().endswith(".onnx")
-    if onnx_in and weights:
-        raise UsageError(f"--weights loads a PyTorch model's state; {model} is ONNX and holds its weights")
     if onnx_in and prune_ratio is not None:
         raise UsageError(f"{model} is ONNX: pruning needs the PyTorch model (a factory or a Hugging Face folder); "
                          "drop --prune to quantize, profile and compare the ONNX file as it is")
@@ -152,7 +150,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     if eval_spec and not is_data(eval_spec):
         load_metric(eval_spec, metric_spec)  # a FILE.py:FN fails here, before the model is loaded
     with console.progress("loading model"):
-        loaded = load_onnx_model(model) if onnx_in else load_model(model, weights)
+        loaded = load_run_model(model, weights)
     with user_data(torch_model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
                    max_calib) as data:
         opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,

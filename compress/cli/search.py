@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from compress.cli.options import eval_options, format_choice, max_calib_option, model_input_options
+from compress.cli.options import data_options, eval_options, format_choice, max_calib_option, model_input_options
 from compress.core import EdgeError, UsageError, console
 from compress.models import require_one_input_source
 from compress.search import SearchSettings
@@ -28,6 +28,7 @@ Examples:
 @click.argument("model")
 @model_input_options
 @max_calib_option
+@data_options
 @click.option("--device", default=SearchSettings.default("device"), show_default=True, help="Device profile (name or YAML) to build for and time on.")
 @click.option("--latency-budget", "latency_budget", type=float, help="Largest acceptable p50 latency on the device, in ms.")
 @click.option("--min-fidelity", type=float,
@@ -54,14 +55,16 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
            device: str, latency_budget: float | None, min_fidelity: float | None, eval_spec: str | None,
            metric_spec: str | None, max_accuracy_drop: float | None, objective: str | None, trials: int, seed: int, prune_max: float,
            quants: tuple[str, ...], runs: int | None, address: str | None, concurrency: int, resume: bool,
-           json_out: str | None, output: str) -> None:
+           json_out: str | None, output: str, **data_flags: Any) -> None:
     """Search prune ratio, importance criterion and quantization (format, calibration, float fallback) with Ray
-    Tune for the most faithful model of MODEL within --latency-budget on the device.
+    Tune for the most faithful model of MODEL within --latency-budget on the device. MODEL may be ONNX (then
+    nothing is pruned); --calib/--eval data that is not an .npz is read once into OUTDIR/data.
 
     Each trial is one `compress run` (same stages, same report); profiling goes one model at a time per device.
     Writes OUTDIR/search.md (Pareto set, every trial, crashed ones with their error), search.json, search.png
     and best/ (the recommended trial's run report and models). Exits 1 when no model meets the budget and floor.
     """
+    from compress.cli.data import data_opts
     from compress.core import check_json_output
     from compress.search import run_search
 
@@ -70,7 +73,7 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     out = _check_outdir(output, inputs)
     check_json_output(json_out, output, inputs)
     settings = SearchSettings(model=model, device=device, weights=weights, input_shapes=list(input_shapes), calib=calib,
-                              max_calib=max_calib, latency_budget_ms=latency_budget, min_fidelity=min_fidelity,
+                              max_calib=max_calib, data=data_opts(**data_flags), latency_budget_ms=latency_budget, min_fidelity=min_fidelity,
                               max_accuracy_drop=max_accuracy_drop, eval_spec=eval_spec, metric_spec=metric_spec,
                               objective=objective, trials=trials, seed=seed, address=address, concurrency=concurrency, runs=runs,
                               prune_max=prune_max, quants=list(quants) or None, outdir=output, resume=resume,

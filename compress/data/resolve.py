@@ -17,6 +17,14 @@ from compress.data.writer import materialize
 BUILTIN = (npz.ArraySource, images.ImageFolder, text.TextFile, hub.HubDataset)  # registered on import, in this order
 
 
+DATA_SUFFIXES = (".npz", ".npy", ".txt", ".jsonl", ".csv")
+
+
+def is_data(spec: str) -> bool:
+    """Whether --eval names data (scored by top-1 or --metric) rather than a FILE.py:FN / module:FN function."""
+    return spec.startswith("hf:") or spec.lower().endswith(DATA_SUFFIXES) or Path(spec).expanduser().is_dir()
+
+
 def source_forms() -> str:
     return "; ".join(c.form for c in SOURCES)
 

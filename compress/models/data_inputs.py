@@ -10,9 +10,9 @@ from typing import Any, Iterable, Optional
 
 import onnx
 
-from compress.core import InputError, first_line
+from compress.core import InputError, UsageError, first_line
 from compress.data import ModelInputs
-from compress.models.loading import LoadedModel
+from compress.models.loading import LoadedModel, load_model
 from compress.models.shapes import parse_input_shape
 from runtime import check_model
 
@@ -49,6 +49,15 @@ def load_onnx_model(path: str | Path) -> LoadedModel:
     names = onnx_model_inputs(p).names
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     return LoadedModel(module=None, source=str(path), kind="onnx", params=params)  # type: ignore[arg-type]
+
+
+def load_run_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
+    """MODEL as compress run and search take it: an ONNX file (--weights refused) or a PyTorch model."""
+    if spec.strip().lower().endswith(".onnx"):
+        if weights:
+            raise UsageError(f"--weights loads a PyTorch model's state; {spec} is ONNX and holds its weights")
+        return load_onnx_model(spec)
+    return load_model(spec, weights)
 
 
 def onnx_model_inputs(path: str | Path) -> ModelInputs:

@@ -8,6 +8,7 @@ from typing import Optional
 from pydantic import Field
 
 from compress.core import Options, UsageError
+from compress.data import DataOptions
 from compress.prune import PruneOptions
 
 
@@ -18,6 +19,7 @@ class SearchSettings(Options):
     input_shapes: list[str] = Field(default_factory=list)
     calib: Optional[str] = None
     max_calib: Optional[int] = None
+    data: DataOptions = Field(default_factory=DataOptions)  # how --calib/--eval that is not an .npz becomes inputs
     latency_budget_ms: Optional[float] = None
     min_fidelity: Optional[float] = None  # on top-1 agreement (classifiers) or the worst cosine
     max_accuracy_drop: Optional[float] = None  # with --eval: the score may drop this much
@@ -59,8 +61,6 @@ class SearchSettings(Options):
             raise UsageError("--max-accuracy-drop bounds the drop of an --eval score: give --eval with it")
         if self.eval_spec and self.min_fidelity is not None:
             raise UsageError("--min-fidelity and --eval/--max-accuracy-drop set the same floor: pass one")
-        for flag, spec in (("--calib", self.calib), ("--eval", self.eval_spec)):
-            check_npz_only(flag, spec, "compress search")
         if self.trials < 1:
             raise UsageError(f"--trials {self.trials}: at least 1")
         if self.concurrency < 1:

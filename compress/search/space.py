@@ -51,7 +51,8 @@ class Space:
     def ray(self) -> dict[str, Any]:
         from ray import tune
 
-        space: dict[str, Any] = {"prune": tune.quniform(0.0, self.prune_max, PRUNE_STEP),
+        prune = tune.quniform(0.0, self.prune_max, PRUNE_STEP) if self.prune_max > 0 else tune.choice([0.0])
+        space: dict[str, Any] = {"prune": prune,
                                  "importance": tune.choice(self.importances), "quant": tune.choice(self.quants)}
         if any(_takes(q, "calibration_methods") for q in self.quants):
             space["method"] = tune.choice(self.methods)
@@ -74,17 +75,21 @@ class Space:
                 "method": self.methods, "fallback_fraction_of_tolerance": self.fallbacks}
 
 
-def space_for(model: nn.Module, profile: DeviceProfile, prune_max: float, quants: Optional[list[str]] = None) -> Space:
+def space_for(model: Optional[nn.Module], profile: DeviceProfile, prune_max: float, quants: Optional[list[str]] = None) -> Space:
     """The dimensions that mean something for this model and device: importance criteria that can score it
-    (no bn_scale without BatchNorm; never the random baseline), FP8 only on FP8 hardware, INT4 only on request."""
+    (no bn_scale without BatchNorm; never the random baseline), FP8 only on FP8 hardware, INT4 only on request.
+    No module (an ONNX model): nothing to prune, so no pruning dimension."""
     if not 0.0 <= prune_max < 1.0:
         raise UsageError(f"--prune-max {prune_max:g}: must be in [0, 1)")
+    if model is None:
+        prune_max = 0.0
     usable = []
-    for name in IMPORTANCE:
+    for name in IMPORTANCE if model is not None else ["l2"]:
         if name == "random":
             continue
         try:
-            check_applicable(name, model)
+            if model is not None:
+                check_applicable(name, model)
         except UsageError:
             continue
         usable.append(name)

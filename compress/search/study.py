@@ -16,13 +16,16 @@ summary files are each written atomically, and best/ is swapped in whole.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from compress.core import EdgeError, UsageError, claim_folder, first_line, partial_dir, swap_in, write_json
-from compress.models import load_model, prepare_inputs
+from compress.data import is_data, resolve_data
+from compress.models import load_run_model, prepare_inputs, torch_model_inputs
 from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
 from compress.search.space import label, normalise, space_for
@@ -32,7 +35,7 @@ from devices import load_profile
 
 EXPERIMENT = "search"
 # What a search writes in its -o folder (listed in the folder's manifest before Ray starts).
-OWNED = ("ray", "trials", "best", "search.json", "search.md", "search.png")
+OWNED = ("ray", "trials", "best", "data", "search.json", "search.md", "search.png")
 
 
 def candidates(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,13 +116,24 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
         raise UsageError(f"--resume: -o {s.outdir} holds no search to continue")
     profile = load_profile(s.device)
     on_stage("loading the model")
-    loaded = load_model(s.model, s.weights)
-    prepare_inputs(loaded, s.input_shapes, s.calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
-    space = space_for(loaded.module, profile, s.prune_max, s.quants)
+    loaded = load_run_model(s.model, s.weights)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=outdir.parent, ignore_cleanup_errors=True) as tmp:
+        calib, eval_spec = _read_data(s, loaded, Path(tmp), on_stage)
+        prepare_inputs(loaded, s.input_shapes, calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
+        claim_folder(outdir, OWNED)
+        if calib != s.calib or eval_spec != s.eval_spec:  # data was read: it lives in OUTDIR/data from now on
+            data = outdir / "data"
+            if data.exists():  # an earlier run of this search wrote it (the manifest lists it)
+                shutil.rmtree(data)
+            os.replace(tmp, data)
+            calib = str(data / Path(calib).name) if calib != s.calib and calib else calib
+            eval_spec = str(data / Path(eval_spec).name) if eval_spec != s.eval_spec and eval_spec else eval_spec
+    space = space_for(loaded.module if loaded.kind != "onnx" else None, profile, s.prune_max, s.quants)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    job = {**s.model_dump(), "outdir": str(outdir), "tolerance": s.tolerance(), "goal": s.goal(),
+    job = {**s.model_dump(exclude={"data"}), "calib": calib, "eval_spec": eval_spec, "outdir": str(outdir),
+           "tolerance": s.tolerance(), "goal": s.goal(),
            "min_fidelity": None if s.eval_spec else (s.min_fidelity if s.min_fidelity is not None else 1 - s.tolerance())}
-    claim_folder(outdir, OWNED)
     t0 = time.monotonic()
 
     def make_tuner() -> Any:
@@ -140,6 +154,23 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
                                f"searching: {s.trials} trials on {profile.name}", on_stage)
     trials = collect(grid, normalise, label)
     return summarise(s, profile.name, space.to_json(), trials, cluster, time.monotonic() - t0, outdir, on_stage)
+
+
+def _read_data(s: SearchSettings, loaded: Any, folder: Path, on_stage: Callable[[str], None]
+               ) -> tuple[Optional[str], Optional[str]]:
+    """--calib and --eval data that is not an .npz, read into `folder` (then moved to OUTDIR/data, where every
+    trial, on any node that shares OUTDIR, reads it; a --resume writes the same bytes again). Returns the
+    paths trials take: the user's own where nothing had to be written."""
+    calib, eval_spec = s.calib, s.eval_spec
+    if calib or (eval_spec and is_data(eval_spec)):
+        inputs = torch_model_inputs(loaded, s.input_shapes)
+        if calib:
+            on_stage(f"reading --calib {calib}")
+            calib = resolve_data(calib, inputs, s.data, folder, max_samples=s.max_calib).path
+        if eval_spec and is_data(eval_spec):
+            on_stage(f"reading --eval {eval_spec}")
+            eval_spec = resolve_data(eval_spec, inputs, s.data, folder, labels=True, option="--eval").path
+    return calib, eval_spec
 
 
 def collect(grid: Any, normalise: Callable[[dict[str, Any]], dict[str, Any]],

@@ -32,7 +32,7 @@ from ray import tune
 
 from compress.core import EdgeError, UsageError, first_line, interrupt
 from compress.evaluate import load_metric
-from compress.models import load_model, prepare_inputs
+from compress.models import load_run_model, prepare_inputs
 from compress.pipeline import RunOptions, StageCache, Timings, run_pipeline, time_variants
 from compress.prune import PruneOptions
 from compress.search.space import label, normalise, trial_seed
@@ -212,7 +212,7 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     torch.manual_seed(trial_seed(c, job.get("seed", 0)))
     t0 = time.monotonic()
     profile = load_profile(device)
-    loaded = load_model(model_spec, cell.get("weights", job.get("weights")))
+    loaded = load_run_model(model_spec, cell.get("weights", job.get("weights")))
     calib = cell.get("calib", job.get("calib"))
     prep = prepare_inputs(loaded, cell.get("input_shapes", job.get("input_shapes") or ()), calib,
                           max_samples=job.get("max_calib"))
@@ -242,7 +242,7 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
                       timer=device_timer(profile), on_result=on_result, ab_rounds=job.get("ab_rounds", 30),
                       command=f"compress search trial {trial_id}: {label(c)}",
                       backoff=False)  # the grid or the search tries the unpruned model as a point of its own
-    report = run_pipeline(loaded.module, prep, profile, outdir, opts,
+    report = run_pipeline(Path(model_spec) if loaded.kind == "onnx" else loaded.module, prep, profile, outdir, opts,
                           extra={"calibration": prep.info, "search_config": c})
     final = report.variants[-1]
     f = final.accuracy if opts.evaluate is not None else fidelity_value(final.fidelity.to_json())
