@@ -149,7 +149,7 @@ def test_search_takes_an_onnx_model_and_an_image_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "search.json").read_text())
     assert {t["config"].get("prune", 0.0) for t in s["trials"]} == {0.0} and len(s["trials"]) == 2
-    assert (out / "data" / "calib.npz").is_file() and not list(tmp_path.glob(".edge-data-*"))
+    assert len(list((out / "data").rglob("calib.npz"))) == 1 and not list(tmp_path.glob(".edge-data-*"))
     rep = json.loads(Path(s["trials"][0]["report"]).read_text())
     assert rep["calibration"]["samples"] == 8
 
@@ -158,3 +158,28 @@ def _tiny_cnn() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+
+
+def test_sweep_reads_a_models_image_folder_once_for_its_cells(tmp_path):
+    """A sweep model whose calib is a PNG folder (with its pre-processing under data:): read once into
+    OUTDIR/data, every cell calibrated from it."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "sw.yaml").write_text(
+        "models:\n  - model: compress.zoo:resnet_tiny\n    calib: imgs\n    data: {image_size: [32, 32], crop_pct: 1.0}\n"
+        "devices: [host]\ngrid:\n  quant: [none, int8]\nruns: 3\n")
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "sweep", str(tmp_path / "sw.yaml"), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert [c["status"] for c in s["cells"]] == ["done", "done"]
+    (npz,) = (tmp_path / "o" / "data").rglob("*.npz")
+    for c in s["cells"]:
+        rep = json.loads(Path(c["report"]).read_text())
+        assert rep["calibration"]["source"] == str(npz) and rep["calibration"]["samples"] == 8
+    assert not list(tmp_path.glob(".edge-data-*"))

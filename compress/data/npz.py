@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from compress.core import InputError
+from compress.core import InputError, first_line
 from compress.data.npz_rows import npz_members, read_rows
 from compress.data.registry import DataSource, Sample, register
 
@@ -30,7 +30,10 @@ class ArraySource(DataSource):
             raise InputError(f"{self.shown}: not found")
         self._rename: Optional[tuple[str, str]] = None
         if self.path.suffix.lower() == ".npy":
-            self._npy = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            try:
+                self._npy = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as e:  # not .npy, truncated, or an object array (never unpickled)
+                raise InputError(f"{self.shown}: not a readable .npy of plain numbers ({first_line(e)})") from e
             self._rename = ("", self._only_input("a .npy"))
             self.notes.append(f"the array in {self.path.name} is the model's input {self._rename[1]!r}")
             return

@@ -38,8 +38,8 @@ def materialize(source: DataSource, dst: Path, limit: Optional[int], labels: boo
         for sample in source.samples(total):
             check_interrupted()
             if n == 0:
-                for k, a in sample.inputs.items():
-                    maps[k] = np.lib.format.open_memmap(work / f"{k}.npy", mode="w+", dtype=a.dtype, shape=(total, *a.shape))
+                for i, (k, a) in enumerate(sample.inputs.items()):  # numbered: an input name may hold '/' or ':'
+                    maps[k] = np.lib.format.open_memmap(work / f"{i}.npy", mode="w+", dtype=a.dtype, shape=(total, *a.shape))
                 if labels:
                     maps["y"] = np.lib.format.open_memmap(work / "y.npy", mode="w+", dtype=np.int64, shape=(total,))
             if n >= total:
@@ -64,8 +64,8 @@ def materialize(source: DataSource, dst: Path, limit: Optional[int], labels: boo
         if n < total:  # skipped files, or fewer lines than counted
             if n == 0:
                 raise InputError(f"{source.shown}: no readable samples")
-            for k in list(maps):
-                trimmed = np.lib.format.open_memmap(work / f"{k}.part.npy", mode="w+", dtype=maps[k].dtype,
+            for i, k in enumerate(list(maps)):
+                trimmed = np.lib.format.open_memmap(work / f"{i}.part.npy", mode="w+", dtype=maps[k].dtype,
                                                     shape=(n, *maps[k].shape[1:]))
                 trimmed[:] = maps[k][:n]
                 maps[k] = trimmed

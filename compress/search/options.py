@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from pydantic import Field
@@ -65,14 +64,3 @@ class SearchSettings(Options):
             raise UsageError(f"--trials {self.trials}: at least 1")
         if self.concurrency < 1:
             raise UsageError(f"--concurrency {self.concurrency}: at least 1")
-
-
-def check_npz_only(flag: str, spec: Optional[str], command: str) -> None:
-    """Trials read their data where they run (a Ray worker, maybe on another node), so a search takes data
-    already in the form every stage reads: an .npz. Folders, text and datasets are read by run, prune,
-    quantize, export and formats (compress.data); here the error says so rather than 'not found'."""
-    if not spec or spec.lower().endswith(".npz") or (flag == "--eval" and ":" in spec and not spec.startswith("hf:")
-                                                      and not Path(spec).expanduser().exists()):
-        return
-    raise UsageError(f"{flag} {spec}: {command} reads {flag} as DATA.npz (keys = input names{', plus y' if flag == '--eval' else ''}); "
-                     "image folders, text files and hf: datasets are read by compress run, prune, quantize, export and formats")

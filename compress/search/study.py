@@ -15,13 +15,14 @@ summary files are each written atomically, and best/ is swapped in whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from compress.core import EdgeError, UsageError, claim_folder, first_line, partial_dir, swap_in, write_json
 from compress.data import is_data, resolve_data
@@ -117,18 +118,13 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     profile = load_profile(s.device)
     on_stage("loading the model")
     loaded = load_run_model(s.model, s.weights)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=outdir.parent, ignore_cleanup_errors=True) as tmp:
-        calib, eval_spec = _read_data(s, loaded, Path(tmp), on_stage)
+    with staged_data(outdir) as stage:
+        inputs = torch_model_inputs(loaded, s.input_shapes)
+        calib = stage.read(s.calib, inputs, s.data, max_samples=s.max_calib, on_stage=on_stage)
+        eval_spec = stage.read(s.eval_spec, inputs, s.data, labels=True, on_stage=on_stage)
         prepare_inputs(loaded, s.input_shapes, calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
         claim_folder(outdir, OWNED)
-        if calib != s.calib or eval_spec != s.eval_spec:  # data was read: it lives in OUTDIR/data from now on
-            data = outdir / "data"
-            if data.exists():  # an earlier run of this search wrote it (the manifest lists it)
-                shutil.rmtree(data)
-            os.replace(tmp, data)
-            calib = str(data / Path(calib).name) if calib != s.calib and calib else calib
-            eval_spec = str(data / Path(eval_spec).name) if eval_spec != s.eval_spec and eval_spec else eval_spec
+        calib, eval_spec = stage.keep(calib), stage.keep(eval_spec)
     space = space_for(loaded.module if loaded.kind != "onnx" else None, profile, s.prune_max, s.quants)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     job = {**s.model_dump(exclude={"data"}), "calib": calib, "eval_spec": eval_spec, "outdir": str(outdir),
@@ -156,21 +152,42 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     return summarise(s, profile.name, space.to_json(), trials, cluster, time.monotonic() - t0, outdir, on_stage)
 
 
-def _read_data(s: SearchSettings, loaded: Any, folder: Path, on_stage: Callable[[str], None]
-               ) -> tuple[Optional[str], Optional[str]]:
-    """--calib and --eval data that is not an .npz, read into `folder` (then moved to OUTDIR/data, where every
-    trial, on any node that shares OUTDIR, reads it; a --resume writes the same bytes again). Returns the
-    paths trials take: the user's own where nothing had to be written."""
-    calib, eval_spec = s.calib, s.eval_spec
-    if calib or (eval_spec and is_data(eval_spec)):
-        inputs = torch_model_inputs(loaded, s.input_shapes)
-        if calib:
-            on_stage(f"reading --calib {calib}")
-            calib = resolve_data(calib, inputs, s.data, folder, max_samples=s.max_calib).path
-        if eval_spec and is_data(eval_spec):
-            on_stage(f"reading --eval {eval_spec}")
-            eval_spec = resolve_data(eval_spec, inputs, s.data, folder, labels=True, option="--eval").path
-    return calib, eval_spec
+class StagedData:
+    """--calib/--eval data that is not an .npz, read for a search or sweep before OUTDIR is claimed (so bad data
+    leaves nothing behind), then kept in OUTDIR/data, where every trial reads it (on any node that shares
+    OUTDIR); a --resume reads it again into the same bytes."""
+
+    def __init__(self, tmp: Path, outdir: Path) -> None:
+        self.tmp, self.data = tmp, outdir / "data"
+        self.n = 0
+
+    def read(self, spec: Optional[str], inputs: Any, opts: Any, *, max_samples: Optional[int] = None,
+             labels: bool = False, on_stage: Callable[[str], None] = lambda m: None) -> Optional[str]:
+        """The path trials take: the user's own .npz (or --eval FILE.py:FN) as it is, else what was read."""
+        if not spec or (labels and not is_data(spec)):
+            return spec
+        option = "--eval" if labels else "--calib"
+        on_stage(f"reading {option} {spec}")
+        self.n += 1
+        return resolve_data(spec, inputs, opts, self.tmp / str(self.n), max_samples=max_samples, labels=labels,
+                            option=option).path
+
+    def keep(self, path: Optional[str]) -> Optional[str]:
+        """After OUTDIR is claimed: move what was read there (once), and say where `path` now is."""
+        if path is None or not Path(path).is_relative_to(self.tmp):
+            return path
+        if self.tmp.exists():
+            if self.data.exists():  # an earlier run of this search or sweep wrote it (its manifest lists it)
+                shutil.rmtree(self.data)
+            os.replace(self.tmp, self.data)
+        return str(self.data / Path(path).relative_to(self.tmp))
+
+
+@contextlib.contextmanager
+def staged_data(outdir: Path) -> Iterator[StagedData]:
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=outdir.parent, ignore_cleanup_errors=True) as tmp:
+        yield StagedData(Path(tmp), outdir)
 
 
 def collect(grid: Any, normalise: Callable[[dict[str, Any]], dict[str, Any]],

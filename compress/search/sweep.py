@@ -3,7 +3,8 @@ trial (the same trial as `compress search`, with its settings fixed), gathered i
 
     models:                       # each: model (as compress run takes it), and its inputs
       - model: compress.zoo:shapes_resnet
-        calib: calib.npz          # paths are relative to this file
+        calib: calib.npz          # paths are relative to this file; also an image folder, a text file, hf:...
+        data: {image_size: [64, 64]}   # how such a calib becomes inputs (compress run's --image-size etc.)
       - model: compress.zoo:resnet_tiny
         input_shape: ["1,3,32,32"]
     devices: [host, rpi4-cortex-a72]
@@ -30,18 +31,19 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compress.core import InputError, UsageError, claim_folder, write_json
+from compress.data import DataOptions
+from compress.models import load_run_model, torch_model_inputs
 from compress.pipeline import RunOptions
 from compress.quantize import format_info
-from compress.search.options import check_npz_only
 from compress.search.space import can_time, label, normalise
-from compress.search.study import collect
+from compress.search.study import collect, staged_data
 from compress.search.sweep_report import write_sweep_readable
 from compress.search.trials import TrialProgress, fit_on_ray, run_cell
 from devices import load_profile, parse_yaml, read_text
 
 EXPERIMENT = "sweep"
 # What a sweep writes in its -o folder (listed in the folder's manifest before Ray starts).
-OWNED = ("ray", "cells", "sweep.json", "sweep.md", "sweep.png")
+OWNED = ("ray", "cells", "data", "sweep.json", "sweep.md", "sweep.png")
 GRID_KEYS = ("prune", "importance", "quant", "method", "fallback")
 
 
@@ -53,6 +55,7 @@ class SweepModel(BaseModel):
     weights: Optional[str] = None
     input_shape: list[str] = Field(default_factory=list)
     calib: Optional[str] = None
+    data: DataOptions = Field(default_factory=DataOptions)  # how a calib that is not an .npz becomes inputs
 
 
 class SweepFile(BaseModel):
@@ -104,7 +107,6 @@ def load_sweep(path: str | Path) -> SweepFile:
             m.model = f"{base / file}:{fn}"
         if bool(m.input_shape) == bool(m.calib):
             raise InputError(f"{path}: model {m.model}: give either input_shape or calib (exactly one)")
-        check_npz_only("calib", m.calib, f"{path}: a sweep")
     sweep.devices = [here(d) if d.lower().endswith((".yaml", ".yml")) or "/" in d else d for d in sweep.devices]  # type: ignore[misc]
     return sweep
 
@@ -128,7 +130,6 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
     from ray import tune
 
     sweep = load_sweep(path)
-    grid = cells(sweep)
     out = Path(outdir).resolve()
     state = out / "ray" / EXPERIMENT
     if state.exists() and not resume:
@@ -136,14 +137,22 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
     if resume and not state.exists():
         raise UsageError(f"--resume: -o {outdir} holds no sweep to continue")
     profiles = {d: load_profile(d) for d in sweep.devices}  # an unknown device fails here, before Ray starts
-    for c in grid:
+    for c in cells(sweep):
         quant, device = c.get("quant", "none"), c["cell"]["device"]
         if quant != "none" and not can_time(profiles[device], quant):
             raise UsageError(f"{path}: quant {quant} on device {device!r}, which has no "
                              f"{format_info(quant).needs.upper()} hardware to time it on")
     job = {"outdir": str(out), "trials_dir": "cells", "runs": sweep.runs, "max_calib": sweep.max_calib, "seed": 0,
            "tolerance": sweep.tolerance, "min_fidelity": None}
-    claim_folder(out, OWNED)
+    with staged_data(out) as stage:  # each model's calib that is not an .npz, read once for all its cells
+        for m in sweep.models:
+            if m.calib and not m.calib.lower().endswith(".npz"):
+                inputs = torch_model_inputs(load_run_model(m.model, m.weights), m.input_shape)
+                m.calib = stage.read(m.calib, inputs, m.data, max_samples=sweep.max_calib, on_stage=on_stage)
+        claim_folder(out, OWNED)
+        for m in sweep.models:
+            m.calib = stage.keep(m.calib)
+    grid = cells(sweep)
     t0 = time.monotonic()
 
     def make_tuner() -> Any:
