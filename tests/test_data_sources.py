@@ -265,3 +265,24 @@ def test_compress_run_on_a_text_file_in_a_model_folder_matches_the_hand_built_np
         assert va["fidelity"]["cosine_min"] == pytest.approx(vb["fidelity"]["cosine_min"], abs=1e-6)
     notes = ra["calibration"]["data"]["calib"]["notes"]
     assert any(n.startswith("tokenized with") and str(folder) in n and "truncated to 12" in n for n in notes)
+
+
+def test_compress_run_on_a_saved_dataset_matches_the_image_folder(tmp_path):
+    """The same PNGs as a `datasets` dataset saved to disk (image and label columns) and as class folders: the
+    same report figures."""
+    datasets = pytest.importorskip("datasets")
+    subprocess.run([sys.executable, "-m", "compress.zoo.shapes", "images", "--eval", str(tmp_path / "eval"),
+                    "--n-eval", "48"], check=True, capture_output=True)
+    files = sorted((tmp_path / "eval").rglob("*.png"), key=lambda p: (p.parent.name, p.name))
+    ds = datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": [int(p.parent.name[:2]) for p in files]},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    common = ["--device", "host", "--quant", "none", "--runs", "3"]
+    a = _run("compress.zoo:shapes_resnet", "--calib", str(tmp_path / "eval"), "--eval", str(tmp_path / "eval"),
+             *common, "-o", str(tmp_path / "a"))
+    b = _run("compress.zoo:shapes_resnet", "--calib", f"hf:{tmp_path / 'ds'}", "--eval", f"hf:{tmp_path / 'ds'}",
+             *common, "-o", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b"))
+    assert ra["variants"][0]["accuracy"] == pytest.approx(rb["variants"][0]["accuracy"], abs=1e-9)
+    assert rb["calibration"]["data"]["eval"]["kind"] == "hf-dataset"
