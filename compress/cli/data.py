@@ -45,6 +45,16 @@ class UserData:
     calib: Optional[str] = None  # an .npz keyed by input names
     eval: Optional[str] = None  # an .npz with 'y', or the user's FILE.py:FN unchanged
     info: dict[str, Any] = field(default_factory=dict)  # {"calib": ..., "eval": ...}: what each source did
+    calib_name: Optional[str] = None  # the user's --calib
+
+    def describe(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """A stage's calibration record naming the user's data (not the .npz it was read into), with what reading
+        it did."""
+        if self.calib_name:
+            calibration["source"] = self.calib_name
+        if self.info:
+            calibration["data"] = self.info
+        return calibration
 
 
 @contextlib.contextmanager
@@ -54,7 +64,7 @@ def user_data(inputs: ModelInputs, opts: DataOptions, near: Path, calib: Optiona
     hidden folder in `near` (the output's folder: the same disk, and removed however the block ends)."""
     near.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=near) as tmp:
-        out = UserData(eval=eval_spec)
+        out = UserData(eval=eval_spec, calib_name=calib)
         if calib:
             r = resolve_data(calib, inputs, opts, Path(tmp), max_samples=max_calib)
             out.calib = r.path

@@ -41,7 +41,7 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     match torch's within tolerance.
     """
     from compress.cli.data import data_opts, user_data
-    from compress.models import calib_samples, check_calib_names, load_calib, parse_input_shape, torch_model_inputs
+    from compress.models import calib_samples, check_calib_names, load_calib, model_inputs, parse_input_shape
 
     require_one_input_source(input_shapes, calib)
     out = check_onnx_output(output, [model, weights, calib, device])
@@ -59,7 +59,7 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     dopts = data_opts(**data_flags)
     with console.progress("loading model"):
         loaded = load_model(model, weights)
-    with user_data(torch_model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib, max_calib=4) as got, \
+    with user_data(model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib, max_calib=4) as got, \
             console.progress("exporting") as step:
         data = None
         if got.calib:

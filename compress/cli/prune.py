@@ -64,7 +64,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
     from compress.cli.data import data_opts, user_data
-    from compress.models import load_model, prepare_inputs, torch_model_inputs
+    from compress.models import load_model, model_inputs, prepare_inputs
     from compress.prune import get_importance, prune_stage
     from devices import load_profile
 
@@ -84,13 +84,10 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     dopts = data_opts(**data_flags)
     with console.progress("loading model"):
         loaded = load_model(model, weights)
-    with user_data(torch_model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib,
+    with user_data(model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib,
                    max_calib=max_calib) as data, console.progress("preparing inputs") as step:
         prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
-        if calib:
-            prep.info["source"] = calib
-        if data.info:
-            prep.info["data"] = data.info
+        data.describe(prep.info)
         example = prep.example
         pruned, result = prune_stage(loaded.module, prep, opts, on_stage=lambda s: step.update(description=s))
         report = result.to_json()  # the command's document: the stage's result, then what the command adds

@@ -103,7 +103,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
     from compress.evaluate import load_metric
-    from compress.models import load_run_model, prepare_inputs, torch_model_inputs
+    from compress.models import load_run_model, model_inputs, prepare_inputs
     from compress.pipeline import StageCache, run_pipeline
     from devices import load_profile
 
@@ -151,7 +151,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         load_metric(eval_spec, metric_spec)  # a FILE.py:FN fails here, before the model is loaded
     with console.progress("loading model"):
         loaded = load_run_model(model, weights)
-    with user_data(torch_model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
+    with user_data(model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
                    max_calib) as data:
         opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,
                           max_calib=max_calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
@@ -160,10 +160,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
                           command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         with console.progress("preparing inputs") as step:
             prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
-            if calib:
-                prep.info["source"] = calib
-            if data.info:
-                prep.info["data"] = data.info
+            data.describe(prep.info)
             report = run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
                                   on_stage=lambda s: step.update(description=s),
                                   extra={"calibration": prep.info}).to_json()

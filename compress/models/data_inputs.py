@@ -19,7 +19,7 @@ from runtime import check_model
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
 
 
-def torch_model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> ModelInputs:
+def model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> ModelInputs:
     """What data must give a loaded model (an ONNX one's from its graph, --input-shape filling its free dims)."""
     if loaded.kind == "onnx":
         base = onnx_model_inputs(loaded.source)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from compress.core import EdgeError, UsageError, claim_folder, first_line, partial_dir, swap_in, write_json
 from compress.data import is_data, resolve_data
-from compress.models import load_run_model, prepare_inputs, torch_model_inputs
+from compress.models import load_run_model, model_inputs, prepare_inputs
 from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
 from compress.search.space import label, normalise, space_for
@@ -119,7 +119,7 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     on_stage("loading the model")
     loaded = load_run_model(s.model, s.weights)
     with staged_data(outdir) as stage:
-        inputs = torch_model_inputs(loaded, s.input_shapes)
+        inputs = model_inputs(loaded, s.input_shapes)
         calib = stage.read(s.calib, inputs, s.data, max_samples=s.max_calib, on_stage=on_stage)
         eval_spec = stage.read(s.eval_spec, inputs, s.data, labels=True, on_stage=on_stage)
         prepare_inputs(loaded, s.input_shapes, calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1

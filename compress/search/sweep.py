@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.core import InputError, UsageError, claim_folder, write_json
 from compress.data import DataOptions
-from compress.models import load_run_model, torch_model_inputs
+from compress.models import load_run_model, model_inputs
 from compress.pipeline import RunOptions
 from compress.quantize import format_info
 from compress.search.space import can_time, label, normalise
@@ -147,7 +147,7 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
     with staged_data(out) as stage:  # each model's calib that is not an .npz, read once for all its cells
         for m in sweep.models:
             if m.calib and not m.calib.lower().endswith(".npz"):
-                inputs = torch_model_inputs(load_run_model(m.model, m.weights), m.input_shape)
+                inputs = model_inputs(load_run_model(m.model, m.weights), m.input_shape)
                 m.calib = stage.read(m.calib, inputs, m.data, max_samples=sweep.max_calib, on_stage=on_stage)
         claim_folder(out, OWNED)
         for m in sweep.models:
