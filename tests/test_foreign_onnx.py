@@ -183,3 +183,17 @@ def test_sweep_reads_a_models_image_folder_once_for_its_cells(tmp_path):
         rep = json.loads(Path(c["report"]).read_text())
         assert rep["calibration"]["source"] == str(npz) and rep["calibration"]["samples"] == 8
     assert not list(tmp_path.glob(".edge-data-*"))
+
+
+def test_quantize_needs_real_samples_for_a_symbolic_sequence_length(dynamic_encoder, tmp_path):
+    import numpy as np
+
+    cmd = [sys.executable, "-m", "compress.cli", "quantize", str(dynamic_encoder), "--to", "int8", "--no-measure"]
+    r = subprocess.run([*cmd, "-o", str(tmp_path / "a.onnx")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "symbolic dimension (axis 1)" in r.stderr and "--calib" in r.stderr
+    assert not (tmp_path / "a.onnx").exists()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", input_ids=rng.integers(0, 1000, (8, 24)), attention_mask=np.ones((8, 24), np.int64))
+    r = subprocess.run([*cmd, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "b.onnx")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

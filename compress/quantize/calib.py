@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from compress.core import InputError
+from compress.core import InputError, UsageError
 from compress.core import first_line as _first_line
 from compress.models import load_calib, npz_keys
 from export import get_metadata
@@ -83,6 +83,7 @@ class CalibReader(CalibrationDataReader):
             self.source, self.path = "synthetic", None
             self.label = label or "calibration data"
             self._specs = _metadata_specs(proto)
+            self._check_shapes_known()
             total = synthetic_samples
         else:
             self.source = "arrays" if isinstance(calib, Mapping) else "npz"
@@ -96,6 +97,16 @@ class CalibReader(CalibrationDataReader):
         if self.count == 0:
             raise InputError(f"{self.label}: {total} sample(s), fewer than the graph's batch of {batch}")
         self._next = 0
+
+    def _check_shapes_known(self) -> None:
+        """Synthetic samples need every dimension but the batch: a sequence length the graph leaves symbolic and
+        our metadata does not fix (a file exported elsewhere) would be calibrated, judged and timed at 1."""
+        for inp in self.inputs:
+            given = self._specs.get(inp.name, {}).get("shape")
+            free = [i for i, d in enumerate(inp.dims) if d is None and i > 0]
+            if free and not (isinstance(given, list) and _fit_shape(given, inp.dims) == given):
+                raise UsageError(f"input {inp.name!r} {_dims_text(inp.dims)} has a symbolic dimension (axis {free[0]}) "
+                                 "and no data to give it a size: pass --calib with real samples")
 
     # --- sources ---------------------------------------------------------------------------------------------
 
