@@ -286,3 +286,24 @@ def test_compress_run_on_a_saved_dataset_matches_the_image_folder(tmp_path):
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b"))
     assert ra["variants"][0]["accuracy"] == pytest.approx(rb["variants"][0]["accuracy"], abs=1e-9)
     assert rb["calibration"]["data"]["eval"]["kind"] == "hf-dataset"
+
+
+@pytest.mark.parametrize("config, by_hand", [
+    # ResNet/ConvNeXt-style processors: the shorter side to 20, a 16x16 center crop, bicubic
+    ({"size": {"shortest_edge": 20}, "crop_size": {"height": 16, "width": 16}, "do_center_crop": True, "resample": 3},
+     lambda im: im.resize((20, 26), PIL.Resampling.BICUBIC).crop((2, 5, 18, 21))),
+    # ViT-style: straight to 16x16, aspect not kept, bilinear
+    ({"size": {"height": 16, "width": 16}, "do_resize": True, "resample": 2},
+     lambda im: im.resize((16, 16), PIL.Resampling.BILINEAR)),
+])
+def test_a_hugging_face_preprocessor_config_is_followed(tmp_path, config, by_hand):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "preprocessor_config.json").write_text(json.dumps({**config, "image_mean": list(MEAN), "image_std": list(STD)}))
+    pixels = _pixels(1, 40, 30, seed=2)  # 30 wide, 40 high
+    root = _image_folder(tmp_path / "imgs", pixels)
+    inputs = ModelInputs(names=("pixel_values",), required=("pixel_values",), folder=model)
+    r = resolve_data(str(root), inputs, DataOptions(), tmp_path / "out")
+    ref = np.asarray(by_hand(PIL.fromarray(pixels[0])))[None]
+    np.testing.assert_allclose(load_calib(r.path)["pixel_values"], _by_hand(ref), atol=1e-6)
+    assert any("from preprocessor_config.json" in n for n in r.info["notes"])

@@ -124,13 +124,16 @@ class _Plan:
 
     def __init__(self, name: str, size: tuple[int, int], crop_pct: float, mean: tuple[float, ...],
                  std: tuple[float, ...], interpolation: str, channels: int, channels_last: bool, dtype: str,
-                 notes: list[str]) -> None:
+                 notes: list[str], squash: bool = False) -> None:
         self.name, self.size, self.crop_pct, self.mean, self.std = name, size, crop_pct, mean, std
         self.interpolation, self.channels, self.channels_last, self.dtype, self.notes = (
             interpolation, channels, channels_last, dtype, notes)
+        self.squash = squash  # resized to the size exactly, aspect not kept (HF processors with size height/width)
 
     def describe(self) -> dict[str, Any]:
-        return {"input": self.name, "size": list(self.size), "crop_pct": self.crop_pct, "mean": list(self.mean),
+        return {"input": self.name, "size": list(self.size), "crop_pct": None if self.squash else self.crop_pct,
+                "resize": "to the size (aspect not kept)" if self.squash else "shorter side, then center crop",
+                "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation,
                 "layout": "HWC" if self.channels_last else "CHW", "dtype": self.dtype}
 
@@ -140,7 +143,9 @@ class _Plan:
         resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                     "bicubic": Image.Resampling.BICUBIC}[self.interpolation]
         h, w = self.size
-        if h == w:  # the shorter side to size / crop_pct, as timm and torchvision's Resize(int) do
+        if self.squash:
+            nh, nw = h, w
+        elif h == w:  # the shorter side to size / crop_pct, as timm and torchvision's Resize(int) do
             scale = math.floor(h / self.crop_pct)
             iw, ih = im.size
             nw, nh = (scale, max(1, int(scale * ih / iw))) if iw <= ih else (max(1, int(scale * iw / ih)), scale)
@@ -205,7 +210,10 @@ def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"{shown}: --mean/--std need {channels} value(s), one per channel")
     dtype = inputs.dtypes.get(name, "float32")
-    return _Plan(name, size, float(crop), mean, std, interp, channels, channels_last, dtype, notes)
+    squash = bool(hf.get("squash")) and opts.crop_pct is None and cfg.get("crop_pct") is None and where == hf_file
+    if squash:
+        notes.append(f"resized to {size[0]}x{size[1]} without keeping the aspect, as {hf_file} says (no crop)")
+    return _Plan(name, size, float(crop), mean, std, interp, channels, channels_last, dtype, notes, squash)
 
 
 def _short(v: Any) -> str:
@@ -249,9 +257,12 @@ def _hf_preprocessor(folder: Optional[Path]) -> dict[str, Any]:
             return (int(v["shortest_edge"]),) * 2  # type: ignore[return-value]
         return None
 
-    final = hw(crop) if raw.get("do_center_crop", crop is not None) and crop is not None else hw(size)
+    cropped = bool(raw.get("do_center_crop", crop is not None)) and crop is not None
+    final = hw(crop) if cropped else hw(size)
     if final:
         out["size"] = final
         resized = hw(size)
-        out["crop_pct"] = min(1.0, final[0] / resized[0]) if resized and crop is not None else 1.0
+        out["crop_pct"] = min(1.0, final[0] / resized[0]) if resized and cropped else 1.0
+        # {"height", "width"} without a crop: HF's processors (ViT, ...) resize to it exactly, aspect not kept
+        out["squash"] = not cropped and isinstance(size, dict) and "height" in size
     return out
