@@ -56,7 +56,8 @@ def profile_model(
     says which ("local" or "remote"). remote_timeout bounds the whole remote run (default: see _remote_timeout).
     """
     path = Path(onnx_path).expanduser()
-    meta_inputs = check_model(path)
+    proto = _checked_proto(path)
+    meta_inputs = metadata_input_specs(proto)
     if remote is None and profile.remote is not None:  # relative key paths in a YAML are relative to the YAML
 
         remote = resolve_spec(profile.remote, base_dir=profile.source.parent if profile.source else None)
@@ -66,7 +67,7 @@ def profile_model(
         chosen, missing = [[ep.name, dict(ep.options)] for ep in profile.execution_providers], []
     user = inputs or {}
     specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
-    check_shapes_given(path, specs)
+    check_shapes_given(path.name, proto, specs)
     config = {
         "providers": chosen,
         "threads": threads if threads is not None else profile.threads,
@@ -178,6 +179,11 @@ def _describe_device(result: dict[str, Any]) -> dict[str, Any]:
 
 def check_model(path: Path) -> dict[str, dict[str, Any]]:
     """Refuse a missing or malformed file before spending a subprocess on it; return metadata input specs."""
+    return metadata_input_specs(_checked_proto(path))
+
+
+def _checked_proto(path: Path) -> Any:
+    """The model's graph (weights in side files not read), once the file has passed onnx's checker."""
     import onnx
 
     if not path.exists():
@@ -189,7 +195,7 @@ def check_model(path: Path) -> dict[str, dict[str, Any]]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError, ValidationError, OSError: all mean "not a usable model"
         raise InputError(f"{path} is not a valid ONNX model: {first_line(e)}") from e
-    return metadata_input_specs(proto)
+    return proto
 
 
 def metadata_input_specs(proto: Any) -> dict[str, dict[str, Any]]:
@@ -216,23 +222,25 @@ def graph_input_dims(proto: Any) -> dict[str, list[Any]]:
     return dims
 
 
-def check_shapes_given(path: Path, specs: dict[str, dict[str, Any]]) -> None:
+def unsized_axis(dims: list[Any], given: Any = None) -> int | None:
+    """The first axis after the batch that neither the graph (a positive int) nor `given` (a shape the caller or
+    the file's metadata supplies; None: none) sizes, else None. The profiler and synthetic calibration ask it."""
+    if given is not None:
+        return None
+    return next((i for i, d in enumerate(dims) if i > 0 and not (isinstance(d, int) and d > 0)), None)
+
+
+def check_shapes_given(shown: str, proto: Any, specs: dict[str, dict[str, Any]]) -> None:
     """A symbolic dimension other than the first (the batch, timed at 1) needs a shape from the file's metadata
     or the caller: timing a BERT exported elsewhere at sequence length 1 measures nothing anyone runs, and it
     used to happen silently."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
     for name, dims in graph_input_dims(proto).items():
-        if specs.get(name, {}).get("shape") is not None:
-            continue
-        free = [(i, d) for i, d in enumerate(dims) if i > 0 and not (isinstance(d, int) and d > 0)]
-        if free:
-            i, d = free[0]
-            shown = "[" + ", ".join(str(x) if isinstance(x, int) and x > 0 else (x or "?") for x in dims) + "]"
+        i = unsized_axis(dims, specs.get(name, {}).get("shape"))
+        if i is not None:
+            shown_dims = "[" + ", ".join(str(x) if isinstance(x, int) and x > 0 else (x or "?") for x in dims) + "]"
             example = ",".join("1" if j == 0 else (str(x) if isinstance(x, int) and x > 0 else "N") for j, x in enumerate(dims))
-            raise UsageError(f"{path.name}: input {name!r} {shown} has a symbolic dimension {d or '?'!s} (axis {i}) "
-                             f"and no shape to time it at: give --input-shape {name}={example} (N: the size you run)")
+            raise UsageError(f"{shown}: input {name!r} {shown_dims} has a symbolic dimension {dims[i] or '?'!s} (axis "
+                             f"{i}) and no shape to time it at: give --input-shape {name}={example} (N: the size you run)")
 
 
 def _fit_shapes(proto: Any, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -26,6 +26,7 @@ from compress.core import InputError, UsageError
 from compress.core import first_line as _first_line
 from compress.models import load_calib, npz_keys
 from export import get_metadata
+from runtime import unsized_axis
 
 CalibSource = Union[str, Path, Mapping[str, np.ndarray], None]
 DEFAULT_SYNTHETIC_SAMPLES = 32
@@ -103,9 +104,9 @@ class CalibReader(CalibrationDataReader):
         our metadata does not fix (a file exported elsewhere) would be calibrated, judged and timed at 1."""
         for inp in self.inputs:
             given = self._specs.get(inp.name, {}).get("shape")
-            free = [i for i, d in enumerate(inp.dims) if d is None and i > 0]
-            if free and not (isinstance(given, list) and _fit_shape(given, inp.dims) == given):
-                raise UsageError(f"input {inp.name!r} {_dims_text(inp.dims)} has a symbolic dimension (axis {free[0]}) "
+            axis = unsized_axis(inp.dims, given if isinstance(given, list) and _fit_shape(given, inp.dims) == given else None)
+            if axis is not None:
+                raise UsageError(f"input {inp.name!r} {_dims_text(inp.dims)} has a symbolic dimension (axis {axis}) "
                                  "and no data to give it a size: pass --calib with real samples")
 
     # --- sources ---------------------------------------------------------------------------------------------
