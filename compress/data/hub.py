@@ -54,23 +54,20 @@ class HubDataset(DataSource):
         return len(self.ds)
 
     def samples(self, limit: Optional[int]) -> Iterator[Sample]:
+        if self.is_image:
+            for value, label in self._rows(limit):
+                yield Sample({self.plan.name: self.plan.apply(decode_pil(value, self.plan.channels))}, label)
+        else:
+            yield from self.encode.stream((str(value), label) for value, label in self._rows(limit))
+
+    def _rows(self, limit: Optional[int]) -> Iterator[tuple[Any, Optional[int]]]:
+        """(the column's value, its label or None) per row, one row read at a time."""
         n = len(self.ds) if limit is None else min(limit, len(self.ds))
-        cols = [self.column] + ([self.label_column] if self.label_column else [])
-        rows = self.ds.select_columns(cols)
-        batch: list[tuple[str, Optional[int]]] = []
+        rows = self.ds.select_columns([self.column] + ([self.label_column] if self.label_column else []))
         for i in range(n):
             row = rows[i]
             label = row.get(self.label_column) if self.label_column else None
-            label = None if label is None else int(label)
-            if self.is_image:
-                yield Sample({self.plan.name: self.plan.apply(decode_pil(row[self.column], self.plan.channels))}, label)
-            else:
-                batch.append((str(row[self.column]), label))
-                if len(batch) == 64:
-                    yield from self.encode.samples(batch)
-                    batch = []
-        if batch:
-            yield from self.encode.samples(batch)
+            yield row[self.column], None if label is None else int(label)
 
 
 def _offline(datasets: Any) -> None:

@@ -20,8 +20,11 @@ import numpy as np
 from compress.core import InputError, UsageError, first_line
 from compress.data.options import IMAGENET_MEAN, IMAGENET_STD
 from compress.data.registry import DataSource, Sample, register
+from compress.data.text import TEXT_INPUTS
 
 DEFAULT_CROP_PCT = 0.875  # timm's and torchvision's ImageNet evaluation (256 -> 224)
+# where a pre-processing setting can come from, as the notes name them
+PRETRAINED_CFG, HF_FILE, FLAGS = "the model's pretrained_cfg", "preprocessor_config.json", "the flags"
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # HF preprocessor_config's "resample" codes
 
 
@@ -168,7 +171,7 @@ class _Plan:
 
 def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     names = inputs.required or inputs.names
-    image_inputs = [n for n in names if n not in ("attention_mask", "input_ids", "token_type_ids")]
+    image_inputs = [n for n in names if n not in TEXT_INPUTS]
     if len(image_inputs) != 1:
         raise InputError(f"{shown}: a folder of images feeds a model with one image input; this one takes "
                          f"{', '.join(inputs.names) or '(none)'}")
@@ -187,20 +190,20 @@ def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     origin: dict[str, list[str]] = {where: [f"size {size[0]}x{size[1]}"]}  # source -> the settings it gave
 
     def pick(flag: Any, *found: tuple[Any, str], default: Any, what: str) -> Any:
-        value, src = next(((v, s) for v, s in ((flag, "the flags"), *found) if v is not None),
+        value, src = next(((v, s) for v, s in ((flag, FLAGS), *found) if v is not None),
                           (default, "defaults, timm's ImageNet evaluation (the flags --crop-pct, --mean, --std, "
                                     "--interpolation set them)"))
         origin.setdefault(src, []).append(f"{what} {_short(value)}")
         return value
 
-    pretrained, hf_file = "the model's pretrained_cfg", "preprocessor_config.json"
-    crop = pick(opts.crop_pct, (cfg.get("crop_pct"), pretrained), (hf.get("crop_pct"), hf_file),
+    crop = pick(opts.crop_pct, (cfg.get("crop_pct"), PRETRAINED_CFG), (hf.get("crop_pct"), HF_FILE),
                 default=DEFAULT_CROP_PCT, what="crop_pct")
-    mean = pick(opts.mean, (cfg.get("mean"), pretrained), (hf.get("image_mean"), hf_file), default=IMAGENET_MEAN,
+    mean = pick(opts.mean, (cfg.get("mean"), PRETRAINED_CFG), (hf.get("image_mean"), HF_FILE), default=IMAGENET_MEAN,
                 what="mean")
-    std = pick(opts.std, (cfg.get("std"), pretrained), (hf.get("image_std"), hf_file), default=IMAGENET_STD, what="std")
-    interp = pick(opts.interpolation, (cfg.get("interpolation"), pretrained),
-                  (_PIL_RESAMPLE.get(hf.get("resample", -1)), hf_file), default="bilinear", what="interpolation")
+    std = pick(opts.std, (cfg.get("std"), PRETRAINED_CFG), (hf.get("image_std"), HF_FILE), default=IMAGENET_STD,
+               what="std")
+    interp = pick(opts.interpolation, (cfg.get("interpolation"), PRETRAINED_CFG),
+                  (_PIL_RESAMPLE.get(hf.get("resample", -1)), HF_FILE), default="bilinear", what="interpolation")
     notes.append("images pre-processed with " + "; ".join(f"{', '.join(v)} from {k}" for k, v in origin.items()))
     if interp not in ("nearest", "bilinear", "bicubic"):
         interp = "bicubic" if "cubic" in str(interp) else "bilinear"
@@ -210,9 +213,9 @@ def image_plan(inputs: Any, opts: Any, shown: str) -> _Plan:
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"{shown}: --mean/--std need {channels} value(s), one per channel")
     dtype = inputs.dtypes.get(name, "float32")
-    squash = bool(hf.get("squash")) and opts.crop_pct is None and cfg.get("crop_pct") is None and where == hf_file
+    squash = bool(hf.get("squash")) and opts.crop_pct is None and cfg.get("crop_pct") is None and where == HF_FILE
     if squash:
-        notes.append(f"resized to {size[0]}x{size[1]} without keeping the aspect, as {hf_file} says (no crop)")
+        notes.append(f"resized to {size[0]}x{size[1]} without keeping the aspect, as {HF_FILE} says (no crop)")
     return _Plan(name, size, float(crop), mean, std, interp, channels, channels_last, dtype, notes, squash)
 
 
@@ -223,12 +226,12 @@ def _short(v: Any) -> str:
 def _size(opts: Any, cfg: dict[str, Any], hf: dict[str, Any], shape: tuple[Optional[int], ...],
           channels_last: bool) -> tuple[Optional[tuple[int, int]], str]:
     if opts.image_size is not None:
-        return tuple(opts.image_size), "the flags"  # type: ignore[return-value]
+        return tuple(opts.image_size), FLAGS  # type: ignore[return-value]
     if cfg.get("input_size"):
         c_h_w = cfg["input_size"]
-        return (int(c_h_w[-2]), int(c_h_w[-1])), "the model's pretrained_cfg"
+        return (int(c_h_w[-2]), int(c_h_w[-1])), PRETRAINED_CFG
     if hf.get("size"):
-        return hf["size"], "preprocessor_config.json"
+        return hf["size"], HF_FILE
     if len(shape) == 4:
         h, w = (shape[1], shape[2]) if channels_last else (shape[2], shape[3])
         if h and w:
@@ -238,9 +241,9 @@ def _size(opts: Any, cfg: dict[str, Any], hf: dict[str, Any], shape: tuple[Optio
 
 def _hf_preprocessor(folder: Optional[Path]) -> dict[str, Any]:
     """A Hugging Face preprocessor_config.json's mean/std/size/crop, in this module's terms ({} when absent)."""
-    if folder is None or not (folder / "preprocessor_config.json").is_file():
+    if folder is None or not (folder / HF_FILE).is_file():
         return {}
-    p = folder / "preprocessor_config.json"
+    p = folder / HF_FILE
     try:
         raw = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:

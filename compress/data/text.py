@@ -8,9 +8,10 @@ Tokenized in batches of TOKENIZE_BATCH lines as they are read: a file of any len
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -79,18 +80,7 @@ class TextFile(DataSource):
         return str(row[col]), _label(row.get(self.opts.label_column), self.shown, where)
 
     def samples(self, limit: Optional[int]) -> Iterator[Sample]:
-        batch: list[tuple[str, Optional[int]]] = []
-        done = 0
-        for rec in self._records():
-            if limit is not None and done + len(batch) >= limit:
-                break
-            batch.append(rec)
-            if len(batch) == TOKENIZE_BATCH:
-                yield from self.encode.samples(batch)
-                done += len(batch)
-                batch = []
-        if batch:
-            yield from self.encode.samples(batch)
+        return self.encode.stream(itertools.islice(self._records(), limit))
 
 
 def _label(v: Any, shown: str, where: str) -> Optional[int]:
@@ -139,6 +129,17 @@ class Tokenize:
             raise InputError(f"{shown}: no tokenizer could be loaded from {folder} ({type(e).__name__}: "
                              f"{first_line(e)}); give --tokenizer FOLDER") from e
         notes.append(f"tokenized with {type(self.tok).__name__} from {folder}, padded and truncated to {self.seq_len}")
+
+    def stream(self, records: Iterable[tuple[str, Optional[int]]]) -> Iterator[Sample]:
+        """(text, label) records as samples, tokenized TOKENIZE_BATCH at a time as they come."""
+        batch: list[tuple[str, Optional[int]]] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) == TOKENIZE_BATCH:
+                yield from self.samples(batch)
+                batch = []
+        if batch:
+            yield from self.samples(batch)
 
     def samples(self, batch: list[tuple[str, Optional[int]]]) -> Iterator[Sample]:
         enc = self.tok([t for t, _ in batch], padding="max_length", truncation=True, max_length=self.seq_len,
