@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from compress.core import UsageError
-from compress.data import DataOptions, ModelInputs, is_data, resolve_data
+from compress.data import DataOptions, ModelInputs, is_data, read_option
 
 
 def data_opts(image_size: Optional[str] = None, crop_pct: Optional[float] = None, mean: Optional[str] = None,
@@ -65,14 +65,10 @@ def user_data(inputs: ModelInputs, opts: DataOptions, near: Path, calib: Optiona
     near.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edge-data-", dir=near) as tmp:
         out = UserData(eval=eval_spec, calib_name=calib)
-        if calib:
-            r = resolve_data(calib, inputs, opts, Path(tmp), max_samples=max_calib)
-            out.calib = r.path
-            if r.info:
-                out.info["calib"] = r.info
-        if eval_spec and is_data(eval_spec):
-            r = resolve_data(eval_spec, inputs, opts, Path(tmp), labels=True, option="--eval")
-            out.eval = r.path
-            if r.info:
-                out.info["eval"] = r.info
+        for flag, spec, labels in (("calib", calib, False), ("eval", eval_spec, True)):
+            r = read_option(spec, inputs, opts, Path(tmp), labels=labels, max_samples=None if labels else max_calib)
+            if r is not None:
+                setattr(out, flag, r.path)
+                if r.info:
+                    out.info[flag] = r.info
         yield out

@@ -9,6 +9,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "npz_rows": ["Member", "npz_members", "read_rows"],
     "options": ["DataOptions"],
     "registry": ["DataSource", "ModelInputs", "SOURCES", "Sample", "register"],
-    "resolve": ["Resolved", "is_data", "open_source", "resolve_data", "source_forms"],
+    "resolve": ["Resolved", "is_data", "open_source", "read_option", "resolve_data", "source_forms"],
     "writer": ["materialize"],
 })

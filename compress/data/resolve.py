@@ -66,3 +66,13 @@ def resolve_data(spec: str, inputs: ModelInputs, opts: DataOptions, workdir: Pat
     for note in source.notes:
         console.info(f"{option}: {note}")
     return Resolved(str(dst), info)
+
+
+def read_option(spec: Optional[str], inputs: ModelInputs, opts: DataOptions, workdir: Path, *, labels: bool = False,
+                max_samples: Optional[int] = None) -> Optional[Resolved]:
+    """--calib (`labels` False) or --eval (True) as resolve_data reads it; None when there is nothing to read: no
+    DATA, or an --eval that names a function (FILE.py:FN). What every command that takes them calls."""
+    if not spec or (labels and not is_data(spec)):
+        return None
+    return resolve_data(spec, inputs, opts, workdir, max_samples=max_samples, labels=labels,
+                        option="--eval" if labels else "--calib")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from compress.core import EdgeError, UsageError, claim_folder, first_line, partial_dir, swap_in, write_json
-from compress.data import is_data, resolve_data
+from compress.data import read_option
 from compress.models import load_run_model, model_inputs, prepare_inputs
 from compress.report import Point, pareto_front
 from compress.search.options import SearchSettings
@@ -120,8 +120,8 @@ def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: No
     loaded = load_run_model(s.model, s.weights)
     with staged_data(outdir) as stage:
         inputs = model_inputs(loaded, s.input_shapes)
-        calib = stage.read(s.calib, inputs, s.data, max_samples=s.max_calib, on_stage=on_stage)
-        eval_spec = stage.read(s.eval_spec, inputs, s.data, labels=True, on_stage=on_stage)
+        calib = stage.read(s.calib, inputs, s.data, max_samples=s.max_calib)
+        eval_spec = stage.read(s.eval_spec, inputs, s.data, labels=True)
         prepare_inputs(loaded, s.input_shapes, calib, max_samples=s.max_calib)  # bad inputs fail here, not in trial 1
         claim_folder(outdir, OWNED)
         calib, eval_spec = stage.keep(calib), stage.keep(eval_spec)
@@ -162,15 +162,12 @@ class StagedData:
         self.n = 0
 
     def read(self, spec: Optional[str], inputs: Any, opts: Any, *, max_samples: Optional[int] = None,
-             labels: bool = False, on_stage: Callable[[str], None] = lambda m: None) -> Optional[str]:
-        """The path trials take: the user's own .npz (or --eval FILE.py:FN) as it is, else what was read."""
-        if not spec or (labels and not is_data(spec)):
-            return spec
-        option = "--eval" if labels else "--calib"
-        on_stage(f"reading {option} {spec}")
+             labels: bool = False) -> Optional[str]:
+        """The path trials take: the user's own .npz (or --eval FILE.py:FN) as it is, else what was read (its
+        own progress line says so)."""
         self.n += 1
-        return resolve_data(spec, inputs, opts, self.tmp / str(self.n), max_samples=max_samples, labels=labels,
-                            option=option).path
+        r = read_option(spec, inputs, opts, self.tmp / str(self.n), labels=labels, max_samples=max_samples)
+        return spec if r is None else r.path
 
     def keep(self, path: Optional[str]) -> Optional[str]:
         """After OUTDIR is claimed: move what was read there (once), and say where `path` now is."""

@@ -148,7 +148,7 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
         for m in sweep.models:
             if m.calib and not m.calib.lower().endswith(".npz"):
                 inputs = model_inputs(load_run_model(m.model, m.weights), m.input_shape)
-                m.calib = stage.read(m.calib, inputs, m.data, max_samples=sweep.max_calib, on_stage=on_stage)
+                m.calib = stage.read(m.calib, inputs, m.data, max_samples=sweep.max_calib)
         claim_folder(out, OWNED)
         for m in sweep.models:
             m.calib = stage.keep(m.calib)
