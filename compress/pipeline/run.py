@@ -58,7 +58,10 @@ from export import export_onnx, get_metadata, input_specs, set_metadata
 
 
 def _params(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
+    return _param_count(onnx.load(str(path), load_external_data=False))
+
+
+def _param_count(model: onnx.ModelProto) -> int:
     return int(sum(int(_numel(t.dims)) for t in model.graph.initializer))
 
 
@@ -116,14 +119,13 @@ def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
     sequence length is otherwise 1) and the copy says where it came from."""
     proto = onnx.load(str(src), load_external_data=True)
     meta = get_metadata(proto) or {}
-    if not meta.get("inputs"):
-        fed = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    if not meta.get("inputs"):  # the example holds the graph's fed inputs only (compress.models.load_onnx_model)
         set_metadata(proto, {**meta, "source": str(src), "exporter": meta.get("exporter", "none: taken as ONNX"),
-                             "inputs": [spec.to_json() for spec in input_specs(example) if spec.name in fed]})
+                             "inputs": [spec.to_json() for spec in input_specs(example)]})
     macs = graph_macs(proto, {k: tuple(v.shape) for k, v in example.items()})
     save_model(proto, dst)
     size = sum(p.stat().st_size for p in (dst, dst.parent / (dst.name + ".data")) if p.exists())
-    return Built(name="fp32", onnx=dst.name, size_bytes=size, params=_params(dst), macs=macs, parity=None,
+    return Built(name="fp32", onnx=dst.name, size_bytes=size, params=_param_count(proto), macs=macs, parity=None,
                  simulated=False, excluded_layers=[])
 
 

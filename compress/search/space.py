@@ -81,15 +81,14 @@ def space_for(model: Optional[nn.Module], profile: DeviceProfile, prune_max: flo
     No module (an ONNX model): nothing to prune, so no pruning dimension."""
     if not 0.0 <= prune_max < 1.0:
         raise UsageError(f"--prune-max {prune_max:g}: must be in [0, 1)")
-    if model is None:
-        prune_max = 0.0
     usable = []
-    for name in IMPORTANCE if model is not None else ["l2"]:
+    if model is None:  # the importance dimension has one value, unused, so that a trial's config keeps its shape
+        prune_max, usable = 0.0, ["l2"]
+    for name in IMPORTANCE if model is not None else []:
         if name == "random":
             continue
         try:
-            if model is not None:
-                check_applicable(name, model)
+            check_applicable(name, model)
         except UsageError:
             continue
         usable.append(name)
