@@ -6,7 +6,10 @@ What other rooms may use is named here, and imported on first use (see compress/
 from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "abtest": ["MAX_BURST", "WARM_BURST_MS", "device_latency", "interleaved_latency"],
+    "abtest": [
+        "MAX_BURST", "THREAD_GAIN", "WARM_BURST_MS", "TunedAB", "device_latency", "fewest_fastest", "interleaved_latency", "thread_candidates",
+        "tuned_latency",
+    ],
     "profiler": ["DEFAULT_MAX_SECONDS", "check_model", "profile_model", "resolve_providers", "unsized_axis"],
     "remote": ["Target", "probe", "resolve_spec"],
     "result": ["Latency", "PROFILE_SCHEMA", "ProfileResult", "Spread", "check_profile"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def interleaved_latency(
     *,
     feeds: Optional[dict[str, np.ndarray]] = None,
     providers: Optional[list[Any]] = None,
-    threads: int = 1,
+    threads: int | Mapping[str, int] = 1,
     session_config: Optional[dict[str, str]] = None,
     rounds: int = 30,
     min_seconds: float = 0.0,
@@ -102,12 +102,14 @@ def interleaved_latency(
 
     All models must take the same inputs (one model and its compressed variants); `feeds` defaults to
     random data shaped for the first model. `min_seconds` raises the round count for fast models, whose
-    sub-millisecond runs need many rounds before a median means anything.
+    sub-millisecond runs need many rounds before a median means anything. `threads`: intra-op threads of every
+    session, or per model (the result's `threads` is then the most any had).
     """
     if not models:
         raise ValueError("no models to time")
     providers = providers or ["CPUExecutionProvider"]
-    opened = {n: _session(Path(p), providers, threads, session_config or {}) for n, p in models.items()}
+    per_model = dict(threads) if isinstance(threads, Mapping) else {n: threads for n in models}
+    opened = {n: _session(Path(p), providers, per_model[n], session_config or {}) for n, p in models.items()}
     names = list(opened)
     if feeds is None:
         feeds = random_feeds(opened[names[0]])
@@ -148,8 +150,74 @@ def interleaved_latency(
     return ABResult(
         wall_ms={n: float(np.median(v)) * 1e3 for n, v in wall.items()},
         cpu_ms={n: float(np.median(v)) * 1e3 for n, v in cpu.items()},
-        rounds=rounds, threads=threads, baseline=baseline or names[0], burst_ms=burst_ms,
+        rounds=rounds, threads=max(per_model.values()), baseline=baseline or names[0], burst_ms=burst_ms,
     )
+
+
+# a thread that buys less than this is not worth a core taken from the rest of the application (and is noise)
+THREAD_GAIN = 0.02
+
+
+def thread_candidates(threads: int) -> list[int]:
+    """The intra-op thread counts worth trying up to `threads`: 1, 2, 4, ... and `threads` itself."""
+    out, t = [], 1
+    while t < threads:
+        out.append(t)
+        t *= 2
+    return out + [max(1, threads)]
+
+
+def fewest_fastest(ms_by_threads: Mapping[int, float]) -> int:
+    """The fewest threads within THREAD_GAIN of the fastest median."""
+    best = min(ms_by_threads.values())
+    return min(t for t, ms in ms_by_threads.items() if ms <= best * (1 + THREAD_GAIN))
+
+
+@dataclass
+class TunedAB:
+    """Each model timed at each candidate intra-op thread count, all of them interleaved in one run, and each
+    taken at its fastest count (`chosen`): a model is deployed with the setting that suits it, the baseline too.
+
+    Why: the second intra-op thread of a 2-vCPU AMD EPYC (AVX2 kernels) bought `make demo`'s 0.35 ms fp32 CNN
+    nothing and cost its 0.16 ms INT8 0.04 ms (1 thread 2.22x, 2 threads 1.86x; bench/speedup_measure.py):
+    on sub-millisecond models the hand-off to workers costs more than they save, and how much depends on the
+    model, so the count is measured per model, as Olive's session-parameter tuning does."""
+
+    ab: ABResult  # keyed by at(name, threads)
+    candidates: list[int]
+    chosen: dict[str, int]
+    baseline: str
+
+    @staticmethod
+    def at(name: str, threads: int) -> str:
+        return f"{name}@{threads}"
+
+    def wall_ms(self, name: str, threads: Optional[int] = None) -> float:
+        return self.ab.wall_ms[self.at(name, threads or self.chosen[name])]
+
+    def speedup(self, name: str) -> float:
+        """Wall-clock, each side at its own fastest thread count (the per-thread CPU clock misses the workers)."""
+        return self.wall_ms(self.baseline) / self.wall_ms(name)
+
+    def table(self) -> dict[str, dict[int, float]]:
+        """Per model, per thread count: the median wall-clock milliseconds."""
+        return {n: {t: self.wall_ms(n, t) for t in self.candidates} for n in self.chosen}
+
+
+def tuned_latency(models: dict[str, str | Path], profile: Any, feeds: Optional[dict[str, np.ndarray]], *,
+                  candidates: Sequence[int], baseline: str, rounds: int = 30, min_seconds: float = 3.0,
+                  warmup: int = 5) -> TunedAB:
+    """device_latency with each model at every count in `candidates` (min_seconds for each count), interleaved."""
+    cands = sorted(set(candidates))
+    pairs = {TunedAB.at(n, t): (str(p), t) for n, p in models.items() for t in cands}
+    providers, _ = resolve_providers(profile)
+    ab = interleaved_latency({k: p for k, (p, _) in pairs.items()}, feeds=feeds,
+                             providers=[(p, dict(o)) for p, o in providers], threads={k: t for k, (_, t) in pairs.items()},
+                             session_config=dict(profile.session_config), rounds=rounds,
+                             min_seconds=min_seconds * len(cands), warmup=warmup, baseline=TunedAB.at(baseline, cands[0]),
+                             burst_ms=WARM_BURST_MS)
+    chosen = {n: fewest_fastest({t: ab.wall_ms[TunedAB.at(n, t)] for t in cands}) for n in models}
+    return TunedAB(ab=ab, candidates=cands, chosen=chosen, baseline=baseline)
 
 
 def device_latency(models: dict[str, str | Path], profile: Any, feeds: Optional[dict[str, np.ndarray]], *,

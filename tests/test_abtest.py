@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from compress.core import sessions
-from runtime import MAX_BURST, interleaved_latency
+from runtime import MAX_BURST, THREAD_GAIN, fewest_fastest, interleaved_latency, thread_candidates, tuned_latency
 
 
 class _Fake:
@@ -59,3 +59,39 @@ def test_warm_bursts_run_a_fast_model_over_and_over_and_leave_out_its_cold_start
     assert ab.wall_ms["fast"] < 1.0
     assert ab.wall_ms["slow"] >= 4.0
     assert ab.to_json()["burst_ms"] == 2.0
+
+
+# --- thread tuning ------------------------------------------------------------------------------------------
+
+
+def test_thread_candidates_double_up_to_the_count_itself() -> None:
+    assert [thread_candidates(n) for n in (1, 2, 3, 6, 8)] == [[1], [1, 2], [1, 2, 3], [1, 2, 4, 6], [1, 2, 4, 8]]
+
+
+def test_fewest_fastest_takes_fewer_threads_unless_more_buy_more_than_the_tie() -> None:
+    assert fewest_fastest({1: 1.00, 2: 1.0 - THREAD_GAIN / 2}) == 1  # a thread for under THREAD_GAIN: not taken
+    assert fewest_fastest({1: 1.00, 2: 0.80, 4: 0.79}) == 2
+    assert fewest_fastest({1: 0.5, 2: 0.7}) == 1
+
+
+def test_tuned_latency_times_each_model_at_each_count_and_compares_them_at_their_fastest(monkeypatch) -> None:
+    """A model that scales (2 ms on one thread, 1 ms on two) against one that a second thread slows down
+    (0.6 ms, 1.2 ms): each is taken at its own best count, and the ratio is of those."""
+    from devices import load_profile
+
+    ms = {("scales", 1): 2.0, ("scales", 2): 1.0, ("tiny", 1): 0.6, ("tiny", 2): 1.2}
+    opened = []
+
+    def session(path, *, threads, **kw):
+        opened.append((Path(path).stem, threads))
+        return _Fake(f"{Path(path).stem}@{threads}", ms[(Path(path).stem, threads)], 0.0)
+
+    monkeypatch.setattr(sessions, "session", session)
+    ab = tuned_latency({"scales": "scales.onnx", "tiny": "tiny.onnx"}, load_profile("host"), {"x": None},
+                       candidates=[2, 1], baseline="scales", rounds=6, min_seconds=0.0, warmup=1)
+    assert sorted(opened) == sorted(ms)  # one session per model and count, all in the same rounds
+    assert ab.candidates == [1, 2] and ab.chosen == {"scales": 2, "tiny": 1}
+    table = ab.table()
+    assert table["scales"][2] < table["scales"][1] and table["tiny"][1] < table["tiny"][2]
+    assert ab.speedup("tiny") == pytest.approx(table["scales"][2] / table["tiny"][1])
+    assert 1.2 < ab.speedup("tiny") < 2.0  # ~1.0/0.6, where one count for both would have said 3.3x or 0.83x

@@ -17,7 +17,14 @@ from compress.core.errors import InputError
 from compress.evaluate.compare import fidelity, onnx_outputs
 from compress.quantize import SEARCHED_METHODS
 from compress.quantize.calib import CalibReader
-from compress.quantize.int8 import detect_family, quantize_int8, residual_add_to_sum, space_to_depth_stem, try_presets
+from compress.quantize.int8 import (
+    detect_family,
+    pool_before_activation,
+    quantize_int8,
+    residual_add_to_sum,
+    space_to_depth_stem,
+    try_presets,
+)
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import candidates, preset_for
 from compress.search.space import Space
@@ -269,6 +276,31 @@ def test_graph_rewrites_are_exact(cnn, encoder, tmp_path):
     onnx.save(e, str(tmp_path / "sum.onnx"))
     held = _per_sample(_tokens(4, 2))
     assert fidelity(onnx_outputs(encoder, held), onnx_outputs(tmp_path / "sum.onnx", held))["rel_l2"] < 1e-5
+
+
+def test_a_stem_kept_in_float_keeps_its_max_pool_in_float_under_onnxruntime_optimisations(cnn, tmp_path):
+    """Conv -> Relu -> MaxPool with the Conv kept in float: onnxruntime's QDQ propagation would hoist the next
+    layer's QuantizeLinear above the MaxPool, which then runs on uint8 (91 us against 3 on `make demo`'s CNN,
+    AVX2 kernels); pooling before the Relu (exact) leaves nothing to hoist it through."""
+    m = onnx.load(str(cnn))
+    convs = [n.name for n in m.graph.node if n.op_type == "Conv"]
+    assert pool_before_activation(m, convs[1:]) == 0  # only a Conv -> Relu -> MaxPool chain moves
+    assert pool_before_activation(m, convs[:1]) == 1
+    onnx.save(m, str(tmp_path / "pool-first.onnx"))
+    held = _per_sample(_images(4, 2))
+    assert fidelity(onnx_outputs(cnn, held), onnx_outputs(tmp_path / "pool-first.onnx", held))["rel_l2"] < 1e-6
+
+    dst = tmp_path / "int8.onnx"
+    result = quantize_int8(cnn, dst, load_profile("host"), _images(8, 0), exclude=convs[:1], tune=False)
+    assert result["preprocess"]["pool_before_activation"] == 1 and _weight_is_float(onnx.load(str(dst)), convs[0])
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
+        so = ort.SessionOptions()
+        so.graph_optimization_level, so.optimized_model_filepath = level, str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(str(tmp_path / "optimized.onnx"))
+        made_by = {o: n.op_type for n in opt.graph.node for o in n.output}
+        pools = [made_by.get(n.input[0], "input") for n in opt.graph.node if n.op_type == "MaxPool"]
+        assert pools and not any(p.endswith("QuantizeLinear") for p in pools), (level, pools)
 
 
 def test_external_data_source_is_read_not_touched(cnn, tmp_path):

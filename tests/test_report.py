@@ -35,14 +35,19 @@ def rep(run_dir):
     return json.loads((run_dir / "report.json").read_text())
 
 
-def _rows(md: str) -> dict[str, list[str]]:
-    """The variants table: variant name (first word of the first cell, unbolded) -> its cells."""
+def _rows(md: str) -> dict[str, dict[str, str]]:
+    """The variants table: variant name (first word of the first cell, unbolded) -> its cells by column header
+    (the header's first two words: "within tolerance (0.01)" is "within tolerance")."""
     section = md.split("## Variants", 1)[1].split("\n## ", 1)[0]
-    rows = {}
+    rows, header = {}, []
     for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith("| variant"):
-            cells = [c.strip() for c in line.strip("|").split(" | ")]
-            rows[cells[0].split()[0].strip("*")] = cells
+        if not line.startswith("| "):
+            continue
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if line.startswith("| variant"):
+            header = [" ".join(c.split()[:2]) for c in cells]
+        else:
+            rows[cells[0].split()[0].strip("*")] = dict(zip(header, cells))
     return rows
 
 
@@ -70,22 +75,25 @@ def test_markdown_recommendation_and_variant_rows(rep):
     assert "**Device:** `host`" in head and f"**Measured on:** {rep['host']['cpu']}" in head
     rows = _rows(md)
     assert list(rows) == ["fp32", "pruned", "fp8"]
+    chosen = rep["threads_tuning"]["chosen"] if rep.get("threads_tuning") else {}
     for v in rep["variants"]:
         cells = rows[v["name"]]
-        assert cells[4] == f"{v['size_bytes'] / 1e6:.2f}"
-        assert cells[5] == f"{v['params'] / 1e3:.1f}K" and cells[6] == f"{v['macs'] / 1e3:.1f}K"  # resnet_tiny: thousands
+        assert cells["size MB"] == f"{v['size_bytes'] / 1e6:.2f}"
+        assert cells["params"] == f"{v['params'] / 1e3:.1f}K" and cells["MACs"] == f"{v['macs'] / 1e3:.1f}K"  # thousands
         if v["latency_ms"]:
             p50 = v["latency_ms"]["p50"]
-            assert cells[1] == (f"{p50:.3f}" if p50 < 1 else f"{p50:.2f}")
-            assert cells[3].startswith(f"{v['speedup_vs_fp32']:.2f}×")
+            assert cells["p50 ms"] == (f"{p50:.3f}" if p50 < 1 else f"{p50:.2f}")
+            assert cells["speedup vs"].startswith(f"{v['speedup_vs_fp32']:.2f}×")
+            assert cells.get("threads") == (str(chosen[v["name"]]) if chosen else None)
+            assert v["profile"]["threads"] == chosen.get(v["name"], rep["device"]["threads"])  # profiled at that count
         if v["name"] != "fp32":
-            assert cells[7] == f"top-1 {v['fidelity']['top1_agreement']:.1%}"
-            assert cells[8].startswith("✓" if v["within_tolerance"] else "✗")
-    assert rows[rep["recommended"]][0].startswith(f"**{rep['recommended']}** ★")
-    assert rows["fp32"][3] == "1.00× (baseline)"
+            assert cells["fidelity vs"] == f"top-1 {v['fidelity']['top1_agreement']:.1%}"
+            assert cells["within tolerance"].startswith("✓" if v["within_tolerance"] else "✗")
+    assert rows[rep["recommended"]]["variant"].startswith(f"**{rep['recommended']}** ★")
+    assert rows["fp32"]["speedup vs"] == "1.00× (baseline)"
     fp8 = rows["fp8"]
-    assert "*(simulated)*" in fp8[0] and "(from pruned)" in fp8[0]
-    assert fp8[1] == fp8[3] == "— (simulated)" and "fidelity only" in fp8[8]
+    assert "*(simulated)*" in fp8["variant"] and "(from pruned)" in fp8["variant"]
+    assert fp8["p50 ms"] == fp8["speedup vs"] == "— (simulated)" and "fidelity only" in fp8["within tolerance"]
 
 
 def test_markdown_sections(rep):
@@ -156,8 +164,8 @@ def test_markdown_fp32_only_recommendation():
                                                            "size_bytes": 46_800_000, "params": 11_689_512, "macs": 1_818_558_976,
                                                            "within_tolerance": True, "simulated": False}]})
     assert "**Recommended: `fp32`** — only fp32 was built" in md
-    cells = _rows(md)["fp32"]
-    assert cells[1:7] == ["12.35", "n/a", "1.00× (baseline)", "46.8", "11.69M", "1.82G"]
+    cells = list(_rows(md)["fp32"].values())
+    assert cells[1:7] == ["12.35", "n/a", "1.00× (baseline)", "46.8", "11.69M", "1.82G"]  # no thread tuning: no column
     assert "## Stages" not in md and "## Command" not in md
 
 

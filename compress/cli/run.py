@@ -72,6 +72,9 @@ Examples:
 @eval_options
 @backend_option
 @click.option("--runs", type=click.IntRange(min=1), help="Timed runs per variant (default: adaptive).")
+@click.option("--tune-threads/--no-tune-threads", default=RunOptions.default("tune_threads"), show_default=True,
+              help="Time each variant (fp32 too) at 1, 2, 4, ... up to the device's threads and keep its fastest; the "
+                   "recommendation names that count. --no-tune-threads: the device profile's threads only.")
 @click.option("--overwrite", is_flag=True, help="An -o folder holding files no run wrote is moved aside whole "
               "(to DIR.old-N) instead of refused; nothing in it is deleted.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
@@ -84,7 +87,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
-        overwrite: bool, force: bool,
+        tune_threads: bool, overwrite: bool, force: bool,
         json_out: str | None, output: str, **data_flags: Any) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
@@ -94,8 +97,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     Variants: fp32 always; 'pruned' with --prune; 'int8', 'fp8' or 'int4' with --quant (the final model: pruned
     too when --prune is given, and then 'int8-unpruned' etc. as well, the back-off should the cut cost too
     much). Each is exported (verified against torch), profiled with the device profile, timed against fp32
-    interleaved, and compared with fp32 on held-out inputs. The recommendation is the
-    fastest variant within --tolerance, and fp32 when nothing else pays. Simulated FP8 is reported for its
+    interleaved (each at the intra-op thread count it runs fastest with: see --tune-threads), and compared with
+    fp32 on held-out inputs. The recommendation is the fastest variant within --tolerance, with its thread
+    count, and fp32 when nothing else pays. Simulated FP8 is reported for its
     fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
     the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
     measured again every time.
@@ -157,6 +161,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
                           max_calib=max_calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
                           select_ops=not no_op_select, evaluate=load_metric(data.eval, metric_spec), backend=backend,
                           cache=StageCache(force=force), overwrite=overwrite, backoff=not no_backoff,
+                          tune_threads=tune_threads,
                           command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         with console.progress("preparing inputs") as step:
             prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
@@ -174,7 +179,9 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
 
     t = Table(title=f"{r['device']['name']}: variants", header_style="bold")
     scored = any(v.get("accuracy") is not None for v in r["variants"])
-    cols = ["variant", "p50 ms", "p90 ms", "speedup", "size MB", "params M", "GMACs", "fidelity"]
+    tuned = (r.get("threads_tuning") or {}).get("chosen") or {}
+    cols = ["variant", "p50 ms", "p90 ms", "speedup"] + (["threads"] if tuned else []) + ["size MB", "params M", "GMACs",
+                                                                                       "fidelity"]
     for col in cols + (["accuracy"] if scored else []) + ["ok"]:
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in r["variants"]:
@@ -184,6 +191,7 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
         lat = v["latency_ms"]
         t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",
                   f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-",
+                  *([str(tuned.get(v["name"], "-"))] if tuned else []),
                   f"{v['size_bytes'] / 1e6:.1f}", f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.3f}", fid,
                   *([f"{v['accuracy']:.4g}" if v.get("accuracy") is not None else "-"] if scored else []),
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")

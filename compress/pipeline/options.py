@@ -24,6 +24,9 @@ class RunOptions(Options):
     runs: Optional[int] = None
     max_seconds: Optional[float] = None
     ab_rounds: int = 30
+    # time each variant at 1, 2, 4, ... up to the profile's threads and keep its fastest (fp32's too): the
+    # recommendation then comes with its thread count (compress.pipeline.timing.thread_counts)
+    tune_threads: bool = True
     backend: str = QuantOptions.default("backend")  # a backend of compress.quantize's registry for `quant`
     select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quantize.opselect)
     evaluate: Any = None  # --eval (a compress.evaluate.Metric): tolerance bounds the drop of this score instead of fidelity
@@ -34,7 +37,7 @@ class RunOptions(Options):
     quant_method: str = QuantOptions.default("method")  # INT8 activation calibration (compress search varies it)
     quant_tolerance: Optional[float] = None  # the quantizer's float-fallback tolerance; None: `tolerance`
     quant_fallback: bool = True  # False: no float fallback search at all (compress search tries both)
-    timer: Any = None  # (paths, profile, feeds, runs, max_seconds, ab_rounds) -> Timings: time_variants, or where it runs
+    timer: Any = None  # (paths, profile, feeds, runs, max_seconds, ab_rounds, tune_threads) -> Timings: time_variants, or where it runs
     on_result: Any = None  # (stage, typed result) -> None, called as soon as a stage's result exists
     # with --prune and --quant: also quantize the unpruned model (variant '{quant}-unpruned'), so a cut that costs
     # too much accuracy does not take quantization down with it; compress search tries prune 0 itself and skips it

@@ -1,8 +1,9 @@
 """`compress run`: load -> (prune) -> export -> profile every variant on the device -> report.json.
 
-Each variant is profiled with the device profile, its speedup over fp32 is measured interleaved (so both
-numbers see the same machine), and its fidelity to the fp32 model is measured on held-out inputs. The
-recommended variant is the fastest one within tolerance, which may honestly be fp32.
+Each variant is profiled with the device profile (at the intra-op thread count it runs fastest with, fp32 too),
+its speedup over fp32 is measured interleaved (so both numbers see the same machine), and its fidelity to the
+fp32 model is measured on held-out inputs. The recommended variant is the fastest one within tolerance, which
+may honestly be fp32.
 
 The whole output folder is built beside OUTDIR and swapped in at the end: a failed or interrupted run
 leaves OUTDIR as it was.
@@ -49,6 +50,7 @@ from compress.report import (
     QuantResult,
     RunReport,
     Stages,
+    ThreadTuning,
     Variant,
     plot_tradeoff,
     write_markdown,
@@ -72,12 +74,19 @@ def _numel(dims: Any) -> int:
     return n
 
 
-def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
+def recommend(variants: list[Variant], tolerance: float, tuning: Optional[ThreadTuning] = None) -> tuple[str, str]:
+    """The fastest variant within tolerance (fp32 when none is faster) and why; with `tuning`, at the thread count
+    each was fastest with, which the reason names because the speed holds for that setting."""
     ok = [v for v in variants if v.name == "fp32" or (v.within_tolerance and not v.simulated)]
     best = max(ok, key=lambda v: (v.speedup_vs_fp32 or 0.0, v.name == "fp32"))
     others = [v for v in variants if v.name != "fp32"]
     if best.name != "fp32":
-        return best.name, (f"{best.name} is {best.speedup_vs_fp32:.2f}x faster than fp32 on this device "
+        threads = ""
+        if tuning is not None:
+            t, base = tuning.chosen[best.name], tuning.chosen["fp32"]
+            threads = (f" with {_threads(t)} (onnxruntime's intra_op_num_threads; fp32 at its fastest, "
+                       f"{_threads(base)})")
+        return best.name, (f"{best.name} is {best.speedup_vs_fp32:.2f}x faster than fp32 on this device{threads} "
                            f"and within tolerance {tolerance:g}")
     if not others:
         return "fp32", "only fp32 was built"
@@ -94,7 +103,12 @@ def recommend(variants: list[Variant], tolerance: float) -> tuple[str, str]:
             smaller = variants[0].size_bytes / max(1, v.size_bytes)
             why.append(f"{v.name} is not faster ({v.speedup_vs_fp32:.2f}x)"
                        + (f", though {smaller:.2f}x smaller: take it if size is what you need" if smaller >= 1.1 else ""))
-    return "fp32", "; ".join(why) + ": keeping fp32"
+    kept = f" ({_threads(tuning.chosen['fp32'])}: its fastest)" if tuning is not None else ""
+    return "fp32", "; ".join(why) + f": keeping fp32{kept}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} intra-op thread" + ("s" if n != 1 else "")
 
 
 def _prune_hint(variants: list[Variant], prune: Optional[PruneResult]) -> str:
@@ -200,9 +214,10 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
         on_stage(f"profiling on {profile.name}")
         timer = opts.timer or time_variants
         timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile,
-                      {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds)
+                      {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds,
+                      opts.tune_threads)
         variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
-        name, reason = recommend(variants, opts.tolerance)
+        name, reason = recommend(variants, opts.tolerance, timed.threads_tuning)
         reason += _prune_hint(variants, stages.prune)
         report = RunReport(
             schema_=SCHEMA,
@@ -217,6 +232,7 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             tolerance_on=f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
             eval=opts.evaluate.spec if opts.evaluate else None,
             speedup_measure=timed.speedup_measure,
+            **({"threads_tuning": timed.threads_tuning} if timed.threads_tuning else {}),
             **({"profiled_on": timed.profiled_on} if timed.profiled_on else {}),
             stages=stages,
             command=opts.command,

@@ -210,6 +210,52 @@ def space_to_depth_stem(model: onnx.ModelProto) -> int:
     return count
 
 
+# elementwise, monotone non-decreasing: max-pooling before them gives what max-pooling after them gives
+POOL_COMMUTES = ("Relu", "Clip")
+
+
+def pool_before_activation(model: onnx.ModelProto, kept_float: Iterable[str]) -> int:
+    """X -> Relu -> MaxPool becomes X -> MaxPool -> Relu after each node X in `kept_float`; return how many.
+
+    Exact (max commutes with a non-decreasing elementwise function), and what keeps a float stem fast: the
+    quantizer puts the next INT8 layer's QuantizeLinear after the MaxPool, and onnxruntime's QDQ propagation
+    (ORT_ENABLE_BASIC and up) hoists it above a MaxPool fed by one consumer, to the Relu; the MaxPool then runs
+    on uint8 in NCHW with a generic kernel. On `make demo`'s pruned CNN (2-vCPU AMD EPYC, AVX2 kernels, 1
+    thread) the stem kept in float made the model slower, 0.213 ms against 0.138 all-INT8, the MaxPool alone
+    91 us against 3; with the Relu after the MaxPool the same model ran in 0.127 ms. The MaxPool's output keeps
+    its name and values (the calibration ranges stay right); the pooled-before-Relu tensor gets a new one.
+    """
+    g = model.graph
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def only_user(tensor: str) -> Optional[onnx.NodeProto]:
+        u = users.get(tensor, [])
+        return u[0] if len(u) == 1 and tensor not in outputs else None
+
+    wanted = set(kept_float)
+    count = 0
+    for n in list(g.node):
+        if n.name not in wanted or not n.output:
+            continue
+        act = only_user(n.output[0])
+        pool = only_user(act.output[0]) if act is not None and act.op_type in POOL_COMMUTES else None
+        if act is None or pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1 or pool.input[0] != act.output[0]:
+            continue
+        pooled = f"{n.output[0]}_pooled"
+        pool.input[0], pool.output[0], act.input[0], act.output[0] = n.output[0], pooled, pooled, pool.output[0]
+        nodes = list(g.node)
+        i, j = nodes.index(act), nodes.index(pool)
+        nodes[i], nodes[j] = nodes[j], nodes[i]  # the MaxPool now runs first
+        del g.node[:]
+        g.node.extend(nodes)
+        count += 1
+    return count
+
+
 def quantize_before_space_to_depth(model: onnx.ModelProto) -> int:
     """SpaceToDepth -> QuantizeLinear (per-tensor) becomes QuantizeLinear -> SpaceToDepth; return how many.
 
@@ -502,6 +548,15 @@ def _quantize_static(src: Path, dst: Path, preset: Preset, reader: CalibReader, 
                         use_external_data_format=big, **preset.static_args(), **extra)
 
 
+def _pool_first(pre: Path, kept_float: Sequence[str], prep: dict[str, Any]) -> None:
+    """pool_before_activation on the preprocessed model, in place, said in `prep` (the preprocess account)."""
+    model = _load(pre)
+    moved = pool_before_activation(model, kept_float)
+    if moved:
+        save_model(model, pre)
+        prep["pool_before_activation"] = moved
+
+
 def _static_path(pre: Path, work: Path, preset: Preset, reader: CalibReader, method: str,
                  include: Optional[Sequence[str]], exclude: Sequence[str], tune: bool,
                  cache: Optional[Path], recipe: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
@@ -611,6 +666,8 @@ def quantize_int8(
             if names - _names(onnx.load(str(pre), load_external_data=False)) and prep.get("optimized"):
                 prep = preprocess(src, pre, optimize=False)  # ORT's optimiser renamed nodes the caller named
                 prep["reason"] = "include/exclude name nodes that onnxruntime's optimiser renames"
+            if exclude and mode == "static":
+                _pool_first(pre, exclude, prep)
             ref = onnx_outputs(src, reader.feeds(EVAL_FEEDS))
             if mode == "dynamic":
                 out, details = _transformer_path(pre, work, preset, reader, ref, include, exclude, tune, recipe or {})

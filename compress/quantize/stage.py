@@ -35,7 +35,7 @@ from compress.quantize.sensitivity import (
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
 from export import write_model
-from runtime import device_latency, resolve_providers
+from runtime import device_latency, resolve_providers, thread_candidates, tuned_latency
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
 # The fallback times keeping each of its FALLBACK_TIMED most sensitive layers in float (one model each, timed
@@ -81,25 +81,41 @@ def _metric(fid: dict[str, Any]) -> str:
 
 @dataclass
 class _Timer:
-    """Whole models timed on this machine as the device runs them (its providers, threads and session options),
-    interleaved; None from `_timer` when a provider the device names is not here."""
+    """Whole models timed on this machine as the device runs them (its providers and session options),
+    interleaved, each at its fastest of 1, 2, 4, ... up to the device's threads (runtime.TunedAB: how `compress
+    run` times and recommends them; a choice made at another count can be the wrong one: on `make demo`'s pruned
+    CNN, 2-vCPU AMD EPYC with AVX2 kernels, the float stem was 10% faster than all-INT8 at 1 thread and within
+    noise of it at 2); None from `_timer` when a provider the device names is not here."""
 
     profile: DeviceProfile
     providers: list[Any]  # as onnxruntime takes them, for op selection's single-op models
-    threads: int
+    threads: int  # the most; single ops are timed with these
     feed: dict[str, np.ndarray]
+
+    @property
+    def counts(self) -> list[int]:
+        return thread_candidates(self.threads)
 
     @property
     def clock(self) -> str:
         return "cpu" if self.threads == 1 else "wall"
 
     @property
+    def said(self) -> str:
+        return f"{self.clock} clock, " + (f"{self.threads} thread" if self.threads == 1 else
+                                          f"each at its fastest of {', '.join(map(str, self.counts))} threads")
+
+    @property
     def session_config(self) -> dict[str, str]:
         return dict(self.profile.session_config)
 
     def __call__(self, models: dict[str, Path]) -> dict[str, float]:
-        res = device_latency(models, self.profile, self.feed, threads=self.threads, rounds=30, warmup=3, min_seconds=1.0)
-        return res.cpu_ms if self.clock == "cpu" else res.wall_ms
+        if self.threads == 1:
+            res = device_latency(models, self.profile, self.feed, threads=1, rounds=30, warmup=3, min_seconds=1.0)
+            return res.cpu_ms
+        ab = tuned_latency(models, self.profile, self.feed, candidates=self.counts, baseline=next(iter(models)),
+                           rounds=30, warmup=3, min_seconds=1.0)
+        return {n: ab.wall_ms(n) for n in models}
 
 
 def _timer(profile: DeviceProfile, feed: dict[str, np.ndarray]) -> tuple[Optional[_Timer], list[str]]:
@@ -123,7 +139,7 @@ def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
                      whole.providers, whole.threads, whole.session_config)
     host = describe_host()
     sel["measured_on"] = f"{host['arch']} {host['cpu']}"
-    sel["clock"] = whole.clock
+    sel["clock"] = whole.said
     if host["arch"] != profile.arch:
         sel["warning"] = (f"ops timed on this {host['arch']} machine, not on the {profile.arch} device: run the "
                           "quantization on the device for its own answer")
@@ -224,7 +240,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
         on_stage(f"timing what keeping each of {len(salient)} layers in float costs")
         costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
         sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
-        report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.clock} clock, {timer.threads} threads)"
+        report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.said})"
         if must_pay:
             limit = affordable([r for r in sens if r.get("salience") is not None], base_ms, fp32_ms)
             why = (f"estimated from each layer's cost in float: {base_ms:.3f} ms quantized + the kept layers' costs "

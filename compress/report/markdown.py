@@ -189,8 +189,9 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     if not variants:
         return out + ["No variants in this report.", ""]
     scored = any(num(v.get("accuracy")) is not None for v in variants)
-    header = ["variant", "p50 ms", "p90 ms", "speedup vs fp32", "size MB", "params", "MACs",
-              "fidelity vs fp32"] + (["accuracy (--eval)"] if scored else []) + [
+    tuned = as_dict(as_dict(r.get("threads_tuning")).get("chosen"))
+    header = ["variant", "p50 ms", "p90 ms", "speedup vs fp32"] + (["threads"] if tuned else []) + [
+              "size MB", "params", "MACs", "fidelity vs fp32"] + (["accuracy (--eval)"] if scored else []) + [
               "within tolerance" + (f" ({tol:g})" if tol is not None else "")]
     rows = []
     for i, v in enumerate(variants):
@@ -217,9 +218,11 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
         if simulated and ok is not None:
             okc += " (fidelity only)"
         acc = [f"{num(v.get('accuracy')):.4g}" if num(v.get("accuracy")) is not None else NA] if scored else []
-        rows.append([cell, p50, p90, speed, fmt_mb(v.get("size_bytes")), fmt_count(v.get("params")),
+        threads = [str(tuned.get(v.get("name"), NA))] if tuned else []
+        rows.append([cell, p50, p90, speed, *threads, fmt_mb(v.get("size_bytes")), fmt_count(v.get("params")),
                      fmt_count(v.get("macs")), fid, *acc, okc])
-    out += table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r"] + (["r"] if scored else []) + ["c"])
+    out += table(header, rows, ["l", "r", "r", "r"] + (["r"] if tuned else []) + ["r", "r", "r", "r"]
+                 + (["r"] if scored else []) + ["c"])
     out.append("")
     notes = ["★ recommended."]
     if metric == "top1_agreement":
@@ -561,6 +564,22 @@ def _data_section(r: dict[str, Any]) -> list[str]:
     return (["## Data", ""] + out + [""]) if out else []
 
 
+def _threads_lines(tuning: dict[str, Any]) -> list[str]:
+    """The thread counts each variant was timed at, and the one it is reported (and recommended) with."""
+    counts, chosen, ms = as_list(tuning.get("candidates")), as_dict(tuning.get("chosen")), as_dict(tuning.get("ms"))
+    if not counts or not chosen:
+        return []
+    rows = []
+    for name, best in chosen.items():
+        by = as_dict(ms.get(name))
+        cells = [(f"**{fmt_ms(by.get(str(t)))}**" if t == best else fmt_ms(by.get(str(t)))) for t in counts]
+        rows.append([code(name), *cells, str(best)])
+    return ["", f"Each variant was timed at {', '.join(map(str, counts))} intra-op threads "
+                f"({tuning.get('measure', 'milliseconds')}) and is reported at its fastest (the fewest threads within "
+                f"{fmt_pct(tuning.get('tie'))} of it): deploy it with that `intra_op_num_threads`.", "",
+            *table(["variant", *(f"{t} thr ms" for t in counts), "chosen"], rows, ["l", *("r" for _ in counts), "r"])]
+
+
 def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
     out = ["## How the speedup was measured", ""]
     how = r.get("speedup_measure")
@@ -584,6 +603,7 @@ def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[
             loose.append(variant_label(v, i))
     if runs:
         out.append(f"Profiled runs per variant: {', '.join(runs)}.")
+    out += _threads_lines(as_dict(r.get("threads_tuning")))
     if loose:
         out.append(f"The p50's 95% confidence interval did not converge for {', '.join(loose)}: read those p50s as "
                    "rough (omit `--runs` for adaptive timing).")

@@ -117,6 +117,17 @@ class VariantTiming(Result):
     speedup_vs_fp32: float
 
 
+class ThreadTuning(Result):
+    """Each variant timed at each candidate intra-op thread count and kept at its fastest (runtime.TunedAB): the
+    count it is profiled, compared with fp32 (itself at its fastest) and recommended with."""
+
+    candidates: list[int]
+    chosen: dict[str, int]  # per variant
+    ms: dict[str, dict[str, float]]  # per variant, per thread count (as text, for JSON): median milliseconds
+    measure: str  # what `ms` is: interleaved warm wall-clock medians here, a remote device's p50s
+    tie: float  # the fewest threads within this share of the fastest are chosen
+
+
 class Variant(Built):
     """A built model as judged: its figures on the device, fidelity, --eval score and the tolerance's verdict."""
 
@@ -153,6 +164,7 @@ class RunReport(Result):
     tolerance_on: str
     eval: Optional[str] = None
     speedup_measure: str
+    threads_tuning: Optional[ThreadTuning] = None  # --tune-threads (the default where the device has more than one)
     profiled_on: Optional[dict[str, Any]] = None  # compress search on a Ray cluster: the node that timed it
     stages: Stages
     command: str

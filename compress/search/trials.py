@@ -148,7 +148,7 @@ def _read_models(paths: dict[str, Path]) -> dict[str, dict[str, bytes]]:
 
 
 def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, feeds: dict[str, Any],
-                  runs: Optional[int], max_seconds: Optional[float], ab_rounds: int) -> Timings:
+                  runs: Optional[int], max_seconds: Optional[float], ab_rounds: int, tune_threads: bool) -> Timings:
     """compress.pipeline.time_variants on the node holding the device: the models arrive as bytes."""
     with tempfile.TemporaryDirectory(prefix="edge-compress-profile-") as tmp:
         paths = {}
@@ -158,7 +158,7 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
             for fname, data in files.items():
                 (folder / fname).write_bytes(data)
             paths[name] = folder / next(f for f in files if not f.endswith(".data"))
-        timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds)
+        timed = time_variants(paths, profile, feeds, runs, max_seconds, ab_rounds, tune_threads)
     # the machine whose cores were timed, which on a cluster is not the trial's: the report describes that one
     # (a remote device describes itself)
     if timed.host is None:
@@ -170,14 +170,14 @@ def _time_shipped(models: dict[str, dict[str, bytes]], profile: DeviceProfile, f
 def device_timer(profile: DeviceProfile) -> Callable[..., Timings]:
     """A `timer` for RunOptions that profiles on the device's node, one call at a time per device."""
     def timer(paths: dict[str, Path], prof: DeviceProfile, feeds: dict[str, Any], runs: Optional[int],
-              max_seconds: Optional[float], ab_rounds: int) -> Timings:
+              max_seconds: Optional[float], ab_rounds: int, tune_threads: bool = True) -> Timings:
         models = _read_models(paths)
         if ray.cluster_resources().get(prof.name, 0) >= 1:
             task = ray.remote(num_cpus=0)(_time_shipped).options(resources={prof.name: 1}, scheduling_strategy="DEFAULT",
                                                                 name=f"profile on {prof.name}")
-            return ray.get(task.remote(models, prof, feeds, runs, max_seconds, ab_rounds))
+            return ray.get(task.remote(models, prof, feeds, runs, max_seconds, ab_rounds, tune_threads))
         actor = _ssh_profiler(prof.name)  # a remote: profile on a cluster without the device's resource
-        return ray.get(actor.run.remote(models, prof, feeds, runs, max_seconds, ab_rounds))
+        return ray.get(actor.run.remote(models, prof, feeds, runs, max_seconds, ab_rounds, tune_threads))
 
     return timer
 
