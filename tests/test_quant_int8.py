@@ -284,6 +284,7 @@ def test_a_stem_kept_in_float_keeps_its_max_pool_in_float_under_onnxruntime_opti
     AVX2 kernels); pooling before the Relu (exact) leaves nothing to hoist it through."""
     m = onnx.load(str(cnn))
     convs = [n.name for n in m.graph.node if n.op_type == "Conv"]
+    assert space_to_depth_stem(onnx.load(str(cnn)), kept_float=convs[:1]) == 0  # a float stem keeps its form
     assert pool_before_activation(m, convs[1:]) == 0  # only a Conv -> Relu -> MaxPool chain moves
     assert pool_before_activation(m, convs[:1]) == 1
     onnx.save(m, str(tmp_path / "pool-first.onnx"))
@@ -291,8 +292,8 @@ def test_a_stem_kept_in_float_keeps_its_max_pool_in_float_under_onnxruntime_opti
     assert fidelity(onnx_outputs(cnn, held), onnx_outputs(tmp_path / "pool-first.onnx", held))["rel_l2"] < 1e-6
 
     dst = tmp_path / "int8.onnx"
-    result = quantize_int8(cnn, dst, load_profile("host"), _images(8, 0), exclude=convs[:1], tune=False)
-    assert result["preprocess"]["pool_before_activation"] == 1 and _weight_is_float(onnx.load(str(dst)), convs[0])
+    result = quantize_int8(cnn, dst, load_profile("host"), _images(8, 0), exclude=convs[:1], recipe={"graph": "s2d-stem"})
+    assert result["preprocess"]["pool_before_activation"] == 1 and result["graph"]["variant"] == "as-exported" and _weight_is_float(onnx.load(str(dst)), convs[0])
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
         so = ort.SessionOptions()
         so.graph_optimization_level, so.optimized_model_filepath = level, str(tmp_path / "optimized.onnx")
