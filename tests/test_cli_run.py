@@ -326,3 +326,38 @@ def test_output_that_is_a_symlink_leaves_nothing_beside_it(tmp_path):
     assert (tmp_path / "out" / "report.json").is_file()
     assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".stage-cache") == ["earlier", "out"]  # conftest's cache
+
+
+UNCOUNTABLE = """
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.cache = self.conv.weight * 1.0  # a non-leaf tensor: Torch-Pruning's counter cannot deep-copy it
+
+    def forward(self, image):
+        if any("FlopCounter" in type(m).__name__ for m in _get_current_dispatch_mode_stack()):
+            raise RuntimeError("this forward refuses to be counted")
+        return self.conv(image).mean((2, 3))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_a_model_no_counter_can_count_is_counted_from_its_export(tmp_path):
+    """MACs are a figure for the report: where neither Torch-Pruning's nor torch's counter runs the model, the run
+    counts them on the exported graph and says so, instead of stopping (issue 19)."""
+    (tmp_path / "net.py").write_text(UNCOUNTABLE)
+    r = _cli("run", "net.py:build", "--input-shape", "1,3,16,16", "--quant", "none", "--runs", "3", "-o", "out",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "counting MACs failed" in r.stderr and "MACs counted from the exported ONNX graph" in r.stderr
+    fp32 = json.loads((tmp_path / "out" / "report.json").read_text())["variants"][0]
+    assert fp32["macs"] == 16 * 16 * 8 * 3 * 9  # the conv's, from shape inference

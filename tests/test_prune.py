@@ -356,6 +356,28 @@ def test_a_torch_pruning_failure_is_a_model_error_naming_the_layer(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["resnet_tiny", "encoder_tiny"])
+class _CachedTensor(nn.Module):
+    """Holds a tensor computed from its weight (a non-leaf, as timm's LeViT caches its attention biases):
+    Torch-Pruning's counter deep-copies the model and fails on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.cache = self.fc.weight * 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_macs_are_counted_where_torch_pruning_cannot_count_them():
+    from compress.core import ModelError
+    from compress.prune import count_macs
+
+    assert count_macs(_CachedTensor(), {"x": torch.randn(2, 8)}) == (2 * 8 * 4, 8 * 4 + 4)  # torch's FLOP counter / 2
+    with pytest.raises(ModelError, match="counting MACs failed: .*deepcopy.*FLOP counter"):
+        count_macs(_CachedTensor(), {"x": torch.randn(2, 7)})  # neither can run a forward that fails
+
+
 def test_input_module_is_not_modified(case):
     build, feeds = CASES[case]
     model = build().train()

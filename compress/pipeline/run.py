@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.core import (
+    ModelError,
     Result,
     UsageError,
     default_mode,
@@ -126,6 +127,16 @@ def _prune_hint(variants: list[Variant], prune: Optional[PruneResult]) -> str:
     return f"; --prune auto: no ratio down to {least:.0%} kept the pruned model within the tolerance" if least else ""
 
 
+def _module_macs(name: str, module: nn.Module, example: dict[str, torch.Tensor], exported: Path) -> int:
+    """MACs of the torch module, or, where no counter can run it, of its exported graph (shape inference): a
+    figure for the report, which must not stop the run."""
+    try:
+        return count_macs(module, example)[0]
+    except ModelError as e:
+        warn(f"{name}: {first_line(e)}; MACs counted from the exported ONNX graph instead")
+        return graph_macs(onnx.load(str(exported), load_external_data=False), {k: tuple(v.shape) for k, v in example.items()})
+
+
 def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
     """The user's ONNX file as the fp32 variant: written into the run (weights beside it past 2 GB), its MACs
     counted from shape inference at the example's shapes. A file without our metadata gets the example's input
@@ -172,8 +183,8 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             path = work / f"{name}.onnx"
             res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
                               extra_meta={"variant": name})
-            macs, _ = count_macs(module, example)
-            return Built(name=name, onnx=path.name, size_bytes=res.size_bytes, params=_params(path), macs=int(macs),
+            return Built(name=name, onnx=path.name, size_bytes=res.size_bytes, params=_params(path),
+                         macs=_module_macs(name, module, example, path),
                          parity=res.parity, simulated=False, excluded_layers=[])
 
         if isinstance(model, Path):  # an ONNX file: it is the fp32 variant as it is, nothing to export or prune
