@@ -245,9 +245,13 @@ def test_encoder_exclude_keeps_matmul_float(encoder, tmp_path):
     assert not any(n.name == mm[1] and n.op_type == "MatMul" for n in out.graph.node)
 
 
-def test_synthetic_calibration_warns(cnn, tmp_path, capsys):
+def test_synthetic_calibration_warns_once(cnn, tmp_path, capsys):
     result = quantize_int8(cnn, tmp_path / "int8.onnx", load_profile("host"), None, tune=False)
     assert result["calibration"]["synthetic"] and "no calibration data" in capsys.readouterr().err
+    result = quantize_int8(cnn, tmp_path / "again.onnx", load_profile("host"), None, tune=False, announce=False)
+    assert result["calibration"]["synthetic"] and capsys.readouterr().err == ""  # a re-quantization: said already
+    try_presets(cnn, tmp_path / "arm.onnx", load_profile("rpi4-cortex-a72"), None, rounds=2, tune=False)
+    assert capsys.readouterr().err.count("no calibration data") == 1  # two candidates, one warning
 
 
 def test_try_presets_times_both_arm_candidates(cnn, tmp_path):

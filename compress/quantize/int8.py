@@ -624,6 +624,7 @@ def quantize_int8(
     calibration_cache: Optional[str | Path] = None,
     recipe: Optional[Mapping[str, Any]] = None,
     calib_label: Optional[str] = None,
+    announce: bool = True,
 ) -> dict[str, Any]:
     """Write an INT8 copy of the ONNX model `src` to `dst` for `profile`'s device and return what was done.
 
@@ -636,7 +637,9 @@ def quantize_int8(
     static activation ranges, reused when it exists (skips calibration in repeated runs on one model).
     recipe: the "recipe" of an earlier result on the same model (graph rewrite, smoothing strength), applied
     without measuring again: per-layer searches then quantize exactly as the first run did, quickly.
-    calib_label: the --calib file `calib`'s arrays were loaded from, named in errors about them.
+    calib_label: the --calib file `calib`'s arrays were loaded from, named in errors about them. announce: warn
+    about synthetic calibration (a re-quantization of a model already quantized leaves it to the first: the
+    float fallback on timm's LeViT printed the same warning 98 times).
     """
     t0 = time.perf_counter()
     src = Path(src).expanduser()
@@ -658,7 +661,7 @@ def quantize_int8(
     mode = "dynamic" if family == "transformer" and not preset.static_only else "static"
     tune = include is None if tune is None else tune
     reader = CalibReader(proto, calib, max_samples=max_samples, label=calib_label)
-    if reader.source == "synthetic":
+    if reader.source == "synthetic" and announce:
         warn("no calibration data: INT8 ranges come from synthetic inputs shaped by the model's metadata, which "
              "fit noise rather than your data; pass --calib with real samples (an .npz, an image folder, a text file or an hf: dataset)")
     try:
@@ -739,9 +742,10 @@ def try_presets(
         work = Path(tmp)
         results: dict[str, dict[str, Any]] = {}
         paths: dict[str, Path] = {}
-        for cand in cands:
+        for i, cand in enumerate(cands):
             paths[cand.signedness] = work / f"{cand.signedness}.onnx"
-            results[cand.signedness] = quantize_int8(src, paths[cand.signedness], profile, calib, preset=cand, **kwargs)
+            results[cand.signedness] = quantize_int8(src, paths[cand.signedness], profile, calib, preset=cand,
+                                                     **{**kwargs, "announce": kwargs.get("announce", True) and i == 0})
         reader = CalibReader(proto, calib, max_samples=1, label=kwargs.get("calib_label"))
         try:
             feed = reader.feed(0)

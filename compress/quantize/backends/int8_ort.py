@@ -36,7 +36,7 @@ class Int8Ort(Backend):
                 # the first result's recipe (graph rewrite, smoothing) is reused: re-tuning per layer costs minutes
                 kw = {"include": nodes} if only else {"exclude": sorted(set(nodes))}
                 quantize_int8(src, out, profile, job.calib_part, method=method, preset=chosen,
-                              recipe=result.get("recipe"), calib_label=job.calib_label, **kw)
+                              recipe=result.get("recipe"), calib_label=job.calib_label, announce=False, **kw)
 
             return requantize
 
