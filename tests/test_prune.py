@@ -378,6 +378,46 @@ def test_macs_are_counted_where_torch_pruning_cannot_count_them():
         count_macs(_CachedTensor(), {"x": torch.randn(2, 7)})  # neither can run a forward that fails
 
 
+class _FixedWidth(nn.Module):
+    """A block whose forward holds its width as a number (as MobileViT-v2's attention splits its qkv conv into
+    [1, d, d] by `self.embed_dim`): no pruner can rewrite it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c = c
+        self.up = nn.Conv2d(16, c, 1)
+        self.down = nn.Conv2d(c, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = torch.relu(self.up(x)).reshape(b, self.c, h * w).softmax(-1).reshape(b, self.c, h, w)
+        return x + self.down(y)
+
+
+class _FixedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+        self.mix = _FixedWidth(32)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.body(self.stem(image))).mean((2, 3)))
+
+
+def test_a_block_whose_pruning_breaks_the_model_is_left_whole_and_the_rest_pruned():
+    """Issue 19: the pruned model failing inside a block (a width hard-coded in its forward) costs that block's
+    cut, named in the notes, not the run."""
+    torch.manual_seed(0)
+    model, example = _FixedNet().eval(), {"image": torch.randn(1, 3, 8, 8)}
+    res = prune_model(model, example, ratio=0.5)
+    assert res.left_whole == ["mix"] and any(n.startswith("mix left at full width") and "no longer runs in mix" in n
+                                             for n in res.notes), res.notes
+    assert res.module.mix.up.out_channels == 32 and res.module.body[0].out_channels == 16  # the rest is cut
+    assert res.module(**example).shape == (1, 4) and res.ignored == []
+
+
 def test_input_module_is_not_modified(case):
     build, feeds = CASES[case]
     model = build().train()

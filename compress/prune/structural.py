@@ -258,6 +258,7 @@ class PruneResult:
     output_coupled: list[str] = field(default_factory=list)  # other layers kept because their outputs reach a model output
     notes: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # per-module ratios, when chosen per block
+    left_whole: list[str] = field(default_factory=list)  # blocks whose pruning broke the model, kept at full width
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if k != "module"}
@@ -308,6 +309,61 @@ def prune_model(
         0.5), cutting its 32-channel stem to 24 left 95.51/95.90% held-out, keeping it 96.88/97.27% (fp32 98.63%),
         two runs each.
     """
+    kw = dict(ratio=ratio, importance=importance, global_pruning=global_pruning, round_to=round_to, calib=calib,
+              max_layer_ratio=max_layer_ratio, prune_heads=prune_heads, ratios=ratios, prune_first_conv=prune_first_conv)
+    whole: list[str] = []  # blocks whose pruning broke the model, left at full width
+    said: list[str] = []
+    while True:
+        try:
+            res = _prune_once(module, example, ignore=[*ignore, *whole], **kw)  # type: ignore[arg-type]
+        except _BrokenBlock as e:
+            if e.block is None or e.block in whole or len(whole) >= MAX_WHOLE_BLOCKS:
+                raise ModelError(str(e)) from e
+            whole.append(e.block)
+            said.append(f"{e.block} left at full width: pruning it broke the model ({e})")
+            continue
+        res.notes = said + res.notes
+        res.ignored = list(dict.fromkeys(ignore))
+        res.left_whole = whole
+        return res
+
+
+# A block whose pruning breaks the model is left whole and the rest pruned again; past this many, the model is
+# refused (each retry rebuilds Torch-Pruning's dependency graph)
+MAX_WHOLE_BLOCKS = 16
+
+
+class _BrokenBlock(ModelError):
+    """Pruning broke the model inside `block` (a module name): Torch-Pruning failed on one of its layers, or the
+    pruned model fails to run there (widths hard-coded in its forward: MobileViT-v2's split of one qkv conv
+    into [1, d, d], EfficientViT's grouped q/k/v conv)."""
+
+    def __init__(self, message: str, block: str | None) -> None:
+        super().__init__(message)
+        self.block = block
+
+
+def _block_of(name: str) -> str | None:
+    """The block a layer belongs to: its parent module (the layer itself at the top level)."""
+    parent = name.rpartition(".")[0]
+    return parent or name or None
+
+
+def _prune_once(
+    module: nn.Module,
+    example: dict[str, torch.Tensor],
+    *,
+    ratio: float,
+    importance: str,
+    global_pruning: bool,
+    ignore: Sequence[str],
+    round_to: int | None,
+    calib: list[dict[str, torch.Tensor]] | None,
+    max_layer_ratio: float,
+    prune_heads: bool,
+    ratios: Mapping[str, float] | None,
+    prune_first_conv: bool,
+) -> PruneResult:
     _check_args(ratio, round_to, max_layer_ratio, allow_zero=bool(ratios))
     for name, r in (ratios or {}).items():
         if not 0.0 <= r < 1.0:
@@ -356,7 +412,6 @@ def prune_model(
     if kept_first:
         notes.append(f"first convolution kept at full width: {', '.join(guard.names[m] for m in kept_first)} "
                      "(--prune-first-conv cuts it too)")
-    macs_after, params_after = count_macs(model, example)
     head_dims = {a.name: a.head_dim for a in attention}
     layers = _changed(before, _widths(model), swapped) + [
         {"name": n, "kind": "attention", "before": [b, head_dims[n]], "after": [a, head_dims[n]]}
@@ -364,6 +419,7 @@ def prune_model(
     _unswap_conv1d(model, swapped)
     model.eval()
     _verify_outputs(model, example, trace.shapes)
+    macs_after, params_after = count_macs(model, example)
     if params_after >= params_before:
         notes.append("nothing was removed: every group is protected, ignored, or would round to zero channels")
     protected = sorted(dict.fromkeys(guard.producers.values()))
@@ -745,8 +801,9 @@ def _prune_channels(pruner: _GuardedPruner, guard: _Guard) -> None:
             pruner.current = group[0].dep.target.module
             group.prune()
     except Exception as e:
-        where = guard.names.get(pruner.current, repr(pruner.current))
-        raise ModelError(f"Torch-Pruning failed at {where}: {type(e).__name__}: {_first_line(e)}") from e
+        where = guard.names.get(pruner.current)
+        raise _BrokenBlock(f"Torch-Pruning failed at {where or repr(pruner.current)}: {type(e).__name__}: "
+                           f"{_first_line(e)}", _block_of(where) if where else None) from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -810,11 +867,28 @@ def _changed(before: dict[str, tuple[str, list[int]]], after: dict[str, tuple[st
 
 
 def _verify_outputs(model: nn.Module, example: dict[str, torch.Tensor], ref: dict[str, tuple[int, ...]]) -> None:
+    names = {m: n for n, m in model.named_modules()}
+    running: list[nn.Module] = []  # the modules whose forward has begun and not returned
+
+    def enter(mod: nn.Module, _inp: Any) -> None:
+        running.append(mod)
+
+    def leave(_mod: nn.Module, _inp: Any, _out: Any) -> None:
+        if running:
+            running.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
             out = model(**example)
     except Exception as e:
-        raise ModelError(f"the pruned model no longer runs: {type(e).__name__}: {_first_line(e)}") from e
+        inner = names.get(running[-1], "") if running else ""  # where it failed: a block's own code, or a layer's
+        block = inner if inner and not _is_leaf(running[-1]) else _block_of(inner) if inner else None
+        raise _BrokenBlock("the pruned model no longer runs" + (f" in {inner}" if inner else "")
+                           + f": {type(e).__name__}: {_first_line(e)}", block) from e
+    finally:
+        for h in handles:
+            h.remove()
     got = {n: tuple(t.shape) for n, t in _flat_tensors(out)}
     if got != ref:
         diff = [f"{n}: {list(ref.get(n, ()))} -> {list(got.get(n, ()))}"
