@@ -197,3 +197,28 @@ def test_quantize_needs_real_samples_for_a_symbolic_sequence_length(dynamic_enco
     r = subprocess.run([*cmd, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "b.onnx")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_an_old_opset_is_upgraded_for_per_channel_int8(opset, tmp_path):
+    """Issue 19: a CNN at opset 11/12 (torch's TorchScript exporter, as PaddleOCR's models ship) quantizes: the
+    preprocessed copy is upgraded to opset 13, which per-channel Q/DQ needs; the source file is not touched."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from compress.quantize.int8 import quantize_int8
+    from compress.zoo import resnet_tiny
+    from devices import load_profile
+
+    src, dst = tmp_path / f"op{opset}.onnx", tmp_path / "int8.onnx"
+    torch.onnx.export(resnet_tiny().eval(), (torch.randn(1, 3, 32, 32),), str(src), opset_version=opset, dynamo=False,
+                      input_names=["image"])
+    before = src.read_bytes()
+    calib = {"image": np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)}
+    result = quantize_int8(src, dst, load_profile("host"), calib, tune=False)
+    assert result["preprocess"]["opset"] == {"from": opset, "to": 13} and result["preset"]["per_channel"]
+    assert src.read_bytes() == before
+    assert next(o.version for o in onnx.load(str(dst)).opset_import if o.domain in ("", "ai.onnx")) >= 13
+    ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"image": calib["image"][:1]})
+    assert result["fidelity_calibration"]["cosine_min"] > 0.99

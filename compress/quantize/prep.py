@@ -43,7 +43,30 @@ from compress.core import (
 )
 
 STEPS = ("symbolic", "no-symbolic", "onnx-shape", "ort-basic")
+# Per-channel QuantizeLinear/DequantizeLinear (their `axis`) came with opset 13: a model from another toolchain at
+# opset 10-12 (PaddleOCR's PP-OCRv4, torch's TorchScript exporter at 12) is upgraded first, or onnxruntime refuses
+# the quantized graph ("Unrecognized attribute: axis for operator DequantizeLinear")
+MIN_QDQ_OPSET = 13
 _PRE_LOGGER = "onnxruntime.quantization.shape_inference"
+
+
+def upgrade_opset(path: Path, to: int) -> dict[str, int] | None:
+    """Rewrite the model at `path` to opset `to` with onnx's version converter when its default-domain opset is
+    older; {"from", "to"} when it did, None when nothing was needed. A model the converter cannot carry is a
+    ModelError naming both opsets (quantizing it as it is would fail later, less clearly)."""
+    model = onnx.load(str(path), load_external_data=False)
+    now = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if now is None or now >= to:
+        return None
+    try:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(onnx.load(str(path), load_external_data=True), to)
+    except Exception as e:
+        raise ModelError(f"{path.name} is at opset {now}; INT8 with per-channel scales needs opset {to}, and onnx's "
+                         f"version converter could not upgrade it: {_first_line(e)}") from e
+    save_model(model, path)
+    return {"from": int(now), "to": to}
 
 
 def has_external_data(path: str | Path) -> bool:
@@ -150,7 +173,9 @@ def preprocess(src: str | Path, dst: str | Path, *, optimize: bool = True,
             if not external and stale.exists():  # an earlier output's weights must not pose as this one's
                 stale.unlink()
             attempts.append({"step": step, "error": ""})
-            return {"step": step, "attempts": attempts, "external_data": external, "optimize": optimize, **info}
+            upgraded = upgrade_opset(dst, MIN_QDQ_OPSET)
+            return {"step": step, "attempts": attempts, "external_data": external, "optimize": optimize, **info,
+                    **({"opset": upgraded} if upgraded else {})}
         finally:
             shutil.rmtree(work, ignore_errors=True)
     reasons = "; ".join(f"{a['step']}: {a['error']}" for a in attempts)
