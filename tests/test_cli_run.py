@@ -166,7 +166,12 @@ def test_pruning_that_misses_backs_off_to_quantizing_the_unpruned_model(tmp_path
     assert rep["recommended"] in ("fp32", "int8-unpruned")  # the faster of the two on this machine
     assert rep["reason"].endswith("the pruned model missed the tolerance: `--prune auto` finds the largest cut within it")
     assert rep["stages"]["quantize_unpruned"]["format"] == "int8" and (tmp_path / "out" / "int8-unpruned.onnx").is_file()
-    assert "### Quantize the unpruned model (the back-off)" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "### Quantize the unpruned model (the back-off)" in md
+    # the pruned model is already outside the tolerance: no layer kept in float can win it back, so none is searched
+    fb = rep["stages"]["quantize"]["fallback"]
+    assert fb["input_error"] > 0.1 and "already outside the tolerance" in fb["skipped"] and v["int8"]["excluded_layers"] == []
+    assert "not searched: the float model quantization starts from is already outside" in md
     r = _cli("run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--prune", "0.5", "--no-recover",
              "--no-op-select", "--no-backoff", "--runs", "3", "-o", "out2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -353,6 +353,14 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
         return first
     requantize = made.requantize
     metric, err = _error(first, fp32, judge, runner, held, report, measured=True)
+    if reference_model is not None and err > opts.tolerance:
+        _, base = _error(fp32, fp32, judge, onnx_outputs, held, report)
+        if base > opts.tolerance:  # e.g. a cut too deep: no layer kept in float can win that back
+            report["fallback"] = {"metric": metric, "tolerance": opts.tolerance, "error_before": err,
+                                  "within_tolerance": False, "input_error": base,
+                                  "skipped": "the float model quantization starts from is already outside the "
+                                             f"tolerance ({base:.4g}): no layer kept in float can bring it back"}
+            return first
     if made.recalibrated is not None and err > opts.tolerance:
         first, method, err = _recalibrate(fp32, first, work, opts.method, made.recalibrated, slow_ops, runner, held,
                                           reference, err, opts.tolerance, judge, report, on_stage)

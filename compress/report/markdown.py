@@ -504,6 +504,8 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
         excl = as_list(fb.get("excluded")) or as_list(q.get("excluded_layers"))
         if "within_tolerance" not in fb:
             txt += ", within tolerance: nothing kept in float"
+        elif fb.get("skipped"):
+            txt += f"; not searched: {fb['skipped']}"
         elif fb.get("within_tolerance"):
             txt += f"; {len(excl)} layer{'s' if len(excl) != 1 else ''} kept in float" + (f" → error {ea:.4g}" if ea is not None else "")
             if fb.get("ranked_by"):
