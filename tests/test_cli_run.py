@@ -41,7 +41,11 @@ def test_run_prune_quant_none_report(tmp_path):
     assert rep["recommended"] in ("fp32", "pruned") and rep["reason"]
     assert rep["device"]["name"] == "host" and rep["host"]["arch"] in ("x86_64", "arm64")
     assert "recommended:" in r.stdout
+    spent = rep["stage_seconds"]  # what the user waited for, stage by stage (issue 19)
+    assert list(spent) == ["export", "prune", "profile", "judge"] and spent["prune"] > 0 and spent["profile"] > 0
+    assert "stages: export" in r.stdout
     md = (out / "report.md").read_text()  # the human-readable report and its plot come with every run
+    assert "Wall-clock per stage: export" in md
     assert f"**{rep['recommended']}" in md and "| pruned" in md and "](tradeoff.png)" in md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -197,4 +197,6 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)
     console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
+    if r.get("stage_seconds"):
+        console.out_console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r["stage_seconds"].items()))
     console.out_console.print(f"report: {outdir / 'report.md'} ({outdir / 'report.json'} for machines)")

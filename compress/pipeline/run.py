@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import onnx
 import torch
@@ -154,6 +156,22 @@ def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
                  simulated=False, excluded_layers=[])
 
 
+class StageClock:
+    """Wall-clock seconds per stage of a run (report.json's stage_seconds): what a user waits for, and where a
+    stage's cost grows faster than the model (issue 19). A stage served from the stage cache shows its reading."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
+
+
 class _Pruned(Result):
     """The prune stage's result and the pruned model's export, cached together."""
 
@@ -175,6 +193,7 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
     os.chmod(work, default_mode(0o777))
     try:
         cache = opts.cache or StageCache(enabled=False)
+        clock = StageClock()
         stages = Stages()
         base_key = [example, profile.opset, opts.source]
 
@@ -190,11 +209,13 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
         if isinstance(model, Path):  # an ONNX file: it is the fp32 variant as it is, nothing to export or prune
             if opts.prune is not None:
                 raise UsageError(f"{model.name} is ONNX: pruning needs the PyTorch model; drop --prune")
-            built = [_take_onnx(model, work / "fp32.onnx", example)]
+            with clock("export"):
+                built = [_take_onnx(model, work / "fp32.onnx", example)]
             modules: dict[str, nn.Module] = {}
         else:
-            built = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
-                               lambda: export_variant("fp32", model), Built)]
+            with clock("export"):
+                built = [cache.run("export", key_of("export", base_key, [model]), [work / "fp32.onnx"],
+                                   lambda: export_variant("fp32", model), Built)]
             modules = {"fp32": model}
         if opts.prune is not None:
             def prune_and_export() -> _Pruned:
@@ -204,30 +225,36 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             parts = [*base_key, train, held_out, opts.prune.model_dump(), _function_file(opts.prune.finetune)]
             # a torch backend (INC) quantizes the torch module, which a cache hit does not bring back (only its ONNX)
             prune_cache = StageCache(enabled=False) if quantizer is not None and quantizer.takes == "torch" else cache
-            got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"], prune_and_export,
-                                  _Pruned)
+            with clock("prune"):
+                got = prune_cache.run("prune", key_of("prune", parts, [model]), [work / "pruned.onnx"],
+                                      prune_and_export, _Pruned)
             cache.events["prune"] = prune_cache.events["prune"]
             stages.prune = got.stage
             built.append(got.built)
         reference = onnx_outputs(work / "fp32.onnx", held_out) if isinstance(model, Path) else torch_outputs(model, held_out)
         if quantizer is not None:
             if opts.prune is not None and opts.backoff:  # the back-off: quantization alone, should the cut not pay
-                stages.quantize_unpruned, variant = _quantize(quantizer, built[0], model, example, train, work,
-                                                              profile, opts, cache, on_stage, f"{opts.quant}-unpruned")
+                with clock("quantize_unpruned"):
+                    stages.quantize_unpruned, variant = _quantize(quantizer, built[0], model, example, train, work,
+                                                                  profile, opts, cache, on_stage,
+                                                                  f"{opts.quant}-unpruned")
                 built.append(variant)
             base = built[1] if opts.prune is not None else built[0]  # the final variant is pruned and quantized
             # the torch module only a torch backend needs (a prune cache hit brings back the ONNX alone)
-            stages.quantize, variant = _quantize(quantizer, base, modules.get(base.name), example, train, work,
-                                                 profile, opts, cache, on_stage, opts.quant)
+            with clock("quantize"):
+                stages.quantize, variant = _quantize(quantizer, base, modules.get(base.name), example, train, work,
+                                                     profile, opts, cache, on_stage, opts.quant)
             built.append(variant)
         if opts.on_result is not None and stages.prune is not None:
             opts.on_result("prune", stages.prune)
         on_stage(f"profiling on {profile.name}")
         timer = opts.timer or time_variants
-        timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile,
-                      {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds,
-                      opts.tune_threads)
-        variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
+        with clock("profile"):
+            timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile,
+                          {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds,
+                          opts.tune_threads)
+        with clock("judge"):
+            variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
         name, reason = recommend(variants, opts.tolerance, timed.threads_tuning)
         reason += _prune_hint(variants, stages.prune)
         report = RunReport(
@@ -243,6 +270,7 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             tolerance_on=f"drop of --eval {opts.evaluate.spec}" if opts.evaluate else "fidelity to fp32",
             eval=opts.evaluate.spec if opts.evaluate else None,
             speedup_measure=timed.speedup_measure,
+            stage_seconds=clock.seconds,
             **({"threads_tuning": timed.threads_tuning} if timed.threads_tuning else {}),
             **({"profiled_on": timed.profiled_on} if timed.profiled_on else {}),
             stages=stages,

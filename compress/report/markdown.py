@@ -606,6 +606,10 @@ def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[
     if runs:
         out.append(f"Profiled runs per variant: {', '.join(runs)}.")
     out += _threads_lines(as_dict(r.get("threads_tuning")))
+    spent = {k: num(v) for k, v in as_dict(r.get("stage_seconds")).items() if num(v) is not None}
+    if spent:
+        out += ["", "Wall-clock per stage: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in spent.items())
+                + f" (total {sum(spent.values()):.1f} s)."]
     if loose:
         out.append(f"The p50's 95% confidence interval did not converge for {', '.join(loose)}: read those p50s as "
                    "rough (omit `--runs` for adaptive timing).")

@@ -165,6 +165,7 @@ class RunReport(Result):
     eval: Optional[str] = None
     speedup_measure: str
     threads_tuning: Optional[ThreadTuning] = None  # --tune-threads (the default where the device has more than one)
+    stage_seconds: Optional[dict[str, float]] = None  # wall-clock per stage: export, prune, quantize, profile, judge
     profiled_on: Optional[dict[str, Any]] = None  # compress search on a Ray cluster: the node that timed it
     stages: Stages
     command: str
