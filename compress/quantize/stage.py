@@ -229,6 +229,15 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
                           "against": "input" if judge.model == fp32 else "reference"}
     if err <= tolerance:
         return first
+    if must_pay and timer is not None:  # layers in float only add time: an INT8 model that does not pay never will
+        on_stage(f"timing {first.name} against {fp32.name}")
+        ms = timer({"fp32": fp32, "quantized": first})
+        if ms["quantized"] >= ms["fp32"]:
+            report["fallback"].update(
+                within_tolerance=False, error=err, max_excluded=0,
+                skipped=f"the quantized model is no faster than {fp32.name} ({ms['quantized']:.3f} against "
+                        f"{ms['fp32']:.3f} ms, {timer.said}): keeping layers in float cannot make it pay")
+            return first
     on_stage("ranking layers by sensitivity")
     cands = [n["node"] for n in quantizable_nodes(fp32)]
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
