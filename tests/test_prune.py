@@ -355,7 +355,6 @@ def test_a_torch_pruning_failure_is_a_model_error_naming_the_layer(monkeypatch):
 # The input is never modified; ignore; argument errors
 
 
-@pytest.mark.parametrize("case", ["resnet_tiny", "encoder_tiny"])
 class _CachedTensor(nn.Module):
     """Holds a tensor computed from its weight (a non-leaf, as timm's LeViT caches its attention biases):
     Torch-Pruning's counter deep-copies the model and fails on it."""
@@ -418,6 +417,7 @@ def test_a_block_whose_pruning_breaks_the_model_is_left_whole_and_the_rest_prune
     assert res.module(**example).shape == (1, 4) and res.ignored == []
 
 
+@pytest.mark.parametrize("case", ["resnet_tiny", "encoder_tiny"])
 def test_input_module_is_not_modified(case):
     build, feeds = CASES[case]
     model = build().train()

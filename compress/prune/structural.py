@@ -313,6 +313,7 @@ def prune_model(
               max_layer_ratio=max_layer_ratio, prune_heads=prune_heads, ratios=ratios, prune_first_conv=prune_first_conv)
     whole: list[str] = []  # blocks whose pruning broke the model, left at full width
     said: list[str] = []
+    first = ""
     while True:
         try:
             res = _prune_once(module, example, ignore=[*ignore, *whole], **kw)  # type: ignore[arg-type]
@@ -321,7 +322,10 @@ def prune_model(
                 raise ModelError(str(e)) from e
             whole.append(e.block)
             said.append(f"{e.block} left at full width: pruning it broke the model ({e})")
+            first = first or str(e)
             continue
+        if whole and res.params_after >= res.params_before:  # it broke wherever it cut: not one block's doing
+            raise ModelError(first)
         res.notes = said + res.notes
         res.ignored = list(dict.fromkeys(ignore))
         res.left_whole = whole
@@ -338,9 +342,12 @@ class _BrokenBlock(ModelError):
     pruned model fails to run there (widths hard-coded in its forward: MobileViT-v2's split of one qkv conv
     into [1, d, d], EfficientViT's grouped q/k/v conv)."""
 
-    def __init__(self, message: str, block: str | None) -> None:
+    def __init__(self, message: str, block: str | None = None) -> None:
         super().__init__(message)
         self.block = block
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses processes (a Ray trial) with its block
+        return type(self), (str(self), self.block)
 
 
 def _block_of(name: str) -> str | None:
