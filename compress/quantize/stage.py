@@ -366,7 +366,7 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
         _, base = _error(fp32, fp32, judge, onnx_outputs, held, report)
         if base > opts.tolerance:  # e.g. a cut too deep: no layer kept in float can win that back
             report["fallback"] = {"metric": metric, "tolerance": opts.tolerance, "error_before": err,
-                                  "within_tolerance": False, "input_error": base,
+                                  "against": "reference", "within_tolerance": False, "input_error": base,
                                   "skipped": "the float model quantization starts from is already outside the "
                                              f"tolerance ({base:.4g}): no layer kept in float can bring it back"}
             return first
