@@ -559,11 +559,31 @@ class _SoftmaxSpy(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def _running_modules(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """The modules of `model` whose forward has begun and not returned, innermost last, kept by forward hooks
+    while the context lasts: who is computing when a softmax runs, or where a forward failed."""
+    running: list[nn.Module] = []
+
+    def enter(mod: nn.Module, _inp: Any) -> None:
+        running.append(mod)
+
+    def leave(_mod: nn.Module, _inp: Any, _out: Any) -> None:  # returns None: a hook's return replaces the output
+        if running:
+            running.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield running
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _trace_outputs(model: nn.Module, example: dict[str, torch.Tensor]) -> _Trace:
     """Run the example once with forward hooks. A parameterised leaf layer whose output tensor *is* (by
     identity) a model output produces it: a classifier's Linear, the final LayerNorm, an lm_head."""
     produced: dict[int, tuple[weakref.ref, nn.Module]] = {}  # weak: ids of freed tensors get reused
-    stack: list[nn.Module] = []
     softmax_users: dict[nn.Module, None] = {}
 
     def record(mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -584,17 +604,8 @@ def _trace_outputs(model: nn.Module, example: dict[str, torch.Tensor]) -> _Trace
 
     handles += [m.register_forward_pre_hook(first_conv) for m in leaves if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
-    def enter(mod: nn.Module, _inp: Any) -> None:
-        stack.append(mod)
-
-    def leave(_mod: nn.Module, _inp: Any, _out: Any) -> None:  # returns None: a hook's return replaces the output
-        if stack:
-            stack.pop()
-
-    for m in model.modules():
-        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
     try:
-        with torch.no_grad(), _SoftmaxSpy(stack, softmax_users):
+        with torch.no_grad(), _running_modules(model) as stack, _SoftmaxSpy(stack, softmax_users):
             out = model(**example)
     except Exception as e:
         raise ModelError(f"forward() failed on the example inputs: {type(e).__name__}: {_first_line(e)}") from e
@@ -875,27 +886,15 @@ def _changed(before: dict[str, tuple[str, list[int]]], after: dict[str, tuple[st
 
 def _verify_outputs(model: nn.Module, example: dict[str, torch.Tensor], ref: dict[str, tuple[int, ...]]) -> None:
     names = {m: n for n, m in model.named_modules()}
-    running: list[nn.Module] = []  # the modules whose forward has begun and not returned
-
-    def enter(mod: nn.Module, _inp: Any) -> None:
-        running.append(mod)
-
-    def leave(_mod: nn.Module, _inp: Any, _out: Any) -> None:
-        if running:
-            running.pop()
-
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with torch.no_grad():
-            out = model(**example)
-    except Exception as e:
-        inner = names.get(running[-1], "") if running else ""  # where it failed: a block's own code, or a layer's
-        block = inner if inner and not _is_leaf(running[-1]) else _block_of(inner) if inner else None
-        raise _BrokenBlock("the pruned model no longer runs" + (f" in {inner}" if inner else "")
-                           + f": {type(e).__name__}: {_first_line(e)}", block) from e
-    finally:
-        for h in handles:
-            h.remove()
+    with _running_modules(model) as running:
+        try:
+            with torch.no_grad():
+                out = model(**example)
+        except Exception as e:
+            inner = names.get(running[-1], "") if running else ""  # where it failed: a block's own code, or a layer's
+            block = inner if inner and not _is_leaf(running[-1]) else _block_of(inner) if inner else None
+            raise _BrokenBlock("the pruned model no longer runs" + (f" in {inner}" if inner else "")
+                               + f": {type(e).__name__}: {_first_line(e)}", block) from e
     got = {n: tuple(t.shape) for n, t in _flat_tensors(out)}
     if got != ref:
         diff = [f"{n}: {list(ref.get(n, ()))} -> {list(got.get(n, ()))}"
