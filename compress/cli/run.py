@@ -177,6 +177,8 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
 def _print_table(r: dict[str, Any], outdir: Path) -> None:
     from rich.table import Table
 
+    from compress.report import fmt_stage_seconds
+
     t = Table(title=f"{r['device']['name']}: variants", header_style="bold")
     scored = any(v.get("accuracy") is not None for v in r["variants"])
     tuned = (r.get("threads_tuning") or {}).get("chosen") or {}
@@ -197,6 +199,7 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)
     console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
-    if r.get("stage_seconds"):
-        console.out_console.print("stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r["stage_seconds"].items()))
+    spent = fmt_stage_seconds(r.get("stage_seconds"))
+    if spent:
+        console.out_console.print(f"stages: {spent}")
     console.out_console.print(f"report: {outdir / 'report.md'} ({outdir / 'report.json'} for machines)")

@@ -26,6 +26,7 @@ from compress.report.text import (
     fmt_ms,
     fmt_pct,
     fmt_speedup,
+    fmt_stage_seconds,
     model_name,
     num,
     table,
@@ -606,10 +607,10 @@ def _measure_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[
     if runs:
         out.append(f"Profiled runs per variant: {', '.join(runs)}.")
     out += _threads_lines(as_dict(r.get("threads_tuning")))
-    spent = {k: num(v) for k, v in as_dict(r.get("stage_seconds")).items() if num(v) is not None}
+    spent = fmt_stage_seconds(r.get("stage_seconds"))
     if spent:
-        out += ["", "Wall-clock per stage: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in spent.items())
-                + f" (total {sum(spent.values()):.1f} s)."]
+        total = sum(v for v in map(num, as_dict(r.get("stage_seconds")).values()) if v is not None)
+        out += ["", f"Wall-clock per stage: {spent} (total {total:.1f} s)."]
     if loose:
         out.append(f"The p50's 95% confidence interval did not converge for {', '.join(loose)}: read those p50s as "
                    "rough (omit `--runs` for adaptive timing).")

@@ -48,6 +48,12 @@ def fmt_ms(x: float) -> str:
     return f"{x:.1f}"
 
 
+def fmt_stage_seconds(seconds: Any) -> str:
+    """report.json's stage_seconds as one line, in run order: "export 2.8 s, prune 78.7 s, ..."; "" when absent."""
+    spent = {k: num(v) for k, v in as_dict(seconds).items() if num(v) is not None}
+    return ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in spent.items())
+
+
 @_or_na
 def fmt_count(x: float) -> str:
     """Parameters and MACs: 950, 78.6K, 11.69M, 1.82G."""
