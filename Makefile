@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo demo-images test lint test-arm64 venv bench-deps clean
+.PHONY: demo demo-images test lint test-arm64 test-arch arch-site venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -48,13 +48,31 @@ lint: $(STAMP)
 	$(PY) tools/house_rules.py
 
 test: lint
-	$(PY) -m pytest -q -m "not arm64"
+	$(PY) -m pytest -q -m "not arm64 and not arch"
 
 # The device-side runner on aarch64 Linux under qemu user-mode emulation (needs qemu-user-static; the first run
 # fetches an arm64 Python from Debian and aarch64 wheels from PyPI into ~/.cache/edge-compress/arm64, ~205 MB).
 test-arm64: $(STAMP)
 	$(PY) tools/arm64_sysroot.py
 	$(PY) -m pytest -q -m arm64
+
+# The architecture suite (issue 19): timm's edge families and ultralytics' YOLO through `compress run`, one model
+# per test (tests/test_arch.py, ~20 minutes on 2 cores). timm, ultralytics and torchvision go into a folder of
+# their own rather than the venv: the registry's only torchvision for torch 2.13 is a CUDA build, which breaks
+# transformers' vision imports when installed beside it (bench/arch_models.py declares the two op schemas its
+# Python code needs). ~235 MB.
+ARCH_SITE := $(abspath $(VENV))/arch-site
+ARCH_PKGS := timm==1.0.31 torchvision==0.28.0 ultralytics==8.4.190 ultralytics-thop==2.2.3 \
+             opencv-python-headless==5.1.0.95 polars==2.1.0
+
+arch-site: $(ARCH_SITE)/.installed
+
+$(ARCH_SITE)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(ARCH_SITE) $(ARCH_PKGS)
+	touch $@
+
+test-arch: $(ARCH_SITE)/.installed
+	EDGE_COMPRESS_ARCH_SITE=$(ARCH_SITE) $(PY) -m pytest -q -m arch
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -11,6 +11,7 @@ import os
 import sys
 
 import torch
+from arch_list import TIMM, YOLO
 
 _SITE = os.environ.get("EDGE_COMPRESS_ARCH_SITE")
 if _SITE and _SITE not in sys.path:
@@ -43,10 +44,7 @@ def _yolo(config: str):
     return build
 
 
-for _name in ("mobilenetv2_050", "mobilenetv3_small_100", "mobilenetv4_conv_small", "efficientnet_b0",
-              "efficientnet_lite0", "ghostnet_100", "repvit_m0_9", "fastvit_t8", "convnext_atto", "regnetx_002",
-              "efficientvit_b0", "edgenext_xx_small", "mobilevit_xxs", "mobilevitv2_050", "levit_128s",
-              "deit_tiny_patch16_224", "lcnet_050", "mnasnet_050"):
+for _name in TIMM:
     globals()[_name] = _timm(_name)
-yolov8n = _yolo("yolov8n.yaml")
-yolov5nu = _yolo("yolov5nu.yaml")
+for _name, _config in YOLO.items():
+    globals()[_name] = _yolo(_config)

@@ -2,7 +2,7 @@
 with random weights, each through `compress prune` (or `compress run`) in its own subprocess, with the time it
 took, what was removed and which blocks were left whole. Prints the CPU it ran on.
 
-    .venv/bin/python bench/arch_suite.py --site DIR [--run] [--only NAME,...] [--ratio 0.3]
+    .venv/bin/python bench/arch_suite.py --site DIR [--run] [--only NAME,...] [--ratio 0.3] [--out DIR] [-- OPTION ...]
 
 DIR holds timm, torchvision and (for YOLO) ultralytics, installed beside the project rather than in it:
 
@@ -31,17 +31,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from arch_list import SHAPES  # noqa: E402
 from devices.host import describe_host  # noqa: E402
 
-TIMM = ["mobilenetv2_050", "mobilenetv3_small_100", "mobilenetv4_conv_small", "efficientnet_b0", "efficientnet_lite0",
-        "ghostnet_100", "repvit_m0_9", "fastvit_t8", "convnext_atto", "regnetx_002", "efficientvit_b0",
-        "edgenext_xx_small", "mobilevit_xxs", "mobilevitv2_050", "levit_128s", "deit_tiny_patch16_224", "lcnet_050",
-        "mnasnet_050"]
-YOLO = ["yolov8n", "yolov5nu"]
 
-
-def run_one(name: str, site: Path, work: Path, ratio: float, full: bool) -> dict:
-    shape = "1,3,320,320" if name in YOLO else "1,3,224,224"
+def run_one(name: str, site: Path, work: Path, ratio: float, full: bool, extra: list[str]) -> dict:
+    shape = SHAPES[name]
     model = f"{HERE / 'arch_models.py'}:{name}"
     out = work / name
     if full:
@@ -50,6 +45,7 @@ def run_one(name: str, site: Path, work: Path, ratio: float, full: bool) -> dict
     else:
         cmd = ["prune", model, "--input-shape", shape, "--ratio", str(ratio), "--no-recover", "-o",
                str(out) + ".onnx", "--json", str(work / f"{name}.json")]
+    cmd += extra
     env = {**os.environ, "EDGE_COMPRESS_ARCH_SITE": str(site), "EDGE_COMPRESS_CACHE": str(work / "cache")}
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True, env=env,
@@ -79,14 +75,18 @@ def main() -> int:
     ap.add_argument("--run", action="store_true", help="compress run --prune R --quant int8 (default: compress prune)")
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--out", type=Path, help="keep each model's output and report here (default: a temporary folder)")
+    ap.add_argument("extra", nargs="*", help="more options for the compress command, after --")
     args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n] or TIMM + YOLO
+    names = [n for n in args.only.split(",") if n] or list(SHAPES)
     host = describe_host()
     print(f"{dt.date.today()}, {host['cpu']} ({', '.join(host['isa'])}), {host['cores']} cores; "
           f"{'compress run --quant int8' if args.run else 'compress prune --no-recover'} --ratio {args.ratio}")
     with tempfile.TemporaryDirectory(prefix="arch-suite-") as tmp:
+        work = args.out.resolve() if args.out else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in names:
-            row = run_one(name, args.site.resolve(), Path(tmp), args.ratio, args.run)
+            row = run_one(name, args.site.resolve(), work, args.ratio, args.run, args.extra)
             print(json.dumps(row), flush=True)
     return 0
 

@@ -373,3 +373,29 @@ def test_onnxruntime_entropy_calibration_gives_minmax_scales_so_a_search_skips_i
     assert all(np.array_equal(scales["minmax"][k], scales["entropy"][k]) for k in scales["minmax"])
     assert any(not np.array_equal(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"])
     assert "entropy" not in SEARCHED_METHODS and Space().methods == list(SEARCHED_METHODS)
+
+
+def test_a_tensor_too_narrow_for_histogram_bins_fails_percentile_in_one_line(tmp_path):
+    """onnxruntime's percentile collector bins each tensor's float32 values over their own range; a tensor that
+    spans a few float32 steps (here 1 +- 2e-7: LCNet-050's hard-swish blocks with random weights) cannot be cut
+    into 2048 bins. That is a ModelError naming the way out, and minmax still quantizes the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.core import ModelError
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Mul", ["x", "tiny"], ["scaled"]), helper.make_node("Add", ["scaled", "one"], ["narrow"]),
+             helper.make_node("Conv", ["narrow", "w"], ["y"], name="conv")]
+    inits = [numpy_helper.from_array(np.array(2e-7, np.float32), "tiny"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "narrow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    src = tmp_path / "narrow.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = {"x": rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)}
+    with pytest.raises(ModelError, match="percentile calibration failed .* --method minmax avoids it"):
+        quantize_int8(src, tmp_path / "p.onnx", load_profile("host"), feeds, method="percentile", tune=False)
+    assert not (tmp_path / "p.onnx").exists()
+    quantize_int8(src, tmp_path / "m.onnx", load_profile("host"), feeds, method="minmax", tune=False)
+    assert (tmp_path / "m.onnx").exists()

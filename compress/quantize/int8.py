@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 from compress.core import (
     EdgeError,
     InputError,
+    ModelError,
     UsageError,
     check_onnx_output,
     drop_unused,
@@ -540,10 +541,19 @@ def _quantize_static(src: Path, dst: Path, preset: Preset, reader: CalibReader, 
     extra: dict[str, Any] = {}
     if cache is not None:
         extra["calibration_cache_path"] = str(cache)
-    with quiet_onnxruntime():
-        quantize_static(str(src), str(dst), reader, calibrate_method=_calib_method(method),
-                        nodes_to_quantize=list(include) if include else None, nodes_to_exclude=list(exclude),
-                        use_external_data_format=big, **preset.static_args(), **extra)
+    try:
+        with quiet_onnxruntime():
+            quantize_static(str(src), str(dst), reader, calibrate_method=_calib_method(method),
+                            nodes_to_quantize=list(include) if include else None, nodes_to_exclude=list(exclude),
+                            use_external_data_format=big, **preset.static_args(), **extra)
+    except ValueError as e:
+        if "bins" not in str(e):
+            raise
+        # onnxruntime's histogram collector (percentile, entropy) bins each tensor's float32 values over their own
+        # range: a tensor that spans fewer float32 steps than bins cannot be binned (timm's LCNet-050 with random
+        # weights, in its hard-swish blocks); minmax needs no bins
+        raise ModelError(f"{method} calibration failed in onnxruntime's histogram collector: {_first_line(e)} "
+                         "(a tensor whose values span only a few float32 steps); --method minmax avoids it") from e
 
 
 def _pool_first(pre: Path, kept_float: Sequence[str], prep: dict[str, Any]) -> None:

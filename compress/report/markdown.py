@@ -463,8 +463,9 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
                    + (" — scales fit synthetic inputs, not your data" if src == "synthetic" else ""))
         tried = as_list(calib.get("tried"))
         if len(tried) > 1:
-            out.append("- **Calibration method:** " + ", ".join(f"{code(t.get('method'))} error {num(t.get('error')) or 0:.4g}"
-                                                                for t in tried)
+            out.append("- **Calibration method:** " + ", ".join(
+                f"{code(t.get('method'))} " + (f"failed ({t['failed']})" if t.get("failed") else
+                                               f"error {num(t.get('error')) or 0:.4g}") for t in tried)
                        + f" (tolerance {num(as_dict(q.get('fallback')).get('tolerance')) or 0:g}); kept {code(calib.get('method'))}")
     presets = as_dict(qz.get("presets"))
     if presets.get("tried"):
