@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from arch_list import SHAPES  # noqa: E402
+
 from devices.host import describe_host  # noqa: E402
 
 
