@@ -190,7 +190,7 @@ def test_an_int8_model_that_does_not_pay_is_not_searched_for_layers_to_keep_in_f
         raise AssertionError("layers must not be ranked")
 
     monkeypatch.setattr(stage._Timer, "__call__", int8_slower)
-    monkeypatch.setattr(stage, "layer_sensitivity", never)
+    monkeypatch.setattr(stage, "screened_sensitivity", never)
     np.savez(tmp_path / "calib.npz", **_images(16, 5))
     rep = quant_stage(fp32_path, tmp_path / "q.onnx", load_profile("host"), str(tmp_path / "calib.npz"),
                       QuantOptions(to="int8", measure=False, tolerance=0.0, fallback_must_pay=True)).to_json()

@@ -21,6 +21,7 @@ from compress.evaluate.compare import fidelity, onnx_outputs
 from compress.quantize.fp8 import fp8_outputs, quantize_fp8
 from compress.quantize.sensitivity import (
     SOURCE,
+    QuantizedAlone,
     affordable,
     fallback,
     float_costs,
@@ -28,6 +29,7 @@ from compress.quantize.sensitivity import (
     metric_error,
     quantizable_nodes,
     rank_by_cost,
+    screened_sensitivity,
 )
 from export.metadata import read_metadata
 
@@ -227,3 +229,80 @@ def test_fallback_stops_at_max_excluded_and_says_why(tmp_path):
     assert result["max_excluded"] == 2 and "no faster than its source (test bound)" in result["note"]
     result = fallback(mlp, dst, all_but(), sens, EVAL, ref, tolerance=0.03, runner=fp8_outputs, max_excluded=3)
     assert result["within_tolerance"] and dst.exists() and "max_excluded" not in result
+
+
+# ------------------------------------------------------------------------------ copied single-layer models
+
+
+def _int8(mlp, tmp_path, exclude=()):
+    from compress.quantize.int8 import quantize_int8
+    from devices.loader import load_profile
+
+    calib = {"x": np.concatenate([f["x"] for f in CALIB])}
+    full = tmp_path / "full-int8.onnx"
+    quantize_int8(mlp, full, load_profile("host"), calib, exclude=list(exclude), tune=False, announce=False)
+    calls: list[list[str]] = []
+
+    def alone(src, dst, names):
+        calls.append(list(names))
+        quantize_int8(src, dst, load_profile("host"), calib, include=names, tune=False, announce=False)
+
+    return full, alone, calls
+
+
+def test_copied_int8_layers_are_the_models_the_quantizer_writes(mlp, tmp_path):
+    """Each layer quantized alone is copied from the whole INT8 model instead of re-running onnxruntime's
+    quantizer: the same saliences (fc2 1.0, fc1 0.59: its output's outlier row is rounded, as onnxruntime
+    rounds a quantized node's output), with the quantizer run only to check the copies (at most 4 times)."""
+    full, alone, calls = _int8(mlp, tmp_path)
+    ref = onnx_outputs(mlp, EVAL)
+    real = {r["node"]: r["salience"] for r in layer_sensitivity(mlp, None, alone, EVAL, ref)}
+    calls.clear()
+    rows, info = screened_sensitivity(mlp, full, [f"fc{i}" for i in range(6)], alone, EVAL, ref)
+    assert info["copied"] is True and info["measured"] == 6 and info["predicted"] == 0
+    assert 1 <= len(calls) <= 4
+    assert [r["node"] for r in rows[:2]] == ["fc2", "fc1"]
+    for r in rows[:3]:
+        assert r["salience"] == pytest.approx(real[r["node"]], rel=1e-3), r["node"]
+
+
+def test_fp8_copies_round_inputs_only_as_its_quantizer_does(mlp, tmp_path):
+    full = tmp_path / "full-fp8.onnx"
+    quantize_fp8(mlp, full, CALIB)
+    ref = onnx_outputs(mlp, EVAL)
+    real = {r["node"]: r["salience"] for r in layer_sensitivity(mlp, None, only(), EVAL, ref, runner=fp8_outputs)}
+    alone = QuantizedAlone(mlp, full)
+    assert alone.calibrate([f"fc{i}" for i in range(6)], only(), EVAL[0], fp8_outputs) and alone.output is False
+    copied = layer_sensitivity(mlp, None, alone.quantize_only(only()), EVAL, ref, runner=fp8_outputs)
+    assert copied[0]["node"] == "fc2"
+    for r in copied:
+        assert r["salience"] == pytest.approx(real[r["node"]], rel=0.05, abs=1e-5), r["node"]
+
+
+def test_the_proxy_screens_which_layers_are_measured_and_loses_none(mlp, tmp_path):
+    full, alone, calls = _int8(mlp, tmp_path, exclude=["fc4"])  # fc4 float in the whole model: not copyable
+    rows, info = screened_sensitivity(mlp, full, [f"fc{i}" for i in range(6)], alone, EVAL, onnx_outputs(mlp, EVAL),
+                                      measure=2)
+    assert sorted(r["node"] for r in rows) == [f"fc{i}" for i in range(6)]
+    measured = [r for r in rows if not r.get("predicted")]
+    assert info["measured"] == len(measured) == 2 and info["predicted"] == 4
+    assert {r["node"] for r in measured} == {"fc2", "fc4"}  # the proxy's first, and the one it cannot predict
+    assert ["fc4"] in calls and rows[0]["node"] == "fc2"
+    assert all(r["salience"] is not None for r in rows)
+
+
+def test_copies_unlike_the_quantizer_are_not_used(mlp, tmp_path):
+    """A quantizer whose single-layer model no copy matches (here: it writes the fp32 model back) is run for
+    every layer, as before."""
+    import shutil
+
+    full, _, _ = _int8(mlp, tmp_path)
+    calls = []
+
+    def unlike(src, dst, names):
+        calls.append(names)
+        shutil.copy(src, dst)
+
+    rows, info = screened_sensitivity(mlp, full, [f"fc{i}" for i in range(6)], unlike, EVAL, onnx_outputs(mlp, EVAL))
+    assert info["copied"] is False and len(calls) == 4 + 6
+    assert all(r["salience"] == pytest.approx(0.0, abs=1e-9) for r in rows)

@@ -9,6 +9,7 @@ measured speedup against fp32.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,9 +29,9 @@ from compress.quantize.sensitivity import (
     affordable,
     fallback,
     float_costs,
-    layer_sensitivity,
     quantizable_nodes,
     rank_by_cost,
+    screened_sensitivity,
 )
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
@@ -221,13 +222,15 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
               metric: str, err: float, tolerance: float, judge: _Judge, report: dict[str, Any],
-              on_stage: Callable[[str], None], timer: Optional[_Timer] = None, must_pay: bool = False) -> Path:
+              on_stage: Callable[[str], None], timer: Optional[_Timer] = None, must_pay: bool = False,
+              kept_float: Sequence[str] = ()) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`) and, with a `timer`, by that per millisecond keeping each in float costs the
     whole model (the FALLBACK_TIMED most sensitive are timed), then the fewest first-ranked kept in float until
     fidelity to the judge's model (or the drop of the user's score) is within it; `metric` and `err` are
     `first`'s (_error). `must_pay`: stop where the timed costs say more layers in float would leave the model no
-    faster than `fp32` (compress.quantize.sensitivity.affordable). Returns the model to keep; records it in `report`."""
+    faster than `fp32` (compress.quantize.sensitivity.affordable). `kept_float`: op selection's float ops, never
+    ranked. Returns the model to keep; records it in `report`."""
     score = judge.score
     report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,
                           "against": "input" if judge.model == fp32 else "reference"}
@@ -243,10 +246,13 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
                         f"{ms['fp32']:.3f} ms, {timer.said}): keeping layers in float cannot make it pay")
             return first
     on_stage("ranking layers by sensitivity")
-    cands = [n["node"] for n in quantizable_nodes(fp32)]
+    # what op selection keeps in float stays float in every model the fallback writes: nothing to rank
+    cands = [n["node"] for n in quantizable_nodes(fp32) if n["node"] not in set(kept_float)]
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
     # labelled set ties at zero drop
-    sens = layer_sensitivity(fp32, cands, lambda s, o, n: quantize(s, o, n, True), held, reference, runner=runner)
+    sens, screened = screened_sensitivity(fp32, first, cands, lambda s, o, n: quantize(s, o, n, True), held,
+                                          reference, runner=runner)
+    report["fallback"]["sensitivity"] = screened
     salient = [r["node"] for r in sens if r.get("salience")][:FALLBACK_TIMED]
     limit, why = None, ""
     if timer is not None and len(salient) > 1:
@@ -387,4 +393,4 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     local = opts.select_ops and not job.simulated and describe_host()["arch"] == job.profile.arch
     timer = _timer(job.profile, held[0])[0] if local else None
     return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, metric, err, opts.tolerance, judge,
-                     report, on_stage, timer, opts.fallback_must_pay)
+                     report, on_stage, timer, opts.fallback_must_pay, slow_ops)
