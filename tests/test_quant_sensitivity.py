@@ -280,15 +280,25 @@ def test_fp8_copies_round_inputs_only_as_its_quantizer_does(mlp, tmp_path):
 
 
 def test_the_proxy_screens_which_layers_are_measured_and_loses_none(mlp, tmp_path):
-    full, alone, calls = _int8(mlp, tmp_path, exclude=["fc4"])  # fc4 float in the whole model: not copyable
+    full, alone, calls = _int8(mlp, tmp_path, exclude=["fc4"])  # fc4 float in the whole model: nothing to rank
     rows, info = screened_sensitivity(mlp, full, [f"fc{i}" for i in range(6)], alone, EVAL, onnx_outputs(mlp, EVAL),
                                       measure=2)
-    assert sorted(r["node"] for r in rows) == [f"fc{i}" for i in range(6)]
+    assert sorted(r["node"] for r in rows) == ["fc0", "fc1", "fc2", "fc3", "fc5"] and info["float_in_quantized"] == 1
     measured = [r for r in rows if not r.get("predicted")]
-    assert info["measured"] == len(measured) == 2 and info["predicted"] == 4
-    assert {r["node"] for r in measured} == {"fc2", "fc4"}  # the proxy's first, and the one it cannot predict
-    assert ["fc4"] in calls and rows[0]["node"] == "fc2"
-    assert all(r["salience"] is not None for r in rows)
+    assert info["measured"] == len(measured) == 2 and info["predicted"] == 3
+    assert rows[0]["node"] == "fc2" and rows[0]["salience"] == pytest.approx(1.0, abs=1e-3)  # the proxy's first
+    assert all(r["salience"] is not None for r in rows) and ["fc4"] not in calls
+
+
+def test_a_layer_the_copies_cannot_make_is_measured_by_the_quantizer(mlp, tmp_path):
+    full, alone, calls = _int8(mlp, tmp_path)
+    model = onnx.load(str(full))
+    next(n for n in model.graph.node if n.name == "fc3").name = "renamed"  # no node fc3 there any more
+    onnx.save(model, str(full))
+    rows, info = screened_sensitivity(mlp, full, [f"fc{i}" for i in range(6)], alone, EVAL, onnx_outputs(mlp, EVAL),
+                                      measure=2)
+    assert info["copied"] is True and ["fc3"] in calls
+    assert "fc3" in {r["node"] for r in rows if not r.get("predicted")}  # measured: it cannot be predicted either
 
 
 def test_copies_unlike_the_quantizer_are_not_used(mlp, tmp_path):

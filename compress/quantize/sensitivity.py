@@ -40,6 +40,8 @@ from compress.quantize.ops import is_quantizable
 
 METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
+# ops that make a copied node quantized (QDQ, dynamic INT8)
+QUANTIZING = ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
 MEASURED_LAYERS = 64  # screened_sensitivity measures at most this many layers: those the one-pass proxy ranks first
 SOURCE = "\0source"  # float_costs' key for the unquantized model among what it times (never a node's name)
 
@@ -169,6 +171,10 @@ def screened_sensitivity(src: str | Path, quantized: str | Path, candidates: lis
     alone = QuantizedAlone(src, quantized)
     measure_fn = alone.quantize_only(quantize_only)
     info: dict[str, Any] = {"candidates": len(candidates)}
+    floats = [n for n in candidates if alone.left_float(n)]
+    if floats:  # nothing to keep in float: they are
+        candidates = [n for n in candidates if n not in set(floats)]
+        info["float_in_quantized"] = len(floats)
     if eval_feeds:
         info["copied"] = alone.calibrate(candidates, quantize_only, eval_feeds[0], runner)
     order, predicted = list(candidates), {}
@@ -209,8 +215,8 @@ class QuantizedAlone:
         self.base.opset_import.extend(q.opset_import)
         self.producer = {o: n for n in q.graph.node for o in n.output}
         self.q_inits = {i.name: i for i in q.graph.initializer}
-        self.q_nodes = {n.name: n for n in q.graph.node}
         self.consumers = onnxgraph.consumers(q.graph)
+        self.q_nodes = {n.name: n for n in q.graph.node}
         self.fp_nodes = {n.name: n for n in self.base.graph.node}
         self.known = ({i.name for i in self.base.graph.input} | {i.name for i in self.base.graph.initializer}
                       | {o for n in self.base.graph.node for o in n.output})
@@ -219,10 +225,13 @@ class QuantizedAlone:
         """(the nodes that stand for `name` quantized alone, in order: Q/DQ of its inputs, a copy of it, Q/DQ of
         its output where `quantized` has them; their initializers), named with `tag` but for the last output,
         which is the node's own; activations read from `src`'s tensors. None where it cannot be mapped."""
-        fn, qn = self.fp_nodes.get(name), self.q_nodes.get(name)
-        w = self.producer.get(qn.input[1]) if fn is not None and qn is not None and len(qn.input) > 1 else None
-        if w is None or w.op_type != "DequantizeLinear":  # its weight (or second operand) is not quantized there
+        fn, root = self.fp_nodes.get(name), self._root(name)
+        if fn is None or root is None:
             return None
+        if root.name == name:  # QDQ: its weight (or second operand) must be quantized there
+            w = self.producer.get(root.input[1]) if len(root.input) > 1 else None
+            if w is None or w.op_type != "DequantizeLinear":
+                return None
         added: list[onnx.NodeProto] = []
         inits: dict[str, onnx.TensorProto] = {}
 
@@ -241,14 +250,15 @@ class QuantizedAlone:
             c.name = f"{tag}{j}"
             del c.input[:], c.output[:]
             c.input.extend(inputs)
-            c.output.append(f"{tag}{j}.out")
+            c.output.extend(f"{tag}{j}.out{k}" if o else "" for k, o in enumerate(node.output))
             return c
 
         memo: dict[str, str | None] = {}
 
         def source(t: str, depth: int = 0) -> str | None:
-            """`t` in the copy: a constant, an fp32 tensor, or copies of the nodes (Q, DQ, the Relu an FP8
-            graph puts after its DQ) that make it from those; None when that reaches another compute node."""
+            """`t` in the copy: a constant, an fp32 tensor, or copies of the nodes that make it from those (Q, DQ,
+            the Relu an FP8 graph puts after its DQ; DynamicQuantizeLinear, MatMulInteger and the rescaling of
+            dynamic INT8); None when that reaches another compute node."""
             if t == "" or t in self.q_inits:
                 return const(t)
             if t in self.known:
@@ -256,20 +266,20 @@ class QuantizedAlone:
             if t not in memo:
                 p = self.producer.get(t)
                 memo[t] = None
-                if p is not None and p.name not in self.fp_nodes and len(p.output) == 1 and depth < 8:
+                if p is not None and p.name not in self.fp_nodes and depth < 8:
                     ins = [source(i, depth + 1) for i in p.input]
                     if all(i is not None for i in ins):
                         added.append(copy(p, ins, len(added)))  # type: ignore[arg-type]
-                        memo[t] = added[-1].output[0]
+                        memo.update((o, c) for o, c in zip(p.output, added[-1].output) if o)
             return memo[t]
 
-        inputs = [source(t) for t in qn.input]
-        if any(i is None for i in inputs) or not any(n.op_type == "DequantizeLinear" for n in added):
+        inputs = [source(t) for t in root.input]
+        if any(i is None for i in inputs) or not any(n.op_type in QUANTIZING for n in added):
             return None
-        added.append(copy(qn, inputs, len(added)))  # type: ignore[arg-type]
+        added.append(copy(root, inputs, len(added)))  # type: ignore[arg-type]
         # the quantizer rounds the node's output too where its consumer reads it through Q/DQ (as the node's
         # own output quantization when it alone is quantized): copied likewise
-        qz = next((c for c in self.consumers.get(qn.output[0], []) if c.op_type == "QuantizeLinear"), None)
+        qz = next((c for c in self.consumers.get(root.output[0], []) if c.op_type == "QuantizeLinear"), None)
         dq = next((c for c in self.consumers.get(qz.output[0], []) if c.op_type == "DequantizeLinear"), None) if qz else None
         if output and qz is not None and dq is not None:
             added.append(copy(qz, [added[-1].output[0], *map(const, qz.input[1:])], len(added)))
@@ -277,6 +287,28 @@ class QuantizedAlone:
         del added[-1].output[:]
         added[-1].output.append(fn.output[0])
         return added, list(inits.values())
+
+    def _root(self, name: str) -> onnx.NodeProto | None:
+        """What computes the node's output in `quantized`: the node itself (QDQ; its output renamed where the
+        quantizer folded the activation after it into its output's Q), or the last node of what replaced it
+        (dynamic INT8's rescaling Mul)."""
+        fn = self.fp_nodes.get(name)
+        if fn is None:
+            return None
+        root = self.q_nodes.get(name)
+        if root is None or root.op_type != fn.op_type:
+            root = self.producer.get(fn.output[0])
+            if root is not None and root.name in self.fp_nodes:
+                return None
+        return root if root is not None and len(root.output) == 1 else None
+
+    def left_float(self, name: str) -> bool:
+        """`quantized` computes this node with its float weight (its input may be rounded by the layer before):
+        keeping it in float changes nothing (what op selection keeps in float; a dynamically quantized
+        model's Convs)."""
+        root = self._root(name)
+        w = self.producer.get(root.input[1]) if root is not None and len(root.input) > 1 else None
+        return root is not None and root.name == name and (w is None or w.op_type not in QUANTIZING)
 
     def write(self, dst: Path, name: str, output: bool | None = None) -> bool:
         """Write `src` with just `name` quantized to `dst`; False (nothing written) where it cannot be mapped or
