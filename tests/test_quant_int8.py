@@ -399,3 +399,47 @@ def test_a_tensor_too_narrow_for_histogram_bins_fails_percentile_in_one_line(tmp
     assert not (tmp_path / "p.onnx").exists()
     quantize_int8(src, tmp_path / "m.onnx", load_profile("host"), feeds, method="minmax", tune=False)
     assert (tmp_path / "m.onnx").exists()
+
+
+def _detector_head(path: Path) -> Path:
+    """A detector's output as YOLO writes it: boxes in pixels (0-400 here) joined with sigmoid class scores."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "wb"], ["raw"], name="box_conv"),
+             helper.make_node("Mul", ["raw", "stride"], ["boxes"], name="decode"),
+             helper.make_node("Conv", ["x", "wc"], ["logits"], name="cls_conv"),
+             helper.make_node("Sigmoid", ["logits"], ["scores"], name="sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], name="join", axis=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.array(100.0, np.float32), "stride"),
+             numpy_helper.from_array(rng.standard_normal((6, 3, 1, 1)).astype(np.float32), "wc")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_concat_of_boxes_and_scores_stays_float_so_the_scores_survive(tmp_path, monkeypatch):
+    """One INT8 scale for [boxes in pixels, scores in 0-1] rounds every score to 0 or one step (YOLOv8n: all
+    scores one value); the Concat is kept in float, the convs stay INT8, and the scores keep their resolution."""
+    import compress.quantize.int8 as int8
+
+    src = _detector_head(tmp_path / "head.onnx")
+    feeds = {"x": np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    held = [{"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)}]
+    ref = onnx_outputs(src, held)[0][0]
+
+    def scores_error(dst: Path) -> float:
+        return float(np.abs(onnx_outputs(dst, held)[0][0][:, 4:] - ref[:, 4:]).max())
+
+    kept = quantize_int8(src, tmp_path / "kept.onnx", load_profile("host"), feeds, tune=False)
+    assert [j["node"] for j in kept["float_joins"]] == ["join"]
+    assert kept["float_joins"][0]["input_amax"][0] > 16 * kept["float_joins"][0]["input_amax"][1]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and "Concat" in ops
+    monkeypatch.setattr(int8, "MIXED_RANGE", 1e9)  # the rule off: one scale for both
+    shared = quantize_int8(src, tmp_path / "shared.onnx", load_profile("host"), feeds, tune=False)
+    assert "float_joins" not in shared
+    # measured: 0.023 (the logits' own INT8 step through the sigmoid) against 0.9998 (scores rounded to 0 or 1.6)
+    assert scores_error(tmp_path / "kept.onnx") < 0.05 and scores_error(tmp_path / "shared.onnx") > 0.5

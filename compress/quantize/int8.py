@@ -214,6 +214,40 @@ def space_to_depth_stem(model: onnx.ModelProto, kept_float: Iterable[str] = ()) 
 
 
 # elementwise, monotone non-decreasing: max-pooling before them gives what max-pooling after them gives
+# A Concat whose inputs' ranges differ by more than this factor is left in float: one INT8 scale for its output
+# would leave the smaller input MIXED_RANGE x fewer steps (4 of 8 bits lost at 16)
+MIXED_RANGE = 16.0
+
+
+def mixed_range_joins(model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                      ratio: Optional[float] = None) -> list[dict[str, Any]]:
+    """Concat nodes joining tensors whose largest magnitudes (over `feeds`, one pass) differ by more than `ratio`,
+    each with its inputs' magnitudes: kept in float, since a static INT8 Concat rounds its output with one scale.
+    Why: a YOLO detector's output joins decoded boxes (pixels, 0-480 at 320x320) and class scores (0-1); with
+    onnxruntime's static QDQ the scores of ultralytics' YOLOv8n came out as one value (a step of 1.9 for
+    numbers below 1): every detection lost, while the cosine of the whole output tensor stayed near 1."""
+    from compress.quantize.fp8 import tensor_values
+
+    ratio = MIXED_RANGE if ratio is None else ratio
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    joins = [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) > 1]
+    names = sorted({i for n in joins for i in n.input if i and i not in inits})
+    if not names or not feeds:
+        return []
+    amax = dict.fromkeys(names, 0.0)
+    for values in tensor_values(onnx.load(str(model_path)), names, feeds, what="range check"):
+        for k, v in values.items():
+            a = np.abs(np.asarray(v, np.float64))
+            amax[k] = max(amax[k], float(a.max()) if a.size else 0.0)
+    out = []
+    for n in joins:
+        r = [amax[i] for i in n.input if i in amax]
+        if len(r) > 1 and min(r) > 0 and max(r) / min(r) > ratio:
+            out.append({"node": n.name, "input_amax": [round(x, 6) for x in r]})
+    return out
+
+
 POOL_COMMUTES = ("Relu", "Clip")
 
 
@@ -684,7 +718,11 @@ def quantize_int8(
                 out, details = _transformer_path(pre, work, preset, reader, ref, include, exclude, tune, recipe or {})
             else:
                 cache = Path(calibration_cache) if calibration_cache else None
-                out, details = _static_path(pre, work, preset, reader, method, include, exclude, tune, cache, recipe or {})
+                joins = mixed_range_joins(pre, reader.feeds(EVAL_FEEDS)) if include is None else []
+                out, details = _static_path(pre, work, preset, reader, method, include,
+                                            [*exclude, *(j["node"] for j in joins)], tune, cache, recipe or {})
+                if joins:
+                    details["float_joins"] = joins
             made = {"graph": details["graph"]["variant"]}
             if "smoothing" in details:
                 made["smoothing_alpha"] = details["smoothing"]["alpha"]
