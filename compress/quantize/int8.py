@@ -60,6 +60,7 @@ from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
 from compress.quantize.candidates import pick, time_candidates, timing_json
+from compress.quantize.fp8 import tensor_values
 from compress.quantize.ops import INT8_OPS
 from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.prep import preprocess
@@ -226,7 +227,6 @@ def mixed_range_joins(model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]
     Why: a YOLO detector's output joins decoded boxes (pixels, 0-480 at 320x320) and class scores (0-1); with
     onnxruntime's static QDQ the scores of ultralytics' YOLOv8n came out as one value (a step of 1.9 for
     numbers below 1): every detection lost, while the cosine of the whole output tensor stayed near 1."""
-    from compress.quantize.fp8 import tensor_values
 
     ratio = MIXED_RANGE if ratio is None else ratio
     model = onnx.load(str(model_path), load_external_data=False)

@@ -36,6 +36,7 @@ import onnx
 from compress.core import EdgeError, UsageError, onnxgraph, save_model
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
+from compress.quantize.fp8 import tensor_values
 from compress.quantize.ops import is_quantizable
 
 METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
@@ -388,7 +389,6 @@ class QuantizedAlone:
         the fp32 graph in one probe model, all run together on `feeds`: one session and one pass for all L layers.
         It sees each layer's own rounding, not how later layers amplify it, so it only screens which layers to
         measure. Nodes it cannot map are left out of the answer."""
-        from compress.quantize.fp8 import tensor_values
 
         probe = onnx.ModelProto()
         probe.CopyFrom(self.base)
