@@ -72,7 +72,11 @@ def test_through_compress_run(name, site, tmp_path):
         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    report = json.loads(doc.read_text())
+    check_run(name, out, json.loads(doc.read_text()))
+
+
+def check_run(name: str, out: Path, report: dict) -> None:
+    """What `compress run` must deliver on every architecture (also applied to bench/arch_suite.py --out)."""
     check_report(report)
     variants = {v["name"]: v for v in report["variants"]}
     assert {"fp32", "pruned", "int8", "int8-unpruned"} <= set(variants)
@@ -96,4 +100,7 @@ def test_through_compress_run(name, site, tmp_path):
         assert report["stage_seconds"][stage] > 0, stage
     if name.startswith("yolo"):  # boxes (4) and 80 class scores over the three scales' anchors: 40², 20², 10²
         assert reference[0][1] == [1, 84, 40 * 40 + 20 * 20 + 10 * 10]
+        for stage in ("quantize", "quantize_unpruned"):  # boxes and scores never share one INT8 scale
+            joins = report["stages"][stage]["quantizer"].get("float_joins") or []
+            assert joins and all(max(j["input_amax"]) > 16 * min(j["input_amax"]) for j in joins), stage
     np.testing.assert_array_less(0, [variants["pruned"]["size_bytes"], variants["int8"]["size_bytes"]])

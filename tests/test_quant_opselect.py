@@ -198,3 +198,31 @@ def test_an_int8_model_that_does_not_pay_is_not_searched_for_layers_to_keep_in_f
     assert fb["error_before"] > 0 and fb["max_excluded"] == 0 and fb["within_tolerance"] is False
     assert "no faster than" in fb["skipped"] and "2.000 against 1.000 ms" in fb["skipped"]
     assert (tmp_path / "q.onnx").is_file() and rep["excluded_layers"] == []
+
+
+def test_layers_are_not_ranked_when_every_layer_in_float_still_misses_the_tolerance(cnn, tmp_path, monkeypatch):
+    """The fallback's best case is tried first: if the model with every ranked layer in float misses the
+    tolerance (what else is quantized costs it), no choice of layers can help, and nothing is ranked or timed
+    (timm's ConvNeXt-atto spent 60 s ranking 41 layers for that answer)."""
+    import compress.quantize.stage as stage
+    from compress.quantize import QuantOptions, quant_stage
+
+    fp32_path, _ = cnn
+    seen = []
+
+    def error(model, *a, **k):
+        seen.append(Path(model).name)
+        return "cosine_min", 0.5
+
+    def never(*a, **k):
+        raise AssertionError("layers must not be ranked")
+
+    monkeypatch.setattr(stage, "_error", error)
+    monkeypatch.setattr(stage, "screened_sensitivity", never)
+    np.savez(tmp_path / "calib.npz", **_images(16, 5))
+    rep = quant_stage(fp32_path, tmp_path / "q.onnx", load_profile("host"), str(tmp_path / "calib.npz"),
+                      QuantOptions(to="int8", measure=False, select_ops=False, tolerance=0.01)).to_json()
+    fb = rep["fallback"]
+    assert fb["within_tolerance"] is False and fb["every_layer_float_error"] == 0.5
+    assert "even with all" in fb["skipped"] and "every-layer-float.onnx" in seen
+    assert (tmp_path / "q.onnx").is_file() and rep["excluded_layers"] == []

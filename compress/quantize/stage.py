@@ -250,6 +250,18 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     cands = [n["node"] for n in quantizable_nodes(fp32) if n["node"] not in set(kept_float)]
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
     # labelled set ties at zero drop
+    if cands:  # the fallback's best case first: one quantization says whether any choice of layers can do
+        on_stage(f"checking that {len(cands)} layers in float reach the tolerance")
+        every = work / "every-layer-float.onnx"
+        quantize(fp32, every, cands, False)
+        _, floor = _error(every, fp32, judge, runner, held, report)
+        if floor > tolerance:
+            report["fallback"].update(
+                within_tolerance=False, error=err, every_layer_float_error=floor,
+                skipped=f"even with all {len(cands)} layers in float the error is {floor:.4g} > tolerance "
+                        f"{tolerance:g}: what else is quantized (Add, Mul, Concat, ...) costs it, so no choice of "
+                        "layers can bring it back")
+            return first
     sens, screened = screened_sensitivity(fp32, first, cands, lambda s, o, n: quantize(s, o, n, True), held,
                                           reference, runner=runner)
     report["fallback"]["sensitivity"] = screened
