@@ -314,14 +314,22 @@ def prune_model(
     whole: list[str] = []  # blocks whose pruning broke the model, left at full width
     said: list[str] = []
     first = ""
-    while True:
+    for _ in range(MAX_RETRIES + 1):
         try:
             res = _prune_once(module, example, ignore=[*ignore, *whole], **kw)  # type: ignore[arg-type]
         except _BrokenBlock as e:
-            if e.block is None or e.block in whole or len(whole) >= MAX_WHOLE_BLOCKS:
+            if e.block is None or e.block in whole:
                 raise ModelError(str(e)) from e
             whole.append(e.block)
             said.append(f"{e.block} left at full width: pruning it broke the model ({e})")
+            kind = type(module.get_submodule(e.block))
+            if e.in_forward and not kind.__module__.startswith("torch."):  # its own code fails on its new
+                # widths: so would every block of its class (a container of torch's own runs no code of its own)
+                kin = [n for n, m in module.named_modules() if type(m) is kind and n not in whole
+                       and not any(n.startswith(w + ".") for w in whole)]
+                whole.extend(kin)
+                said.extend(f"{n} left at full width: the same code ({kind.__name__}) as {e.block}, whose forward "
+                            "failed on its pruned widths" for n in kin)
             first = first or str(e)
             continue
         if whole and res.params_after >= res.params_before:  # it broke wherever it cut: not one block's doing
@@ -330,11 +338,15 @@ def prune_model(
         res.ignored = list(dict.fromkeys(ignore))
         res.left_whole = whole
         return res
+    raise ModelError(f"pruning broke the model in {MAX_RETRIES + 1} blocks in turn, each left whole and the rest "
+                     f"pruned again; the first: {first}")
 
 
-# A block whose pruning breaks the model is left whole and the rest pruned again; past this many, the model is
-# refused (each retry rebuilds Torch-Pruning's dependency graph)
-MAX_WHOLE_BLOCKS = 16
+# A block whose pruning breaks the model is left whole (with every block of its class, when its own forward
+# failed) and the rest pruned again; past this many retries the model is refused. Each retry rebuilds
+# Torch-Pruning's dependency graph: MobileViT-v2-050's took 25-48 s each (Torch-Pruning 1.6.1 spends 80% of it
+# comparing index lists in Group.has_pruning_op), 152 s for 5 attention blocks one at a time, 2 retries by class.
+MAX_RETRIES = 16
 
 
 class _BrokenBlock(ModelError):
@@ -342,12 +354,13 @@ class _BrokenBlock(ModelError):
     pruned model fails to run there (widths hard-coded in its forward: MobileViT-v2's split of one qkv conv
     into [1, d, d], EfficientViT's grouped q/k/v conv)."""
 
-    def __init__(self, message: str, block: str | None = None) -> None:
+    def __init__(self, message: str, block: str | None = None, in_forward: bool = False) -> None:
         super().__init__(message)
         self.block = block
+        self.in_forward = in_forward  # the block's own forward failed (not Torch-Pruning on one of its layers)
 
     def __reduce__(self) -> tuple[Any, ...]:  # crosses processes (a Ray trial) with its block
-        return type(self), (str(self), self.block)
+        return type(self), (str(self), self.block, self.in_forward)
 
 
 def _block_of(name: str) -> str | None:
@@ -894,7 +907,8 @@ def _verify_outputs(model: nn.Module, example: dict[str, torch.Tensor], ref: dic
             inner = names.get(running[-1], "") if running else ""  # where it failed: a block's own code, or a layer's
             block = inner if inner and not _is_leaf(running[-1]) else _block_of(inner) if inner else None
             raise _BrokenBlock("the pruned model no longer runs" + (f" in {inner}" if inner else "")
-                               + f": {type(e).__name__}: {_first_line(e)}", block) from e
+                               + f": {type(e).__name__}: {_first_line(e)}", block,
+                               in_forward=bool(inner) and not _is_leaf(running[-1])) from e
     got = {n: tuple(t.shape) for n, t in _flat_tensors(out)}
     if got != ref:
         diff = [f"{n}: {list(ref.get(n, ()))} -> {list(got.get(n, ()))}"
