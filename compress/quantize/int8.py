@@ -244,7 +244,7 @@ def mixed_range_joins(model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]
     for n in joins:
         r = [amax[i] for i in n.input if i in amax]
         if len(r) > 1 and min(r) > 0 and max(r) / min(r) > ratio:
-            out.append({"node": n.name, "input_amax": [round(x, 6) for x in r]})
+            out.append({"node": n.name, "input_amax": [float(f"{x:.4g}") for x in r]})
     return out
 
 
