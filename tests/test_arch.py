@@ -72,6 +72,8 @@ def test_through_compress_run(name, site, tmp_path):
         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    stray = {p.name for p in tmp_path.iterdir()} - {"run", "report.json", ".stage-cache"}
+    assert not stray, f"written outside the output: {sorted(stray)}"  # the working directory is the user's
     check_run(name, out, json.loads(doc.read_text()))
 
 

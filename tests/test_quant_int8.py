@@ -138,6 +138,30 @@ def test_preprocess_recovers_when_quant_pre_process_fails(cnn, tmp_path, monkeyp
     assert _sha(cnn) == before  # the source is only ever read
 
 
+def test_what_shape_inference_leaves_behind_stays_out_of_the_working_directory(cnn, tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (and its weights under a random
+    name) into the current directory when it cannot finish, as on ultralytics' YOLO: not the user's."""
+    import onnxruntime.quantization.shape_inference as si
+
+    real = si.quant_pre_process
+
+    def incomplete(src, out, *args, skip_symbolic_shape=False, **kwargs):
+        if not skip_symbolic_shape:
+            onnx.save_model(onnx.load(src), "sym_shape_infer_temp.onnx", save_as_external_data=True,
+                            size_threshold=0)
+            raise Exception("Incomplete symbolic shape inference")
+        return real(src, out, *args, skip_symbolic_shape=skip_symbolic_shape, **kwargs)
+
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    monkeypatch.setattr(si, "quant_pre_process", incomplete)
+    (tmp_path / "out").mkdir()
+    info = preprocess(cnn, tmp_path / "out" / "pre.onnx")
+    assert info["step"] == "no-symbolic" and "Incomplete symbolic" in info["attempts"][0]["error"]
+    assert list(user.iterdir()) == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pre.onnx"]
+
+
 # ----------------------------------------------------------------------------------------- calibration
 
 
