@@ -462,6 +462,7 @@ def test_a_concat_of_boxes_and_scores_stays_float_so_the_scores_survive(tmp_path
     assert kept["float_joins"][0]["input_amax"][0] > 16 * kept["float_joins"][0]["input_amax"][1]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node]
     assert ops.count("QuantizeLinear") >= 2 and "Concat" in ops
+    assert kept["recipe"]["float_joins"] == kept["float_joins"]  # measured once: a re-quantization replays them
     monkeypatch.setattr(int8, "MIXED_RANGE", 1e9)  # the rule off: one scale for both
     shared = quantize_int8(src, tmp_path / "shared.onnx", load_profile("host"), feeds, tune=False)
     assert "float_joins" not in shared

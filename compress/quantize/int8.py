@@ -214,7 +214,6 @@ def space_to_depth_stem(model: onnx.ModelProto, kept_float: Iterable[str] = ()) 
     return count
 
 
-# elementwise, monotone non-decreasing: max-pooling before them gives what max-pooling after them gives
 # A Concat whose inputs' ranges differ by more than this factor is left in float: one INT8 scale for its output
 # would leave the smaller input MIXED_RANGE x fewer steps (4 of 8 bits lost at 16)
 MIXED_RANGE = 16.0
@@ -229,14 +228,14 @@ def mixed_range_joins(model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]
     numbers below 1): every detection lost, while the cosine of the whole output tensor stayed near 1."""
 
     ratio = MIXED_RANGE if ratio is None else ratio
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _load(model_path)
     inits = {t.name for t in model.graph.initializer}
     joins = [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) > 1]
     names = sorted({i for n in joins for i in n.input if i and i not in inits})
     if not names or not feeds:
         return []
     amax = dict.fromkeys(names, 0.0)
-    for values in tensor_values(onnx.load(str(model_path)), names, feeds, what="range check"):
+    for values in tensor_values(model, names, feeds, what="range check"):
         for k, v in values.items():
             a = np.abs(np.asarray(v, np.float64))
             amax[k] = max(amax[k], float(a.max()) if a.size else 0.0)
@@ -248,6 +247,7 @@ def mixed_range_joins(model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]
     return out
 
 
+# elementwise, monotone non-decreasing: max-pooling before them gives what max-pooling after them gives
 POOL_COMMUTES = ("Relu", "Clip")
 
 
@@ -673,8 +673,9 @@ def quantize_int8(
     times the graph rewrites and smoothing strengths and keeps what measures best; without it the measured
     defaults are used, which is what many-model searches want. calibration_cache: onnxruntime's JSON cache of
     static activation ranges, reused when it exists (skips calibration in repeated runs on one model).
-    recipe: the "recipe" of an earlier result on the same model (graph rewrite, smoothing strength), applied
-    without measuring again: per-layer searches then quantize exactly as the first run did, quickly.
+    recipe: the "recipe" of an earlier result on the same model (graph rewrite, smoothing strength, the Concats
+    kept in float), applied without measuring again: per-layer searches then quantize exactly as the first run
+    did, quickly.
     calib_label: the --calib file `calib`'s arrays were loaded from, named in errors about them. announce: warn
     about synthetic calibration (a re-quantization of a model already quantized leaves it to the first: the
     float fallback on timm's LeViT printed the same warning 98 times).
@@ -718,12 +719,19 @@ def quantize_int8(
                 out, details = _transformer_path(pre, work, preset, reader, ref, include, exclude, tune, recipe or {})
             else:
                 cache = Path(calibration_cache) if calibration_cache else None
-                joins = mixed_range_joins(pre, reader.feeds(EVAL_FEEDS)) if include is None else []
+                # measured once per model: re-quantizations with the first result's recipe (op selection, the
+                # float fallback) reuse them
+                joins: Optional[list[dict[str, Any]]] = None
+                if include is None:
+                    joins = list(recipe["float_joins"]) if recipe and "float_joins" in recipe else \
+                        mixed_range_joins(pre, reader.feeds(EVAL_FEEDS))
                 out, details = _static_path(pre, work, preset, reader, method, include,
-                                            [*exclude, *(j["node"] for j in joins)], tune, cache, recipe or {})
+                                            [*exclude, *(j["node"] for j in joins or [])], tune, cache, recipe or {})
                 if joins:
                     details["float_joins"] = joins
             made = {"graph": details["graph"]["variant"]}
+            if mode == "static" and joins is not None:
+                made["float_joins"] = joins
             if "smoothing" in details:
                 made["smoothing_alpha"] = details["smoothing"]["alpha"]
             fid = fidelity(ref, onnx_outputs(out, reader.feeds(EVAL_FEEDS)))
