@@ -174,9 +174,9 @@ def screened_sensitivity(src: str | Path, quantized: str | Path, candidates: lis
     alone = QuantizedAlone(src, quantized)
     measure_fn = alone.quantize_only(quantize_only)
     info: dict[str, Any] = {"candidates": len(candidates)}
-    floats = [n for n in candidates if alone.left_float(n)]
+    floats = {n for n in candidates if alone.left_float(n)}
     if floats:  # nothing to keep in float: they are
-        candidates = [n for n in candidates if n not in set(floats)]
+        candidates = [n for n in candidates if n not in floats]
         info["float_in_quantized"] = len(floats)
     if eval_feeds:
         info["copied"] = alone.calibrate(candidates, quantize_only, eval_feeds[0], runner)

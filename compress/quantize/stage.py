@@ -245,9 +245,9 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
                 skipped=f"the quantized model is no faster than {fp32.name} ({ms['quantized']:.3f} against "
                         f"{ms['fp32']:.3f} ms, {timer.said}): keeping layers in float cannot make it pay")
             return first
-    on_stage("ranking layers by sensitivity")
     # what op selection keeps in float stays float in every model the fallback writes: nothing to rank
-    cands = [n["node"] for n in quantizable_nodes(fp32) if n["node"] not in set(kept_float)]
+    floats = set(kept_float)
+    cands = [n["node"] for n in quantizable_nodes(fp32) if n["node"] not in floats]
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
     # labelled set ties at zero drop
     if cands:  # the fallback's best case first: one quantization says whether any choice of layers can do
@@ -262,6 +262,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
                         f"{tolerance:g}: what else is quantized (Add, Mul, Concat, ...) costs it, so no choice of "
                         "layers can bring it back")
             return first
+    on_stage("ranking layers by sensitivity")
     sens, screened = screened_sensitivity(fp32, first, cands, lambda s, o, n: quantize(s, o, n, True), held,
                                           reference, runner=runner)
     report["fallback"]["sensitivity"] = screened
