@@ -42,3 +42,21 @@ def _factory(blocks: int):
 
 for _n in DEPTHS:
     globals()[f"blocks_{_n}"] = _factory(_n)
+
+
+def float_share(model_path: str) -> float:
+    """A --eval score that forces the float fallback at every depth, for `bench/scaling.py --forced`: the share
+    of the model's Conv/Gemm layers left in float (1.0 for the fp32 model, ~0 all-INT8). With `--tolerance 0.5`
+    the fallback must keep about half of the layers in float, whatever the depth: its whole search (the check
+    with every layer in float, the ranking, the float costs, the doubling and the bisection) runs every time,
+    which random weights and a fidelity metric do only when a top-1 happens to flip."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
+                                                      "QLinearConv", "QLinearMatMul")]
+    consts = {i.name for i in graph.initializer}
+    # a float layer reads its weight straight from an initializer; a quantized one from a DequantizeLinear
+    floats = [n for n in layers if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+              and n.input[1] in consts]
+    return len(floats) / max(1, len(layers))

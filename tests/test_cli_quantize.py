@@ -111,6 +111,12 @@ def test_eval_metric_drives_the_fallback(cnn, user_metric, tmp_path):
     else:
         assert ev["int8"] == 1.0 and not rep["excluded_layers"]
     assert out.exists()
+    # where the stage's time went, one figure per step it ran (op selection and timing were switched off)
+    steps = rep["step_seconds"]
+    assert "quantize" in steps and "eval" in steps and "op_selection" not in steps and "timing" not in steps
+    assert all(v >= 0 for v in steps.values())
+    if fb["error_before"] > 0:
+        assert "every_float" in steps and ("ranking" in steps) == ("skipped" not in fb)
 
 
 def test_eval_gets_the_session_options_fp8_needs(cnn, user_metric, tmp_path):

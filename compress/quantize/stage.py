@@ -9,6 +9,7 @@ measured speedup against fp32.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,33 @@ TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, ex
 # together, interleaved); a cost under FLOAT_COST_FLOOR of the quantized model's time is timing noise
 FALLBACK_TIMED = 12
 FLOAT_COST_FLOOR = 0.01
+
+
+class _Steps:
+    """The quantize stage's own clock: seconds per step (quantize, op_selection, fidelity, eval, recalibrate,
+    fallback_timing, every_float, ranking, float_costs, search, timing) for report.json, each span running
+    from one `step` call to the next; `say` passes a progress line on without starting a step (the backends'
+    lines fall under "quantize"). The stage's total hid where it went: at 130 layers, 79-87 s of which the
+    ranking and the float costs took ~25 s each."""
+
+    def __init__(self, on_stage: Callable[[str], None]) -> None:
+        self.say = on_stage
+        self.seconds: dict[str, float] = {}
+        self._key: Optional[str] = None
+        self._t0 = time.perf_counter()
+
+    def __call__(self, key: str, label: Optional[str] = None) -> None:
+        self.stop()
+        self._key, self._t0 = key, time.perf_counter()
+        if label is not None:
+            self.say(label)
+
+    def stop(self) -> dict[str, float]:
+        if self._key is not None:
+            spent = self.seconds.get(self._key, 0.0) + time.perf_counter() - self._t0
+            self.seconds[self._key] = round(spent, 2)
+            self._key = None
+        return self.seconds
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> Backend:
@@ -185,7 +213,7 @@ def _error(model: Path, fp32: Path, judge: _Judge, runner: Callable[..., Any], h
 def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated: Callable[[str], Requantize],
                  slow_ops: list[str], runner: Callable[..., Any], held: list[dict[str, np.ndarray]],
                  reference: list[list[np.ndarray]], err: float, tolerance: float, judge: _Judge,
-                 report: dict[str, Any], on_stage: Callable[[str], None]) -> tuple[Path, str, float]:
+                 report: dict[str, Any], steps: _Steps) -> tuple[Path, str, float]:
     """Before any layer is kept in float: when `first` misses the tolerance, the same recipe calibrated with each
     other SEARCHED_METHODS method (one quantization and one evaluation each, no speed lost). Returns the first
     one within the tolerance, its method and error, else `first`'s (`err`): the layer fallback starts from the method
@@ -200,7 +228,7 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
     for other in SEARCHED_METHODS:
         if other == method:
             continue
-        on_stage(f"calibrating with {other} instead of {method}")
+        steps("recalibrate", f"calibrating with {other} instead of {method}")
         out = work / f"calibrated-{other}.onnx"
         try:
             recalibrated(other)(fp32, out, list(slow_ops), False)
@@ -222,7 +250,7 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
 def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Path, list[str], bool], None],
               runner: Callable[..., Any], held: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]],
               metric: str, err: float, tolerance: float, judge: _Judge, report: dict[str, Any],
-              on_stage: Callable[[str], None], timer: Optional[_Timer] = None, must_pay: bool = False,
+              steps: _Steps, timer: Optional[_Timer] = None, must_pay: bool = False,
               kept_float: Sequence[str] = ()) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`) and, with a `timer`, by that per millisecond keeping each in float costs the
@@ -237,7 +265,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     if err <= tolerance:
         return first
     if must_pay and timer is not None:  # layers in float only add time: an INT8 model that does not pay never will
-        on_stage(f"timing {first.name} against {fp32.name}")
+        steps("fallback_timing", f"timing {first.name} against {fp32.name}")
         ms = timer({"fp32": fp32, "quantized": first})
         if ms["quantized"] >= ms["fp32"]:
             report["fallback"].update(
@@ -251,7 +279,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     # ranked on fidelity even with --eval: label-free salience separates layers that a user's score on a small
     # labelled set ties at zero drop
     if cands:  # the fallback's best case first: one quantization says whether any choice of layers can do
-        on_stage(f"checking that {len(cands)} layers in float reach the tolerance")
+        steps("every_float", f"checking that {len(cands)} layers in float reach the tolerance")
         every = work / "every-layer-float.onnx"
         quantize(fp32, every, cands, False)
         _, floor = _error(every, fp32, judge, runner, held, report)
@@ -262,14 +290,14 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
                         f"{tolerance:g}: what else is quantized (Add, Mul, Concat, ...) costs it, so no choice of "
                         "layers can bring it back")
             return first
-    on_stage("ranking layers by sensitivity")
+    steps("ranking", "ranking layers by sensitivity")
     sens, screened = screened_sensitivity(fp32, first, cands, lambda s, o, n: quantize(s, o, n, True), held,
                                           reference, runner=runner)
     report["fallback"]["sensitivity"] = screened
     salient = [r["node"] for r in sens if r.get("salience")][:FALLBACK_TIMED]
     limit, why = None, ""
     if timer is not None and len(salient) > 1:
-        on_stage(f"timing what keeping each of {len(salient)} layers in float costs")
+        steps("float_costs", f"timing what keeping each of {len(salient)} layers in float costs")
         costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
         sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
         report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.said})"
@@ -277,7 +305,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
             limit = affordable([r for r in sens if r.get("salience") is not None], base_ms, fp32_ms)
             why = (f"estimated from each layer's cost in float: {base_ms:.3f} ms quantized + the kept layers' costs "
                    f"against {fp32_ms:.3f} ms for {fp32.name}")
-    on_stage("keeping the most sensitive layers in float")
+    steps("search", "keeping the most sensitive layers in float")
     second = work / "fallback.onnx"
     fb = fallback(fp32, second, lambda s, o, n: quantize(s, o, n, False), sens, held, judge.outputs, tolerance,
                   "cosine_min" if metric == "score_drop" else metric, runner=runner, evaluate=score,
@@ -293,9 +321,9 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
 
 
 def _time_against_fp32(fp32: Path, model: Path, name: str, profile: DeviceProfile, feed: dict[str, np.ndarray],
-                       report: dict[str, Any], on_stage: Callable[[str], None]) -> None:
+                       report: dict[str, Any], steps: _Steps) -> None:
     """report["latency"] and ["speedup_vs_fp32"]: `model` against fp32, interleaved, with the profile's providers."""
-    on_stage(f"timing fp32 vs {name} on {profile.name}")
+    steps("timing", f"timing fp32 vs {name} on {profile.name}")
     ab = device_latency({"fp32": fp32, name: model}, profile, feed, baseline="fp32")
     report["latency"] = ab.to_json()
     report["speedup_vs_fp32"] = ab.speedup(name, "wall")
@@ -325,16 +353,18 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
     simulated = backend.simulated(profile, opts)
     report: dict[str, Any] = {"format": opts.to, "device": profile.name, "calibration": calib_info,
                               "simulated": simulated}
+    steps = _Steps(on_stage)
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
         work = Path(tmp)
         job = QuantJob(fp32, work / "quantized.onnx", work, profile, opts, calib, calib_part, held, simulated,
-                       torch_source, on_stage)
+                       torch_source, steps.say)
+        steps("quantize")
         made = backend.quantize(job)
         report["quantizer"] = made.info
         report["backend"] = backend.backend
-        final = _judged(backend, made, job, report, reference_model)
+        final = _judged(backend, made, job, report, reference_model, steps)
         if opts.measure and not simulated:
-            _time_against_fp32(fp32, final, opts.to, profile, held[0], report, on_stage)
+            _time_against_fp32(fp32, final, opts.to, profile, held[0], report, steps)
         proto = onnx.load(str(final))  # with its external data, rewritten under dst's own name
         bad = nonfinite_initializers(proto, must_be_finite(proto.graph))
         if bad:  # whatever the cause (data, a degenerate range, a bug): never a silently broken model
@@ -343,19 +373,20 @@ def quant_stage(fp32: Path, dst: Path, profile: DeviceProfile, calib: Optional[s
         write_model(proto, dst, external=proto.ByteSize() >= TWO_GB if proto.ByteSize() > 0 else False)
     report["onnx"] = str(dst)
     report["preset"] = made.preset
+    report["step_seconds"] = steps.stop()
     return QuantResult.from_json(report)
 
 
 def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, Any],
-            reference_model: Optional[Path]) -> Path:
+            reference_model: Optional[Path], steps: _Steps) -> Path:
     """Op selection, fidelity, --eval and the float fallback on what the backend made; returns the model to keep
     and fills `report` (in this order: op_selection, fidelity, the format's own fields, excluded_layers, eval,
     fallback)."""
-    fp32, work, held, opts, on_stage = job.fp32, job.work, job.held, job.opts, job.on_stage
+    fp32, work, held, opts = job.fp32, job.work, job.held, job.opts
     first = made.path
     slow_ops: list[str] = []  # ops that op selection keeps in fp32; every later quantization leaves them too
     if backend.selects_ops and opts.select_ops and made.requantize is not None:
-        on_stage(f"timing each quantized op against fp32 on {job.profile.name}")
+        steps("op_selection", f"timing each quantized op against fp32 on {job.profile.name}")
         sel = _select_ops(fp32, first, work, job.profile, made.requantize, held[0])
         report["op_selection"] = {k: v for k, v in sel.items() if k != "path"}
         first, slow_ops = Path(sel["path"]), list(sel["kept_fp32"])
@@ -366,7 +397,7 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
         return first
     runner, runner_options = backend.outputs()
     reference = onnx_outputs(fp32, held)
-    on_stage("measuring fidelity on held-out inputs")
+    steps("fidelity", "measuring fidelity on held-out inputs")
     report["fidelity"] = fidelity(reference, runner(first, held))
     report.update(made.report)
     report["excluded_layers"] = made.excluded_layers + _op_selection_reasons(report.get("op_selection"))
@@ -374,7 +405,7 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     if reference_model is not None:
         judge.outputs = onnx_outputs(judge.model, held)
     if opts.evaluate is not None:  # the user's --eval metric, bound to the session options the format needs
-        on_stage(f"scoring fp32 and {opts.to} with --eval")
+        steps("eval", f"scoring fp32 and {opts.to} with --eval")
         judge.score = opts.evaluate.bind(runner_options)
         report["eval"] = {"function": opts.evaluate.spec, "fp32": judge.score(judge.model), opts.to: judge.score(first)}
     if opts.tolerance is None:
@@ -395,7 +426,7 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
             return first
     if made.recalibrated is not None and err > opts.tolerance:
         first, method, err = _recalibrate(fp32, first, work, opts.method, made.recalibrated, slow_ops, runner, held,
-                                          reference, err, opts.tolerance, judge, report, on_stage)
+                                          reference, err, opts.tolerance, judge, report, steps)
         if method != opts.method:
             requantize = made.recalibrated(method)
 
@@ -406,4 +437,4 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     local = opts.select_ops and not job.simulated and describe_host()["arch"] == job.profile.arch
     timer = _timer(job.profile, held[0])[0] if local else None
     return _fallback(fp32, first, work, keep_slow_ops, runner, held, reference, metric, err, opts.tolerance, judge,
-                     report, on_stage, timer, opts.fallback_must_pay, slow_ops)
+                     report, steps, timer, opts.fallback_must_pay, slow_ops)

@@ -68,6 +68,7 @@ class QuantResult(Result):
     speedup_vs_fp32: Optional[float] = None
     onnx: Optional[str] = None  # the file written (not kept in report.json, where the variant names it)
     preset: Optional[dict[str, Any]] = None
+    step_seconds: Optional[dict[str, float]] = None  # where the stage's time went (quantize, ranking, search, ...)
 
 
 class PruneResult(Result):
