@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from compress.core.errors import InputError
 from compress.evaluate.compare import fidelity, onnx_outputs
@@ -27,6 +28,7 @@ from compress.quantize.int8 import (
 )
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import candidates, preset_for
+from compress.quantize.reuse import Prepared
 from compress.search.space import Space
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
@@ -358,6 +360,50 @@ def test_recipe_replays_the_measured_choices(encoder, cnn, tmp_path):
     c = quantize_int8(cnn, tmp_path / "c.onnx", load_profile("host"), _images(8, 0), recipe={"graph": "s2d-stem"})
     assert c["graph"]["variant"] == "s2d-stem" and "int8_timing" not in c["graph"]
     assert any(n.op_type == "SpaceToDepth" for n in onnx.load(str(tmp_path / "c.onnx")).graph.node)
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    inits = lambda m: {t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}  # noqa: E731
+    nodes = lambda m: [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]  # noqa: E731
+    return inits(ma) == inits(mb) and nodes(ma) == nodes(mb)
+
+
+@pytest.mark.parametrize("family", ["cnn", "transformer"])
+def test_requantizing_with_what_was_prepared_gives_the_same_model(encoder, cnn, tmp_path, family, monkeypatch):
+    """Re-quantizations with other layers kept in float reuse the preprocessed model, the reference outputs, the
+    graph rewrites, smoothing's ranges and the static ranges (onnxruntime's calibration cache): the same models
+    as quantizing from scratch, with the calibration pass and pre-processing done once."""
+    src, data = (cnn, _images(8, 0)) if family == "cnn" else (encoder, _tokens(8, 0))
+    first = quantize_int8(src, tmp_path / "first.onnx", load_profile("host"), data)
+    recipe = {**first["recipe"], **({"smoothing_alpha": 0.7} if family == "transformer" else {})}
+    nodes = [n.name for n in onnx.load(str(src)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    reuse = Prepared(tmp_path / "prepared")
+    import compress.quantize.int8 as int8
+
+    calls = {"preprocess": 0}
+    real = int8.preprocess
+
+    def counted(*a, **k):
+        calls["preprocess"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(int8, "preprocess", counted)
+    for k, kept in enumerate([nodes[1:2], nodes[2:4], nodes[1:2]]):
+        kw = dict(exclude=kept, recipe=recipe, tune=False)
+        quantize_int8(src, tmp_path / f"plain{k}.onnx", load_profile("host"), data, **kw)
+        quantize_int8(src, tmp_path / f"reused{k}.onnx", load_profile("host"), data, reuse=reuse, **kw)
+        assert _same_model(tmp_path / f"plain{k}.onnx", tmp_path / f"reused{k}.onnx"), kept
+    assert calls["preprocess"] == 3 + 1  # three plain, once for all the reused
+    if family == "cnn":  # the static ranges are kept per graph: the layers kept in float do not change it here
+        assert len(list((tmp_path / "prepared").glob("ranges-minmax-*.json"))) == 1
+    else:
+        assert reuse.equivalent == {first["recipe"]["graph"]: (True, "")} or first["recipe"]["graph"] == "as-exported"
+        assert reuse.amax  # smoothing's per-channel ranges, per tensor
+    other = tmp_path / "other.onnx"  # another source (or the same file changed) starts afresh
+    other.write_bytes(src.read_bytes())
+    quantize_int8(other, tmp_path / "o.onnx", load_profile("host"), data, exclude=nodes[1:2], recipe=recipe, reuse=reuse)
+    assert reuse.source[0] == str(other.resolve()) and calls["preprocess"] == 3 + 2
 
 
 def test_non_finite_scales_and_weights_are_found_and_masks_are_not():

@@ -65,6 +65,7 @@ from compress.quantize.ops import INT8_OPS
 from compress.quantize.options import CALIBRATION_METHODS
 from compress.quantize.prep import preprocess
 from compress.quantize.presets import Preset, candidates, preset_for
+from compress.quantize.reuse import Prepared
 from compress.quantize.writing import quiet_onnxruntime, write_final
 from devices import DeviceProfile, describe_host, usable_cores
 from export import get_metadata, set_metadata
@@ -448,11 +449,15 @@ def _graph_variant(pre: Path, work: Path, name: str, info: dict[str, Any]) -> Pa
 
 
 def _transformer_graph(pre: Path, work: Path, feeds: Sequence[Mapping[str, np.ndarray]], ref: list[list[np.ndarray]],
-                       names: set[str], tune: bool, forced: Optional[str]) -> tuple[Path, dict[str, Any]]:
+                       names: set[str], tune: bool, forced: Optional[str],
+                       reuse: Optional[Prepared] = None) -> tuple[Path, dict[str, Any]]:
     """Build the fp32 graph variants, drop any that is not equivalent, time the rest, keep the fastest.
 
-    `forced` (a recipe's graph) builds just that one, checked the same way; no tuning builds none.
+    `forced` (a recipe's graph) builds just that one, checked the same way; no tuning builds none. `reuse`:
+    variants are built and checked once per source model.
     """
+    if reuse is not None:
+        work = reuse.graph_folder()
     wanted = [forced] if forced else (GRAPH_VARIANTS if tune else [])
     info: dict[str, Any] = {"tuned": bool(tune and not forced), "rejected": {}}
     variants: dict[str, Path] = {"as-exported": pre}
@@ -466,7 +471,12 @@ def _transformer_graph(pre: Path, work: Path, feeds: Sequence[Mapping[str, np.nd
             continue
         if path in variants.values():
             continue  # nothing to rewrite: the same graph as another variant
-        ok, why = _equivalent(ref[:2], path, feeds[:2])
+        if reuse is not None and name in reuse.equivalent:
+            ok, why = reuse.equivalent[name]
+        else:
+            ok, why = _equivalent(ref[:2], path, feeds[:2])
+            if reuse is not None:
+                reuse.equivalent[name] = (ok, why)
         missing = names - _names(onnx.load(str(path), load_external_data=False))
         if missing:
             ok, why = False, f"renames node(s) {', '.join(sorted(missing)[:3])} that include/exclude refer to"
@@ -503,9 +513,10 @@ def _data_size(path: Path) -> int:
 
 def _transformer_path(pre: Path, work: Path, preset: Preset, reader: CalibReader, ref: list[list[np.ndarray]],
                       include: Optional[Sequence[str]], exclude: Sequence[str], tune: bool,
-                      recipe: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+                      recipe: Mapping[str, Any], reuse: Optional[Prepared] = None) -> tuple[Path, dict[str, Any]]:
     feeds = reader.feeds(EVAL_FEEDS)
-    graph, ginfo = _transformer_graph(pre, work, feeds, ref, set(include or []) | set(exclude), tune, recipe.get("graph"))
+    graph, ginfo = _transformer_graph(pre, work, feeds, ref, set(include or []) | set(exclude), tune, recipe.get("graph"),
+                                      reuse)
     model = _load(graph)
     args = preset.dynamic_args()
     ops = set(args["op_types_to_quantize"])
@@ -517,7 +528,13 @@ def _transformer_path(pre: Path, work: Path, preset: Preset, reader: CalibReader
         alphas = SMOOTH_ALPHAS if tune else (DEFAULT_ALPHA,)
     amax: dict[str, np.ndarray] = {}
     if groups and any(a is not None for a in alphas):  # every calibration feed, streamed
-        amax = activation_absmax(graph, list(groups), (reader.feed(i) for i in range(len(reader))))
+        variant = ginfo["variant"]
+        kept = {x: reuse.amax[(variant, x)] for x in groups if (variant, x) in reuse.amax} if reuse else {}
+        todo = [x for x in groups if x not in kept]
+        amax = {**kept, **(activation_absmax(graph, todo, (reader.feed(i) for i in range(len(reader))))
+                           if todo else {})}
+        if reuse is not None:
+            reuse.amax.update(((variant, x), a) for x, a in amax.items())
     skewed = {x for x, a in amax.items() if a.max() >= SMOOTH_MIN_OUTLIER_RATIO * max(float(np.median(a)), 1e-12)}
 
     def to_smooth(m: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
@@ -601,7 +618,8 @@ def _pool_first(pre: Path, kept_float: Sequence[str], prep: dict[str, Any]) -> N
 
 def _static_path(pre: Path, work: Path, preset: Preset, reader: CalibReader, method: str,
                  include: Optional[Sequence[str]], exclude: Sequence[str], tune: bool,
-                 cache: Optional[Path], recipe: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+                 cache: Optional[Path], recipe: Mapping[str, Any],
+                 reuse: Optional[Prepared] = None) -> tuple[Path, dict[str, Any]]:
     forced = recipe.get("graph")
     can_s2d = preset.target == "cpu" and preset.family == "cnn"
     wanted = [forced] if forced else (["as-exported", "s2d-stem"] if tune and can_s2d else ["as-exported"])
@@ -614,7 +632,8 @@ def _static_path(pre: Path, work: Path, preset: Preset, reader: CalibReader, met
             s2d_fp32, s2d = work / "g_s2d.onnx", work / "static_s2d.onnx"
             save_model(model, s2d_fp32)
             try:
-                _quantize_static(s2d_fp32, s2d, preset, reader, method, include, exclude, None)
+                _quantize_static(s2d_fp32, s2d, preset, reader, method, include, exclude,
+                                 reuse.ranges(s2d_fp32, method) if reuse is not None else None)
                 q = _load(s2d)
                 if quantize_before_space_to_depth(q):
                     save_model(q, s2d)
@@ -663,6 +682,7 @@ def quantize_int8(
     recipe: Optional[Mapping[str, Any]] = None,
     calib_label: Optional[str] = None,
     announce: bool = True,
+    reuse: Optional[Prepared] = None,
 ) -> dict[str, Any]:
     """Write an INT8 copy of the ONNX model `src` to `dst` for `profile`'s device and return what was done.
 
@@ -678,7 +698,9 @@ def quantize_int8(
     did, quickly.
     calib_label: the --calib file `calib`'s arrays were loaded from, named in errors about them. announce: warn
     about synthetic calibration (a re-quantization of a model already quantized leaves it to the first: the
-    float fallback on timm's LeViT printed the same warning 98 times).
+    float fallback on timm's LeViT printed the same warning 98 times). reuse: a Prepared the caller keeps across
+    re-quantizations of `src` with the same calibration data (compress.quantize.reuse): what does not depend on
+    include/exclude is made once.
     """
     t0 = time.perf_counter()
     src = Path(src).expanduser()
@@ -707,18 +729,30 @@ def quantize_int8(
         with tempfile.TemporaryDirectory(prefix=".quant-int8-", dir=dst.parent) as tmp:
             work = Path(tmp)
             pre = work / "pre.onnx"
-            prep = preprocess(src, pre, optimize=(mode == "static"))
+            reuse = reuse.for_source(src) if reuse is not None else None
+
+            def prepared(optimize: bool) -> dict[str, Any]:
+                if reuse is None:
+                    return preprocess(src, pre, optimize=optimize)
+                return reuse.preprocessed(pre, optimize, lambda dst: preprocess(src, dst, optimize=optimize))
+
+            prep = prepared(mode == "static")
             names = set(include or []) | set(exclude)
             if names - _names(onnx.load(str(pre), load_external_data=False)) and prep.get("optimized"):
-                prep = preprocess(src, pre, optimize=False)  # ORT's optimiser renamed nodes the caller named
+                prep = prepared(False)  # ORT's optimiser renamed nodes the caller named
                 prep["reason"] = "include/exclude name nodes that onnxruntime's optimiser renames"
             if exclude and mode == "static":
                 _pool_first(pre, exclude, prep)
-            ref = onnx_outputs(src, reader.feeds(EVAL_FEEDS))
+            if reuse is not None and reuse.reference is None:
+                reuse.reference = onnx_outputs(src, reader.feeds(EVAL_FEEDS))
+            ref = reuse.reference if reuse is not None else onnx_outputs(src, reader.feeds(EVAL_FEEDS))
             if mode == "dynamic":
-                out, details = _transformer_path(pre, work, preset, reader, ref, include, exclude, tune, recipe or {})
+                out, details = _transformer_path(pre, work, preset, reader, ref, include, exclude, tune, recipe or {},
+                                                 reuse)
             else:
                 cache = Path(calibration_cache) if calibration_cache else None
+                if cache is None and reuse is not None:
+                    cache = reuse.ranges(pre, method)
                 # measured once per model: re-quantizations with the first result's recipe (op selection, the
                 # float fallback) reuse them
                 joins: Optional[list[dict[str, Any]]] = None
@@ -726,7 +760,8 @@ def quantize_int8(
                     joins = list(recipe["float_joins"]) if recipe and "float_joins" in recipe else \
                         mixed_range_joins(pre, reader.feeds(EVAL_FEEDS))
                 out, details = _static_path(pre, work, preset, reader, method, include,
-                                            [*exclude, *(j["node"] for j in joins or [])], tune, cache, recipe or {})
+                                            [*exclude, *(j["node"] for j in joins or [])], tune, cache, recipe or {},
+                                            reuse)
                 if joins:
                     details["float_joins"] = joins
             made = {"graph": details["graph"]["variant"]}
