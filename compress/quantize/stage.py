@@ -138,10 +138,19 @@ class _Timer:
     def session_config(self) -> dict[str, str]:
         return dict(self.profile.session_config)
 
+    def at_device_threads(self, models: dict[str, Path]) -> dict[str, float]:
+        """The models timed at the device's thread count alone (`threads`; the cpu clock at 1, else the wall
+        clock): for the float costs, estimates compared with one another and summed, not a choice between two
+        models. Timing each at 1 and 2 threads took 11.4 s for MiniLM's 14 models, at 2 alone 5.4 s (AMD EPYC,
+        2 cores); the 12 re-quantizations that make them take another 32 s (onnxruntime's per-channel weight
+        quantization, in Python, is a third of it)."""
+        res = device_latency(models, self.profile, self.feed, threads=self.threads, rounds=30, warmup=3,
+                             min_seconds=1.0)
+        return res.cpu_ms if self.threads == 1 else res.wall_ms
+
     def __call__(self, models: dict[str, Path]) -> dict[str, float]:
         if self.threads == 1:
-            res = device_latency(models, self.profile, self.feed, threads=1, rounds=30, warmup=3, min_seconds=1.0)
-            return res.cpu_ms
+            return self.at_device_threads(models)
         ab = tuned_latency(models, self.profile, self.feed, candidates=self.counts, baseline=next(iter(models)),
                            rounds=30, warmup=3, min_seconds=1.0)
         return {n: ab.wall_ms(n) for n in models}
@@ -298,9 +307,11 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     limit, why = None, ""
     if timer is not None and len(salient) > 1:
         steps("float_costs", f"timing what keeping each of {len(salient)} layers in float costs")
-        costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient, timer)
+        costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient,
+                                              timer.at_device_threads)
         sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
-        report["fallback"]["ranked_by"] = f"salience per ms in float ({timer.said})"
+        said = f"{timer.clock} clock, {timer.threads} thread{'s' if timer.threads > 1 else ''}"
+        report["fallback"]["ranked_by"] = f"salience per ms in float ({said})"
         if must_pay:
             limit = affordable([r for r in sens if r.get("salience") is not None], base_ms, fp32_ms)
             why = (f"estimated from each layer's cost in float: {base_ms:.3f} ms quantized + the kept layers' costs "
