@@ -104,6 +104,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     fid = f"cosine min {f['cosine_min']:.4f} / mean {f['cosine_mean']:.4f}" if f.get("cosine_min") is not None else "cosine n/a"
     if f.get("top1_agreement") is not None:
         fid += f", top-1 agreement {f['top1_agreement']:.1%}"
+    if (f.get("boxes") or {}).get("reference_boxes"):
+        fid += f", boxes F1 {f['boxes']['f1']:.1%} ({f['boxes']['reference_boxes']} reference boxes)"
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")

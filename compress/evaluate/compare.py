@@ -22,6 +22,7 @@ from torch import nn
 
 from compress.core import ModelError, RuntimeFailure, sessions
 from compress.core import first_line as _first_line
+from compress.evaluate.detection import box_fidelity, is_detection_head
 from export import flatten_outputs
 
 
@@ -31,7 +32,9 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
     Each argument is either a list of outputs (one big batch) or a list over batches of such lists; batches are
     concatenated along axis 0. Returns cosine_min / cosine_mean (per sample, over the flattened concatenation of
     all of that sample's outputs), rel_l2 (||ref - cand|| / ||ref|| over everything), top1_agreement (argmax over
-    the last axis of the first output when it is [N, C] with C > 1, else None), samples and nonfinite_samples.
+    the last axis of the first output when it is [N, C] with C > 1, else None), samples and nonfinite_samples;
+    and "boxes" where the first output is a YOLO detection head (compress.evaluate.detection: the boxes kept
+    after NMS, matched).
     """
     ref = _merge_batches(reference, "reference")
     cand = _merge_batches(candidate, "candidate")
@@ -39,7 +42,7 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
     ref_rows, cand_rows = _per_sample(ref, n), _per_sample(cand, n)
     finite = np.isfinite(ref_rows).all(axis=1) & np.isfinite(cand_rows).all(axis=1)
     cos = _cosine_rows(ref_rows, cand_rows, finite)
-    return {
+    out = {
         "cosine_min": float(cos.min()),
         "cosine_mean": float(cos.mean()),
         "rel_l2": _rel_l2(ref_rows, cand_rows),
@@ -47,6 +50,22 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
         "samples": n,
         "nonfinite_samples": int(n - finite.sum()),
     }
+    if is_detection_head(ref[0]):
+        out["boxes"] = box_fidelity(ref[0], cand[0], finite)
+    return out
+
+
+def judged(fid: Mapping[str, Any]) -> tuple[str, float]:
+    """(metric, error) that a tolerance bounds for these figures (a fidelity dict): 1 - the F1 of matched boxes
+    for a detector whose reference keeps boxes ("boxes"), 1 - top-1 agreement for a classifier ("top1"), else 1 -
+    the worst per-sample cosine ("cosine_min"); every stage and the report judge by this one rule."""
+    boxes = fid.get("boxes")
+    if boxes and boxes.get("reference_boxes"):
+        return "boxes", 1.0 - float(boxes["f1"])
+    if fid.get("top1_agreement") is not None:
+        return "top1", 1.0 - float(fid["top1_agreement"])
+    cos = fid.get("cosine_min")
+    return "cosine_min", float("inf") if cos is None else 1.0 - float(cos)
 
 
 def _as_numpy(x: Any) -> np.ndarray:

@@ -338,7 +338,7 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
             t = timed.variants[b.name]
             figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
         fid = Fidelity.from_json(fidelity(reference, runner(work / b.onnx, held_out)))
-        ok = fid.within(opts.tolerance)  # top-1 agreement or worst cosine; never with NaN/Inf outputs
+        ok = fid.within(opts.tolerance)  # matched boxes, top-1 or worst cosine; never with NaN/Inf outputs
         scored: dict[str, Any] = {}
         if opts.evaluate is not None:
             on_stage(f"scoring {b.name} with --eval")

@@ -34,7 +34,7 @@ from onnx import TensorProto, numpy_helper
 
 from compress.core import InputError, ModelError, UsageError, save_model, warn
 from compress.core import first_line as _first_line
-from compress.evaluate import fidelity, onnx_outputs
+from compress.evaluate import fidelity, judged, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
 from compress.quantize.fp8 import (
     MIN_OPSET,
@@ -214,8 +214,9 @@ def simulated_outputs(path: Path, feeds: Feeds) -> list[list[np.ndarray]]:
 
 
 def _metric(reference_fid: Mapping[str, Any]) -> str:
-    """As compress quantize does: top-1 agreement for classifiers ([N, C] outputs), else the worst cosine."""
-    return "top1" if reference_fid.get("top1_agreement") is not None else "cosine_min"
+    """As compress quantize does (compress.evaluate.judged): matched boxes for detectors, top-1 agreement for
+    classifiers ([N, C] outputs), else the worst cosine."""
+    return judged(reference_fid)[0]
 
 
 def _short(fid: Mapping[str, Any], metric: str) -> dict[str, Any]:

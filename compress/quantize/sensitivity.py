@@ -39,7 +39,7 @@ from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.fp8 import tensor_values
 from compress.quantize.ops import is_quantizable
 
-METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1")
+METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1", "boxes")
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
 # ops that make a copied node quantized (QDQ, dynamic INT8)
 QUANTIZING = ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
@@ -71,6 +71,10 @@ def metric_error(fid: Mapping[str, Any], metric: str) -> float:
         if fid.get("top1_agreement") is None:
             raise UsageError("metric 'top1' needs classifier outputs ([N, C] with C > 1); use cosine_min")
         return 1.0 - float(fid["top1_agreement"])
+    if metric == "boxes":
+        if not fid.get("boxes"):
+            raise UsageError("metric 'boxes' needs a detection head's outputs (compress.evaluate.detection)")
+        return 1.0 - float(fid["boxes"]["f1"])
     if metric == "rel_l2":
         return math.inf if fid.get("rel_l2") is None else float(fid["rel_l2"])
     return 1.0 - float(fid[metric])

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from compress.core import TWO_GB, InputError, ModelError, UsageError, few, first_line, nonfinite_initializers
-from compress.evaluate import fidelity, onnx_outputs
+from compress.evaluate import fidelity, judged, onnx_outputs
 from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
 from compress.quantize.ops import must_be_finite
@@ -101,11 +101,6 @@ def _split_calib(calib: Optional[str], max_calib: Optional[int], shown: Optional
     cut = n - max(1, n // 4)
     return ({k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()},
             {"source": shown or calib, "samples": n, "calibration_samples": cut, "held_out": True})
-
-
-def _metric(fid: dict[str, Any]) -> str:
-    """Classifiers are judged by top-1 agreement; anything else (embeddings, hidden states) by the worst cosine."""
-    return "top1" if fid.get("top1_agreement") is not None else "cosine_min"
 
 
 @dataclass
@@ -209,14 +204,14 @@ class _Judge:
 
 def _error(model: Path, fp32: Path, judge: _Judge, runner: Callable[..., Any], held: list[dict[str, np.ndarray]],
            report: dict[str, Any], measured: bool = False) -> tuple[str, float]:
-    """(metric, error) of `model` under the tolerance: the drop of the user's score, else 1 - top-1 agreement
-    (classifiers) or 1 - min cosine against the judge's model. `measured`: report already holds its figures."""
+    """(metric, error) of `model` under the tolerance: the drop of the user's score, else compress.evaluate.judged
+    against the judge's model (matched boxes, top-1 or the worst cosine). `measured`: report already holds its
+    figures."""
     if judge.score is not None:
         got = report["eval"][report["format"]] if measured else judge.score(model)
         return "score_drop", report["eval"]["fp32"] - got
     fid = report["fidelity"] if measured and judge.model == fp32 else fidelity(judge.outputs, runner(model, held))
-    metric = _metric(fid)
-    return metric, 1.0 - (fid["top1_agreement"] if metric == "top1" else fid["cosine_min"] or 0.0)
+    return judged(fid)
 
 
 def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated: Callable[[str], Requantize],

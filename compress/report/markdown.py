@@ -17,6 +17,7 @@ from compress.report.text import (
     NA,
     as_dict,
     as_list,
+    box_f1,
     code,
     fidelity_metric,
     fmt_cos,
@@ -226,7 +227,10 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
                  + (["r"] if scored else []) + ["c"])
     out.append("")
     notes = ["★ recommended."]
-    if metric == "top1_agreement":
+    if metric == "boxes":
+        notes.append("Fidelity: the F1 of the boxes each model keeps after NMS, matched to fp32's (same class, IoU "
+                     "≥ 0.5) on held-out inputs.")
+    elif metric == "top1_agreement":
         notes.append("Fidelity: top-1 agreement with fp32 on held-out inputs.")
     else:
         notes.append("Fidelity: the worst per-sample cosine similarity to fp32's outputs on held-out inputs.")
@@ -298,6 +302,8 @@ def _stages_section(r: dict[str, Any], variants: list[dict[str, Any]]) -> list[s
 def _fid_pair(f: Any) -> str:
     f = as_dict(f)
     parts = []
+    if box_f1(f) is not None:
+        parts.append(f"boxes F1 {fmt_pct(box_f1(f))}")
     if num(f.get("top1_agreement")) is not None:
         parts.append(f"top-1 {fmt_pct(f['top1_agreement'])}")
     if num(f.get("cosine_min")) is not None:

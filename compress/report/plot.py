@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 from compress.core import atomic_path
 from compress.report.text import (
     as_dict,
+    box_f1,
     fidelity_metric,
     fmt_ms,
     fmt_speedup,
@@ -65,7 +66,7 @@ def tradeoff_data(report: dict[str, Any]) -> dict[str, Any]:
             y = num(v.get("accuracy"))
         else:
             fid = as_dict(v.get("fidelity"))
-            y = num(fid.get(metric))
+            y = box_f1(fid) if metric == "boxes" else num(fid.get(metric))
             if y is None and metric == "top1_agreement":
                 y = num(fid.get("cosine_min"))
         x = None if v.get("simulated") else num(as_dict(v.get("latency_ms")).get("p50"))
@@ -89,6 +90,8 @@ def _ylabel(report: dict[str, Any], metric: str) -> str:
         if len(ev) > 48:
             ev = "…" + ev[-47:]
         return "--eval score (higher is better)" + (f"\n{ev}" if ev else "")
+    if metric == "boxes":
+        return "F1 of matched boxes vs fp32"
     return "top-1 agreement with fp32" if metric == "top1_agreement" else "min cosine similarity to fp32"
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field
 
 from compress.core import OpenResult, Result
+from compress.evaluate import judged
 from runtime import Latency, Spread
 
 REPORT_SCHEMA = "edge-compress/report/1"
@@ -32,15 +33,15 @@ class Fidelity(OpenResult):
     top1_agreement: Optional[float] = None  # classifiers: share of samples with the same arg-max
     samples: int
     nonfinite_samples: int = 0
+    boxes: Optional[dict[str, Any]] = None  # detectors: boxes kept after NMS, matched (compress.evaluate.detection)
 
     def loss(self) -> float:
-        """What the tolerance bounds: 1 - top-1 agreement for classifiers, else 1 - the worst per-sample cosine;
-        infinite when some output is not finite (an arg-max of NaN can still 'agree') or nothing was measured."""
+        """What the tolerance bounds (compress.evaluate.judged: 1 - matched-box F1 for detectors, 1 - top-1
+        agreement for classifiers, else 1 - the worst per-sample cosine); infinite when some output is not
+        finite (an arg-max of NaN can still 'agree') or nothing was measured."""
         if self.nonfinite_samples:
             return float("inf")
-        if self.top1_agreement is not None:
-            return 1.0 - self.top1_agreement
-        return float("inf") if self.cosine_min is None else 1.0 - self.cosine_min
+        return judged(self.model_dump())[1]
 
     def within(self, tolerance: float) -> bool:
         return self.loss() <= tolerance

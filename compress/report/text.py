@@ -86,20 +86,31 @@ def fmt_cos(x: float) -> str:
 
 
 def fidelity_metric(report: dict[str, Any]) -> str:
-    """'top1_agreement' when every variant that has fidelity reports it (a classifier), else 'cosine_min'.
+    """'boxes' when every variant that has fidelity reports matched boxes of a reference that keeps some (a
+    detector), 'top1_agreement' when every one reports it (a classifier), else 'cosine_min'.
 
     The same rule as compress.pipeline.run.within_tolerance, applied to the whole report so that one column
     (and one plot axis) compares like with like.
     """
     fids = [as_dict(v.get("fidelity")) for v in variants_of(report)]
     fids = [f for f in fids if f]
+    if fids and all(box_f1(f) is not None for f in fids):
+        return "boxes"
     if fids and all(num(f.get("top1_agreement")) is not None for f in fids):
         return "top1_agreement"
     return "cosine_min"
 
 
+def box_f1(fid: Any) -> Optional[float]:
+    """The F1 of matched boxes (compress.evaluate.detection) where the reference kept boxes to match, else None."""
+    boxes = as_dict(as_dict(fid).get("boxes"))
+    return num(boxes.get("f1")) if boxes.get("reference_boxes") else None
+
+
 def fmt_fidelity(fid: Any, metric: str) -> str:
     f = as_dict(fid)
+    if metric == "boxes" and box_f1(f) is not None:
+        return f"boxes F1 {fmt_pct(box_f1(f))}"
     if metric == "top1_agreement" and num(f.get("top1_agreement")) is not None:
         return f"top-1 {fmt_pct(f['top1_agreement'])}"
     if num(f.get("cosine_min")) is not None:

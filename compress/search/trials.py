@@ -31,7 +31,7 @@ import ray
 from ray import tune
 
 from compress.core import EdgeError, UsageError, first_line, interrupt
-from compress.evaluate import load_metric
+from compress.evaluate import judged, load_metric
 from compress.models import load_run_model, prepare_inputs
 from compress.pipeline import RunOptions, StageCache, Timings, run_pipeline, time_variants
 from compress.prune import PruneOptions
@@ -193,10 +193,12 @@ def _ssh_profiler(name: str) -> Any:
 
 
 def fidelity_value(fid: dict[str, Any]) -> Optional[float]:
-    """The one fidelity number the search ranks by: top-1 agreement for classifiers, else the worst cosine."""
-    if fid.get("top1_agreement") is not None:
-        return float(fid["top1_agreement"])
-    return None if fid.get("cosine_min") is None else float(fid["cosine_min"])
+    """The one fidelity number the search ranks by, higher is better: 1 - what the tolerance bounds
+    (compress.evaluate.judged: matched-box F1 for detectors, top-1 agreement for classifiers, else the worst
+    cosine)."""
+    if fid.get("cosine_min") is None and fid.get("top1_agreement") is None:
+        return None
+    return 1.0 - judged(fid)[1]
 
 
 def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
