@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     r = subprocess.run([sys.executable, "-m", "compress.cli", "run", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32",
                         "--device", "host", "--prune", "0.5", "--no-recover", "--no-backoff", "--quant", "fp8", "--simulate", "--runs", "5",
-                        "-o", str(out)], capture_output=True, text=True, timeout=600)
+                        "-o", str(out)], capture_output=True, text=True, timeout=600,
+                       # a module fixture is set up before the per-test cache: its own, never ~/.cache's results
+                       env={**os.environ, "EDGE_COMPRESS_CACHE": str(out.parent / "cache")})
     assert r.returncode == 0, r.stderr
     return out
 
@@ -105,6 +108,8 @@ def test_markdown_sections(rep):
         assert f"`{excluded[0]['node']}`" in md and excluded[0]["why"] in md
     assert "### Prune" in md and "none (`--no-recover`)" in md and "50% of channels" in md
     assert "### Quantize" in md and "FP8" in md and "**simulated**" in md
+    steps = rep["stages"]["quantize"]["step_seconds"]  # the stage's own clock, step by step
+    assert "quantize" in steps and f"quantize {steps['quantize']:.1f} s" in md.split("### Quantize")[1]
     assert rep["speedup_measure"] in md and "## How the speedup was measured" in md
     assert f"```sh\n{rep['command']}\n```" in md
     assert "random inputs" in md  # no --calib: the reader is told fidelity came from random data

@@ -4,6 +4,7 @@ an embedded Ray (a few trials of a tiny model: what CI can afford)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,10 @@ def build():
 '''
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGE_COMPRESS_CACHE": str(cache)} if cache is not None else None
     return subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+                          timeout=900, env=env)
 
 
 def _variant(name: str, p50: float, fid: float, settings: str = "s") -> dict:
@@ -151,7 +153,8 @@ def searched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     (d / "net.py").write_text(CHANNEL_CHECK)
     r = _cli("search", f"{d / 'net.py'}:build", "--input-shape", "1,3,16,16", "--trials", "3", "--seed", "4",
              "--runs", "3", "--prune-max", "0.5", "--latency-budget", "1000", "--min-fidelity", "0.5",
-             "--json", str(d / "s.json"), "-o", str(d / "out"))
+             "--json", str(d / "s.json"), "-o", str(d / "out"),
+             cache=d / "cache")  # set up before the per-test cache: its own, never ~/.cache's
     return d, r
 
 

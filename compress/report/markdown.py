@@ -531,6 +531,9 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
         out.append(txt)
     if num(q.get("speedup_vs_fp32")) is not None:
         out.append(f"- **Stage speedup vs its input:** {fmt_speedup(q['speedup_vs_fp32'])}")
+    steps = fmt_stage_seconds(q.get("step_seconds"))
+    if steps:
+        out.append(f"- **Where its time went:** {steps}")
     return out or ["No details recorded."]
 
 
