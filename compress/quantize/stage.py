@@ -22,6 +22,7 @@ from compress.core import TWO_GB, InputError, ModelError, UsageError, few, first
 from compress.evaluate import fidelity, judged, onnx_outputs
 from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
+from compress.quantize.kept_float import KeptFloat
 from compress.quantize.ops import must_be_finite
 from compress.quantize.opselect import SELECT_OPS, select_ops
 from compress.quantize.options import SEARCHED_METHODS, QuantOptions
@@ -308,8 +309,13 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     limit, why = None, ""
     if timer is not None and len(salient) > 1:
         steps("float_costs", f"timing what keeping each of {len(salient)} layers in float costs")
-        costs, base_ms, fp32_ms = float_costs(fp32, first, lambda s, o, n: quantize(s, o, n, False), salient,
-                                              timer.at_device_threads)
+        copies = KeptFloat(fp32, first)  # dynamic INT8: the timed models are copies (kept_float.py)
+
+        def one_in_float(src: Path, out: Path, nodes: list[str]) -> None:
+            if len(nodes) != 1 or not copies.write(out, nodes[0]):
+                quantize(src, out, nodes, False)
+
+        costs, base_ms, fp32_ms = float_costs(fp32, first, one_in_float, salient, timer.at_device_threads)
         sens = rank_by_cost(sens, costs, FLOAT_COST_FLOOR * base_ms)
         said = f"{timer.clock} clock, {timer.threads} thread{'s' if timer.threads > 1 else ''}"
         report["fallback"]["ranked_by"] = f"salience per ms in float ({said})"
