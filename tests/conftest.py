@@ -48,3 +48,22 @@ def bert_folder(tmp_path_factory):
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+ENCODER_SEQ = 16  # the sequence length `encoder` is exported at
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory):
+    """compress.zoo's encoder_tiny as ONNX (input_ids and attention_mask, 1 x ENCODER_SEQ): the INT8 tests'
+    transformer, dynamically quantized."""
+    import torch
+
+    from compress.zoo import encoder_tiny
+    from export import export_onnx
+
+    path = tmp_path_factory.mktemp("enc") / "encoder_tiny.onnx"
+    ids = torch.randint(1, 1000, (1, ENCODER_SEQ), generator=torch.Generator().manual_seed(0))
+    export_onnx(encoder_tiny(), {"input_ids": ids, "attention_mask": torch.ones(1, ENCODER_SEQ, dtype=torch.int64)},
+                path)
+    return path

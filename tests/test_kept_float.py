@@ -4,36 +4,26 @@ model, against the quantizer's own model with that node excluded."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.int8 import quantize_int8
 from compress.quantize.kept_float import KeptFloat
 from compress.quantize.sensitivity import quantizable_nodes
-from compress.zoo import encoder_tiny, resnet_tiny
+from compress.zoo import resnet_tiny
 from devices import load_profile
 from export import export_onnx
 
-SEQ = 16
+SEQ = 16  # conftest.encoder's sequence length
 
 
 def _tokens(n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"input_ids": rng.integers(1, 1000, (n, SEQ)).astype(np.int64),
             "attention_mask": np.ones((n, SEQ), np.int64)}
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("enc") / "encoder_tiny.onnx"
-    ids = torch.randint(1, 1000, (1, SEQ), generator=torch.Generator().manual_seed(0))
-    export_onnx(encoder_tiny(), {"input_ids": ids, "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}, path)
-    return path
 
 
 def test_a_copy_is_the_quantizers_model_with_the_node_excluded(encoder, tmp_path):

@@ -30,12 +30,12 @@ from compress.quantize.prep import preprocess
 from compress.quantize.presets import candidates, preset_for
 from compress.quantize.reuse import Prepared
 from compress.search.space import Space
-from compress.zoo import encoder_tiny, resnet_tiny
+from compress.zoo import resnet_tiny
 from devices.loader import load_profile
 from export.metadata import read_metadata
 from export.onnx_export import export_onnx
 
-SEQ = 16
+SEQ = 16  # conftest.encoder's sequence length
 
 
 def _sha(path: Path) -> str:
@@ -51,14 +51,6 @@ def _per_sample(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 def cnn(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cnn") / "resnet_tiny.onnx"
     export_onnx(resnet_tiny(), {"image": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("enc") / "encoder_tiny.onnx"
-    ids = torch.randint(1, 1000, (1, SEQ), generator=torch.Generator().manual_seed(0))
-    export_onnx(encoder_tiny(), {"input_ids": ids, "attention_mask": torch.ones(1, SEQ, dtype=torch.int64)}, path)
     return path
 
 
