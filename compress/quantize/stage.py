@@ -143,8 +143,7 @@ class _Timer:
         """The models timed at the device's thread count alone (`threads`; the cpu clock at 1, else the wall
         clock): for the float costs, estimates compared with one another and summed, not a choice between two
         models. Timing each at 1 and 2 threads took 11.4 s for MiniLM's 14 models, at 2 alone 5.4 s (AMD EPYC,
-        2 cores); the 12 re-quantizations that make them take another 32 s (onnxruntime's per-channel weight
-        quantization, in Python, is a third of it)."""
+        2 cores)."""
         res = device_latency(models, self.profile, self.feed, threads=self.threads, rounds=30, warmup=3,
                              min_seconds=1.0)
         return res.cpu_ms if self.threads == 1 else res.wall_ms
@@ -263,8 +262,9 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
               steps: _Steps, timer: Optional[_Timer] = None, must_pay: bool = False,
               kept_float: Sequence[str] = ()) -> Path:
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
-    quantizer's input, `reference`, on its first RANK_SAMPLES inputs) and, with a `timer`, by that per millisecond keeping each in float costs the
-    whole model (the FALLBACK_TIMED most sensitive are timed), then the fewest first-ranked kept in float until
+    quantizer's input, `reference`, on its first RANK_SAMPLES inputs) and, with a `timer`, by that per
+    millisecond keeping each in float costs the whole model (the FALLBACK_TIMED most sensitive are timed; for
+    dynamic INT8 on copies of `first`, compress.quantize.kept_float), then the fewest first-ranked kept in float until
     fidelity to the judge's model (or the drop of the user's score) is within it; `metric` and `err` are
     `first`'s (_error). `must_pay`: stop where the timed costs say more layers in float would leave the model no
     faster than `fp32` (compress.quantize.sensitivity.affordable). `kept_float`: op selection's float ops, never
