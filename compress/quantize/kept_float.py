@@ -5,10 +5,10 @@ onnxruntime's dynamic INT8 turns `MatMul(x, W)` into DynamicQuantizeLinear(x) (s
 x), MatMulInteger with the int8 weight, a Cast and a Mul by the two scales. Putting `MatMul(x, W')` back in place
 of the node's own part of that chain, with W' its int8 weight dequantized (the smoothed weight the quantizer
 saw, to within its rounding), gives the model that quantizing with the node excluded gives, up to that rounding:
-the same nodes run, the same shapes. On all-MiniLM-L6-v2 (AMD EPYC, 2 cores) the float costs of 12 MatMuls took
-27.6 and 20.9 s with the quantizer (onnxruntime quantizes every weight per channel in Python), 4.5 and 4.3 s
-with copies, and ranked alike: Spearman 0.82 and 0.88 between the two, 0.89 between the quantizer's two runs
-(the four FFN MatMuls cost 0.11-0.30 ms of 5.8 in either, the small ones 0-0.1: timing noise). Static Q/DQ graphs are not edited here (a float node there changes which tensors are quantized around
+the same nodes run, the same shapes. On all-MiniLM-L6-v2 (bench/fallback_cost.py, AMD EPYC, 2 cores) the
+float costs of 12 MatMuls took 38.2 and 32.4 s with the quantizer (onnxruntime quantizes every weight per channel
+in Python), 7.0 and 6.4 s with copies, and ranked alike within timing noise: Spearman 0.59-0.83 between copies
+and quantizer, 0.80 between the quantizer's two runs (FFN MatMuls 0.08-0.32 ms of ~5.8, the small ones 0-0.09). Static Q/DQ graphs are not edited here (a float node there changes which tensors are quantized around
 it): `write` declines and the quantizer makes those.
 """
 
