@@ -1,5 +1,5 @@
 """The bottom floor: what every other room, and devices/, export/ and runtime/ below the application, may
-use: error types with their exit codes, Ctrl-C that libraries cannot swallow, terminal output, atomic writes,
+use: error types with their exit codes, Ctrl-C that libraries cannot swallow, terminal output, stage clocks, atomic writes,
 ONNX graph helpers, the one onnxruntime session factory and the base of typed results. It imports nothing else of the project.
 
 What other rooms may use is named here, and imported on first use (see compress/core/lazy.py)."""
@@ -12,6 +12,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "claim_folder", "default_mode", "foreign_files", "move_aside", "partial_dir", "swap_in", "write_json",
         "write_manifest",
     ],
+    "clock": ["StageClock"],
     "console": ["warn"],
     "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "few", "first_line"],
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import onnx
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from compress.core import (
     ModelError,
     Result,
+    StageClock,
     UsageError,
     default_mode,
     first_line,
@@ -154,22 +153,6 @@ def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
     size = sum(p.stat().st_size for p in (dst, dst.parent / (dst.name + ".data")) if p.exists())
     return Built(name="fp32", onnx=dst.name, size_bytes=size, params=_param_count(proto), macs=macs, parity=None,
                  simulated=False, excluded_layers=[])
-
-
-class StageClock:
-    """Wall-clock seconds per stage of a run (report.json's stage_seconds): what a user waits for, and where a
-    stage's cost grows faster than the model (issue 19). A stage served from the stage cache shows its reading."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
 
 
 class _Pruned(Result):

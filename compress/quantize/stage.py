@@ -9,7 +9,6 @@ measured speedup against fp32.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 
-from compress.core import TWO_GB, InputError, ModelError, UsageError, few, first_line, nonfinite_initializers
+from compress.core import (
+    TWO_GB,
+    InputError,
+    ModelError,
+    StageClock,
+    UsageError,
+    few,
+    first_line,
+    nonfinite_initializers,
+)
 from compress.evaluate import fidelity, judged, onnx_outputs
 from compress.models import load_calib
 from compress.quantize.calib import calibration_feeds
@@ -53,30 +61,23 @@ RANK_SAMPLES = 16
 
 
 class _Steps:
-    """The quantize stage's own clock: seconds per step (quantize, op_selection, fidelity, eval, recalibrate,
-    fallback_timing, every_float, ranking, float_costs, search, timing) for report.json, each span running
-    from one `step` call to the next; `say` passes a progress line on without starting a step (the backends'
-    lines fall under "quantize"). The stage's total hid where it went: at 130 layers, 79-87 s of which the
-    ranking and the float costs took ~25 s each."""
+    """The quantize stage's own clock (compress.core.StageClock's spans): seconds per step (quantize,
+    op_selection, fidelity, eval, recalibrate, fallback_timing, every_float, ranking, float_costs, search,
+    timing) for report.json, each running from one call to the next; `say` passes a progress line on without
+    starting a step (the backends' lines fall under "quantize"). The stage's total hid where it went: at 130
+    layers, 79-87 s of which the ranking and the float costs took ~25 s each."""
 
     def __init__(self, on_stage: Callable[[str], None]) -> None:
         self.say = on_stage
-        self.seconds: dict[str, float] = {}
-        self._key: Optional[str] = None
-        self._t0 = time.perf_counter()
+        self.clock = StageClock()
 
     def __call__(self, key: str, label: Optional[str] = None) -> None:
-        self.stop()
-        self._key, self._t0 = key, time.perf_counter()
+        self.clock.start(key)
         if label is not None:
             self.say(label)
 
     def stop(self) -> dict[str, float]:
-        if self._key is not None:
-            spent = self.seconds.get(self._key, 0.0) + time.perf_counter() - self._t0
-            self.seconds[self._key] = round(spent, 2)
-            self._key = None
-        return self.seconds
+        return self.clock.stop()
 
 
 def check_format(profile: DeviceProfile, opts: QuantOptions) -> Backend:
