@@ -18,6 +18,7 @@ from compress.cli.options import (
 )
 from compress.core import console
 from compress.quantize import CALIBRATION_METHODS, QuantOptions
+from compress.report import box_f1
 
 EPILOG = """\b
 Examples:
@@ -104,8 +105,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     fid = f"cosine min {f['cosine_min']:.4f} / mean {f['cosine_mean']:.4f}" if f.get("cosine_min") is not None else "cosine n/a"
     if f.get("top1_agreement") is not None:
         fid += f", top-1 agreement {f['top1_agreement']:.1%}"
-    if (f.get("boxes") or {}).get("reference_boxes"):
-        fid += f", boxes F1 {f['boxes']['f1']:.1%} ({f['boxes']['reference_boxes']} reference boxes)"
+    if box_f1(f) is not None:
+        fid += f", boxes F1 {box_f1(f):.1%} ({f['boxes']['reference_boxes']} reference boxes)"
     console.out_console.print(f"wrote {report['onnx']} ({to}{', simulated' if report['simulated'] else ''}; preset "
                               f"{(report.get('preset') or {}).get('name', '-')})")
     console.out_console.print(f"fidelity to fp32 on held-out inputs: {fid}")

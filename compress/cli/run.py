@@ -26,6 +26,7 @@ from compress.core import UsageError, console
 from compress.models import require_one_input_source
 from compress.pipeline import RunOptions
 from compress.prune import PruneOptions
+from compress.report import box_f1
 
 EPILOG = """\b
 Examples:
@@ -189,8 +190,8 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
     for v in r["variants"]:
         f = v["fidelity"]
         fid = f"top-1 {f['top1_agreement']:.1%}" if f.get("top1_agreement") is not None else f"cos {f['cosine_min'] or 0:.4f}"
-        if (f.get("boxes") or {}).get("reference_boxes"):
-            fid = f"boxes F1 {f['boxes']['f1']:.1%}"
+        if box_f1(f) is not None:
+            fid = f"boxes F1 {box_f1(f):.1%}"
         mark = "*" if v["name"] == r["recommended"] else ""
         lat = v["latency_ms"]
         t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",

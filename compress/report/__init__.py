@@ -14,5 +14,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "REPORT_SCHEMA", "Built", "Fidelity", "PruneResult", "QuantResult", "RunReport", "Stages", "ThreadTuning",
         "Variant", "VariantProfile", "VariantTiming", "check_report",
     ],
-    "text": ["code", "fmt_ms", "fmt_speedup", "fmt_stage_seconds", "table"],
+    "text": ["box_f1", "code", "fmt_ms", "fmt_speedup", "fmt_stage_seconds", "table"],
 })
