@@ -112,6 +112,18 @@ def _check_stats(doc: dict) -> None:
     assert sp["iqr_ms"] >= 0 and sp["p50_ci_rel"] >= 0 and (sp["drift_rel"] is None or sp["drift_rel"] >= 0) and isinstance(sp["converged"], bool)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_runner_peak_rss_is_its_own_not_its_parents(mm_model: Path) -> None:
+    """ru_maxrss survives exec: a runner started by a big process read that process's size (1859 MB for
+    MiniLM's runners under compress run). The figure must be the runner's own."""
+    ballast = np.ones(600 * 1024 * 1024 // 8)  # 600 MB held by this (parent) process while it runs
+    ballast += 1
+    rc, doc, _ = _run_runner(mm_model, {"runs": 5, "warmup": 1, "threads": 1})
+    assert rc == 0, doc
+    assert 0 < doc["peak_rss_mb"] < 400, doc["peak_rss_mb"]
+    del ballast
+
+
 def test_runner_schema_fixed_runs(mm_model: Path) -> None:
     rc, doc, stderr = _run_runner(mm_model, {"runs": 12, "warmup": 2, "threads": 1})
     assert rc == 0, doc
