@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from compress.core import ModelError, RuntimeFailure, sessions
 from compress.core import first_line as _first_line
 from compress.evaluate.detection import box_fidelity, is_detection_head
 from export import flatten_outputs
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def torch_outputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> lis
     return results
 
 
-def onnx_outputs(path: str | Path, batches: Sequence[Mapping[str, Any]], session_options: Any = None) -> list[list[np.ndarray]]:
+def onnx_outputs(path: str | Path | onnx.ModelProto, batches: Sequence[Mapping[str, Any]], session_options: Any = None) -> list[list[np.ndarray]]:
     """Run an ONNX file with onnxruntime's CPU provider on each batch, feeding only the graph's own inputs.
 
     Batches may carry inputs the export dropped (unused by the graph); those are left out rather than rejected.
@@ -214,7 +217,7 @@ def onnx_outputs(path: str | Path, batches: Sequence[Mapping[str, Any]], session
     try:
         sess = sessions.session(path, opts)
     except Exception as e:
-        raise ModelError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
+        raise ModelError(f"onnxruntime cannot load {_named(path)}: {_first_line(e)}") from e
     names = [i.name for i in sess.get_inputs()]
     results = []
     for i, batch in enumerate(batches):
@@ -225,8 +228,12 @@ def onnx_outputs(path: str | Path, batches: Sequence[Mapping[str, Any]], session
         try:
             results.append(list(sess.run(None, feeds)))
         except Exception as e:
-            raise RuntimeFailure(f"onnxruntime failed running {path} on calibration batch {i}: {_first_line(e)}") from e
+            raise RuntimeFailure(f"onnxruntime failed running {_named(path)} on calibration batch {i}: {_first_line(e)}") from e
     return results
+
+
+def _named(model: Any) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "the model in memory"
 
 
 def _feed_numpy(v: Any) -> np.ndarray:

@@ -60,6 +60,7 @@ from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
 from compress.quantize.calib import CalibReader, CalibSource
 from compress.quantize.candidates import pick, time_candidates, timing_json
+from compress.quantize.dynamic_sim import simulate_dynamic
 from compress.quantize.fp8 import tensor_values
 from compress.quantize.ops import INT8_OPS
 from compress.quantize.options import CALIBRATION_METHODS
@@ -506,6 +507,11 @@ def _quantize_dynamic(src: Path, dst: Path, preset: Preset, include: Optional[Se
                          nodes_to_exclude=list(exclude), use_external_data_format=big, **args)
 
 
+def _saved(model: onnx.ModelProto, path: Path) -> Path:
+    save_model(model, path)
+    return path
+
+
 def _data_size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return data.stat().st_size if data.exists() else 0
@@ -541,29 +547,49 @@ def _transformer_path(pre: Path, work: Path, preset: Preset, reader: CalibReader
         found = _smoothable(m, lambda n: chosen(n) and n.name not in exclude)
         return {x: nodes for x, nodes in found.items() if x in skewed}
 
-    trials: dict[str, dict[str, Any]] = {}
-    best: Optional[tuple[tuple[float, float], Path, Optional[float]]] = None
-    for alpha in alphas:
+    def smoothed_model(alpha: Optional[float]) -> onnx.ModelProto:
+        m = _load(graph)
+        if alpha is not None and skewed:
+            smooth_matmuls(m, amax, to_smooth(m), alpha)
+        return m
+
+    def quantized(alpha: Optional[float]) -> Path:
         tag = "none" if alpha is None else f"{alpha:g}"
         smoothed = graph
         if alpha is not None and skewed:
-            m = _load(graph)
-            smooth_matmuls(m, amax, to_smooth(m), alpha)
             smoothed = work / f"smooth_{tag}.onnx"
-            save_model(m, smoothed)
+            save_model(smoothed_model(alpha), smoothed)
         out = work / f"dyn_{tag}.onnx"
         _quantize_dynamic(smoothed, out, preset, include, exclude)
-        if len(alphas) == 1:
-            trials[tag] = {}
-            best = ((0.0, 0.0), out, alpha)
-            break
-        fid = fidelity(ref, onnx_outputs(out, feeds))
-        trials[tag] = {"cosine_min": fid["cosine_min"], "cosine_mean": fid["cosine_mean"]}
+        return out
+
+    quantizes = (lambda n: n.name in include) if include else (lambda n: True)
+    op_types = args["op_types_to_quantize"]
+    simulated = len(alphas) > 1 and simulate_dynamic(_load(graph), lambda n: quantizes(n) and n.name not in exclude,
+                                                     op_types) is not None
+    trials: dict[str, dict[str, Any]] = {}
+    best: Optional[tuple[tuple[float, float], Optional[Path], Optional[float]]] = None
+    for alpha in alphas if len(alphas) > 1 else ():
+        if simulated:  # the same arithmetic in float (dynamic_sim): only the chosen strength is quantized
+            m = smoothed_model(alpha)
+            simulate_dynamic(m, lambda n: quantizes(n) and n.name not in exclude, op_types)
+            outs = onnx_outputs(m if onnxgraph.initializer_bytes(m) < onnxgraph.TWO_GB else _saved(m, work / "sim.onnx"), feeds)
+            out: Optional[Path] = None
+        else:
+            out = quantized(alpha)
+            outs = onnx_outputs(out, feeds)
+        fid = fidelity(ref, outs)
+        trials["none" if alpha is None else f"{alpha:g}"] = {"cosine_min": fid["cosine_min"],
+                                                             "cosine_mean": fid["cosine_mean"]}
         key = (fid["cosine_min"], fid["cosine_mean"])
         if best is None or key > best[0]:
             best = (key, out, alpha)
-    assert best is not None
-    how = (f"{len(feeds)} calibration feeds (per-sample cosine min, then mean)" if len(trials) > 1
+    if best is None:
+        trials["none" if alphas[0] is None else f"{alphas[0]:g}"] = {}
+        best = ((0.0, 0.0), None, alphas[0])
+    chosen = best[1] or quantized(best[2])
+    how = ((f"{len(feeds)} calibration feeds (per-sample cosine min, then mean)"
+            + (", dynamic INT8 simulated in float for each strength" if simulated else "")) if len(trials) > 1
            else "recipe" if "smoothing_alpha" in recipe else "default")
     info = {
         "activations": "dynamic (per-batch range at run time)",
@@ -572,7 +598,7 @@ def _transformer_path(pre: Path, work: Path, preset: Preset, reader: CalibReader
                       "candidate_groups": len(groups), "min_outlier_ratio": SMOOTH_MIN_OUTLIER_RATIO,
                       "trials": trials, "chosen_on": how},
     }
-    return best[1], info
+    return chosen, info
 
 
 # ----------------------------------------------------------------------------------------- static path
