@@ -651,6 +651,8 @@ def peak_rss_mb() -> Optional[float]:
 def model_size_bytes(path: str) -> int:
     """The .onnx file plus the external-data files its initializers point at."""
     size = os.path.getsize(path)
+    if not _may_have_external_data(path):
+        return size
     folder = os.path.dirname(os.path.abspath(path))
     locations = _external_locations(path)
     if locations is None:  # onnx is not installed here: guess the exporter's usual names
@@ -662,6 +664,25 @@ def model_size_bytes(path: str) -> int:
         if os.path.isfile(full):
             size += os.path.getsize(full)
     return size
+
+
+# An external tensor names its file in an external_data entry {key: "location", value: ...}: field 1 of a
+# StringStringEntryProto, so the file holds these bytes. Where they are absent no tensor is external, and the
+# runner skips importing onnx and parsing the model (0.44 s + 0.2 s per profile of MiniLM's 90 MB export).
+_LOCATION_KEY = b"\x0a\x08location"
+
+
+def _may_have_external_data(path: str) -> bool:
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(_LOCATION_KEY) >= 0
+    except (OSError, ValueError):
+        return True
 
 
 def _external_locations(path: str) -> Optional[List[str]]:
