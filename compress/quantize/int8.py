@@ -478,7 +478,7 @@ def _transformer_graph(pre: Path, work: Path, feeds: Sequence[Mapping[str, np.nd
             ok, why = _equivalent(ref[:2], path, feeds[:2])
             if reuse is not None:
                 reuse.equivalent[name] = (ok, why)
-        missing = names - _names(onnx.load(str(path), load_external_data=False))
+        missing = names - _names(onnx.load(str(path), load_external_data=False)) if names else set()
         if missing:
             ok, why = False, f"renames node(s) {', '.join(sorted(missing)[:3])} that include/exclude refer to"
         if ok:
