@@ -206,7 +206,7 @@ def torch_outputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> lis
     return results
 
 
-def onnx_outputs(path: str | Path | onnx.ModelProto, batches: Sequence[Mapping[str, Any]], session_options: Any = None) -> list[list[np.ndarray]]:
+def onnx_outputs(path: str | Path | bytes | onnx.ModelProto, batches: Sequence[Mapping[str, Any]], session_options: Any = None) -> list[list[np.ndarray]]:
     """Run an ONNX file with onnxruntime's CPU provider on each batch, feeding only the graph's own inputs.
 
     Batches may carry inputs the export dropped (unused by the graph); those are left out rather than rejected.

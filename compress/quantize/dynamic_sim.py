@@ -36,19 +36,15 @@ def fake_quant_per_column(w: np.ndarray) -> np.ndarray:
     return (q * scale).astype(np.float32)
 
 
-def simulate_dynamic(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto], bool],
-                     op_types: Sequence[str]) -> Optional[int]:
-    """Rewrite `model` in place into its simulated dynamic INT8 form; the number of MatMuls simulated.
-
-    `quantized(node)` says whether the quantizer is asked to quantize the node (its include/exclude lists);
-    `op_types` are the op types it is asked for. None (and the model untouched) where the graph has something
-    onnxruntime would quantize that this does not simulate.
-    """
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
+def simulable(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto], bool],
+              op_types: Sequence[str]) -> Optional[list[onnx.NodeProto]]:
+    """The MatMuls onnxruntime's quantize_dynamic would quantize, all simulable; None where the graph has
+    something it would quantize that is not simulated here. `quantized(node)`: whether the quantizer is asked
+    to quantize the node (its include/exclude lists); `op_types`: the op types it is asked for."""
+    inits = {t.name: t for t in model.graph.initializer}
     asked = set(op_types)
     todo: list[onnx.NodeProto] = []
-    for n in g.node:
+    for n in model.graph.node:
         if n.op_type in _INTEGER_OPS_OTHER and n.op_type in asked and quantized(n):
             return None
         if n.op_type != "MatMul" or "MatMul" not in asked or not quantized(n) or len(n.input) != 2:
@@ -59,17 +55,41 @@ def simulate_dynamic(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto
         if n.input[0] in inits or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
             return None
         todo.append(n)
+    return todo
+
+
+def simulate_dynamic(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto], bool],
+                     op_types: Sequence[str]) -> Optional[int]:
+    """Rewrite `model` in place into its simulated dynamic INT8 form; the number of MatMuls simulated, or None
+    (and the model untouched) where it is not simulable (see `simulable`).
+
+    A weight read only by simulated MatMuls is rounded in place (no second copy of the weights held: MiniLM's
+    90 MB).
+    """
+    todo = simulable(model, quantized, op_types)
     if not todo:
-        return 0
+        return None if todo is None else 0
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    simulated = {id(n) for n in todo}
+    readers: dict[str, bool] = {}  # weight -> read by anything not simulated
+    for n in g.node:
+        for i in n.input:
+            if i in inits:
+                readers[i] = readers.get(i, False) or id(n) not in simulated or n.input[0] == i
     weights: dict[str, str] = {}
     acts: dict[str, str] = {}
     before: dict[int, list[onnx.NodeProto]] = {}
     for n in todo:
         b = n.input[1]
         if b not in weights:
-            weights[b] = f"{b}_simq"
-            g.initializer.append(numpy_helper.from_array(fake_quant_per_column(numpy_helper.to_array(inits[b])),
-                                                         weights[b]))
+            fq = fake_quant_per_column(numpy_helper.to_array(inits[b]))
+            if readers.get(b) or b in {o.name for o in g.output}:
+                weights[b] = f"{b}_simq"
+                g.initializer.append(numpy_helper.from_array(fq, weights[b]))
+            else:
+                weights[b] = b
+                inits[b].CopyFrom(numpy_helper.from_array(fq, b))
         a = n.input[0]
         if a not in acts:  # one quantize per activation tensor, as onnxruntime shares it between consumers
             acts[a] = f"{a}_simdq"
