@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -203,6 +204,26 @@ def test_cache_entry_without_meta_is_never_read(tmp_path):
     assert cache.run("export", key, [out], compute) == {"ok": True} and calls == [1]  # now a hit
     assert out.read_bytes() == b"real" and cache.events["export"] == "hit"
     assert key_of("export", ["x"]) != key_of("export", ["x", None]) != key_of("export", [["x"]])
+
+
+def test_changed_code_is_a_new_cache_key(tmp_path, monkeypatch):
+    """The stage cache's key holds a digest of the installation's own code, so a pulled or edited checkout
+    (same version string) does not reuse what the old code wrote."""
+    import shutil
+
+    import compress.pipeline.stage_cache as sc
+
+    top = Path(sc.__file__).resolve().parents[2]
+    copy = tmp_path / "tree"
+    for pkg in sc.CODE_PACKAGES:
+        shutil.copytree(top / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    assert sc.tree_digest(copy) == sc.code_digest()
+    f = copy / "compress" / "quantize" / "int8.py"
+    f.write_text(f.read_text() + "\n# an edit\n")
+    assert sc.tree_digest(copy) != sc.code_digest()
+    before = sc.key_of("export", ["x"])
+    monkeypatch.setattr(sc, "code_digest", lambda: "another checkout")
+    assert sc.key_of("export", ["x"]) != before
 
 
 def test_run_with_the_inc_backend(tmp_path):
