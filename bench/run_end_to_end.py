@@ -64,7 +64,8 @@ def main() -> int:
     from devices.host import describe_host
 
     host = describe_host()
-    print(f"# compress run end to end, {dt.date.today()}, {host['cpu']} ({host['arch']}, {host['cores']} cores)")
+    print(f"# compress run end to end, {dt.date.today()}, {host['cpu']} ({host['arch']}: {', '.join(host['isa'])}), "
+          f"{host['cores']} cores")
     print("| model | cold run s | rerun (stage cache) s | recommended | int8 speedup | int8 fidelity |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):

@@ -85,7 +85,7 @@ def main() -> int:
 
     host = describe_host()
     prof = load_profile("host")
-    print(f"# compress search vs single compress run settings, {dt.date.today()}, {host['cpu']} ({host['cores']} cores), "
+    print(f"# compress search vs single compress run settings, {dt.date.today()}, {host['cpu']} ({', '.join(host['isa'])}; {host['cores']} cores), "
           f"onnxruntime {ort.__version__}; {MODEL}, --eval on 512 labelled images")
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
