@@ -1,7 +1,7 @@
 """The `compress` command: a click group whose subcommands live in small cli_* modules.
 
-`main` maps every EdgeError to a one-line message and its exit code (2 usage, 1 otherwise); a traceback
-is shown only with --debug, because users asked for answers, not stack traces.
+`main` maps every EdgeError to a one-line message and its exit code (2 usage, 3 a budget missed, 1 otherwise);
+a traceback is shown only with --debug, because users asked for answers, not stack traces.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ Examples:
 @click.version_option(__version__, prog_name="compress")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Prune, quantize, export and profile PyTorch models for edge devices."""
+    """Prune, quantize, export and profile PyTorch models for edge devices.
+
+    Exit codes: 0 ok, 1 failure, 2 usage, 3 a budget missed (--max-p50-ms and the like on profile and run),
+    143 / 129 stopped by SIGTERM / SIGHUP (Ctrl-C: 1).
+    """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 

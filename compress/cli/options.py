@@ -135,3 +135,29 @@ class RatioOrAuto(click.ParamType):
             return float(value)
         except ValueError:
             self.fail(f"{value!r} is neither a fraction (0.3) nor 'auto'", param, ctx)
+
+
+def budget_options(run: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Budget gates (compress.report.budgets), judged once the figures are written: a miss exits 3 and says
+    which budget, by how much. `run`: judged on the recommended variant, with the run-only budgets too."""
+    whose = "the recommended variant's " if run else ""
+    positive = click.FloatRange(min=0, min_open=True)
+    opts = [
+        click.option("--max-p50-ms", type=positive, help=f"Budget: exit 3 when {whose}p50 latency is above this (ms)."),
+        click.option("--max-p99-ms", type=positive, help=f"Budget: exit 3 when {whose}p99 latency is above this (ms)."),
+        click.option("--max-peak-rss-mb", type=positive, help=f"Budget: exit 3 when {whose}peak RSS is above this (MB)."),
+    ]
+    if run:
+        opts += [
+            click.option("--min-speedup", type=positive,
+                         help="Budget: exit 3 when the recommended variant is less than this many times faster than fp32."),
+            click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
+                         help="Budget: exit 3 when the recommended variant drops more than this from fp32, in the "
+                              "units of --tolerance (the --eval score's drop, else the fidelity loss)."),
+        ]
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return add

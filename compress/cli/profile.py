@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
+from compress.cli.options import budget_options
 from compress.core import console
 
 EPILOG = """\b
@@ -18,6 +20,7 @@ Examples:
   compress profile model.onnx --json - | jq .latency_ms.p50
   compress profile model.onnx --device rpi4-cortex-a72 --remote pi@raspberrypi.local --remote-python '~/venv/bin/python'
   compress profile model.onnx --device ./my-pi.yaml            (a profile with a remote: section)
+  compress profile model.onnx --device rpi4-cortex-a72 --max-p50-ms 12   (exit 3 when p50 is above 12 ms)
 """
 
 _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling operators"}
@@ -43,9 +46,10 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
               help="Verify the device's host key against FILE only (default: ~/.ssh/known_hosts). Unknown or changed keys are refused.")
 @click.option("--remote-python", metavar="PATH", default=None,
               help="Python on the device that has onnxruntime and numpy (default: the profile's remote.python, else python3).")
+@budget_options(run=False)
 def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | None, warmup: int | None, threads: int | None,
             max_seconds: float | None, hotspots: bool, json_out: str | None, remote_target: str | None,
-            identity: str | None, known_hosts: str | None, remote_python: str | None) -> None:
+            identity: str | None, known_hosts: str | None, remote_python: str | None, **limits: float | None) -> None:
     """Time MODEL.onnx with onnxruntime as the device profile configures it.
 
     By default timing runs for at least 30 runs and 1 s, then until the median's 95% confidence interval
@@ -57,8 +61,12 @@ def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | 
     With --remote (or a profile with a remote: section) the model and a small runner are copied over SSH to a
     private temporary folder on the device, timed there by the device's own onnxruntime, and removed. The
     device's host key must already be in known_hosts: unknown or changed keys are refused.
+
+    Budgets (--max-p50-ms, --max-p99-ms, --max-peak-rss-mb) are judged after the figures are printed or
+    written: a miss exits with code 3 and one line naming each budget missed and by how much.
     """
     from compress.core import check_output_path, write_json
+    from compress.report import Budgets, enforce, profile_misses
     from devices import load_profile
     from runtime import DEFAULT_MAX_SECONDS, Target, profile_model, resolve_spec
 
@@ -73,6 +81,7 @@ def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | 
         if dev.detect:
             console.warn(f"--remote with the {dev.name!r} profile: its ISA, cores and threads were detected on THIS machine, "
                          "not on the device; `compress devices probe --remote ...` writes a profile for the device itself")
+    budgets = Budgets(**limits)
     budget = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS
     shapes = _input_specs(model, input_shapes)
     with console.progress(f"profiling on {where}", total=1) as step:
@@ -81,12 +90,13 @@ def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | 
                                inputs=shapes).to_json()
     if json_out == "-":
         console.emit_json(result)
-        return
-    if out_path is not None:
-        write_json(out_path, result)
-    _print_summary(result)
-    if out_path is not None:
-        console.info(f"wrote {out_path}")
+    else:
+        if out_path is not None:
+            write_json(out_path, result)
+        _print_summary(result)
+        if out_path is not None:
+            console.info(f"wrote {out_path}")
+    enforce(profile_misses(result, budgets), Path(model).name)
 
 
 class _Bar:

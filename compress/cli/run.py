@@ -13,6 +13,7 @@ from compress.cli.options import (
     RatioOrAuto,
     allocation_option,
     backend_option,
+    budget_options,
     data_options,
     eval_options,
     format_choice,
@@ -40,6 +41,8 @@ Examples:
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
   compress run compress.zoo:encoder_demo --calib calib.npz --quant int4 --avg-bits 4.5 -o out-int4/
+  compress run model.py:build --calib calib.npz --device rpi4-cortex-a72 --min-speedup 1.5 --max-p50-ms 12 -o out/
+                                                  (CI: exit 3 when the recommended variant misses a budget)
 """
 
 
@@ -82,6 +85,7 @@ Examples:
               "($EDGE_COMPRESS_CACHE, default ~/.cache/edge-compress); profiling always runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
+@budget_options(run=True)
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
         prune_ratio: float | str | None, importance: str, allocation: str, ignore: tuple[str, ...], prune_first_conv: bool, no_recover: bool, recover_seconds: float,
         no_backoff: bool,
@@ -89,7 +93,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
         tune_threads: bool, overwrite: bool, force: bool,
-        json_out: str | None, output: str, **data_flags: Any) -> None:
+        json_out: str | None, output: str, max_p50_ms: float | None, max_p99_ms: float | None,
+        max_peak_rss_mb: float | None, min_speedup: float | None, max_accuracy_drop: float | None,
+        **data_flags: Any) -> None:
     """Build every variant of MODEL for a device, profile each there, and recommend one.
 
     MODEL is a PyTorch model (FILE.py:factory, package.module:factory, a Hugging Face folder) or an ONNX file,
@@ -104,14 +110,21 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     fidelity only. Writes OUTDIR/report.json, report.md, tradeoff.png and one .onnx per variant. A rerun with
     the same inputs and options reuses finished prune/export/quantize stages (--force redoes them); latency is
     measured again every time.
+
+    Budgets (--max-p50-ms, --max-p99-ms, --max-peak-rss-mb, --min-speedup, --max-accuracy-drop) judge the
+    recommended variant once the report is written: a miss exits with code 3 and one line naming each budget
+    missed and by how much (a run that recommends fp32 is judged as fp32).
     """
     from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
     from compress.evaluate import load_metric
     from compress.models import load_run_model, model_inputs, prepare_inputs
     from compress.pipeline import StageCache, run_pipeline
+    from compress.report import Budgets, enforce, run_misses
     from devices import load_profile
 
+    budgets = Budgets(max_p50_ms=max_p50_ms, max_p99_ms=max_p99_ms, max_peak_rss_mb=max_peak_rss_mb,
+                      min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop)
     require_one_input_source(input_shapes, calib)
     onnx_in = model.lower().endswith(".onnx")
     if onnx_in and prune_ratio is not None:
@@ -170,9 +183,9 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
             report = run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
                                   on_stage=lambda s: step.update(description=s),
                                   extra={"calibration": prep.info}).to_json()
-    if console.report_json(json_out, report):
-        return
-    _print_table(report, outdir)
+    if not console.report_json(json_out, report):
+        _print_table(report, outdir)
+    enforce(run_misses(report, budgets), f"the recommended variant {report['recommended']!r}")
 
 
 def _print_table(r: dict[str, Any], outdir: Path) -> None:

@@ -14,7 +14,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ],
     "clock": ["StageClock"],
     "console": ["warn"],
-    "errors": ["DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "few", "first_line"],
+    "errors": ["BudgetMissed", "DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "few", "first_line"],
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
     "onnxgraph": ["TWO_GB", "drop_unused", "graph_macs", "initializer_bytes", "nonfinite_initializers", "save_model"],

@@ -44,6 +44,14 @@ class RuntimeFailure(EdgeError):
     kind = "runtime"
 
 
+class BudgetMissed(EdgeError):
+    """The command did its work and wrote its figures, but they miss a budget the caller set (--max-p50-ms and
+    the like): exit code 3, so a CI job can tell "over budget" from "failed" (1) and "wrong flags" (2)."""
+
+    exit_code = 3
+    kind = "budget"
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message: library errors span lines, ours take one."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
