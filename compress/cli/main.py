@@ -26,6 +26,7 @@ Examples:
   compress formats out/resnet.onnx --device nvidia-h100-trt-fp8 --calib calib.npz --plot formats.png
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --device host -o out/run/
   compress report out/run/ -o out/run/summary.md --plot out/run/tradeoff.png
+  compress compare base/profile.json out/profile.json --max-regression 5%
 """
 
 
@@ -44,6 +45,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
+    from compress.cli.compare import compare
     from compress.cli.devices import devices
     from compress.cli.export import export
     from compress.cli.formats import formats
@@ -54,7 +56,7 @@ def _register() -> None:
     from compress.cli.run import run
     from compress.cli.search import search, sweep
 
-    for cmd in (devices, export, formats, profile, prune, quantize, report, run, search, sweep):
+    for cmd in (compare, devices, export, formats, profile, prune, quantize, report, run, search, sweep):
         cli.add_command(cmd)
 
 
