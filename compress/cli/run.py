@@ -23,6 +23,7 @@ from compress.cli.options import (
     model_input_options,
     prune_first_conv_option,
 )
+from compress.cli.recipe import config_option, resolved
 from compress.core import UsageError, console
 from compress.models import require_one_input_source
 from compress.pipeline import RunOptions
@@ -41,6 +42,7 @@ Examples:
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
   compress run compress.zoo:encoder_demo --calib calib.npz --quant int4 --avg-bits 4.5 -o out-int4/
+  compress run --config recipes/rpi4.yaml --runs 50              (a recipe file; flags override its keys)
   compress run model.py:build --calib calib.npz --device rpi4-cortex-a72 --min-speedup 1.5 --max-p50-ms 12 -o out/
                                                   (CI: exit 3 when the recommended variant misses a budget)
 """
@@ -86,6 +88,7 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write report JSON to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (replaced only when the run succeeds).")
 @budget_options(run=True)
+@config_option
 def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: str | None, max_calib: int | None, device: str,
         prune_ratio: float | str | None, importance: str, allocation: str, ignore: tuple[str, ...], prune_first_conv: bool, no_recover: bool, recover_seconds: float,
         no_backoff: bool,
@@ -114,6 +117,10 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     Budgets (--max-p50-ms, --max-p99-ms, --max-peak-rss-mb, --min-speedup, --max-accuracy-drop) judge the
     recommended variant once the report is written: a miss exits with code 3 and one line naming each budget
     missed and by how much (a run that recommends fp32 is judged as fp32).
+
+    --config RECIPE.yaml takes every option from a file (keys: the flag names without dashes; MODEL as model:,
+    -o as output:; paths relative to the file); flags override it. report.json records the options the run
+    resolved under "recipe": written back as YAML, that repeats the run.
     """
     from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_output_path
@@ -123,6 +130,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     from compress.report import Budgets, enforce, run_misses
     from devices import load_profile
 
+    recipe = resolved(click.get_current_context())
     budgets = Budgets(max_p50_ms=max_p50_ms, max_p99_ms=max_p99_ms, max_peak_rss_mb=max_peak_rss_mb,
                       min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop)
     require_one_input_source(input_shapes, calib)
@@ -182,7 +190,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
             data.describe(prep.info)
             report = run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
                                   on_stage=lambda s: step.update(description=s),
-                                  extra={"calibration": prep.info}).to_json()
+                                  extra={"calibration": prep.info, "recipe": recipe}).to_json()
     if not console.report_json(json_out, report):
         _print_table(report, outdir)
     enforce(run_misses(report, budgets), f"the recommended variant {report['recommended']!r}")

@@ -175,6 +175,7 @@ class RunReport(Result):
     cache: CacheUse
     calibration: Optional[dict[str, Any]] = None
     search_config: Optional[dict[str, Any]] = None  # a compress search trial's point in the space
+    recipe: Optional[dict[str, Any]] = None  # compress run's options as resolved, keyed as --config takes them
 
 
 def check_report(report: dict[str, Any]) -> dict[str, Any]:
