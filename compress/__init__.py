@@ -1,3 +1,9 @@
-"""edge-compress: prune, quantize, export and profile PyTorch models for edge devices."""
+"""edge-compress: prune, quantize, export and profile PyTorch models for edge devices.
+
+The Python API (compress.api) is named here: `compress.profile(...)`, `compress.run(...)`."""
 
 __version__ = "0.1.0"
+
+from compress.core import lazy_exports  # noqa: E402  (after __version__, which compress.core's modules read)
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {"api": ["profile", "run"]})

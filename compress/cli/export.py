@@ -40,7 +40,7 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     Hugging Face model folder (config.json + safetensors). Nothing is written unless onnxruntime's outputs
     match torch's within tolerance.
     """
-    from compress.cli.data import data_opts, user_data
+    from compress.data import data_opts, user_data
     from compress.models import calib_samples, check_calib_names, load_calib, model_inputs, parse_input_shape
 
     require_one_input_source(input_shapes, calib)

@@ -58,7 +58,7 @@ def formats(model: str, device: str, calib: str | None, max_calib: int | None, t
     check_json_output(json_out, output, inputs + outs)
     if not Path(model).expanduser().is_file():
         raise InputError(f"model {model} not found")
-    from compress.cli.data import data_opts, user_data
+    from compress.data import data_opts, user_data
     from compress.models import onnx_model_inputs
     from devices import load_profile
 

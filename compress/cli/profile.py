@@ -65,29 +65,23 @@ def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | 
     Budgets (--max-p50-ms, --max-p99-ms, --max-peak-rss-mb) are judged after the figures are printed or
     written: a miss exits with code 3 and one line naming each budget missed and by how much.
     """
+    from compress.api import profile as profile_api
     from compress.core import check_output_path, write_json
     from compress.report import Budgets, enforce, profile_misses
     from devices import load_profile
-    from runtime import DEFAULT_MAX_SECONDS, Target, profile_model, resolve_spec
+    from runtime import DEFAULT_MAX_SECONDS
 
     out_path = (check_output_path(json_out, [model, device, identity, known_hosts], flag="--json")
                 if json_out and json_out != "-" else None)
-    dev = load_profile(device)
-    remote = resolve_spec(dev.remote, target=remote_target, identity=identity, known_hosts=known_hosts, python=remote_python,
-                          base_dir=dev.source.parent if dev.source else None)
-    where = dev.name
-    if remote is not None:
-        where = f"{dev.name} at {Target(remote.user, remote.host, remote.port)}"
-        if dev.detect:
-            console.warn(f"--remote with the {dev.name!r} profile: its ISA, cores and threads were detected on THIS machine, "
-                         "not on the device; `compress devices probe --remote ...` writes a profile for the device itself")
     budgets = Budgets(**limits)
+    dev = load_profile(device)
+    where = f"{dev.name} at {remote_target}" if remote_target else dev.name
     budget = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS
-    shapes = _input_specs(model, input_shapes)
     with console.progress(f"profiling on {where}", total=1) as step:
-        result = profile_model(model, dev, runs=runs, warmup=warmup, threads=threads, hotspots=hotspots,
-                               max_seconds=max_seconds, on_progress=_Bar(step, budget), remote=remote,
-                               inputs=shapes).to_json()
+        result = profile_api(model, device, input_shape=input_shapes, runs=runs, warmup=warmup, threads=threads,
+                             max_seconds=max_seconds, hotspots=hotspots, remote=remote_target, identity=identity,
+                             known_hosts=known_hosts, remote_python=remote_python,
+                             on_progress=_Bar(step, budget)).to_json()
     if json_out == "-":
         console.emit_json(result)
     else:
@@ -233,24 +227,3 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
-
-
-def _input_specs(model: str, input_shapes: tuple[str, ...]) -> dict[str, dict[str, Any]] | None:
-    """--input-shape as the profiler's per-input specs; an unnamed one names the model's only input."""
-    if not input_shapes:
-        return None
-    from compress.core import UsageError
-    from compress.models import onnx_model_inputs, parse_input_shape
-
-    names = list(onnx_model_inputs(model).names)
-    specs: dict[str, dict[str, Any]] = {}
-    for arg in map(parse_input_shape, input_shapes):
-        name = arg.name
-        if name is None:
-            if len(names) != 1:
-                raise UsageError(f"--input-shape without a name: {model} has inputs {', '.join(names)}; write NAME=SHAPE")
-            name = names[0]
-        if name not in names:
-            raise UsageError(f"--input-shape names {name!r}, which is not an input of {model}; its inputs are {', '.join(names)}")
-        specs[name] = {"shape": list(arg.shape), **({"dtype": arg.dtype} if arg.dtype else {})}
-    return specs

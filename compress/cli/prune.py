@@ -63,7 +63,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     rounded to the device's SIMD multiple, and the pruned model is distilled from the original on the
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
-    from compress.cli.data import data_opts, user_data
+    from compress.data import data_opts, user_data
     from compress.models import load_model, model_inputs, prepare_inputs
     from compress.prune import get_importance, prune_stage
     from devices import load_profile

@@ -68,8 +68,8 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     --tolerance the most sensitive layers stay in float. INT4 is weight-only (MatMulNBits): uniform 4-bit, or
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
-    from compress.cli.data import data_opts, is_data, user_data
     from compress.core import check_json_output, check_onnx_output
+    from compress.data import data_opts, is_data, user_data
     from compress.evaluate import load_metric
     from compress.models import onnx_model_inputs
     from compress.quantize import check_format, quant_stage

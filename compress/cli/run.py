@@ -24,8 +24,7 @@ from compress.cli.options import (
     prune_first_conv_option,
 )
 from compress.cli.recipe import config_option, resolved
-from compress.core import UsageError, console
-from compress.models import require_one_input_source
+from compress.core import console
 from compress.pipeline import RunOptions
 from compress.prune import PruneOptions
 from compress.report import box_f1
@@ -122,75 +121,26 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
     -o as output:; paths relative to the file); flags override it. report.json records the options the run
     resolved under "recipe": written back as YAML, that repeats the run.
     """
-    from compress.cli.data import data_opts, is_data, user_data
-    from compress.core import check_json_output, check_output_path
-    from compress.evaluate import load_metric
-    from compress.models import load_run_model, model_inputs, prepare_inputs
-    from compress.pipeline import StageCache, run_pipeline
+    from compress.api import run as run_api
+    from compress.core import check_json_output
     from compress.report import Budgets, enforce, run_misses
-    from devices import load_profile
 
     recipe = resolved(click.get_current_context())
     budgets = Budgets(max_p50_ms=max_p50_ms, max_p99_ms=max_p99_ms, max_peak_rss_mb=max_peak_rss_mb,
                       min_speedup=min_speedup, max_accuracy_drop=max_accuracy_drop)
-    require_one_input_source(input_shapes, calib)
-    onnx_in = model.lower().endswith(".onnx")
-    if onnx_in and prune_ratio is not None:
-        raise UsageError(f"{model} is ONNX: pruning needs the PyTorch model (a factory or a Hugging Face folder); "
-                         "drop --prune to quantize, profile and compare the ONNX file as it is")
-    if tolerance > 1 and not eval_spec:
-        raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
-    inputs = [model, weights, calib, device, eval_spec, metric_spec]
-    outdir = check_output_path(output, inputs, folder=True, overwrite=overwrite)
-    check_json_output(json_out, output, inputs)
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"-o {output} is a file; give a folder")
-    profile = load_profile(device)
-    prune_opts = None
-    pruning_only = {"--ignore": bool(ignore), "--allocation": allocation != PruneOptions.default("allocation"),
-                    "--prune-first-conv": prune_first_conv}
-    if any(pruning_only.values()) and prune_ratio is None:
-        raise UsageError(f"{next(k for k, v in pruning_only.items() if v)} is about pruning: give --prune too")
-    if prune_ratio is not None:
-        auto = prune_ratio == "auto"
-        if auto and no_recover:
-            raise UsageError("--prune auto judges each probe after its recovery: it does not take --no-recover")
-        prune_opts = PruneOptions(ratio=PruneOptions.default("max_ratio") if auto else prune_ratio,
-                                  importance=importance, allocation=allocation, ignore=list(ignore), prune_first_conv=prune_first_conv,
-                                  recover=not no_recover, recover_seconds=recover_seconds,
-                                  round_to=profile.pruning.channel_multiple, real_data=calib is not None,
-                                  # a fixed ratio does not depend on --tolerance (nor does its stage cache key)
-                                  **({"auto": True, "tolerance": tolerance} if auto else {}))
-        prune_opts.check("--prune")
-        from compress.prune import get_importance
-
-        get_importance(importance)
-    int4 = {"block_size": block_size, "budget_mb": budget_mb, "avg_bits": avg_bits, "salience": salience}
-    if quant != "none":
-        from compress.quantize import QuantOptions, check_format
-
-        check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend, **int4))
-    elif budget_mb is not None or avg_bits is not None:
-        raise UsageError("--budget-mb/--avg-bits allocate bits per layer for --quant int4, not --quant none")
-    dopts = data_opts(**data_flags)
-    if eval_spec and not is_data(eval_spec):
-        load_metric(eval_spec, metric_spec)  # a FILE.py:FN fails here, before the model is loaded
-    with console.progress("loading model"):
-        loaded = load_run_model(model, weights)
-    with user_data(model_inputs(loaded, input_shapes), dopts, Path(outdir).absolute().parent, calib, eval_spec,
-                   max_calib) as data:
-        opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,
-                          max_calib=max_calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
-                          select_ops=not no_op_select, evaluate=load_metric(data.eval, metric_spec), backend=backend,
-                          cache=StageCache(force=force), overwrite=overwrite, backoff=not no_backoff,
-                          tune_threads=tune_threads,
-                          command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-        with console.progress("preparing inputs") as step:
-            prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
-            data.describe(prep.info)
-            report = run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
-                                  on_stage=lambda s: step.update(description=s),
-                                  extra={"calibration": prep.info, "recipe": recipe}).to_json()
+    check_json_output(json_out, output, [model, weights, calib, device, eval_spec, metric_spec])
+    with console.progress("starting") as step:
+        report = run_api(model, output=output, weights=weights, input_shape=input_shapes, calib=calib,
+                         max_calib=max_calib, device=device, prune=prune_ratio, importance=importance,
+                         allocation=allocation, ignore=ignore, prune_first_conv=prune_first_conv, no_recover=no_recover,
+                         recover_seconds=recover_seconds, no_backoff=no_backoff, quant=quant, block_size=block_size,
+                         budget_mb=budget_mb, avg_bits=avg_bits, salience=salience, simulate=simulate,
+                         no_op_select=no_op_select, tolerance=tolerance, eval=eval_spec, metric=metric_spec,
+                         backend=backend, runs=runs, tune_threads=tune_threads, overwrite=overwrite, force=force,
+                         on_stage=lambda s: step.update(description=s),
+                         command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]), recipe=recipe,
+                         **data_flags).to_json()
+    outdir = Path(output)
     if not console.report_json(json_out, report):
         _print_table(report, outdir)
     enforce(run_misses(report, budgets), f"the recommended variant {report['recommended']!r}")

@@ -64,8 +64,8 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     Writes OUTDIR/search.md (Pareto set, every trial, crashed ones with their error), search.json, search.png
     and best/ (the recommended trial's run report and models). Exits 1 when no model meets the budget and floor.
     """
-    from compress.cli.data import data_opts
     from compress.core import check_json_output
+    from compress.data import data_opts
     from compress.search import run_search
 
     require_one_input_source(input_shapes, calib)

@@ -1,5 +1,5 @@
-"""--calib and --eval DATA for every command that takes them: the data flags parsed into DataOptions, and the
-sources read (compress.data) into .npz files that live in a folder beside the output for the command's run."""
+"""--calib and --eval DATA for every command (and API call) that takes them: the data flags parsed into
+DataOptions, and the sources read into .npz files that live in a folder beside the output for the run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from compress.core import UsageError
-from compress.data import DataOptions, ModelInputs, is_data, read_option
+from compress.data.options import DataOptions
+from compress.data.registry import ModelInputs
+from compress.data.resolve import read_option
 
 
 def data_opts(image_size: Optional[str] = None, crop_pct: Optional[float] = None, mean: Optional[str] = None,
@@ -35,9 +37,6 @@ def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"{flag} {text}: comma-separated numbers") from None
-
-
-__all__ = ["UserData", "data_opts", "is_data", "user_data"]
 
 
 @dataclass
