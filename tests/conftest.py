@@ -67,3 +67,24 @@ def encoder(tmp_path_factory):
     export_onnx(encoder_tiny(), {"input_ids": ids, "attention_mask": torch.ones(1, ENCODER_SEQ, dtype=torch.int64)},
                 path)
     return path
+
+
+def _matmul_onnx(path, rows: int = 4, width: int = 64):
+    """One MatMul (rows x width @ width x width, seeded weights) saved at `path`: an ONNX model for the commands
+    that take one (profile, compare, the API), about 1 ms at 64 x 512."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((width, width)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, width])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def matmul_onnx():
+    """_matmul_onnx(path, rows=4, width=64) -> path."""
+    return _matmul_onnx

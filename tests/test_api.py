@@ -6,10 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import compress
 from compress.core import InputError, UsageError
@@ -23,16 +20,7 @@ def _readme_block() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def _model(path: Path) -> Path:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], [w])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
-def test_the_readme_block_runs_as_it_stands(tmp_path, monkeypatch, capsys):
+def test_the_readme_block_runs_as_it_stands(tmp_path, monkeypatch, capsys, matmul_onnx):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(_readme_block(), "README.md", "exec"), scope)  # noqa: S102 - our own README
@@ -42,15 +30,15 @@ def test_the_readme_block_runs_as_it_stands(tmp_path, monkeypatch, capsys):
     assert report.variants[1].speedup_vs_fp32 > 0
     printed = capsys.readouterr().out
     assert report.recommended in printed
-    good = _model(tmp_path / "good.onnx")
+    good = matmul_onnx(tmp_path / "good.onnx")
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     rows = scope["profile_all"]([str(good), str(tmp_path / "broken.onnx")])
     assert rows[str(good)].startswith("p50 ") and "peak RSS" in rows[str(good)]
     assert rows[str(tmp_path / "broken.onnx")].startswith("skipped: ")
 
 
-def test_results_are_typed_and_their_json_is_the_clis(tmp_path):
-    r = compress.profile(_model(tmp_path / "m.onnx"), runs=10, input_shape=["x=4,64"])
+def test_results_are_typed_and_their_json_is_the_clis(tmp_path, matmul_onnx):
+    r = compress.profile(matmul_onnx(tmp_path / "m.onnx"), runs=10, input_shape=["x=4,64"])
     doc = r.to_json()
     assert doc["schema"] == "edge-compress/profile/1" and doc["runs"] == 10
     assert r.latency_ms.p50 == doc["latency_ms"]["p50"] > 0

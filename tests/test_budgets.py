@@ -8,10 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from compress.core import BudgetMissed, UsageError
 from compress.report import Budgets, accuracy_drop, enforce, profile_misses, run_misses
@@ -22,14 +19,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture()
-def small(tmp_path: Path) -> Path:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
-    path = tmp_path / "small.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+def small(tmp_path: Path, matmul_onnx) -> Path:
+    return matmul_onnx(tmp_path / "small.onnx", rows=1)
 
 
 def _report(speedup: float = 2.0, acc: tuple[float | None, float | None] = (None, None)) -> dict:

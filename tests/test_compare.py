@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from compress.core import InputError
 from compress.report import changes, parse_limit
@@ -21,14 +18,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def profiles(tmp_path_factory) -> tuple[Path, Path]:
+def profiles(tmp_path_factory, matmul_onnx) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("cmp")
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 512])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 512])], [w])
-    model = d / "m.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    model = matmul_onnx(d / "m.onnx", rows=64, width=512)
     out = []
     for name in ("a.json", "b.json"):
         r = _cli("profile", str(model), "--runs", "50", "--json", str(d / name))
