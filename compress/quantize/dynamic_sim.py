@@ -76,7 +76,7 @@ def simulate_dynamic(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto
     for n in g.node:
         for i in n.input:
             if i in inits:
-                readers[i] = readers.get(i, False) or id(n) not in simulated or n.input[0] == i
+                readers[i] = readers.get(i, False) or id(n) not in simulated
     weights: dict[str, str] = {}
     acts: dict[str, str] = {}
     before: dict[int, list[onnx.NodeProto]] = {}

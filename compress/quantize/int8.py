@@ -570,16 +570,16 @@ def _transformer_path(pre: Path, work: Path, preset: Preset, reader: CalibReader
         _quantize_dynamic(smoothed, out, preset, include, exclude)
         return out
 
-    quantizes = (lambda n: n.name in include) if include else (lambda n: True)
+    def asked(n: onnx.NodeProto) -> bool:  # what the quantizer is asked to quantize, of the op types it takes
+        return (n.name in include if include else True) and n.name not in exclude
+
     op_types = args["op_types_to_quantize"]
-    simulated = len(alphas) > 1 and simulable(model, lambda n: quantizes(n) and n.name not in exclude,
-                                              op_types) is not None
+    simulated = len(alphas) > 1 and simulable(model, asked, op_types) is not None
     trials: dict[str, dict[str, Any]] = {}
     best: Optional[tuple[tuple[float, float], Optional[Path], Optional[float]]] = None
     for alpha in alphas if len(alphas) > 1 else ():
         if simulated:  # the same arithmetic in float (dynamic_sim): only the chosen strength is quantized
-            outs = onnx_outputs(_simulated(smoothed_model(alpha), lambda n: quantizes(n) and n.name not in exclude,
-                                           op_types, work / "sim.onnx"), feeds)
+            outs = onnx_outputs(_simulated(smoothed_model(alpha), asked, op_types, work / "sim.onnx"), feeds)
             out: Optional[Path] = None
         else:
             out = quantized(alpha)

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
 from compress.core import InputError
-
-PROFILE_SCHEMA = "edge-compress/profile/1"
-RUN_SCHEMA = "edge-compress/report/1"
+from compress.report.schema import REPORT_SCHEMA as RUN_SCHEMA
+from runtime import PROFILE_SCHEMA
 
 
 @dataclass(frozen=True)
