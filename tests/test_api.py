@@ -52,3 +52,25 @@ def test_bad_options_raise_the_projects_errors(tmp_path):
     with pytest.raises(InputError):
         compress.profile(tmp_path / "missing.onnx")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "compare"])
+def test_profiling_and_comparing_never_import_torch(tmp_path, matmul_onnx, command):
+    """What a CI runner that only profiles runs must not need torch (issue 20's light install): profile and
+    compare, through the CLI, import neither torch nor anything that pulls it in."""
+    import subprocess
+    import sys
+
+    model = matmul_onnx(tmp_path / "m.onnx")
+    out = tmp_path / "p.json"
+    argv = (["profile", str(model), "--runs", "5", "--input-shape", "x=4,64", "--max-p50-ms", "1000", "--json", str(out)]
+            if command == "profile" else ["compare", str(out), str(out)])
+    if command == "compare":
+        assert subprocess.run([sys.executable, "-m", "compress.cli", "profile", str(model), "--runs", "5", "--json",
+                               str(out)], capture_output=True).returncode == 0
+    code = ("import sys; from compress.cli.main import main\nsys.argv = ['compress'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

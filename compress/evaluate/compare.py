@@ -58,19 +58,6 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
     return out
 
 
-def judged(fid: Mapping[str, Any]) -> tuple[str, float]:
-    """(metric, error) that a tolerance bounds for these figures (a fidelity dict): 1 - the F1 of matched boxes
-    for a detector whose reference keeps boxes ("boxes"), 1 - top-1 agreement for a classifier ("top1"), else 1 -
-    the worst per-sample cosine ("cosine_min"); every stage and the report judge by this one rule."""
-    boxes = fid.get("boxes")
-    if boxes and boxes.get("reference_boxes"):
-        return "boxes", 1.0 - float(boxes["f1"])
-    if fid.get("top1_agreement") is not None:
-        return "top1", 1.0 - float(fid["top1_agreement"])
-    cos = fid.get("cosine_min")
-    return "cosine_min", float("inf") if cos is None else 1.0 - float(cos)
-
-
 def _as_numpy(x: Any) -> np.ndarray:
     """float64 numpy for any tensor/array: precision for sums of squares, and bf16/int outputs compare too."""
     if isinstance(x, torch.Tensor):

@@ -10,5 +10,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
                "prepare_inputs"],
     "shapes": ["parse_input_shape", "require_one_input_source"],
     "loading": ["LoadedModel", "load_model", "load_option_function"],
-    "data_inputs": ["load_onnx_model", "load_run_model", "onnx_model_inputs", "model_inputs"],
+    "data_inputs": ["load_onnx_model", "load_run_model", "model_inputs"],
+    "onnx_inputs": ["onnx_model_inputs"],
 })

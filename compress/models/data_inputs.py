@@ -8,15 +8,12 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import onnx
-
-from compress.core import InputError, UsageError, first_line
+from compress.core import UsageError
 from compress.data import ModelInputs
 from compress.models.loading import LoadedModel, load_model
+from compress.models.onnx_inputs import onnx_model_inputs
 from compress.models.shapes import parse_input_shape
 from runtime import check_model
-
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
 
 
 def model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> ModelInputs:
@@ -58,27 +55,3 @@ def load_run_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
             raise UsageError(f"--weights loads a PyTorch model's state; {spec} is ONNX and holds its weights")
         return load_onnx_model(spec)
     return load_model(spec, weights)
-
-
-def onnx_model_inputs(path: str | Path) -> ModelInputs:
-    """Graph inputs that are not initializers, their static dims (None where symbolic) and dtypes; the folder
-    the file lies in holds its tokenizer or preprocessor_config.json when it came from a Hugging Face export."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise InputError(f"model {path} not found") from None
-    except Exception as e:  # protobuf's DecodeError and others: not a model
-        raise InputError(f"{path} is not a readable ONNX model ({first_line(e)})") from e
-    inits = {i.name for i in model.graph.initializer}
-    shapes: dict[str, tuple[Optional[int], ...]] = {}
-    dtypes: dict[str, str] = {}
-    names = []
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        names.append(i.name)
-        t = i.type.tensor_type
-        shapes[i.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        dtypes[i.name] = _ONNX_DTYPES.get(t.elem_type, "float32")
-    return ModelInputs(names=tuple(names), required=tuple(names), shapes=shapes, dtypes=dtypes,
-                       folder=Path(path).expanduser().resolve().parent)

@@ -1,0 +1,20 @@
+"""The one rule every stage and the report judge a tolerance by, in a module of its own so that what only reads
+figures (budgets, reports) judges them without importing torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def judged(fid: Mapping[str, Any]) -> tuple[str, float]:
+    """(metric, error) that a tolerance bounds for these figures (a fidelity dict): 1 - the F1 of matched boxes
+    for a detector whose reference keeps boxes ("boxes"), 1 - top-1 agreement for a classifier ("top1"), else 1 -
+    the worst per-sample cosine ("cosine_min"); every stage and the report judge by this one rule."""
+    boxes = fid.get("boxes")
+    if boxes and boxes.get("reference_boxes"):
+        return "boxes", 1.0 - float(boxes["f1"])
+    if fid.get("top1_agreement") is not None:
+        return "top1", 1.0 - float(fid["top1_agreement"])
+    cos = fid.get("cosine_min")
+    return "cosine_min", float("inf") if cos is None else 1.0 - float(cos)
