@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_SRC   := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 DEMO_OUT    ?= demo-out
 
-.PHONY: demo demo-images test lint test-arm64 test-arch arch-site venv bench-deps clean
+.PHONY: demo demo-images test lint test-arm64 test-arch test-install arch-site venv bench-deps clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SRC) numpy
 	$(PY) -c "import torch, sys; sys.exit('a CUDA build of torch is installed; remove .venv' if torch.version.cuda else 0)"
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(PY) tools/house_rules.py
 
 test: lint
-	$(PY) -m pytest -q -m "not arm64 and not arch"
+	$(PY) -m pytest -q -m "not arm64 and not arch and not install"
 
 # The device-side runner on aarch64 Linux under qemu user-mode emulation (needs qemu-user-static; the first run
 # fetches an arm64 Python from Debian and aarch64 wheels from PyPI into ~/.cache/edge-compress/arm64, ~205 MB).
@@ -73,6 +73,10 @@ $(ARCH_SITE)/.installed: $(STAMP)
 
 test-arch: $(ARCH_SITE)/.installed
 	EDGE_COMPRESS_ARCH_SITE=$(ARCH_SITE) $(PY) -m pytest -q -m arch
+
+# The core install (issue 20): a fresh venv with only `pip install .` profiles and names the extras it lacks.
+test-install: $(STAMP)
+	$(PY) -m pytest -q -m install
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -14,7 +14,7 @@ from typing import NoReturn
 import click
 
 from compress import __version__
-from compress.core import EdgeError
+from compress.core import EdgeError, missing_extra
 
 EPILOG = """\b
 Examples:
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
             _interrupted()
         if debug:
             traceback.print_exc()
+        extra = missing_extra(e)  # an extra not installed: which one, not the ImportError
+        if extra is not None:
+            click.echo(f"error: compress {argv[0] if argv else ''}: {extra}", err=True)
+            sys.exit(1)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"error: {type(e).__name__}: {msg} (run with --debug for the traceback)", err=True)
         sys.exit(1)

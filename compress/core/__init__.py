@@ -14,6 +14,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ],
     "clock": ["StageClock"],
     "console": ["warn"],
+    "extras": ["EXTRA_OF", "missing_extra"],
     "errors": ["BudgetMissed", "DeviceError", "EdgeError", "InputError", "ModelError", "RuntimeFailure", "UsageError", "few", "first_line"],
     "interrupt": ["check_interrupted", "reraise_if_interrupted"],
     "lazy": ["lazy_exports"],
