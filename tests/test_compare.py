@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from compress.core import InputError
 from compress.report import changes, parse_limit
+from compress.report import regression as compare_schema
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -48,6 +50,7 @@ def test_two_real_profiles_compare_and_a_slowdown_is_caught(profiles, tmp_path):
     r = _cli("compare", str(a), str(slow), "--max-regression", "5%", "--json", "-")
     assert r.returncode == 3, r.stderr
     doc = json.loads(r.stdout)
+    jsonschema.validate(doc, json.loads(compare_schema.SCHEMA_FILE.read_text()))  # as a CI user would check it
     figs = {f["figure"]: f for f in doc["figures"]}
     assert doc["kind"] == "profile" and figs["p50"]["regressed"] and figs["p99"]["regressed"]
     assert figs["peak RSS"]["regressed"] is False

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from compress.report import check_report
+from compress.report import regression as compare_schema
 from compress.report import schema as report_schema
 from runtime import check_profile
 from runtime import result as profile_schema
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import write_schemas  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [report_schema, profile_schema], ids=["report", "profile"])
+@pytest.mark.parametrize("module", [report_schema, profile_schema, compare_schema], ids=["report", "profile", "compare"])
 def test_shipped_schema_matches_its_model(module) -> None:
     assert module.SCHEMA_FILE.read_text() == write_schemas.rendered(module), \
         f"{module.SCHEMA_FILE.name} is stale: run python tools/write_schemas.py"

@@ -2,6 +2,7 @@
 
     compress/report/report.schema.json   report.json of compress run (compress.report.schema.RunReport)
     runtime/profile.schema.json          compress profile --json (runtime.result.ProfileResult)
+    compress/report/compare.schema.json  compress compare --json (compress.report.regression.Comparison)
 
 Run after changing either model; tests/test_schemas.py fails while a shipped file differs from its model.
 
@@ -16,11 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compress.report import regression as compare_schema  # noqa: E402
 from compress.report import schema as report_schema  # noqa: E402
 from runtime import result as profile_schema  # noqa: E402
 
 TITLE = {report_schema: "edge-compress run report (report.json)",
-         profile_schema: "edge-compress profile (compress profile --json)"}
+         profile_schema: "edge-compress profile (compress profile --json)",
+         compare_schema: "edge-compress comparison (compress compare --json)"}
 
 
 def rendered(module: object) -> str:
@@ -30,7 +33,7 @@ def rendered(module: object) -> str:
 
 
 def main() -> None:
-    for module in (report_schema, profile_schema):
+    for module in (report_schema, profile_schema, compare_schema):
         path: Path = module.SCHEMA_FILE  # type: ignore[attr-defined]
         path.write_text(rendered(module))
         print(f"wrote {path}")

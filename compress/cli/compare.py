@@ -37,7 +37,7 @@ def compare(old: str, new: str, max_regression: str | None, json_out: str | None
     both measurements' confidence intervals) exits 3 with one line naming each regression.
     """
     from compress.core import BudgetMissed, check_output_path, write_json
-    from compress.report import changes, parse_limit
+    from compress.report import Comparison, changes, parse_limit
 
     limit = None
     if max_regression is not None:
@@ -50,9 +50,9 @@ def compare(old: str, new: str, max_regression: str | None, json_out: str | None
     out_path = check_output_path(json_out, [a_path, b_path], flag="--json") if json_out and json_out != "-" else None
     kind, figures = changes(a, b, str(a_path), str(b_path))
     rec = (a.get("recommended"), b.get("recommended")) if kind == "run" else (None, None)
-    doc = {"schema": "edge-compress/compare/1", "kind": kind, "old": str(a_path), "new": str(b_path),
-           "max_regression": limit, "figures": [c.to_json(limit) for c in figures],
-           **({"recommended": {"old": rec[0], "new": rec[1]}} if kind == "run" else {})}
+    doc = Comparison(kind=kind, old=str(a_path), new=str(b_path), max_regression=limit,
+                     figures=[c.to_json(limit) for c in figures],
+                     **({"recommended": {"old": rec[0], "new": rec[1]}} if kind == "run" else {})).to_json()
     if json_out == "-":
         console.emit_json(doc)
     else:

@@ -8,7 +8,7 @@ from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "budgets": ["Budgets", "Miss", "accuracy_drop", "enforce", "profile_misses", "run_misses"],
-    "regression": ["Change", "changes", "parse_limit"],
+    "regression": ["COMPARE_SCHEMA", "Change", "Comparison", "changes", "parse_limit"],
     "html": ["render_html", "write_html"],
     "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
     "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],

@@ -10,11 +10,47 @@ the two intervals overlap the change is reported as within noise and is not a re
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
 
-from compress.core import InputError
+from pydantic import Field
+
+from compress.core import InputError, Result
 from compress.report.schema import REPORT_SCHEMA as RUN_SCHEMA
 from runtime import PROFILE_SCHEMA
+
+COMPARE_SCHEMA = "edge-compress/compare/1"
+SCHEMA_FILE = Path(__file__).with_name("compare.schema.json")
+
+
+class FigureJson(Result):
+    """One figure of a comparison as `compress compare --json` writes it (Change.to_json)."""
+
+    figure: str
+    old: Optional[float]
+    new: Optional[float]
+    unit: str
+    lower_is_better: bool
+    noise: bool
+    change: Optional[float]  # new / old - 1
+    worse: bool
+    regressed: Optional[bool]  # None without --max-regression
+
+
+class Comparison(Result):
+    """`compress compare --json`: two profiles or two run reports, figure by figure."""
+
+    schema_: Literal["edge-compress/compare/1"] = Field(COMPARE_SCHEMA, alias="schema")
+    kind: Literal["profile", "run"]
+    old: str
+    new: str
+    max_regression: Optional[float]
+    figures: list[FigureJson]
+    recommended: Optional[dict[str, Optional[str]]] = None  # runs: {"old": ..., "new": ...}
+
+
+def json_schema() -> dict[str, Any]:
+    return Comparison.model_json_schema(by_alias=True)
 
 
 @dataclass(frozen=True)
