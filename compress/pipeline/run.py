@@ -29,6 +29,7 @@ from compress.core import (
     first_line,
     foreign_files,
     graph_macs,
+    missing_extra,
     move_aside,
     partial_dir,
     save_model,
@@ -358,5 +359,5 @@ def _write_readable(report: dict[str, Any], work: Path) -> None:
         plot_tradeoff(report, work / "tradeoff.png")
         plot = "tradeoff.png"
     except Exception as e:
-        warn(f"trade-off plot not written: {first_line(e)}")
+        warn(f"trade-off plot not written: {missing_extra(e) or first_line(e)}")
     write_markdown(report, work / "report.md", plot=plot)
