@@ -1,9 +1,10 @@
 """edge-compress: prune, quantize, export and profile PyTorch models for edge devices.
 
-The Python API (compress.api) is named here: `compress.profile(...)`, `compress.run(...)`."""
+The Python API (compress.api) is named here: `compress.export(...)`, `compress.profile(...)`,
+`compress.run(...)`."""
 
 __version__ = "0.1.0"
 
 from compress.core import lazy_exports  # noqa: E402  (after __version__, which compress.core's modules read)
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, {"api": ["profile", "run"]})
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {"api": ["export", "profile", "run"]})

@@ -74,3 +74,12 @@ def test_profiling_and_comparing_never_import_torch(tmp_path, matmul_onnx, comma
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_export_from_python_writes_a_verified_model(tmp_path):
+    r = compress.export("compress.zoo:resnet_tiny", input_shape="1,3,32,32", output=tmp_path / "tiny.onnx")
+    assert r.path == tmp_path / "tiny.onnx" and r.path.is_file() and r.parity["ok"]
+    assert r.to_json()["opset"] == 18
+    with pytest.raises(UsageError):
+        compress.export("compress.zoo:resnet_tiny", output=tmp_path / "none.onnx")  # no --input-shape nor --calib
+    assert not (tmp_path / "none.onnx").exists()

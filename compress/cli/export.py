@@ -7,8 +7,7 @@ from typing import Any
 import click
 
 from compress.cli.options import data_options, model_input_options
-from compress.core import check_json_output, check_onnx_output, console
-from compress.models import require_one_input_source
+from compress.core import check_json_output, console
 
 EPILOG = """\b
 Examples:
@@ -40,40 +39,13 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     Hugging Face model folder (config.json + safetensors). Nothing is written unless onnxruntime's outputs
     match torch's within tolerance.
     """
-    from compress.data import data_opts, user_data
-    from compress.models import calib_samples, check_calib_names, load_calib, model_inputs, parse_input_shape
+    from compress.api import export as export_api
 
-    require_one_input_source(input_shapes, calib)
-    out = check_onnx_output(output, [model, weights, calib, device])
     check_json_output(json_out, output, [model, weights, calib, device])
-    shapes = [parse_input_shape(s) for s in input_shapes]
-    if opset is None:
-        opset = 18
-        if device:
-            from devices import load_profile
-
-            opset = load_profile(device).opset
-    from compress.models import example_inputs, load_model
-    from export import export_onnx
-
-    dopts = data_opts(**data_flags)
-    with console.progress("loading model"):
-        loaded = load_model(model, weights)
-    with user_data(model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib, max_calib=4) as got, \
-            console.progress("exporting") as step:
-        data = None
-        if got.calib:
-            data = load_calib(got.calib)
-            check_calib_names(data, loaded, calib)
-        example = example_inputs(loaded, shapes, data)
-        # parity on a few more real samples, one at a time
-        extra = calib_samples(data, list(example), start=1, count=3) if data is not None else []
-        result = export_onnx(
-            loaded.module, example, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter,
-            extra_cases=extra, atol=atol, rtol=rtol, source=model,
-            extra_meta={"weights": weights, "calib": calib, "device": device},
-            on_stage=lambda s: step.update(description=s),
-        )
+    with console.progress("starting") as step:
+        result = export_api(model, output=output, weights=weights, input_shape=input_shapes, calib=calib, device=device,
+                            opset=opset, dynamic_batch=dynamic_batch, exporter=exporter, atol=atol, rtol=rtol,
+                            on_stage=lambda s: step.update(description=s), **data_flags)
     summary = result.to_json()
     if console.report_json(json_out, summary):
         return
