@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from compress.cli.report import read_json_file
 from compress.core import InputError, UsageError, console
 
 EPILOG = """\b
@@ -16,9 +16,6 @@ Examples:
   compress compare base/profile.json new/profile.json --max-regression 5%     (CI: exit 3 on a regression)
   compress compare base-run/ new-run/ --max-regression 3% --json -
 """
-
-MAX_JSON_BYTES = 64 * 1024 * 1024  # a profile is a few kB and a run report under 1 MB: more is not one of ours
-
 
 @click.command("compare", epilog=EPILOG)
 @click.argument("old", metavar="OLD.json|OLD_RUN/")
@@ -66,19 +63,7 @@ def compare(old: str, new: str, max_regression: str | None, json_out: str | None
 
 
 def _read(source: str) -> tuple[dict[str, Any], Path]:
-    p = Path(source).expanduser()
-    if p.is_dir():
-        p = p / "report.json"
-    if not p.is_file():
-        raise InputError(f"{source}: no such file (give a profile's JSON, a run's report.json or its folder)")
-    if p.stat().st_size > MAX_JSON_BYTES:
-        raise InputError(f"{p}: {p.stat().st_size / 1e6:.0f} MB is no profile or report (limit {MAX_JSON_BYTES >> 20} MiB)")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{p}: not a JSON file (not UTF-8 text)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    doc, p = read_json_file(source, "give a profile's JSON, a run's report.json or its folder")
     if not isinstance(doc, dict):
         raise InputError(f"{p}: not a profile or a run report (a JSON {type(doc).__name__})")
     return doc, p

@@ -30,9 +30,6 @@ class Budgets(Options):
     min_speedup: Optional[float] = None  # run only
     max_accuracy_drop: Optional[float] = None  # run only
 
-    def any(self) -> bool:
-        return any(v is not None for v in self.model_dump().values())
-
 
 @dataclass(frozen=True)
 class Miss:
