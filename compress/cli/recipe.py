@@ -69,13 +69,19 @@ def _load(ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> 
             v = not v  # `no-tune-threads: true` is tune-threads false
         if p.name in defaults:
             raise UsageError(f"{value}: {key} and another key both set --{p.name.replace('_', '-')}")
-        if str(key) in PATH_KEYS:
-            always = str(key) in _OUTPUT_KEYS
-            v = [_here(x, base, always) for x in v] if isinstance(v, list) else _here(v, base, always)
+        v = _located(str(key), v, base)
         if getattr(p, "multiple", False) and not isinstance(v, list):
             v = [v]
         defaults[p.name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def _located(key: str, v: Any, base: Path) -> Any:
+    """The value of `key` with the files and folders it names relative to `base` made absolute (each of a list)."""
+    if key not in PATH_KEYS:
+        return v
+    always = key in _OUTPUT_KEYS
+    return [_here(x, base, always) for x in v] if isinstance(v, list) else _here(v, base, always)
 
 
 def _here(v: Any, base: Path, always: bool = False) -> Any:
@@ -85,20 +91,15 @@ def _here(v: Any, base: Path, always: bool = False) -> Any:
         return v
     if ".py:" in v:
         file, _, fn = v.rpartition(":")
-        return f"{_abs(file, base)}:{fn}"
+        return f"{_here(file, base, always=True)}:{fn}"
     if ":" in v and "/" not in v and not Path(v).suffix:
         return v  # package.module:factory
     q = Path(v).expanduser()
     if q.is_absolute():
-        return v
+        return str(q)
     if always or (base / q).exists() or "/" in v or q.suffix.lower() in _FILE_SUFFIXES:
         return str(base / q)
     return v
-
-
-def _abs(file: str, base: Path) -> str:
-    q = Path(file).expanduser()
-    return str(q if q.is_absolute() else base / q)
 
 
 def resolved(ctx: click.Context) -> dict[str, Any]:
@@ -114,8 +115,5 @@ def resolved(ctx: click.Context) -> dict[str, Any]:
             continue  # unset: the default, which the recipe then leaves to the command too
         if isinstance(v, tuple):
             v = list(v)
-        if key in PATH_KEYS:
-            always = key in _OUTPUT_KEYS
-            v = [_here(x, Path.cwd(), always) for x in v] if isinstance(v, list) else _here(v, Path.cwd(), always)
-        out[key] = v
+        out[key] = _located(key, v, Path.cwd())
     return out
