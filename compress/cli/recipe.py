@@ -92,7 +92,7 @@ def _here(v: Any, base: Path, always: bool = False) -> Any:
     if ".py:" in v:
         file, _, fn = v.rpartition(":")
         return f"{_here(file, base, always=True)}:{fn}"
-    if ":" in v and "/" not in v and not Path(v).suffix:
+    if ":" in v and "/" not in v:
         return v  # package.module:factory
     q = Path(v).expanduser()
     if q.is_absolute():
