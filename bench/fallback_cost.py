@@ -2,10 +2,10 @@
 by side in one run on this machine:
 
 1. one INT8 re-quantization with one layer kept in float, from scratch against with what an earlier one
-   prepared (compress.quantize.reuse.Prepared), for all-MiniLM-L6-v2 (dynamic INT8) and the 64-block residual
+   prepared (compress.quantization.reuse.Prepared), for all-MiniLM-L6-v2 (dynamic INT8) and the 64-block residual
    CNN of bench/scaling_models.py (static), and whether both give the same model;
 2. the float costs of 12 of MiniLM's MatMuls timed on models made by the quantizer and on copies of the
-   quantized model with the MatMul back in float (compress.quantize.kept_float), twice each, and how alike the
+   quantized model with the MatMul back in float (compress.quantization.kept_float), twice each, and how alike the
    four rankings are (Spearman).
 
     make bench-deps; .venv/bin/python bench/fallback_cost.py
@@ -31,11 +31,11 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from compress.quantize.calib import calibration_feeds  # noqa: E402
-from compress.quantize.int8 import quantize_int8  # noqa: E402
-from compress.quantize.kept_float import KeptFloat  # noqa: E402
-from compress.quantize.reuse import Prepared  # noqa: E402
-from compress.quantize.sensitivity import float_costs, quantizable_nodes  # noqa: E402
+from compress.quantization.calib import calibration_feeds  # noqa: E402
+from compress.quantization.int8 import quantize_int8  # noqa: E402
+from compress.quantization.kept_float import KeptFloat  # noqa: E402
+from compress.quantization.reuse import Prepared  # noqa: E402
+from compress.quantization.sensitivity import float_costs, quantizable_nodes  # noqa: E402
 from devices import describe_host, load_profile  # noqa: E402
 from export import export_onnx  # noqa: E402
 from runtime import device_latency  # noqa: E402

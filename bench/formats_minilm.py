@@ -3,7 +3,7 @@
     make bench-deps; .venv/bin/python bench/formats_minilm.py [--max-layers 8] [--out DIR]
 
 Exports MiniLM as bench/quant_int8.py does (sequence 128), calibrates on its first 32 sentences, and runs
-`compress formats` logic (compress.quantize.advisor.advise) for `host` and for `nvidia-h100-trt-fp8`: whole-model error
+`compress formats` logic (compress.quantization.advisor.advise) for `host` and for `nvidia-h100-trt-fp8`: whole-model error
 per format, the per-layer sweep (the --max-layers layers with the largest outliers), and each recommendation.
 Prints the Markdown reports; with --out, writes their JSON and plots there.
 """
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm import SENTENCES, MiniLM, minilm_folder, tokenize  # noqa: E402
 
-from compress.quantize.advisor import advise  # noqa: E402
-from compress.quantize.advisor_report import markdown, plot_formats  # noqa: E402
+from compress.quantization.advisor import advise  # noqa: E402
+from compress.quantization.advisor_report import markdown, plot_formats  # noqa: E402
 from devices.loader import load_profile  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 

@@ -10,7 +10,7 @@ graph and timed interleaved (CUDA events, medians):
 - bf16: what an FP8 engine has to beat;
 - fp8: bf16 with every encoder Linear (36 of them: Q, K, V, output, MLP) as a real FP8 GEMM
   (`torch._scaled_mm`, E4M3FN operands, fp32 accumulation) using the scales `compress quantize --to fp8`
-  writes into its QDQ model: `compress.quantize.fp8.fp8_scales` of amax, per output channel for weights, per
+  writes into its QDQ model: `compress.quantization.fp8.fp8_scales` of amax, per output channel for weights, per
   tensor for activations from the same calibration sentences. Attention's own matmuls stay bf16 (SDPA).
 Fidelity is per-sentence cosine to fp32 on the 32 held-out sentences, for the real FP8 GEMMs and for the same
 quantization simulated in fp32 (dequantize, then matmul), so the CPU's simulated figures can be checked against
@@ -48,7 +48,7 @@ def fp8_scales(amax: np.ndarray) -> np.ndarray:
     """The project's scale rule; imported from compress when it imports here, else the same rule restated
     (the GPU machine may lack the project's dependencies: pydantic, onnxruntime's quantizer...)."""
     try:
-        from compress.quantize.fp8 import fp8_scales as ours
+        from compress.quantization.fp8 import fp8_scales as ours
         return ours(amax, "e4m3fn")
     except ImportError:
         amax = np.asarray(amax, dtype=np.float64)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/int4_inc.py [--skip-text] [--skip-gpt2] [--weights bench/weights/tiny_gpt2_stdlib.safetensors]
 
-Why: compress.quantize.int4 rounds to nearest (RTN) and buys fidelity with bytes (salience-driven 4/8-bit/float per
+Why: compress.quantization.int4 rounds to nearest (RTN) and buys fidelity with bytes (salience-driven 4/8-bit/float per
 layer). GPTQ buys fidelity with calibration instead, at the same 4 bits. This puts both next to each other on the
 same models, data, layers and group size, so the question "is GPTQ's gain worth wiring into our ONNX path, or
 does mixed precision already get more for its bytes" has a measured answer.
@@ -16,7 +16,7 @@ Methods, all 4-bit, group/block 32 along the input dimension, asymmetric (zero p
   1. INC RTN (neural_compressor.torch.quantization RTNConfig, prepare/convert), evaluated in torch;
   2. INC GPTQ (GPTQConfig; percdamp 0.01, no act_order, INC's other defaults), calibrated on the 16 samples one
      at a time, evaluated in torch;
-  3. ours uniform INT4 (compress.quantize.int4.quantize_int4, block 32, no budget) in onnxruntime on the ONNX that
+  3. ours uniform INT4 (compress.quantization.int4.quantize_int4, block 32, no budget) in onnxruntime on the ONNX that
      export.onnx_export.export_onnx writes; MatMulNBits accuracy_level 4 (our default: activations are
      quantized to int8 per block inside the kernel) and, to separate that from the weight rounding,
      accuracy_level 0 (fp32 activations);
@@ -70,7 +70,7 @@ from train_tiny_gpt2 import WEIGHTS  # noqa: E402
 
 from compress.core.onnxgraph import save_model  # noqa: E402
 from compress.evaluate.compare import fidelity, onnx_outputs, torch_outputs  # noqa: E402
-from compress.quantize.int4 import MB, model_bytes, quantizable_layers, quantize_int4, weight_only  # noqa: E402
+from compress.quantization.int4 import MB, model_bytes, quantizable_layers, quantize_int4, weight_only  # noqa: E402
 from devices.host import describe_host  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 
@@ -276,7 +276,7 @@ def check_packing(path: Path, proto_fp32: onnx.ModelProto) -> tuple[int, int]:
     """Decode our uniform-INT4 file's MatMulNBits back to float and count the weights that differ from a float64
     RTN of the fp32 weights by more than 1e-3 of their block's scale: a wrong reading of onnxruntime's layout
     (nibble order, zero-point packing, scale order) would put most of them off, rounding ties only a few."""
-    from compress.quantize.int4 import rtn_error
+    from compress.quantization.int4 import rtn_error
 
     q = onnx.load(str(path))
     qi = {t.name: t for t in q.graph.initializer}

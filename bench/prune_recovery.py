@@ -7,11 +7,11 @@ recipe vs ours, side by side in one run, on the shipped trained demo (compress.z
            labelled fine-tune, which a label-free user cannot run, so none.
 - before:  ours until issue 17: BatchNorm re-estimated on the calibration samples, then 200 Adam steps (lr 1e-4)
            of output distillation on the same samples.
-- ours:    `compress run --prune R` today (compress.prune.prune_stage defaults): BatchNorm re-estimation, then
+- ours:    `compress run --prune R` today (compress.pruning.prune_stage defaults): BatchNorm re-estimation, then
            distillation on augmented views with cosine decay and early stopping on an eighth it never trains on,
            within --seconds.
 - measured: ours with `--allocation measured`: per-block ratios that save the time the uniform cut saves,
-           where each block's measured loss is lowest (compress.prune.allocate); its probing is in `seconds`.
+           where each block's measured loss is lowest (compress.pruning.allocate); its probing is in `seconds`.
 Every recipe's model is exported and timed against fp32 (onnxruntime, one intra-op thread, interleaved, medians of
 thread CPU time): "x fp32" is its speedup, the figure the allocation trades accuracy against.
 Held-out accuracy is on labelled images none of the recipes saw (labels are used only to score). Widths are
@@ -33,10 +33,10 @@ import torch
 import torch_pruning as tp
 
 from compress.models import load_model, prepare_inputs
-from compress.prune import PruneOptions, prune_stage
-from compress.prune.allocate import time_modules
-from compress.prune.recover import distill, recalibrate_batchnorm
-from compress.prune.structural import prune_model
+from compress.pruning import PruneOptions, prune_stage
+from compress.pruning.allocate import time_modules
+from compress.pruning.recover import distill, recalibrate_batchnorm
+from compress.pruning.structural import prune_model
 from devices.host import describe_host
 from devices.loader import load_profile
 

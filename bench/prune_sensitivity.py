@@ -25,9 +25,9 @@ import torch
 
 from compress.evaluate import fidelity, torch_outputs
 from compress.models import load_model, prepare_inputs
-from compress.prune.allocate import time_modules
-from compress.prune.recover import recalibrate_batchnorm
-from compress.prune.structural import prune_model
+from compress.pruning.allocate import time_modules
+from compress.pruning.recover import recalibrate_batchnorm
+from compress.pruning.structural import prune_model
 from devices.host import describe_host
 from devices.loader import load_profile
 

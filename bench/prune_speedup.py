@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch_pruning as tp
 
-from compress.prune.structural import prune_model
+from compress.pruning.structural import prune_model
 from compress.zoo import resnet_demo
 from devices.loader import load_profile
 from export.onnx_export import export_onnx

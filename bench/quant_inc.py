@@ -6,8 +6,8 @@ Side by side in one process, all variants of a model timed interleaved (runtime.
 calling thread's CPU time with one intra-op thread (the stable ratio on a shared machine) and wall-clock
 medians with the host profile's threads (what a user sees).
 
-(a) compress.zoo resnet_demo, 1x3x224x224: fp32 (export_onnx); ort = compress.quantize.int8.try_presets with the
-    host profile (what `compress quantize` does); inc = compress.quantize.inc.quantize_inc with the host profile;
+(a) compress.zoo resnet_demo, 1x3x224x224: fp32 (export_onnx); ort = compress.quantization.int8.try_presets with the
+    host profile (what `compress quantize` does); inc = compress.quantization.inc.quantize_inc with the host profile;
     "inc (as converted)" is INC's graph without the conv-output QDQ completion, to show what onnxruntime makes
     of X86InductorQuantizer's annotation by itself. All calibrated on the same 32 random images; top-1
     agreement and cosine with fp32 on other random images.
@@ -15,7 +15,7 @@ medians with the host profile's threads (what a user sees).
     bench/quant_int8.py loads it), sequence length 128: fp32, ort (dynamic INT8 MatMuls + smoothing), inc
     (static activation ranges from INC). Calibration: 32 sentences; per-sentence cosine to fp32 on 32 others.
 The "int8 kernels" column is what onnxruntime runs after its QDQ fusions: integer kernels / float ones with a
-constant weight (compress.quantize.inc.int8_kernels).
+constant weight (compress.quantization.inc.int8_kernels).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/quant_int8.py: MiniLM and its sentences
 
 from compress.evaluate.compare import fidelity, onnx_outputs  # noqa: E402
-from compress.quantize.inc import int8_kernels, quantize_inc  # noqa: E402
-from compress.quantize.int8 import try_presets  # noqa: E402
+from compress.quantization.inc import int8_kernels, quantize_inc  # noqa: E402
+from compress.quantization.int8 import try_presets  # noqa: E402
 from compress.zoo import resnet_demo  # noqa: E402
 from devices.host import describe_host  # noqa: E402
 from devices.loader import load_profile  # noqa: E402
@@ -191,7 +191,7 @@ def main() -> int:
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--skip-text", action="store_true")
     args = ap.parse_args()
-    from compress.quantize.inc import _inc
+    from compress.quantization.inc import _inc
 
     _inc()  # INC and torchao log at import: import them quietly before transformers pulls torchao in
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's enum registrations, via transformers

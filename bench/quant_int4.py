@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/quant_int4.py [--rounds 30] [--skip-gpt2] [--skip-text]
 
-Variants (all from compress.quantize.int4, MatMulNBits with accuracy_level 4, block 32, except the last):
+Variants (all from compress.quantization.int4, MatMulNBits with accuracy_level 4, block 32, except the last):
 fp32; uniform INT4; uniform 8-bit weight-only; ours mixed at --avg-bits 6 (nominal weight bits, as in the "avg
 bits" column: scales and zero points not counted); ours mixed under a --budget-mb halfway between the uniform
-INT4 and uniform 8-bit files; and for reference our dynamic INT8 (compress.quantize.int8.quantize_int8, host
+INT4 and uniform 8-bit files; and for reference our dynamic INT8 (compress.quantization.int8.quantize_int8, host
 profile), which quantizes activations too.
 (a) all-MiniLM-L6-v2, real weights, built and exported exactly as bench/quant_int8.py's bench_text does (seq 128);
     salience on 16 of its calibration sentences, per-sentence cosine to fp32 on the 32 held-out ones.
@@ -36,8 +36,8 @@ import torch
 
 from compress.core.onnxgraph import save_model
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize.int4 import MB, average_bits, model_bytes, quantizable_layers, quantize_int4, weight_only
-from compress.quantize.int8 import quantize_int8
+from compress.quantization.int4 import MB, average_bits, model_bytes, quantizable_layers, quantize_int4, weight_only
+from compress.quantization.int8 import quantize_int8
 from devices.host import describe_host
 from devices.loader import load_profile
 from export.onnx_export import export_onnx

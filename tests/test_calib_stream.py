@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from compress.core.errors import InputError
 from compress.models.inputs import load_calib
-from compress.quantize.calib import CalibReader
+from compress.quantization.calib import CalibReader
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 
 from compress.evaluate import box_fidelity, fidelity, is_detection_head, judged
 from compress.evaluate.detection import CONF, detections
-from compress.quantize.sensitivity import metric_error
+from compress.quantization.sensitivity import metric_error
 from compress.report.schema import Fidelity
 from compress.report.text import fidelity_metric, fmt_fidelity
 
@@ -81,7 +81,7 @@ def test_one_shared_int8_scale_keeps_the_cosine_and_loses_every_box():
     assert judged(fid) == ("boxes", 1.0)
     assert Fidelity(**fid).loss() == 1.0 and not Fidelity(**fid).within(0.01)
     assert metric_error(fid, "boxes") == 1.0
-    from compress.search.trials import fidelity_value  # what a search ranks trials by: the same rule
+    from compress.tuning.trials import fidelity_value  # what a search ranks trials by: the same rule
 
     assert fidelity_value(fid) == 0.0 and fidelity_value({**fid, "boxes": None}) == pytest.approx(fid["cosine_min"])
     # the same tensors with the scores on their own scale keep every box

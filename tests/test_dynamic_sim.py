@@ -1,4 +1,4 @@
-"""Dynamic INT8 simulated in float (compress.quantize.dynamic_sim): the arithmetic of onnxruntime's quantize_dynamic,
+"""Dynamic INT8 simulated in float (compress.quantization.dynamic_sim): the arithmetic of onnxruntime's quantize_dynamic,
 so the smoothing strengths are ranked on it and only the chosen one is quantized."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import quantize_dynamic
 
 from compress.evaluate import fidelity, onnx_outputs
-from compress.quantize.dynamic_sim import fake_quant_per_column, simulate_dynamic
-from compress.quantize.int8 import quantize_int8
+from compress.quantization.dynamic_sim import fake_quant_per_column, simulate_dynamic
+from compress.quantization.int8 import quantize_int8
 from devices import load_profile
 
 SEQ = 16  # conftest.encoder's sequence length
@@ -65,7 +65,7 @@ def test_graphs_it_cannot_simulate_are_refused():
 
 
 def test_the_stage_ranks_strengths_on_the_simulation_and_quantizes_one(encoder, tmp_path, monkeypatch):
-    import compress.quantize.int8 as int8
+    import compress.quantization.int8 as int8
 
     calls: list[str] = []
     real = int8._quantize_dynamic

@@ -207,7 +207,7 @@ def test_an_old_opset_is_upgraded_for_per_channel_int8(opset, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from compress.quantize.int8 import quantize_int8
+    from compress.quantization.int8 import quantize_int8
     from compress.zoo import resnet_tiny
     from devices import load_profile
 

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.cli import main
-from compress.quantize.advisor import FORMATS, _recommend, advise, device_formats
+from compress.quantization.advisor import FORMATS, _recommend, advise, device_formats
 from devices.loader import load_profile
 
 HOT = [3, 17, 40]

@@ -19,26 +19,26 @@ def _write(root: Path, rel: str, text: str) -> Path:
 
 def test_each_breach_is_named(tmp_path: Path) -> None:
     bad = _write(tmp_path, "compress/pipeline/x.py", (
-        "from compress.quantize.int8 import _quiet\n"          # private name, and a room's inside
-        "from compress.quantize.stage import quant_stage\n"    # a room's inside
-        "import compress.prune.structural as st\n"             # a room's inside
+        "from compress.quantization.int8 import _quiet\n"          # private name, and a room's inside
+        "from compress.quantization.stage import quant_stage\n"    # a room's inside
+        "import compress.pruning.structural as st\n"             # a room's inside
         "from compress.core import sessions\n"
         "def f():\n"
         "    from compress.report import write_markdown\n"     # inside a function
         "    return sessions._LEVELS, st\n"))                 # private attribute of another module
     found = house_rules.violations(bad, root=tmp_path)
     text = "\n".join(found)
-    assert "imports private _quiet from compress.quantize.int8" in text
-    assert "imports from compress.quantize.stage, inside the room compress.quantize" in text
-    assert "imports compress.prune.structural, inside the room compress.prune" in text
+    assert "imports private _quiet from compress.quantization.int8" in text
+    assert "imports from compress.quantization.stage, inside the room compress.quantization" in text
+    assert "imports compress.pruning.structural, inside the room compress.pruning" in text
     assert "imports compress.report inside a function" in text
     assert "uses private sessions._LEVELS" in text
     assert len(found) == 6  # _quiet is both private and behind the room's door
 
 
 def test_same_room_and_light_modules_are_allowed(tmp_path: Path) -> None:
-    ok = _write(tmp_path, "compress/quantize/y.py", (
-        "from compress.quantize.int8 import quantize_int8\n"   # same room: any module
+    ok = _write(tmp_path, "compress/quantization/y.py", (
+        "from compress.quantization.int8 import quantize_int8\n"   # same room: any module
         "from compress.core import first_line as _first_line\n"  # a public name under a private alias
         "from compress.core import UsageError\n"))
     assert house_rules.violations(ok, root=tmp_path) == []

@@ -10,9 +10,9 @@ import onnx
 import torch
 
 from compress.evaluate import fidelity, onnx_outputs
-from compress.quantize.int8 import quantize_int8
-from compress.quantize.kept_float import KeptFloat
-from compress.quantize.sensitivity import quantizable_nodes
+from compress.quantization.int8 import quantize_int8
+from compress.quantization.kept_float import KeptFloat
+from compress.quantization.sensitivity import quantizable_nodes
 from compress.zoo import resnet_tiny
 from devices import load_profile
 from export import export_onnx

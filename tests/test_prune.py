@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.core.errors import UsageError
-from compress.prune.structural import PruneResult, iter_attention, prune_model
+from compress.pruning.structural import PruneResult, iter_attention, prune_model
 from compress.zoo import encoder_tiny, resnet_demo, resnet_tiny
 from export.onnx_export import export_onnx, flatten_outputs
 
@@ -263,7 +263,7 @@ def test_low_magnitude_channels_are_the_ones_removed(criterion):
 
 
 def test_label_free_gradients_are_not_degenerate_for_normalised_embeddings():
-    from compress.prune.importance import accumulate_gradients, label_free_loss
+    from compress.pruning.importance import accumulate_gradients, label_free_loss
 
     model = encoder_tiny()  # returns L2-normalised embeddings: ||y||^2 is constant, its gradient zero
     assert accumulate_gradients(model, [_tokens(4, 16, seed=s) for s in range(3)]) == 3
@@ -341,7 +341,7 @@ def test_attention_outside_the_registry_is_left_untouched_and_the_rest_pruned():
 
 def test_a_torch_pruning_failure_is_a_model_error_naming_the_layer(monkeypatch):
     from compress.core.errors import ModelError
-    from compress.prune import importance
+    from compress.pruning import importance
 
     def explode(group):
         raise RuntimeError("scorer exploded\nsecond line")
@@ -370,7 +370,7 @@ class _CachedTensor(nn.Module):
 
 def test_macs_are_counted_where_torch_pruning_cannot_count_them():
     from compress.core import ModelError
-    from compress.prune import count_macs
+    from compress.pruning import count_macs
 
     assert count_macs(_CachedTensor(), {"x": torch.randn(2, 8)}) == (2 * 8 * 4, 8 * 4 + 4)  # torch's FLOP counter / 2
     with pytest.raises(ModelError, match="counting MACs failed: .*deepcopy.*FLOP counter"):
@@ -432,7 +432,7 @@ class _TwoFixed(nn.Module):
 def test_a_block_whose_forward_fails_leaves_its_whole_class_whole_in_one_retry(monkeypatch):
     """Its forward is the code every block of its class runs: all are left whole at once (MobileViT-v2-050 took
     6 prunings, 152 s, one attention block at a time)."""
-    import compress.prune.structural as structural
+    import compress.pruning.structural as structural
 
     calls = []
     once = structural._prune_once
@@ -488,7 +488,7 @@ def test_unknown_or_inapplicable_criterion_is_a_usage_error():
 
 
 def test_every_registered_criterion_prunes_a_cnn():
-    from compress.prune.importance import IMPORTANCE, describe_importances, get_importance
+    from compress.pruning.importance import IMPORTANCE, describe_importances, get_importance
 
     assert [n for n, _ in describe_importances()] == list(IMPORTANCE)
     assert {"l1", "l2", "taylor", "fpgm", "lamp", "bn_scale", "random"} <= set(IMPORTANCE)

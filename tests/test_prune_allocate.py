@@ -1,4 +1,4 @@
-"""Per-block ratios (compress.prune.allocate): the greedy choice, per-module ratios in prune_model, the blocks
+"""Per-block ratios (compress.pruning.allocate): the greedy choice, per-module ratios in prune_model, the blocks
 found, and the whole allocation on a model where one block is fragile and another is cheap to cut."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from compress.core import UsageError
-from compress.prune.allocate import (
+from compress.pruning.allocate import (
     ENOUGH,
     MAX_TIMED,
     ProbeRecovery,
@@ -17,7 +17,7 @@ from compress.prune.allocate import (
     next_state,
     prune_units,
 )
-from compress.prune.structural import prune_model
+from compress.pruning.structural import prune_model
 from compress.zoo import resnet_tiny
 
 

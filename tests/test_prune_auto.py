@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compress.models import load_model, prepare_inputs
-from compress.prune import PruneOptions, prune_stage
+from compress.pruning import PruneOptions, prune_stage
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.core.errors import InputError, UsageError
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize.fp8 import (
+from compress.quantization.fp8 import (
     collect_amax,
     fp8_outputs,
     fp8_scale,

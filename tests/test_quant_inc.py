@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.core.errors import ModelError, UsageError
 from compress.evaluate.compare import fidelity, onnx_outputs, torch_outputs
-from compress.quantize.inc import fold_weight_quantization, inc_config, quantize_inc, read_backend
-from compress.quantize.presets import preset_for
+from compress.quantization.inc import fold_weight_quantization, inc_config, quantize_inc, read_backend
+from compress.quantization.presets import preset_for
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 from export.metadata import read_metadata
@@ -119,7 +119,7 @@ def test_encoder_tiny_through_inc_quantizes_every_linear(tmp_path):
     assert result["graph"]["variant"] in ("as-exported", "residual-sum") and result["graph"]["tuned"]
     held = [_tokens(16, 100)]
     fid = fidelity(torch_outputs(model, held), onnx_outputs(dst, held))
-    assert fid["cosine_min"] >= 0.99, fid  # sentence embeddings: per-sentence cosine, as compress.quantize.int8 asks
+    assert fid["cosine_min"] >= 0.99, fid  # sentence embeddings: per-sentence cosine, as compress.quantization.int8 asks
     assert read_metadata(dst)["quantization"]["backend"] == "inc"
 
 

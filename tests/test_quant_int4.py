@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.cli import main
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize.int4 import MB, average_bits, quantizable_layers, quantize_int4, stored_bits
+from compress.quantization.int4 import MB, average_bits, quantizable_layers, quantize_int4, stored_bits
 
 D_IN, HIDDEN, D_OUT, SEQ = 64, 128, 64, 8
 
@@ -170,7 +170,7 @@ def test_cli_writes_a_mixed_model(sensitive, tmp_path, capsys):
 
 
 def test_proxy_salience_ranks_like_the_measurement_in_one_pass(sensitive, tmp_path):
-    from compress.quantize.int4 import proxy_salience, rtn_error
+    from compress.quantization.int4 import proxy_salience, rtn_error
 
     w = np.random.default_rng(3).standard_normal((70, 5))
     e = rtn_error(w, 4, 32)
@@ -195,7 +195,7 @@ def test_proxy_salience_ranks_like_the_measurement_in_one_pass(sensitive, tmp_pa
 def test_written_weights_are_the_rounding_the_proxy_models(tmp_path, block, bits):
     """MatMulNBits (fp32 compute) gives x @ (w - rtn_error(w)): the proxy's error model is the file's. Block 128
     over fc1's K=64 is one block per column, the odd count that onnxruntime's RTN-config path fails to pack."""
-    from compress.quantize.int4 import rtn_error, weight_only
+    from compress.quantization.int4 import rtn_error, weight_only
 
     src = _mlp(tmp_path / "m.onnx", outliers=True)
     model = onnx.load(str(src))

@@ -16,9 +16,9 @@ from onnx import numpy_helper
 
 from compress.core.errors import InputError
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize import SEARCHED_METHODS
-from compress.quantize.calib import CalibReader
-from compress.quantize.int8 import (
+from compress.quantization import SEARCHED_METHODS
+from compress.quantization.calib import CalibReader
+from compress.quantization.int8 import (
     detect_family,
     pool_before_activation,
     quantize_int8,
@@ -26,10 +26,10 @@ from compress.quantize.int8 import (
     space_to_depth_stem,
     try_presets,
 )
-from compress.quantize.prep import preprocess
-from compress.quantize.presets import candidates, preset_for
-from compress.quantize.reuse import Prepared
-from compress.search.space import Space
+from compress.quantization.prep import preprocess
+from compress.quantization.presets import candidates, preset_for
+from compress.quantization.reuse import Prepared
+from compress.tuning.space import Space
 from compress.zoo import resnet_tiny
 from devices.loader import load_profile
 from export.metadata import read_metadata
@@ -371,7 +371,7 @@ def test_requantizing_with_what_was_prepared_gives_the_same_model(encoder, cnn, 
     recipe = {**first["recipe"], **({"smoothing_alpha": 0.7} if family == "transformer" else {})}
     nodes = [n.name for n in onnx.load(str(src)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     reuse = Prepared(tmp_path / "prepared")
-    import compress.quantize.int8 as int8
+    import compress.quantization.int8 as int8
 
     calls = {"preprocess": 0}
     real = int8.preprocess
@@ -404,7 +404,7 @@ def test_non_finite_scales_and_weights_are_found_and_masks_are_not():
     from onnx import TensorProto, helper, numpy_helper
 
     from compress.core import nonfinite_initializers
-    from compress.quantize.ops import must_be_finite
+    from compress.quantization.ops import must_be_finite
 
     inits = [numpy_helper.from_array(np.array(np.nan, np.float32), "x_scale"),
              numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
@@ -485,7 +485,7 @@ def _detector_head(path: Path) -> Path:
 def test_a_concat_of_boxes_and_scores_stays_float_so_the_scores_survive(tmp_path, monkeypatch):
     """One INT8 scale for [boxes in pixels, scores in 0-1] rounds every score to 0 or one step (YOLOv8n: all
     scores one value); the Concat is kept in float, the convs stay INT8, and the scores keep their resolution."""
-    import compress.quantize.int8 as int8
+    import compress.quantization.int8 as int8
 
     src = _detector_head(tmp_path / "head.onnx")
     feeds = {"x": np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)}

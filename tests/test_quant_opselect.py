@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compress.quantize.int8 import quantize_int8
-from compress.quantize.opselect import (
+from compress.quantization.int8 import quantize_int8
+from compress.quantization.opselect import (
     LAYOUT_OPS,
     SELECT_OPS,
     OpTiming,
@@ -149,9 +149,9 @@ def test_nothing_requantized_when_every_op_is_faster(cnn, tmp_path):
 def test_quant_stage_reports_ops_kept_in_fp32_and_later_quantizations_keep_them(cnn, tmp_path, monkeypatch):
     """End to end through the stage: a slow op (injected timing) stays fp32 in the written model and in the
     report with its reason, and the accuracy fallback quantizes without it too."""
-    import compress.quantize.opselect as qo
-    import compress.quantize.stage as stage
-    from compress.quantize import QuantOptions, quant_stage
+    import compress.quantization.opselect as qo
+    import compress.quantization.stage as stage
+    from compress.quantization import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
     convs = [n.name for n in onnx.load(str(fp32_path)).graph.node if n.op_type == "Conv"]
@@ -178,8 +178,8 @@ def test_an_int8_model_that_does_not_pay_is_not_searched_for_layers_to_keep_in_f
     """In `compress run` (fallback_must_pay) layers kept in float only add time: when the quantized model is
     already no faster than its fp32 input, no layer is ranked (MobileNetV3-Small spent 100 s ranking 54 of them for
     an INT8 model at 0.81x, issue 19) and the report says why."""
-    import compress.quantize.stage as stage
-    from compress.quantize import QuantOptions, quant_stage
+    import compress.quantization.stage as stage
+    from compress.quantization import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
 
@@ -204,8 +204,8 @@ def test_layers_are_not_ranked_when_every_layer_in_float_still_misses_the_tolera
     """The fallback's best case is tried first: if the model with every ranked layer in float misses the
     tolerance (what else is quantized costs it), no choice of layers can help, and nothing is ranked or timed
     (timm's ConvNeXt-atto spent 60 s ranking 41 layers for that answer)."""
-    import compress.quantize.stage as stage
-    from compress.quantize import QuantOptions, quant_stage
+    import compress.quantization.stage as stage
+    from compress.quantization import QuantOptions, quant_stage
 
     fp32_path, _ = cnn
     seen = []

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.core.errors import InputError, UsageError
 from compress.evaluate.compare import fidelity, onnx_outputs
-from compress.quantize.fp8 import fp8_outputs, quantize_fp8
-from compress.quantize.sensitivity import (
+from compress.quantization.fp8 import fp8_outputs, quantize_fp8
+from compress.quantization.sensitivity import (
     SOURCE,
     QuantizedAlone,
     affordable,
@@ -235,7 +235,7 @@ def test_fallback_stops_at_max_excluded_and_says_why(tmp_path):
 
 
 def _int8(mlp, tmp_path, exclude=()):
-    from compress.quantize.int8 import quantize_int8
+    from compress.quantization.int8 import quantize_int8
     from devices.loader import load_profile
 
     calib = {"x": np.concatenate([f["x"] for f in CALIB])}

@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.core.errors import InputError, ModelError, UsageError
 from compress.evaluate.compare import fidelity, torch_outputs
-from compress.prune.recover import distill, load_finetune, run_finetune
+from compress.pruning.recover import distill, load_finetune, run_finetune
 from compress.zoo import resnet_tiny
 
 
@@ -213,7 +213,7 @@ def test_training_that_makes_things_worse_is_undone(teacher, calib):
 
 
 def test_batchnorm_statistics_are_reestimated_from_the_calibration_samples():
-    from compress.prune.recover import recalibrate_batchnorm
+    from compress.pruning.recover import recalibrate_batchnorm
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -232,7 +232,7 @@ def test_batchnorm_statistics_are_reestimated_from_the_calibration_samples():
 
 
 def test_batchnorm_left_as_it_was_when_it_cannot_be_estimated():
-    from compress.prune.recover import recalibrate_batchnorm
+    from compress.pruning.recover import recalibrate_batchnorm
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
     before = {k: v.clone() for k, v in net[2].state_dict().items()}
@@ -246,7 +246,7 @@ def test_batchnorm_left_as_it_was_when_it_cannot_be_estimated():
 
 
 def test_augmented_views_keep_shapes_padding_and_the_batch_vocabulary():
-    from compress.prune.recover import augment_batch
+    from compress.pruning.recover import augment_batch
 
     gen = torch.Generator().manual_seed(0)
     img = torch.rand(8, 3, 32, 32)
@@ -266,7 +266,7 @@ def test_augmented_views_keep_shapes_padding_and_the_batch_vocabulary():
 def test_validation_keeps_the_best_weights_and_records_the_curve(teacher, calib, held_out):
     """With validation batches: a curve of (seconds, loss, agreement) and the weights of its lowest loss, never worse
     than where it started on those batches; a learning rate far too high stops early instead of running on."""
-    from compress.prune.recover import _calib_loss, _output_weights, _teacher_targets
+    from compress.pruning.recover import _calib_loss, _output_weights, _teacher_targets
 
     val = _batches(5, 2, 8)
     student = _pruned(teacher)
@@ -290,7 +290,7 @@ def test_a_plateau_takes_the_rate_down_its_decay_before_training_stops(teacher, 
     decay runs within ANNEAL of the steps, then it stops (a student equal to its teacher never improves)."""
     import copy
 
-    from compress.prune.recover import ANNEAL
+    from compress.pruning.recover import ANNEAL
 
     twin = copy.deepcopy(teacher)
     res = distill(twin, teacher, calib, steps=200, lr=1e-3, augment=True, validation=_batches(5, 1, 8), eval_every=5,
@@ -302,7 +302,7 @@ def test_a_plateau_takes_the_rate_down_its_decay_before_training_stops(teacher, 
 
 def test_feature_hints_match_the_main_blocks_and_leave_no_hooks_behind(teacher, calib):
     """Hints go to a model's blocks (not its stem's conv/bn/relu), and the teacher and student keep no hook."""
-    from compress.prune.recover import _block_names
+    from compress.pruning.recover import _block_names
     from compress.zoo import encoder_tiny
 
     assert _block_names(teacher) == ["layers.0", "layers.1", "layers.2", "layers.3"]
@@ -318,7 +318,7 @@ def test_feature_hints_match_the_main_blocks_and_leave_no_hooks_behind(teacher, 
 def test_weights_run_channels_last_and_come_back_as_they_were(teacher, calib):
     """Distillation runs the convolutions channels-last (~1.5x the steps in a time budget) and hands both
     models back in the layout they came in: the teacher is the user's model, the student is exported next."""
-    from compress.prune.recover import channels_last
+    from compress.pruning.recover import channels_last
 
     student = _pruned(teacher)
     convs = [m.weight for m in (*teacher.modules(), *student.modules()) if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from compress.core.errors import InputError, UsageError
-from compress.search import SearchSettings
-from compress.search.space import label, normalise, space_for, trial_seed
-from compress.search.study import recommend
-from compress.search.sweep import cells, load_sweep
-from compress.search.trials import Hopeless, objective
+from compress.tuning import SearchSettings
+from compress.tuning.space import label, normalise, space_for, trial_seed
+from compress.tuning.study import recommend
+from compress.tuning.sweep import cells, load_sweep
+from compress.tuning.trials import Hopeless, objective
 from compress.zoo import encoder_tiny, resnet_tiny
 from devices.loader import load_profile
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from compress.core.errors import ModelError, UsageError
-from compress.prune.recover import distill
-from compress.prune.sparsity import SPARSITY_NOTE, apply_sparsity, zipped_size
+from compress.pruning.recover import distill
+from compress.pruning.sparsity import SPARSITY_NOTE, apply_sparsity, zipped_size
 from compress.zoo import resnet_tiny
 from export.onnx_export import export_onnx
 

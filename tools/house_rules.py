@@ -2,14 +2,14 @@
 
 1. No private name crosses a module boundary. A name that starts with one underscore belongs to its module.
    Ruff's import-private-name (PLC2701) treats every module under one top-level package as the same package,
-   so `from compress.quantize.int8 import _quiet` passes it; this check does not.
+   so `from compress.quantization.int8 import _quiet` passes it; this check does not.
 2. The top of a file says what it depends on: the project's own imports sit at module level, except in the
    modules that must stay light to import (LAZY below: the command modules, so `compress --help` starts in
    0.2 s instead of 2.4 s, and the quantization registry and its backends, whose choices click reads at
    start-up).
 3. A room is entered through its door. A room is a subpackage of compress/ (core, models, quantize, ...) or one
    of devices/, export/, runtime/; its __init__ names what others may use. From outside a room, import from
-   the room itself (`from compress.quantize import quant_stage`), never from one of its modules.
+   the room itself (`from compress.quantization import quant_stage`), never from one of its modules.
 
 It reads imports and attribute access on imported modules, for the project's own packages, outside tests and
 benchmarks (they may reach in on purpose). Run by `make lint`.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("compress", "devices", "export", "runtime")
-LAZY = ("compress/cli/", "compress/quantize/registry.py", "compress/quantize/backends/", "compress/zoo/__init__.py")
+LAZY = ("compress/cli/", "compress/quantization/registry.py", "compress/quantization/backends/", "compress/zoo/__init__.py")
 
 
 def _private(name: str) -> bool:

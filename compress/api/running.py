@@ -10,8 +10,8 @@ from compress.data import DataOptions, data_opts, is_data, user_data
 from compress.evaluate import load_metric
 from compress.models import load_run_model, model_inputs, prepare_inputs, require_one_input_source
 from compress.pipeline import RunOptions, StageCache, run_pipeline
-from compress.prune import PruneOptions, get_importance
-from compress.quantize import QuantOptions, check_format
+from compress.pruning import PruneOptions, get_importance
+from compress.quantization import QuantOptions, check_format
 from devices import load_profile
 
 

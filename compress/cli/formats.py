@@ -1,5 +1,5 @@
 """`compress formats`: which 8-bit format (INT8 per-tensor/per-channel, FP8 E4M3/E5M2) for this model on this
-device, from measurements on the user's data (see compress.quantize.advisor)."""
+device, from measurements on the user's data (see compress.quantization.advisor)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def formats(model: str, device: str, calib: str | None, max_calib: int | None, t
     fp8 hardware) the one with the smallest whole-model error; FP8 only where it measures better than INT8.
     """
     from compress.core import InputError, UsageError, atomic_path, check_json_output, check_output_path
-    from compress.quantize import advise
+    from compress.quantization import advise
 
     if not 0 <= tolerance < 1:
         raise UsageError(f"--tolerance {tolerance}: must be in [0, 1)")
@@ -70,7 +70,7 @@ def formats(model: str, device: str, calib: str | None, max_calib: int | None, t
         report = advise(model, profile, data.calib, tolerance=tolerance, max_layers=max_layers, calib_label=calib,
                         on_step=lambda s: step.update(description=s))
 
-    from compress.quantize import advisor_report as fr
+    from compress.quantization import advisor_report as fr
     if plot:
         fr.plot_formats(report, plot)
         report["plot"] = str(plot)

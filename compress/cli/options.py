@@ -7,8 +7,8 @@ from typing import Any, Callable
 import click
 
 from compress.data import DataOptions
-from compress.prune import ALLOCATIONS, PruneOptions
-from compress.quantize import QuantOptions, backend_names, format_names
+from compress.pruning import ALLOCATIONS, PruneOptions
+from compress.quantization import QuantOptions, backend_names, format_names
 
 CALIB_HELP = ("Real samples: DATA.npz (keys = input names, first axis = samples), an image folder, a .txt/.jsonl/.csv "
               "of text, or hf:DATASET[:split][:column] (see --image-size, --seq-len).")
@@ -63,13 +63,13 @@ def ignore_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def prune_first_conv_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """--prune-first-conv for prune and run: the first convolution is kept whole unless asked (see
-    compress.prune.structural.prune_model for the measured reason)."""
+    compress.pruning.structural.prune_model for the measured reason)."""
     return click.option("--prune-first-conv", is_flag=True, default=PruneOptions.default("prune_first_conv"),
                         help="Also cut the first convolution's channels (kept by default, as NNCF does).")(f)
 
 
 def allocation_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--allocation for prune and run (compress.prune.allocate): one ratio everywhere, or per block from measured
+    """--allocation for prune and run (compress.pruning.allocate): one ratio everywhere, or per block from measured
     sensitivity and latency."""
     return click.option("--allocation", type=click.Choice(ALLOCATIONS), default=PruneOptions.default("allocation"),
                         show_default=True, help="uniform: the ratio in every block; measured: per-block ratios that save "
@@ -92,7 +92,7 @@ def eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """--backend for INT8, for quantize and run; the default follows bench/quant_inc.py (see
-    compress/quantize/backends/int8_ort.py). The choices are the registry's."""
+    compress/quantization/backends/int8_ort.py). The choices are the registry's."""
     return click.option("--backend", type=click.Choice(backend_names()), default=QuantOptions.default("backend"), show_default=True,
                         help="INT8 backend: onnxruntime's quantizer on the ONNX graph (faster on both benchmark models), "
                              "or Intel Neural Compressor's PT2E static INT8 in torch (needs the PyTorch model: run).")(f)
@@ -100,7 +100,7 @@ def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def int4_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--block-size, --budget-mb, --avg-bits and --salience: weight-only INT4, for quantize (--to int4) and run
-    (--quant int4); compress.quantize.int4.check_options checks them."""
+    (--quant int4); compress.quantization.int4.check_options checks them."""
     for opt in reversed([
         click.option("--block-size", type=int, default=QuantOptions.default("block_size"), show_default=True, help="INT4: weights per scale (32, 64 or 128)."),
         click.option("--budget-mb", type=float,
@@ -124,7 +124,7 @@ def format_choice(none: str = "") -> click.Choice:
 
 
 class RatioOrAuto(click.ParamType):
-    """--prune R (a fraction) or --prune auto (compress.prune.stage.prune_auto finds it)."""
+    """--prune R (a fraction) or --prune auto (compress.pruning.stage.prune_auto finds it)."""
 
     name = "R|auto"
 

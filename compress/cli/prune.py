@@ -18,7 +18,7 @@ from compress.cli.options import (
 )
 from compress.core import check_json_output, check_onnx_output, console
 from compress.models import require_one_input_source
-from compress.prune import PruneOptions
+from compress.pruning import PruneOptions
 
 EPILOG = """\b
 Examples:
@@ -65,7 +65,7 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     """
     from compress.data import data_opts, user_data
     from compress.models import load_model, model_inputs, prepare_inputs
-    from compress.prune import get_importance, prune_stage
+    from compress.pruning import get_importance, prune_stage
     from devices import load_profile
 
     require_one_input_source(input_shapes, calib)
@@ -119,7 +119,7 @@ def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, spar
         export_onnx(original, example, base, opset=profile.opset)
         measured: dict[str, Any] = {"size_bytes": {"original": base.stat().st_size, "pruned": pruned_path.stat().st_size}}
         if sparse:
-            from compress.prune import SPARSITY_NOTE, zipped_size
+            from compress.pruning import SPARSITY_NOTE, zipped_size
 
             measured["zipped_bytes"] = {"original": zipped_size(base), "pruned": zipped_size(pruned_path)}
             measured["note"] = SPARSITY_NOTE

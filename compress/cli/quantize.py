@@ -17,7 +17,7 @@ from compress.cli.options import (
     max_calib_option,
 )
 from compress.core import console
-from compress.quantize import CALIBRATION_METHODS, QuantOptions
+from compress.quantization import CALIBRATION_METHODS, QuantOptions
 from compress.report import box_f1
 
 EPILOG = """\b
@@ -72,7 +72,7 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     from compress.data import data_opts, is_data, user_data
     from compress.evaluate import load_metric
     from compress.models import onnx_model_inputs
-    from compress.quantize import check_format, quant_stage
+    from compress.quantization import check_format, quant_stage
     from devices import load_profile
     from runtime import check_model
 

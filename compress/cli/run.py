@@ -26,7 +26,7 @@ from compress.cli.options import (
 from compress.cli.recipe import config_option, resolved
 from compress.core import console
 from compress.pipeline import RunOptions
-from compress.prune import PruneOptions
+from compress.pruning import PruneOptions
 from compress.report import box_f1
 
 EPILOG = """\b

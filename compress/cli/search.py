@@ -12,7 +12,7 @@ import click
 from compress.cli.options import data_options, eval_options, format_choice, max_calib_option, model_input_options
 from compress.core import EdgeError, UsageError, console
 from compress.models import require_one_input_source
-from compress.search import SearchSettings
+from compress.tuning import SearchSettings
 
 SEARCH_EPILOG = """\b
 Examples:
@@ -66,7 +66,7 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     """
     from compress.core import check_json_output
     from compress.data import data_opts
-    from compress.search import run_search
+    from compress.tuning import run_search
 
     require_one_input_source(input_shapes, calib)
     inputs = [model, weights, calib, device, eval_spec, metric_spec]
@@ -114,7 +114,7 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     for c in sorted((c for c in s["candidates"] if c["pareto"]), key=lambda c: c["p50_ms"]):
         f = c.get("accuracy")
         if f is None:
-            from compress.search import fidelity_value
+            from compress.tuning import fidelity_value
 
             f = fidelity_value(c.get("fidelity") or {})
         mark = "*" if c["name"] == s["recommended"] else ""
@@ -155,13 +155,13 @@ sweep.yaml:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Also write sweep.json to FILE ('-' for stdout).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder: cells/, sweep.md/.json/.png.")
 def sweep(sweep_file: str, address: str | None, concurrency: int, resume: bool, json_out: str | None, output: str) -> None:
-    """Run a grid of models x devices x options from SWEEP.yaml (see compress.search.sweep for every key), each cell one
+    """Run a grid of models x devices x options from SWEEP.yaml (see compress.tuning.sweep for every key), each cell one
     `compress run` as a Ray Tune trial, and gather them into OUTDIR/sweep.md, sweep.json and sweep.png.
 
     A cell that crashes is reported in the table with its error; the others go on. Exits 1 if every cell failed.
     """
     from compress.core import check_json_output
-    from compress.search import cells, load_sweep, run_sweep
+    from compress.tuning import cells, load_sweep, run_sweep
 
     out = _check_outdir(output, [sweep_file])
     check_json_output(json_out, output, [sweep_file])

@@ -8,13 +8,13 @@ from typing import Any, Optional
 from pydantic import Field
 
 from compress.core import Options
-from compress.prune import PruneOptions
-from compress.quantize import QuantOptions
+from compress.pruning import PruneOptions
+from compress.quantization import QuantOptions
 
 
 class RunOptions(Options):
     prune: Optional[PruneOptions] = None
-    quant: str = "int8"  # a format of compress.quantize's registry, or "none"
+    quant: str = "int8"  # a format of compress.quantization's registry, or "none"
     int4: dict[str, Any] = Field(default_factory=dict)  # --quant int4: QuantOptions' block_size/budget_mb/avg_bits/salience
     calib: Optional[str] = None  # .npz for quantization scales (None: synthetic, warned)
     max_calib: Optional[int] = None  # --max-calib: read at most this many samples of `calib`
@@ -27,8 +27,8 @@ class RunOptions(Options):
     # time each variant at 1, 2, 4, ... up to the profile's threads and keep its fastest (fp32's too): the
     # recommendation then comes with its thread count (compress.pipeline.timing.thread_counts)
     tune_threads: bool = True
-    backend: str = QuantOptions.default("backend")  # a backend of compress.quantize's registry for `quant`
-    select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quantize.opselect)
+    backend: str = QuantOptions.default("backend")  # a backend of compress.quantization's registry for `quant`
+    select_ops: bool = True  # INT8: keep fp32 where an op is not faster in INT8 (compress.quantization.opselect)
     evaluate: Any = None  # --eval (a compress.evaluate.Metric): tolerance bounds the drop of this score instead of fidelity
     cache: Any = None  # a compress.pipeline.StageCache; None: every stage computed (library callers); the CLI passes one
     source: str = ""

@@ -43,8 +43,8 @@ from compress.models import Prepared
 from compress.pipeline.options import RunOptions
 from compress.pipeline.stage_cache import StageCache, key_of
 from compress.pipeline.timing import Timings, time_variants
-from compress.prune import count_macs, prune_stage
-from compress.quantize import Backend, QuantOptions, backend_for, quant_stage
+from compress.pruning import count_macs, prune_stage
+from compress.quantization import Backend, QuantOptions, backend_for, quant_stage
 from compress.report import (
     SCHEMA,
     Built,

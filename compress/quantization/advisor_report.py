@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from compress.quantize.advisor import FORMATS
+from compress.quantization.advisor import FORMATS
 from compress.report import write_png
 
 _SHORT = {"int8_per_tensor": "int8 tensor", "int8_per_channel": "int8 channel", "fp8_e4m3fn": "fp8 e4m3",

@@ -10,7 +10,7 @@ What each target wants (onnxruntime's guidance, and the EPs' documentation):
 - x86 with VNNI / AMX: U8S8 QDQ, per-channel, no reduce_range (VPDPBUSD does not saturate).
 - x86 without VNNI: U8S8 with reduce_range (7-bit weights), since VPMADDUBSW saturates its 16-bit sums.
 - ARM64 CPUs: S8S8 QDQ, but U8S8 is sometimes faster, so `try_signedness` yields both as candidates, timed on
-  the device by compress.quantize.int8.try_presets.
+  the device by compress.quantization.int8.try_presets.
 - TensorRT: explicit QDQ, signed and symmetric for activations and weights (TensorRT reads scales only).
 - QNN (Hexagon HTP): U8U8 per-tensor QDQ with onnxruntime's get_qnn_qdq_config extra options; the HTP runs
   only quantized graphs, so every op it can take is quantized (the op set is not limited to Conv/MatMul).

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.core import UsageError
-from compress.quantize.registry import Backend, Outputs, Quantized, QuantJob
+from compress.quantization.registry import Backend, Outputs, Quantized, QuantJob
 
 
 class Fp8(Backend):
@@ -23,12 +23,12 @@ class Fp8(Backend):
         super().check(profile, opts)
 
     def outputs(self) -> tuple[Outputs, Any]:
-        from compress.quantize.fp8 import fp8_outputs, fp8_session_options
+        from compress.quantization.fp8 import fp8_outputs, fp8_session_options
 
         return fp8_outputs, fp8_session_options()
 
     def quantize(self, job: QuantJob) -> Quantized:
-        from compress.quantize.fp8 import quantize_fp8
+        from compress.quantization.fp8 import quantize_fp8
 
         opts = job.opts
         job.on_stage(f"quantizing to FP8 ({opts.fp8_format}{', simulated' if job.simulated else ''})")

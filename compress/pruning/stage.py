@@ -11,11 +11,11 @@ from torch import nn
 
 from compress.evaluate import fidelity, torch_outputs
 from compress.models import Prepared
-from compress.prune.allocate import PROBE_SHARE, PROBE_STEPS, ProbeRecovery, allocate
-from compress.prune.options import PruneOptions
-from compress.prune.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
-from compress.prune.sparsity import apply_sparsity
-from compress.prune.structural import prune_model
+from compress.pruning.allocate import PROBE_SHARE, PROBE_STEPS, ProbeRecovery, allocate
+from compress.pruning.options import PruneOptions
+from compress.pruning.recover import distill, load_finetune, recalibrate_batchnorm, run_finetune
+from compress.pruning.sparsity import apply_sparsity
+from compress.pruning.structural import prune_model
 from compress.report import PruneResult
 
 

@@ -36,7 +36,7 @@ from torch_pruning import ops
 
 from compress.core import ModelError, UsageError
 from compress.core import first_line as _first_line
-from compress.prune.importance import accumulate_gradients, check_applicable, get_criterion
+from compress.pruning.importance import accumulate_gradients, check_applicable, get_criterion
 from export import flatten_outputs
 
 # --------------------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def prune_model(
     prune_heads: False keeps every attention head; MLP neurons and conv channels are still removed.
     ratios: per-module ratios (module name -> ratio in [0, 1)) for the layers under each named module, `ratio` for
         the rest (which may then be 0); a channel group takes the ratio of the module its pruning starts from.
-        compress.prune.allocate chooses them.
+        compress.pruning.allocate chooses them.
     prune_first_conv: also remove output channels of the first convolution (the one run first, and any other
         reading a model input directly), and so of the channels coupled to it (a ResNet's first-stage residual
         stream). Kept by default, as NNCF's filter pruning does (prune_first_conv: false): on the shapes demo pruned

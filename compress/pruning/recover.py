@@ -27,7 +27,7 @@ from torch import nn
 from compress.core import ModelError, UsageError
 from compress.core import first_line as _first_line
 from compress.models import load_option_function
-from compress.prune.structural import main_blocks
+from compress.pruning.structural import main_blocks
 from export import flatten_outputs
 
 Batch = Mapping[str, Any]

@@ -1,7 +1,7 @@
 """Accuracy-aware fallback: find the layers that quantization hurts most, and keep just those in fp32.
 
 Independent of the number format: the caller hands in a callback that writes a quantized model (FP8 from
-compress.quantize.fp8, INT8, ...), given which Conv/MatMul/Gemm nodes to quantize or to leave alone.
+compress.quantization.fp8, INT8, ...), given which Conv/MatMul/Gemm nodes to quantize or to leave alone.
 
 Two steps, each costing one quantization and one evaluation per model written:
 1. `layer_sensitivity`: quantize ONE layer at a time and measure the output error against fp32 on the eval
@@ -36,8 +36,8 @@ import onnx
 from compress.core import EdgeError, UsageError, onnxgraph, save_model
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
-from compress.quantize.fp8 import tensor_values
-from compress.quantize.ops import is_quantizable
+from compress.quantization.fp8 import tensor_values
+from compress.quantization.ops import is_quantizable
 
 METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1", "boxes")
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
@@ -118,7 +118,7 @@ def layer_sensitivity(
     """Salience of each candidate layer, most sensitive first: what quantizing that layer alone costs.
 
     `quantize_only(src, dst, [node])` writes a model with just that node quantized; `runner` runs a model on
-    the feeds (pass one with the format's session options, e.g. FP8 needs compress.quantize.fp8's); `evaluate`,
+    the feeds (pass one with the format's session options, e.g. FP8 needs compress.quantization.fp8's); `evaluate`,
     when given, replaces fidelity by a user score (salience = its drop). A layer whose quantization fails is
     listed last with its error and salience None, and is never chosen for fallback.
     """

@@ -17,8 +17,8 @@ from torch import nn
 
 from compress.core import UsageError
 from compress.pipeline import RunOptions
-from compress.prune import IMPORTANCE, check_applicable
-from compress.quantize import SEARCHED_METHODS, format_info, format_names
+from compress.pruning import IMPORTANCE, check_applicable
+from compress.quantization import SEARCHED_METHODS, format_info, format_names
 from devices import DeviceProfile
 
 PRUNE_STEP = 0.05

@@ -7,7 +7,7 @@ only used to measure what each layer's rounding costs at the output.
 
 Mixed precision: each quantizable layer gets 4 bits, 8 bits or stays float. The salience of a layer is the
 output error (1 - per-sample cosine mean against fp32) when that layer alone is 4-bit
-(compress.quantize.sensitivity.layer_sensitivity). Starting from all-4-bit, the upgrade with the largest
+(compress.quantization.sensitivity.layer_sensitivity). Starting from all-4-bit, the upgrade with the largest
 error removed per extra byte (4 -> 8, then 8 -> float) is taken while the model stays within the budget.
 The 8-bit error of a layer is estimated rather than measured (salience / 256: the rounding step is 16x
 finer and 1 - cosine grows with the squared error), which halves the number of models built; it makes
@@ -41,9 +41,9 @@ from onnx import helper, numpy_helper
 from compress.core import InputError, UsageError, drop_unused, save_model
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
-from compress.quantize.fp8 import tensor_values
-from compress.quantize.sensitivity import layer_sensitivity
-from compress.quantize.writing import quiet_onnxruntime, write_final
+from compress.quantization.fp8 import tensor_values
+from compress.quantization.sensitivity import layer_sensitivity
+from compress.quantization.writing import quiet_onnxruntime, write_final
 from export import get_metadata, set_metadata
 
 BLOCK_SIZES = (32, 64, 128)

@@ -3,7 +3,7 @@ has no per-layer fallback (the graph is quantized in torch), so --tolerance is o
 
 from __future__ import annotations
 
-from compress.quantize.registry import Backend, Quantized, QuantJob
+from compress.quantization.registry import Backend, Quantized, QuantJob
 
 
 class Int8Inc(Backend):
@@ -13,7 +13,7 @@ class Int8Inc(Backend):
     synthetic_data_spoils = "quantization scales"
 
     def quantize(self, job: QuantJob) -> Quantized:
-        from compress.quantize.inc import quantize_inc
+        from compress.quantization.inc import quantize_inc
 
         job.on_stage("quantizing to INT8 with Intel Neural Compressor (PT2E, in torch)")
         assert job.torch_source is not None  # the stage refuses a torch backend without one

@@ -58,16 +58,16 @@ from compress.core import (
 )
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, onnx_outputs
-from compress.quantize.calib import CalibReader, CalibSource
-from compress.quantize.candidates import pick, time_candidates, timing_json
-from compress.quantize.dynamic_sim import simulable, simulate_dynamic
-from compress.quantize.fp8 import tensor_values
-from compress.quantize.ops import INT8_OPS
-from compress.quantize.options import CALIBRATION_METHODS
-from compress.quantize.prep import preprocess
-from compress.quantize.presets import Preset, candidates, preset_for
-from compress.quantize.reuse import Prepared
-from compress.quantize.writing import quiet_onnxruntime, write_final
+from compress.quantization.calib import CalibReader, CalibSource
+from compress.quantization.candidates import pick, time_candidates, timing_json
+from compress.quantization.dynamic_sim import simulable, simulate_dynamic
+from compress.quantization.fp8 import tensor_values
+from compress.quantization.ops import INT8_OPS
+from compress.quantization.options import CALIBRATION_METHODS
+from compress.quantization.prep import preprocess
+from compress.quantization.presets import Preset, candidates, preset_for
+from compress.quantization.reuse import Prepared
+from compress.quantization.writing import quiet_onnxruntime, write_final
 from devices import DeviceProfile, describe_host, usable_cores
 from export import get_metadata, set_metadata
 from runtime import resolve_providers
@@ -721,7 +721,7 @@ def quantize_int8(
     calib: an .npz path or a dict of arrays (keys = input names, first axis = samples), or None for synthetic
     samples from the model's metadata (warned about). method: static calibration ("minmax", "percentile",
     "entropy"). include: quantize only these nodes (per-layer sensitivity); exclude: keep these in float.
-    preset: overrides the profile's (see compress.quantize.presets). tune (default: unless `include` is given)
+    preset: overrides the profile's (see compress.quantization.presets). tune (default: unless `include` is given)
     times the graph rewrites and smoothing strengths and keeps what measures best; without it the measured
     defaults are used, which is what many-model searches want. calibration_cache: onnxruntime's JSON cache of
     static activation ranges, reused when it exists (skips calibration in repeated runs on one model).
@@ -731,7 +731,7 @@ def quantize_int8(
     calib_label: the --calib file `calib`'s arrays were loaded from, named in errors about them. announce: warn
     about synthetic calibration (a re-quantization of a model already quantized leaves it to the first: the
     float fallback on timm's LeViT printed the same warning 98 times). reuse: a Prepared the caller keeps across
-    re-quantizations of `src` with the same calibration data (compress.quantize.reuse): what does not depend on
+    re-quantizations of `src` with the same calibration data (compress.quantization.reuse): what does not depend on
     include/exclude is made once.
     """
     t0 = time.perf_counter()

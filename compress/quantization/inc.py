@@ -1,6 +1,6 @@
 """INT8 through Intel Neural Compressor: INC 3.x PT2E static quantization in torch, exported to ONNX QDQ.
 
-The second INT8 backend next to compress.quantize.int8 (onnxruntime's quantizer on the exported ONNX). This one
+The second INT8 backend next to compress.quantization.int8 (onnxruntime's quantizer on the exported ONNX). This one
 quantizes the torch module itself:
 
 1. torch.export (strict, as INC's own `neural_compressor.torch.export.export` does first: the non-strict graph
@@ -20,7 +20,7 @@ quantizes the torch module itself:
    Completion calibrates those conv outputs on the same batches (min/max, INC's activation dtype and symmetry)
    and inserts QuantizeLinear/DequantizeLinear there, so onnxruntime fuses QLinearConv and QLinearAdd.
 
-What INC's PT2E path supports, and what follows for the device presets (compress.quantize.presets):
+What INC's PT2E path supports, and what follows for the device presets (compress.quantization.presets):
 - activations uint8 or int8, asymmetric or symmetric: U8S8 and S8S8 presets map directly;
 - weights int8 only: the X86InductorQuantizer refuses uint8 weights ("Unsupported quantization_spec ... for
   weight"), so U8U8 (QNN) and S8U8 presets are refused with a UsageError;
@@ -28,7 +28,7 @@ What INC's PT2E path supports, and what follows for the device presets (compress
 - the op set is the X86InductorQuantizer's (conv, linear, matmul, pooling, add, ...), not the preset's op_types.
 
 Against --backend ort (bench/quant_inc.py, 2-vCPU AVX512-VNNI, 1 thread): resnet_demo 5.77 ms vs 5.39 ms, the
-gap being compress.quantize.int8's space-to-depth stem rewrite (ort's graph without it: 5.67 ms); all-MiniLM-L6-v2 8.50 vs
+gap being compress.quantization.int8's space-to-depth stem rewrite (ort's graph without it: 5.67 ms); all-MiniLM-L6-v2 8.50 vs
 8.27 ms, a tie, but static activation ranges give per-sentence cosine 0.991 where ort's dynamic ones give 0.997.
 """
 
@@ -64,9 +64,9 @@ from compress.core import (
     first_line as _first_line,
 )
 from compress.evaluate import fidelity, onnx_outputs, torch_outputs
-from compress.quantize.candidates import pick, time_candidates, timing_json
-from compress.quantize.int8 import residual_add_to_sum
-from compress.quantize.presets import Preset, preset_for
+from compress.quantization.candidates import pick, time_candidates, timing_json
+from compress.quantization.int8 import residual_add_to_sum
+from compress.quantization.presets import Preset, preset_for
 from devices import DeviceProfile
 from export import flatten_outputs, get_metadata, input_specs, set_metadata, silenced, write_model
 
@@ -441,7 +441,7 @@ def complete_conv_qdq(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
 def _tune_graph(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], work: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The INT8 graph as exported, or with residual Add -> LayerNormalization pairs as Sum, whichever times faster.
 
-    The same rewrite, and the same timing rule, as compress.quantize.int8's transformer path: onnxruntime fuses Add +
+    The same rewrite, and the same timing rule, as compress.quantization.int8's transformer path: onnxruntime fuses Add +
     LayerNormalization into SkipLayerNormalization, whose CPU kernel is several times slower than the pair
     (all-MiniLM-L6-v2 through INC: 11.2 ms -> 8.7 ms with the rewrite, 1 thread).
     """
@@ -578,7 +578,7 @@ def quantize_inc(
     profile's (U8S8 / S8S8: INC takes int8 weights only). method: INC's activation observer, "minmax" or "kl".
     dynamic_batch: export the batch axis free when torch.export allows it (else fixed, noted). complete: add
     the conv-output QDQ that X86InductorQuantizer leaves out, so onnxruntime runs every conv in INT8. tune:
-    time compress.quantize.int8's residual Add -> Sum rewrite (onnxruntime's slow SkipLayerNormalization fusion) on
+    time compress.quantization.int8's residual Add -> Sum rewrite (onnxruntime's slow SkipLayerNormalization fusion) on
     the INT8 graph and keep it when faster.
     Failures raise ModelError (one line naming the step) and leave nothing at dst.
     """
@@ -680,7 +680,7 @@ def quantize_inc(
 
 
 def read_backend(path: str | Path) -> Optional[str]:
-    """"inc" or "ort" for an INT8 model written by this project (compress.quantize.int8 writes no backend: "ort")."""
+    """"inc" or "ort" for an INT8 model written by this project (compress.quantization.int8 writes no backend: "ort")."""
     meta = get_metadata(onnx.load(str(path), load_external_data=False)) or {}
     q = meta.get("quantization") or {}
     if q.get("format") != "int8":

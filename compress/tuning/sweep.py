@@ -34,11 +34,11 @@ from compress.core import InputError, UsageError, claim_folder, write_json
 from compress.data import DataOptions
 from compress.models import load_run_model, model_inputs
 from compress.pipeline import RunOptions
-from compress.quantize import format_info
-from compress.search.space import can_time, label, normalise
-from compress.search.study import collect, staged_data
-from compress.search.sweep_report import write_sweep_readable
-from compress.search.trials import TrialProgress, fit_on_ray, run_cell
+from compress.quantization import format_info
+from compress.tuning.space import can_time, label, normalise
+from compress.tuning.study import collect, staged_data
+from compress.tuning.sweep_report import write_sweep_readable
+from compress.tuning.trials import TrialProgress, fit_on_ray, run_cell
 from devices import load_profile, parse_yaml, read_text
 
 EXPERIMENT = "sweep"

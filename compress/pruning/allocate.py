@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from compress.evaluate import torch_outputs
-from compress.prune.recover import distill, recalibrate_batchnorm
-from compress.prune.structural import main_blocks, prune_model
+from compress.pruning.recover import distill, recalibrate_batchnorm
+from compress.pruning.structural import main_blocks, prune_model
 from export import export_onnx
 from runtime import interleaved_latency
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from compress.core import atomic_path, first_line, warn
 from compress.report import code, fmt_ms, fmt_speedup, plot_tradeoff, table
-from compress.search.trials import fidelity_value
+from compress.tuning.trials import fidelity_value
 
 
 def _fid(v: dict[str, Any], scored: bool) -> str:

@@ -15,7 +15,7 @@ ALLOCATIONS = ("uniform", "measured")
 class PruneOptions(Options):
     ratio: Optional[float] = None  # structural: fraction of channels removed
     # "uniform": `ratio` of every block's channels; "measured": per-block ratios that save the time the uniform cut
-    # saves, where measured sensitivity is lowest (compress.prune.allocate)
+    # saves, where measured sensitivity is lowest (compress.pruning.allocate)
     allocation: str = "uniform"
     importance: str = "l2"
     global_pruning: bool = False

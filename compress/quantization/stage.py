@@ -29,13 +29,13 @@ from compress.core import (
 )
 from compress.evaluate import fidelity, judged, onnx_outputs
 from compress.models import load_calib
-from compress.quantize.calib import calibration_feeds
-from compress.quantize.kept_float import KeptFloat
-from compress.quantize.ops import must_be_finite
-from compress.quantize.opselect import SELECT_OPS, select_ops
-from compress.quantize.options import SEARCHED_METHODS, QuantOptions
-from compress.quantize.registry import Backend, Quantized, QuantJob, Requantize, backend_for
-from compress.quantize.sensitivity import (
+from compress.quantization.calib import calibration_feeds
+from compress.quantization.kept_float import KeptFloat
+from compress.quantization.ops import must_be_finite
+from compress.quantization.opselect import SELECT_OPS, select_ops
+from compress.quantization.options import SEARCHED_METHODS, QuantOptions
+from compress.quantization.registry import Backend, Quantized, QuantJob, Requantize, backend_for
+from compress.quantization.sensitivity import (
     affordable,
     fallback,
     float_costs,
@@ -168,7 +168,7 @@ def _timer(profile: DeviceProfile, feed: dict[str, np.ndarray]) -> tuple[Optiona
 
 def _select_ops(fp32: Path, int8: Path, work: Path, profile: DeviceProfile,
                 quantize: Callable[[Path, Path, list[str], bool], None], feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """compress.quantize.opselect with the device's providers, threads and session options; timed on this machine."""
+    """compress.quantization.opselect with the device's providers, threads and session options; timed on this machine."""
     whole, missing = _timer(profile, feed)
     if whole is None:
         return {"ops": [], "kept_fp32": [], "path": int8,
@@ -265,10 +265,10 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
     """Accuracy-aware fallback under `tolerance`: layers ranked by label-free sensitivity (against the
     quantizer's input, `reference`, on its first RANK_SAMPLES inputs) and, with a `timer`, by that per
     millisecond keeping each in float costs the whole model (the FALLBACK_TIMED most sensitive are timed; for
-    dynamic INT8 on copies of `first`, compress.quantize.kept_float), then the fewest first-ranked kept in float until
+    dynamic INT8 on copies of `first`, compress.quantization.kept_float), then the fewest first-ranked kept in float until
     fidelity to the judge's model (or the drop of the user's score) is within it; `metric` and `err` are
     `first`'s (_error). `must_pay`: stop where the timed costs say more layers in float would leave the model no
-    faster than `fp32` (compress.quantize.sensitivity.affordable). `kept_float`: op selection's float ops, never
+    faster than `fp32` (compress.quantization.sensitivity.affordable). `kept_float`: op selection's float ops, never
     ranked. Returns the model to keep; records it in `report`."""
     score = judge.score
     report["fallback"] = {"metric": metric, "tolerance": tolerance, "error_before": err,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.quantize.registry import Backend, Quantized, QuantJob, Requantize
+from compress.quantization.registry import Backend, Quantized, QuantJob, Requantize
 
 
 def _signedness(preset: dict[str, Any]) -> str:
@@ -22,9 +22,9 @@ class Int8Ort(Backend):
     selects_ops = True
 
     def quantize(self, job: QuantJob) -> Quantized:
-        from compress.quantize.int8 import quantize_int8, try_presets
-        from compress.quantize.presets import preset_for
-        from compress.quantize.reuse import Prepared
+        from compress.quantization.int8 import quantize_int8, try_presets
+        from compress.quantization.presets import preset_for
+        from compress.quantization.reuse import Prepared
 
         profile, opts = job.profile, job.opts
         job.on_stage(f"quantizing to INT8 for {profile.name}")

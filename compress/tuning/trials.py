@@ -34,8 +34,8 @@ from compress.core import EdgeError, UsageError, first_line, interrupt
 from compress.evaluate import judged, load_metric
 from compress.models import load_run_model, prepare_inputs
 from compress.pipeline import RunOptions, StageCache, Timings, run_pipeline, time_variants
-from compress.prune import PruneOptions
-from compress.search.space import label, normalise, trial_seed
+from compress.pruning import PruneOptions
+from compress.tuning.space import label, normalise, trial_seed
 from devices import DeviceProfile, describe_host, load_profile
 
 TRIAL_METRIC = "score"

@@ -1,6 +1,6 @@
 """The one registry of quantization backends: format x backend -> the class that makes it.
 
-A backend is one module in compress/quantize/backends/ whose class subclasses `Backend` (it registers itself,
+A backend is one module in compress/quantization/backends/ whose class subclasses `Backend` (it registers itself,
 as Olive's passes do) and one line in BACKEND_MODULES below. Everything that offers a choice of format or
 backend reads this registry: click's choices for `--to`/`--quant`/`--backend`, the option checks against the
 device profile, the quantize stage, `compress run`'s pipeline and `compress search`'s space. Adding a format
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 from compress.core import UsageError
 
 if TYPE_CHECKING:
-    from compress.quantize.options import QuantOptions
+    from compress.quantization.options import QuantOptions
     from devices import DeviceProfile
 
 # One line per backend module; each module's Backend subclasses register themselves when it is imported.
 BACKEND_MODULES = (
-    "compress.quantize.backends.int8_ort",
-    "compress.quantize.backends.int8_inc",
-    "compress.quantize.backends.fp8",
-    "compress.quantize.backends.int4",
+    "compress.quantization.backends.int8_ort",
+    "compress.quantization.backends.int8_inc",
+    "compress.quantization.backends.fp8",
+    "compress.quantization.backends.int4",
 )
 
 Requantize = Callable[[Path, Path, list[str], bool], None]  # (src, out, nodes, only those nodes) -> writes out
@@ -55,7 +55,7 @@ class QuantJob:
     def feeds(self, seed: int, max_samples: Optional[int]) -> list[dict[str, Any]]:
         """Up to max_samples feeds of the calibration part for the fp32 graph (synthetic ones when there is no
         data, drawn with `seed`)."""
-        from compress.quantize.calib import calibration_feeds
+        from compress.quantization.calib import calibration_feeds
 
         return calibration_feeds(self.fp32, self.calib_part, seed=seed, max_samples=max_samples, label=self.calib_label)
 

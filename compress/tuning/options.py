@@ -8,7 +8,7 @@ from pydantic import Field
 
 from compress.core import Options, UsageError
 from compress.data import DataOptions
-from compress.prune import PruneOptions
+from compress.pruning import PruneOptions
 
 
 class SearchSettings(Options):

@@ -1,12 +1,12 @@
 """Weight-only INT4 for MatMuls (MatMulNBits), with 4/8-bit/float per layer allocated by salience under
---budget-mb or --avg-bits (compress.quantize.int4). Steered by its size budget, not by --tolerance."""
+--budget-mb or --avg-bits (compress.quantization.int4). Steered by its size budget, not by --tolerance."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from compress.core import UsageError
-from compress.quantize.registry import Backend, Quantized, QuantJob
+from compress.quantization.registry import Backend, Quantized, QuantJob
 
 
 class Int4(Backend):
@@ -17,14 +17,14 @@ class Int4(Backend):
     synthetic_data_spoils = "layer salience and fidelity"
 
     def check(self, profile: Any, opts: Any) -> None:
-        from compress.quantize.int4 import check_options
+        from compress.quantization.int4 import check_options
 
         check_options(opts.block_size, opts.budget_mb, opts.avg_bits, opts.salience)
         if opts.tolerance is not None or opts.evaluate is not None:
             raise UsageError("--to int4 is steered by --budget-mb or --avg-bits, not --tolerance/--eval")
 
     def quantize(self, job: QuantJob) -> Quantized:
-        from compress.quantize.int4 import MB, quantize_int4
+        from compress.quantization.int4 import MB, quantize_int4
 
         opts = job.opts
         feeds = job.feeds(seed=0, max_samples=opts.max_calib or 16)

@@ -42,7 +42,7 @@ from compress.core import (
     first_line as _first_line,
 )
 from compress.evaluate import onnx_outputs
-from compress.quantize.ops import quantizable_positions
+from compress.quantization.ops import quantizable_positions
 from export import metadata
 from export import write_model as _write_onnx
 

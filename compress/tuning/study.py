@@ -3,7 +3,7 @@ most faithful model within a latency budget on the device.
 
 Search algorithm: Optuna's TPE sampler (seeded) through Ray Tune's OptunaSearch; the first trial is compress
 run's default setting, so the search starts from what a plain run gives. Hopeless trials stop early
-(compress.search.trials.Hopeless). Every variant that a trial measured (its fp32, pruned and quantized models)
+(compress.tuning.trials.Hopeless). Every variant that a trial measured (its fp32, pruned and quantized models)
 takes part in the Pareto set of p50 latency vs fidelity; the recommendation is the most faithful one within the
 latency budget and above --min-fidelity, ties to the faster. Its trial folder, a complete `compress run` report,
 is copied to OUTDIR/best.
@@ -28,10 +28,10 @@ from compress.core import EdgeError, UsageError, claim_folder, first_line, parti
 from compress.data import read_option
 from compress.models import load_run_model, model_inputs, prepare_inputs
 from compress.report import Point, pareto_front
-from compress.search.options import SearchSettings
-from compress.search.space import label, normalise, space_for
-from compress.search.study_report import write_search_readable
-from compress.search.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, fit_on_ray, run_trial
+from compress.tuning.options import SearchSettings
+from compress.tuning.space import label, normalise, space_for
+from compress.tuning.study_report import write_search_readable
+from compress.tuning.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, fit_on_ray, run_trial
 from devices import load_profile
 
 EXPERIMENT = "search"

@@ -14,7 +14,7 @@ Then it keeps the formats the device executes fast (INT8 where the profile has `
 
 Every format is simulated the same way so the comparison is like for like: Q/DQ pairs on the inputs of
 Conv/MatMul/Gemm with static per-tensor activation scales from the calibration ranges (the FP8 graph is
-compress.quantize.fp8's; the INT8 one is written here with the profile's activation symmetry), run on onnxruntime's
+compress.quantization.fp8's; the INT8 one is written here with the profile's activation symmetry), run on onnxruntime's
 CPU provider at the basic optimisation level, which keeps every Q/DQ as its own kernel. The figures are fidelity,
 not speed, and they are in-sample (measured on the calibration feeds).
 """
@@ -35,8 +35,8 @@ from onnx import TensorProto, numpy_helper
 from compress.core import InputError, ModelError, UsageError, save_model, warn
 from compress.core import first_line as _first_line
 from compress.evaluate import fidelity, judged, onnx_outputs
-from compress.quantize.calib import CalibReader, CalibSource
-from compress.quantize.fp8 import (
+from compress.quantization.calib import CalibReader, CalibSource
+from compress.quantization.fp8 import (
     MIN_OPSET,
     QdqRewriter,
     fp8_session_options,
@@ -46,9 +46,9 @@ from compress.quantize.fp8 import (
     upgrade_opset,
     weight_axis,
 )
-from compress.quantize.ops import is_quantizable, quantizable_positions
-from compress.quantize.presets import preset_for
-from compress.quantize.sensitivity import fallback, layer_sensitivity, metric_error
+from compress.quantization.ops import is_quantizable, quantizable_positions
+from compress.quantization.presets import preset_for
+from compress.quantization.sensitivity import fallback, layer_sensitivity, metric_error
 from devices import DeviceProfile
 
 FORMATS = ("int8_per_tensor", "int8_per_channel", "fp8_e4m3fn", "fp8_e5m2")
@@ -429,7 +429,7 @@ def _recommend(whole: Mapping[str, dict[str, Any]], caps: Mapping[str, dict[str,
 
 
 def _apply_fallback(rec: dict[str, Any], fb: Mapping[str, Any], metric: str, tolerance: float) -> None:
-    """Fold compress.quantize.sensitivity.fallback's answer into the recommendation: the layers to keep in float, or fp32."""
+    """Fold compress.quantization.sensitivity.fallback's answer into the recommendation: the layers to keep in float, or fp32."""
     kept = [e["node"] for e in fb["excluded"]]
     if fb["within_tolerance"]:
         rec.update(keep_float=kept, within_tolerance=True, error_with_float_layers=fb["error"])

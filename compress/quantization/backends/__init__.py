@@ -1,0 +1,1 @@
+"""One module per quantization backend; each registers itself with compress.quantization.registry (see there)."""

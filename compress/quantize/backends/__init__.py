@@ -1,1 +1,0 @@
-"""One module per quantization backend; each registers itself with compress.quantize.registry (see there)."""
