@@ -218,7 +218,7 @@ def test_changed_code_is_a_new_cache_key(tmp_path, monkeypatch):
     for pkg in sc.CODE_PACKAGES:
         shutil.copytree(top / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     assert sc.tree_digest(copy) == sc.code_digest()
-    f = copy / "compress" / "quantize" / "int8.py"
+    f = copy / "compress" / "quantization" / "int8.py"
     f.write_text(f.read_text() + "\n# an edit\n")
     assert sc.tree_digest(copy) != sc.code_digest()
     before = sc.key_of("export", ["x"])
