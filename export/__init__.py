@@ -7,5 +7,5 @@ from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "metadata": ["get_metadata", "input_specs", "set_metadata"],
-    "onnx_export": ["export_onnx", "flatten_outputs", "silenced", "write_model"],
+    "onnx_export": ["ExportResult", "export_onnx", "flatten_outputs", "silenced", "write_model"],
 }, modules=("metadata",))

@@ -13,16 +13,16 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
 import torch
+from pydantic import Field
 from torch import nn
 
-from compress.core import TWO_GB, ModelError, UsageError, atomic_dir, reraise_if_interrupted
+from compress.core import TWO_GB, ModelError, Result, UsageError, atomic_dir, reraise_if_interrupted
 from compress.core import first_line as _first_line
 from export import metadata, parity
 
@@ -33,8 +33,10 @@ DYNAMO_MIN_OPSET = 18  # the dynamo exporter implements opset 18+; lower request
 EXPORTERS = ("auto", "dynamo", "torchscript", "quick")
 
 
-@dataclass
-class ExportResult:
+class ExportResult(Result):
+    """What `compress export` (and compress.export) hands back: the file, the exporter that made it and why the
+    others were not used (`attempts`), its inputs and outputs, and its parity with torch."""
+
     path: Path
     exporter: str
     opset: int
@@ -43,12 +45,7 @@ class ExportResult:
     parity: dict[str, Any]
     size_bytes: int
     external_data: bool
-    attempts: list[dict[str, str]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        d = dict(vars(self))
-        d["path"] = str(self.path)
-        return d
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

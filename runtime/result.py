@@ -103,7 +103,3 @@ def check_profile(doc: dict[str, Any]) -> dict[str, Any]:
     """`doc` unchanged when it matches ProfileResult; a pydantic ValidationError otherwise (a bug of ours)."""
     ProfileResult.from_json(doc)
     return doc
-
-
-def json_schema() -> dict[str, Any]:
-    return ProfileResult.model_json_schema(by_alias=True)

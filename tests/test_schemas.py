@@ -16,7 +16,6 @@ import pytest
 from pydantic import ValidationError
 
 from compress.report import check_report
-from compress.report import regression as compare_schema
 from compress.report import schema as report_schema
 from runtime import check_profile
 from runtime import result as profile_schema
@@ -26,10 +25,21 @@ sys.path.insert(0, str(ROOT / "tools"))
 import write_schemas  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [report_schema, profile_schema, compare_schema], ids=["report", "profile", "compare"])
-def test_shipped_schema_matches_its_model(module) -> None:
-    assert module.SCHEMA_FILE.read_text() == write_schemas.rendered(module), \
-        f"{module.SCHEMA_FILE.name} is stale: run python tools/write_schemas.py"
+@pytest.mark.parametrize("doc", write_schemas.DOCS, ids=[d.name for d in write_schemas.DOCS])
+def test_shipped_schema_matches_its_model(doc) -> None:
+    assert doc.path.read_text() == write_schemas.rendered(doc), \
+        f"{doc.path.name} is stale: run python tools/write_schemas.py"
+    jsonschema.validators.validator_for(json.loads(doc.path.read_text())).check_schema(json.loads(doc.path.read_text()))
+
+
+def test_every_shipped_schema_is_package_data() -> None:
+    """A schema file a wheel leaves out is one a CI user cannot find: each lies where pyproject ships *.schema.json."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for doc in write_schemas.DOCS:
+        package = ".".join(doc.path.parent.relative_to(ROOT).parts)
+        assert "*.schema.json" in data.get(package, []) or doc.path.name in data.get(package, []), doc.path
 
 
 def _validator(module) -> jsonschema.protocols.Validator:
@@ -95,3 +105,18 @@ def test_unknown_top_level_key_is_refused(run_report, profile_doc) -> None:
         check_profile({**profile_doc, "latency": profile_doc["latency_ms"]})
     assert not list(_validator(profile_schema).iter_errors(profile_doc))
     assert list(_validator(profile_schema).iter_errors({**profile_doc, "latency": 1}))
+
+
+def test_every_device_profile_is_valid_against_the_shipped_schema() -> None:
+    """`compress devices list --json` as a CI user parses it: each bundled profile (and host, detected) valid against
+    devices/device.schema.json, which refuses an unknown key as the loader does."""
+    from compress.cli.devices import profile_json
+    from devices import list_profiles
+
+    doc = next(d for d in write_schemas.DOCS if d.name == "device")
+    validator = jsonschema.Draft202012Validator(json.loads(doc.path.read_text()))
+    profiles = [profile_json(p) for p in list_profiles()]
+    assert len(profiles) > 5 and any(p["name"] == "host" for p in profiles)
+    for p in profiles:
+        validator.validate(p)
+    assert list(validator.iter_errors({**profiles[0], "treads": 4}))

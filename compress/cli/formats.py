@@ -3,9 +3,6 @@ device, from measurements on the user's data (see compress.quantization.advisor)
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
@@ -41,44 +38,15 @@ def formats(model: str, device: str, calib: str | None, max_calib: int | None, t
     The advice follows the measurements: among the formats the device runs fast (INT8 with int8_dot, FP8 with
     fp8 hardware) the one with the smallest whole-model error; FP8 only where it measures better than INT8.
     """
-    from compress.core import InputError, UsageError, atomic_path, check_json_output, check_output_path
-    from compress.quantization import advise
-
-    if not 0 <= tolerance < 1:
-        raise UsageError(f"--tolerance {tolerance}: must be in [0, 1)")
-    if max_layers is not None and max_layers < 0:
-        raise UsageError(f"--max-layers {max_layers}: must be >= 0")
-    inputs = [model, calib, device]
-    outs = [p for p in (plot, output) if p]
-    for flag, p in (("--plot", plot), ("-o", output)):
-        if p:
-            check_output_path(p, inputs, flag=flag)
-    if plot and output and Path(plot).expanduser().absolute() == Path(output).expanduser().absolute():
-        raise UsageError(f"--plot {plot} is also the -o output; choose another path")
-    check_json_output(json_out, output, inputs + outs)
-    if not Path(model).expanduser().is_file():
-        raise InputError(f"model {model} not found")
-    from compress.data import data_opts, user_data
-    from compress.models import onnx_model_inputs
-    from devices import load_profile
-
-    dopts = data_opts(**data_flags)
-    profile = load_profile(device)
-    near = Path(output or plot).expanduser().absolute().parent if (output or plot) else Path(tempfile.gettempdir())
-    with user_data(onnx_model_inputs(model), dopts, near, calib, max_calib=max_calib) as data, \
-            console.progress("measuring formats") as step:
-        report = advise(model, profile, data.calib, tolerance=tolerance, max_layers=max_layers, calib_label=calib,
-                        on_step=lambda s: step.update(description=s))
-
+    from compress.api import formats as formats_api
+    from compress.core import check_json_output
     from compress.quantization import advisor_report as fr
-    if plot:
-        fr.plot_formats(report, plot)
-        report["plot"] = str(plot)
-    if output:
-        with atomic_path(output) as tmp:
-            rel = os.path.relpath(Path(plot).absolute(), Path(output).absolute().parent) if plot else None  # as the .md sees it
-            tmp.write_text(fr.markdown(report, plot=rel))
-        report["markdown"] = str(output)
+
+    check_json_output(json_out, output, [model, calib, device] + [p for p in (plot, output) if p])
+    with console.progress("starting") as step:
+        report = formats_api(model, device, calib=calib, max_calib=max_calib, tolerance=tolerance, max_layers=max_layers,
+                             plot=plot, output=output, on_stage=lambda s: step.update(description=s),
+                             **data_flags).to_json()
     if console.report_json(json_out, report):
         return
     out = console.out_console

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
@@ -16,8 +14,7 @@ from compress.cli.options import (
     model_input_options,
     prune_first_conv_option,
 )
-from compress.core import check_json_output, check_onnx_output, console
-from compress.models import require_one_input_source
+from compress.core import check_json_output, console
 from compress.pruning import PruneOptions
 
 EPILOG = """\b
@@ -63,73 +60,20 @@ def prune(model: str, weights: str | None, input_shapes: tuple[str, ...], calib:
     rounded to the device's SIMD multiple, and the pruned model is distilled from the original on the
     calibration inputs. Reports params, MACs, fidelity to the original and measured latency side by side.
     """
-    from compress.data import data_opts, user_data
-    from compress.models import load_model, model_inputs, prepare_inputs
-    from compress.pruning import get_importance, prune_stage
-    from devices import load_profile
+    from compress.api import prune as prune_api
 
-    require_one_input_source(input_shapes, calib)
-    out = check_onnx_output(output, [model, weights, calib, device, finetune])
     check_json_output(json_out, output, [model, weights, calib, device, finetune])
-    opts = PruneOptions(ratio=ratio, importance=importance, allocation=allocation, global_pruning=global_pruning, ignore=list(ignore),
-                        prune_first_conv=prune_first_conv, round_to=round_to, sparsity=sparsity, pattern=pattern, recover=not no_recover,
-                        recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
-                        real_data=calib is not None)
-    opts.check()
-    get_importance(importance)  # an unknown criterion fails before the model is loaded
-    profile = load_profile(device)
-    if opts.round_to is None and opts.ratio is not None:
-        opts.round_to = profile.pruning.channel_multiple
-
-    dopts = data_opts(**data_flags)
-    with console.progress("loading model"):
-        loaded = load_model(model, weights)
-    with user_data(model_inputs(loaded, input_shapes), dopts, out.absolute().parent, calib,
-                   max_calib=max_calib) as data, console.progress("preparing inputs") as step:
-        prep = prepare_inputs(loaded, input_shapes, data.calib, max_samples=max_calib)
-        data.describe(prep.info)
-        example = prep.example
-        pruned, result = prune_stage(loaded.module, prep, opts, on_stage=lambda s: step.update(description=s))
-        report = result.to_json()  # the command's document: the stage's result, then what the command adds
-        report["calibration"] = prep.info
-        step.update(description="exporting")
-        from export import export_onnx
-
-        result = export_onnx(pruned, example, out, opset=profile.opset, source=model,
-                             extra_meta={"weights": weights, "pruning": {"ratio": ratio, "sparsity": sparsity, "pattern": pattern,
-                                                                         "importance": importance, "round_to": opts.round_to}})
-        report["onnx"] = {"path": str(result.path), "size_bytes": result.size_bytes, "parity": result.parity, "exporter": result.exporter}
-        if not no_measure or sparsity is not None:
-            report["measured"] = _measure(loaded.module, example, out, profile, sparsity is not None, step, no_measure)
-    report["device"] = profile.name
+    with console.progress("starting") as step:
+        result = prune_api(model, output=output, weights=weights, input_shape=input_shapes, calib=calib,
+                           max_calib=max_calib, ratio=ratio, importance=importance, allocation=allocation,
+                           global_pruning=global_pruning, ignore=ignore, prune_first_conv=prune_first_conv,
+                           round_to=round_to, device=device, sparsity=sparsity, pattern=pattern, no_recover=no_recover,
+                           recover_steps=recover_steps, recover_seconds=recover_seconds, finetune=finetune,
+                           no_measure=no_measure, on_stage=lambda s: step.update(description=s), **data_flags)
+    report = result.to_json()
     if console.report_json(json_out, report):
         return
     _print_summary(report)
-
-
-def _measure(original: Any, example: dict, pruned_path: Path, profile: Any, sparse: bool, step: console.Step,
-             no_latency: bool) -> dict[str, Any]:
-    """Export the original beside the result and compare sizes (zipped, for sparsity) and latency A/B."""
-    from export import export_onnx
-    from runtime import device_latency
-
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "original.onnx"
-        step.update(description="exporting the original for comparison")
-        export_onnx(original, example, base, opset=profile.opset)
-        measured: dict[str, Any] = {"size_bytes": {"original": base.stat().st_size, "pruned": pruned_path.stat().st_size}}
-        if sparse:
-            from compress.pruning import SPARSITY_NOTE, zipped_size
-
-            measured["zipped_bytes"] = {"original": zipped_size(base), "pruned": zipped_size(pruned_path)}
-            measured["note"] = SPARSITY_NOTE
-        if no_latency:
-            return measured
-        step.update(description=f"timing original vs pruned on {profile.name}")
-        feeds = {k: v.numpy() for k, v in example.items()}
-        ab = device_latency({"original": base, "pruned": pruned_path}, profile, feeds)
-        measured["latency"] = ab.to_json()
-    return measured
 
 
 def _print_summary(r: dict[str, Any]) -> None:

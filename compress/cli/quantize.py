@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -68,33 +67,17 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
     --tolerance the most sensitive layers stay in float. INT4 is weight-only (MatMulNBits): uniform 4-bit, or
     with --budget-mb/--avg-bits the layers whose 4-bit rounding costs the most output fidelity go 8-bit or float.
     """
-    from compress.core import check_json_output, check_onnx_output
-    from compress.data import data_opts, is_data, user_data
-    from compress.evaluate import load_metric
-    from compress.models import onnx_model_inputs
-    from compress.quantization import check_format, quant_stage
-    from devices import load_profile
-    from runtime import check_model
+    from compress.api import quantize as quantize_api
+    from compress.core import check_json_output
 
-    out = check_onnx_output(output, [model, calib, device, eval_spec, metric_spec])
     check_json_output(json_out, output, [model, calib, device, eval_spec, metric_spec])
-    dopts = data_opts(**data_flags)
-    opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
-                        max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select, calib_name=calib,
-                        evaluate=None if eval_spec and is_data(eval_spec) else load_metric(eval_spec, metric_spec),
-                        backend=backend, block_size=block_size, budget_mb=budget_mb, avg_bits=avg_bits, salience=salience)
-    profile = load_profile(device)
-    backend = check_format(profile, opts)
-    check_model(Path(model))
-    if calib is None and backend.synthetic_data_spoils:
-        console.warn(f"no --calib: {backend.synthetic_data_spoils} come from synthetic inputs, which are wrong for "
-                     "real data; pass --calib DATA with real samples")
-    with user_data(onnx_model_inputs(model), dopts, out.absolute().parent, calib, eval_spec, max_calib) as data:
-        if eval_spec and is_data(eval_spec):
-            opts.evaluate = load_metric(data.eval, metric_spec)
-        with console.progress("quantizing") as step:
-            report = quant_stage(Path(model), out, profile, data.calib, opts,
-                                 on_stage=lambda s: step.update(description=s)).to_json()
+    with console.progress("starting") as step:
+        result = quantize_api(model, output=output, to=to, device=device, calib=calib, method=method, tolerance=tolerance,
+                              eval=eval_spec, metric=metric_spec, backend=backend, simulate=simulate,
+                              fp8_format=fp8_format, block_size=block_size, budget_mb=budget_mb, avg_bits=avg_bits,
+                              salience=salience, max_calib=max_calib, no_measure=no_measure, no_op_select=no_op_select,
+                              on_stage=lambda s: step.update(description=s), **data_flags)
+    report = result.to_json()
     if console.report_json(json_out, report):
         return
     for warning in (((report.get("quantizer") or {}).get("presets") or {}).get("warning"),
@@ -141,6 +124,6 @@ def quantize(model: str, to: str, device: str, calib: str | None, method: str, t
         console.out_console.print(f"latency ({lat['threads']} threads, interleaved medians): fp32 {lat['wall_ms']['fp32']:.2f} ms, "
                                   f"{to} {lat['wall_ms'][to]:.2f} ms: {report['speedup_vs_fp32']:.2f}x")
         if report["speedup_vs_fp32"] < 1.0:
-            console.warn(f"{to} is slower than fp32 on {profile.name}: keep fp32 there")
+            console.warn(f"{to} is slower than fp32 on {report['device']}: keep fp32 there")
     elif report["simulated"]:
         console.out_console.print("simulated FP8: no FP8 hardware on this device, so no latency is reported")

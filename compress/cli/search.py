@@ -10,8 +10,7 @@ from typing import Any
 import click
 
 from compress.cli.options import data_options, eval_options, format_choice, max_calib_option, model_input_options
-from compress.core import EdgeError, UsageError, console
-from compress.models import require_one_input_source
+from compress.core import EdgeError, console
 from compress.tuning import SearchSettings
 
 SEARCH_EPILOG = """\b
@@ -64,41 +63,27 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
     Writes OUTDIR/search.md (Pareto set, every trial, crashed ones with their error), search.json, search.png
     and best/ (the recommended trial's run report and models). Exits 1 when no model meets the budget and floor.
     """
+    from compress.api import search as search_api
     from compress.core import check_json_output
-    from compress.data import data_opts
-    from compress.tuning import run_search
 
-    require_one_input_source(input_shapes, calib)
-    inputs = [model, weights, calib, device, eval_spec, metric_spec]
-    out = _check_outdir(output, inputs)
-    check_json_output(json_out, output, inputs)
-    settings = SearchSettings(model=model, device=device, weights=weights, input_shapes=list(input_shapes), calib=calib,
-                              max_calib=max_calib, data=data_opts(**data_flags), latency_budget_ms=latency_budget, min_fidelity=min_fidelity,
-                              max_accuracy_drop=max_accuracy_drop, eval_spec=eval_spec, metric_spec=metric_spec,
-                              objective=objective, trials=trials, seed=seed, address=address, concurrency=concurrency, runs=runs,
-                              prune_max=prune_max, quants=list(quants) or None, outdir=output, resume=resume,
-                              command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    settings.check()
+    check_json_output(json_out, output, [model, weights, calib, device, eval_spec, metric_spec])
     with console.progress("searching", total=trials) as step:
-        summary = run_search(settings, on_stage=lambda s: step.update(description=s),
-                             on_trial=lambda n: step.update(completed=n))
+        result = search_api(model, output=output, weights=weights, input_shape=input_shapes, calib=calib,
+                            max_calib=max_calib, device=device, latency_budget=latency_budget, min_fidelity=min_fidelity,
+                            eval=eval_spec, metric=metric_spec, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                            trials=trials, seed=seed, prune_max=prune_max, quant=quants, runs=runs, address=address,
+                            concurrency=concurrency, resume=resume, command=_command(),
+                            on_stage=lambda s: step.update(description=s),
+                            on_trial=lambda n: step.update(completed=n), **data_flags)
+    summary = result.to_json()
     if not console.report_json(json_out, summary):
-        _print_summary(summary, out)
-    if summary["recommended"] is None:
-        raise _NoModel(summary["reason"])
+        _print_summary(summary, Path(output))
+    if result.recommended is None:
+        raise _NoModel(result.reason)
 
 
-def _check_outdir(output: str, inputs: list[Any]) -> Path:
-    """OUTDIR is new, empty, or an earlier search's/sweep's (its manifest lists what is there; Ray's state is kept
-    there for --resume); never a file, never a folder of other files, never one holding an input."""
-    from compress.core import check_foreign
-
-    out = Path(output)
-    for p in inputs:
-        if p and Path(p).exists() and Path(p).resolve().is_relative_to(out.resolve()):
-            raise UsageError(f"-o {output} contains the input {p}: choose another folder")
-    check_foreign(out)
-    return out
+def _command() -> str:
+    return "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 class _NoModel(EdgeError):
@@ -160,16 +145,16 @@ def sweep(sweep_file: str, address: str | None, concurrency: int, resume: bool, 
 
     A cell that crashes is reported in the table with its error; the others go on. Exits 1 if every cell failed.
     """
+    from compress.api import sweep as sweep_api
+    from compress.api import sweep_cells
     from compress.core import check_json_output
-    from compress.tuning import cells, load_sweep, run_sweep
 
-    out = _check_outdir(output, [sweep_file])
     check_json_output(json_out, output, [sweep_file])
-    n = len(cells(load_sweep(sweep_file)))  # a bad file fails here, before Ray starts
-    with console.progress("sweeping", total=n) as step:
-        summary = run_sweep(sweep_file, output, address=address, concurrency=concurrency, resume=resume,
-                            command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                            on_stage=lambda s: step.update(description=s), on_trial=lambda k: step.update(completed=k))
+    out = Path(output)
+    with console.progress("sweeping", total=sweep_cells(sweep_file)) as step:
+        summary = sweep_api(sweep_file, output=output, address=address, concurrency=concurrency, resume=resume,
+                            command=_command(), on_stage=lambda s: step.update(description=s),
+                            on_trial=lambda k: step.update(completed=k)).to_json()
     if not console.report_json(json_out, summary):
         done = sum(1 for c in summary["cells"] if c["status"] == "done")
         for c in summary["cells"]:

@@ -13,7 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
     "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],
     "schema": [
-        "REPORT_SCHEMA", "Built", "Fidelity", "PruneResult", "QuantResult", "RunReport", "Stages", "ThreadTuning",
+        "REPORT_SCHEMA", "Built", "ExportedFile", "Fidelity", "FormatAdvice", "PruneMeasured", "PruneReport", "PruneResult", "QuantResult", "RunReport", "Stages", "ThreadTuning",
         "Variant", "VariantProfile", "VariantTiming", "check_report",
     ],
     "text": ["box_f1", "code", "fmt_ms", "fmt_speedup", "fmt_stage_seconds", "table"],

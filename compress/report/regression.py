@@ -49,9 +49,6 @@ class Comparison(Result):
     recommended: Optional[dict[str, Optional[str]]] = None  # runs: {"old": ..., "new": ...}
 
 
-def json_schema() -> dict[str, Any]:
-    return Comparison.model_json_schema(by_alias=True)
-
 
 @dataclass(frozen=True)
 class Change:

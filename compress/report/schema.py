@@ -87,6 +87,59 @@ class PruneResult(Result):
     auto: Optional[dict[str, Any]] = None
 
 
+class ExportedFile(Result):
+    """The ONNX file a command wrote: where, how large, its parity with torch, which exporter made it."""
+
+    path: str
+    size_bytes: int
+    parity: dict[str, Any]
+    exporter: str
+
+
+class PruneMeasured(Result):
+    """`compress prune`'s side-by-side measurement: the original exported beside the pruned model, sizes (zipped
+    too, for sparsity masks, which only compression makes smaller) and the interleaved latency A/B."""
+
+    size_bytes: dict[str, int]  # "original", "pruned"
+    zipped_bytes: Optional[dict[str, int]] = None
+    note: Optional[str] = None
+    latency: Optional[dict[str, Any]] = None  # runtime.ABResult's JSON form
+
+
+class PruneReport(PruneResult):
+    """What `compress prune` (and compress.prune) hands back: the stage's result, then what the command adds
+    (the calibration used, the file written, the measurement, the device)."""
+
+    calibration: dict[str, Any]
+    onnx: ExportedFile
+    measured: Optional[PruneMeasured] = None
+    device: str
+
+
+class FormatAdvice(Result):
+    """What `compress formats` (and compress.formats) hands back: each 8-bit format's error per layer and for the
+    whole model, and the recommendation among the formats the device runs fast (compress.quantization.advisor)."""
+
+    model: str
+    device: dict[str, Any]  # the profile's name, arch, int8_dot, fp8, providers, and per format whether it is fast
+    metric: str  # what "error" is: 1 - top-1 agreement, or 1 - min cosine
+    tolerance: float
+    calibration: dict[str, Any]
+    formats: list[str]
+    whole_model: dict[str, dict[str, Any]]  # per format: the error with every layer quantized
+    layers: list[dict[str, Any]]  # per layer: outlier statistics, and the error with only it quantized
+    swept_layers: int
+    quantizable_layers: int
+    sweep_note: Optional[str]
+    worst_layer: dict[str, str]
+    skipped: list[dict[str, str]]  # nodes not simulated, with why
+    recommendation: dict[str, Any]  # format, within_tolerance, keep_float, error, fast_formats, why
+    method: str
+    seconds: float
+    plot: Optional[str] = None  # the files written beside it (--plot, -o)
+    markdown: Optional[str] = None
+
+
 class Built(Result):
     """A model the run built (fp32, pruned, int8/fp8/int4), before it is judged."""
 
@@ -182,7 +235,3 @@ def check_report(report: dict[str, Any]) -> dict[str, Any]:
     """`report` unchanged when it matches RunReport; a pydantic ValidationError otherwise (a bug of ours)."""
     RunReport.from_json(report)
     return report
-
-
-def json_schema() -> dict[str, Any]:
-    return RunReport.model_json_schema(by_alias=True)

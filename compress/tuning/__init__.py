@@ -7,6 +7,7 @@ from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "options": ["SearchSettings"],
+    "results": ["Candidate", "SEARCH_SCHEMA", "SWEEP_SCHEMA", "SearchSummary", "SweepCell", "SweepSummary", "Trial"],
     "study": ["run_search"],
     "sweep": ["cells", "load_sweep", "run_sweep"],
     "trials": ["fidelity_value"],

@@ -29,6 +29,7 @@ from compress.data import read_option
 from compress.models import load_run_model, model_inputs, prepare_inputs
 from compress.report import Point, pareto_front
 from compress.tuning.options import SearchSettings
+from compress.tuning.results import SEARCH_SCHEMA, SearchSummary
 from compress.tuning.space import label, normalise, space_for
 from compress.tuning.study_report import write_search_readable
 from compress.tuning.trials import TRIAL_METRIC, Hopeless, TrialProgress, fidelity_value, fit_on_ray, run_trial
@@ -101,7 +102,7 @@ def recommend(cands: list[dict[str, Any]], budget: Optional[float], floor: Optio
 
 
 def run_search(s: SearchSettings, on_stage: Callable[[str], None] = lambda m: None,
-               on_trial: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+               on_trial: Callable[[int], None] = lambda n: None) -> SearchSummary:
     """Run (or resume) the search and write OUTDIR's summary; returns the summary (search.json's content)."""
     import optuna
     from ray import tune
@@ -225,7 +226,7 @@ def _error_line(e: BaseException) -> str:
 
 def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: list[dict[str, Any]],
               cluster: dict[str, Any], seconds: float, outdir: Path,
-              on_stage: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+              on_stage: Callable[[str], None] = lambda m: None) -> SearchSummary:
     on_stage("writing the summary")
     cands = candidates(trials)
     scored = bool(s.eval_spec)
@@ -240,7 +241,7 @@ def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: lis
            if v.get("latency_ms") and _y(v, scored) is not None]
     front = [p.name for p in pareto_front(pts)]
     summary = {
-        "schema": "edge-compress/search/1", "model": s.model, "device": device, "command": s.command,
+        "schema": SEARCH_SCHEMA, "model": s.model, "device": device, "command": s.command,
         "latency_budget_ms": s.latency_budget_ms, "floor": floor,
         "floor_on": f"--eval {s.eval_spec}" if scored else "fidelity to fp32 (top-1 agreement, else worst cosine)",
         "seed": s.seed, "trials_requested": s.trials, "space": space, "ray": cluster, "seconds": round(seconds, 1),
@@ -262,9 +263,10 @@ def summarise(s: SearchSettings, device: str, space: dict[str, Any], trials: lis
         _install_best(Path(best["report"]).parent, outdir / "best")
         summary["best_report"] = str(outdir / "best" / "report.json")
         summary["best_onnx"] = str(outdir / "best" / f"{best['variant']}.onnx")
-    write_json(outdir / "search.json", summary)
+    result = SearchSummary.from_json(summary)  # checked before it is written
+    write_json(outdir / "search.json", result.to_json())
     write_search_readable(summary, cands, outdir, scored)
-    return summary
+    return result
 
 
 def _install_best(src: Path, dst: Path) -> None:

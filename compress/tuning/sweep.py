@@ -35,6 +35,7 @@ from compress.data import DataOptions
 from compress.models import load_run_model, model_inputs
 from compress.pipeline import RunOptions
 from compress.quantization import format_info
+from compress.tuning.results import SWEEP_SCHEMA, SweepSummary
 from compress.tuning.space import can_time, label, normalise
 from compress.tuning.study import collect, staged_data
 from compress.tuning.sweep_report import write_sweep_readable
@@ -126,7 +127,7 @@ def cells(sweep: SweepFile) -> list[dict[str, Any]]:
 
 def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency: int = 1, resume: bool = False,
               command: str = "", on_stage: Callable[[str], None] = lambda m: None,
-              on_trial: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+              on_trial: Callable[[int], None] = lambda n: None) -> SweepSummary:
     from ray import tune
 
     sweep = load_sweep(path)
@@ -169,12 +170,13 @@ def run_sweep(path: str, outdir: str, address: Optional[str] = None, concurrency
                                  f"sweeping {len(grid)} cells", on_stage)
     records = collect(result, lambda cfg: normalise(cfg.get("cfg", cfg)), lambda cfg: label(cfg))
     rows = [_row(r) for r in records]
-    summary = {"schema": "edge-compress/sweep/1", "sweep": str(path), "command": command, "ray": cluster,
+    summary = {"schema": SWEEP_SCHEMA, "sweep": str(path), "command": command, "ray": cluster,
                "seconds": round(time.monotonic() - t0, 1), "tolerance": sweep.tolerance, "cells": rows}
 
-    write_json(out / "sweep.json", summary)
+    result = SweepSummary.from_json(summary)  # checked before it is written
+    write_json(out / "sweep.json", result.to_json())
     write_sweep_readable(summary, out)
-    return summary
+    return result
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
