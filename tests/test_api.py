@@ -151,10 +151,27 @@ def test_every_command_has_its_function() -> None:
     renamed = {"eval_spec": "eval", "metric_spec": "metric", "input_shapes": "input_shape", "quants": "quant",
                "prune_ratio": "prune", "remote_target": "remote"}
     budgets = {"max_p50_ms", "max_p99_ms", "max_peak_rss_mb", "min_speedup", "max_accuracy_drop"}  # exit codes
-    for name in ("export", "prune", "quantize", "formats", "profile", "run", "search", "sweep"):
+    for name in ("export", "prune", "quantize", "formats", "profile", "run", "search", "sweep", "compare"):
         fn = getattr(compress, name)
         accepted = set(inspect.signature(fn).parameters)
         cli_only = {"json_out", "config"} | (budgets if name in ("profile", "run") else set())
         wanted = {renamed.get(p.name, p.name) for p in cli.commands[name].params} - cli_only
         assert wanted <= accepted, (name, sorted(wanted - accepted))
         assert fn.__doc__ and ">>> import compress" in fn.__doc__, name
+
+
+def test_compare_from_python(tmp_path, matmul_onnx):
+    import json
+
+    from compress.report import Comparison
+
+    doc = compress.profile(matmul_onnx(tmp_path / "m.onnx"), runs=10, input_shape="x=4,64").to_json()
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    c = compress.compare(tmp_path / "a.json", tmp_path / "a.json", max_regression="5%")
+    assert isinstance(c, Comparison) and c.kind == "profile" and c.max_regression == 0.05
+    assert c.regressions() == [] and {f.figure for f in c.figures} >= {"p50"}
+    _valid(c.to_json(), "compare")
+    with pytest.raises(UsageError, match="--max-regression lots"):
+        compress.compare(tmp_path / "a.json", tmp_path / "a.json", max_regression="lots")
+    with pytest.raises(InputError):
+        compress.compare(tmp_path / "a.json", tmp_path / "missing.json")

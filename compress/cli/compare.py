@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from compress.cli.report import read_json_file
-from compress.core import InputError, UsageError, console
+from compress.core import console
 
 EPILOG = """\b
 Examples:
@@ -33,56 +31,39 @@ def compare(old: str, new: str, max_regression: str | None, json_out: str | None
     With --max-regression, a figure that moved the wrong way by more than the limit (and, for a p50, outside
     both measurements' confidence intervals) exits 3 with one line naming each regression.
     """
+    from compress.api import compare as compare_api
     from compress.core import BudgetMissed, check_output_path, write_json
-    from compress.report import Comparison, changes, parse_limit
 
-    limit = None
-    if max_regression is not None:
-        try:
-            limit = parse_limit(max_regression)
-        except ValueError:
-            raise UsageError(f"--max-regression {max_regression}: give a percentage (5%) or a fraction (0.05)") from None
-    a, a_path = _read(old)
-    b, b_path = _read(new)
-    out_path = check_output_path(json_out, [a_path, b_path], flag="--json") if json_out and json_out != "-" else None
-    kind, figures = changes(a, b, str(a_path), str(b_path))
-    rec = (a.get("recommended"), b.get("recommended")) if kind == "run" else (None, None)
-    doc = Comparison(kind=kind, old=str(a_path), new=str(b_path), max_regression=limit,
-                     figures=[c.to_json(limit) for c in figures],
-                     **({"recommended": {"old": rec[0], "new": rec[1]}} if kind == "run" else {})).to_json()
+    result = compare_api(old, new, max_regression=max_regression)
+    out_path = check_output_path(json_out, [result.old, result.new], flag="--json") if json_out and json_out != "-" else None
+    doc = result.to_json()
     if json_out == "-":
         console.emit_json(doc)
     else:
         if out_path is not None:
             write_json(out_path, doc)
-        _print(figures, limit, rec)
-    regressed = [c for c in figures if limit is not None and c.regressed(limit)]
+        _print(result)
+    regressed = result.regressions()
     if regressed:
-        raise BudgetMissed(f"{b_path} regressed {len(regressed)} figure{'s' if len(regressed) > 1 else ''} beyond "
-                           f"--max-regression {limit:.1%} against {a_path}: " + "; ".join(map(str, regressed)))
+        n = len(regressed)
+        raise BudgetMissed(f"{result.new} regressed {n} figure{'s' if n > 1 else ''} beyond --max-regression "
+                           f"{result.max_regression:.1%} against {result.old}: " + "; ".join(map(str, regressed)))
 
 
-def _read(source: str) -> tuple[dict[str, Any], Path]:
-    doc, p = read_json_file(source, "give a profile's JSON, a run's report.json or its folder")
-    if not isinstance(doc, dict):
-        raise InputError(f"{p}: not a profile or a run report (a JSON {type(doc).__name__})")
-    return doc, p
-
-
-def _print(figures: list[Any], limit: float | None, rec: tuple[Any, Any]) -> None:
+def _print(result: Any) -> None:
     from rich.table import Table
 
     t = Table(header_style="bold")
     for col in ("figure", "old", "new", "change", ""):
         t.add_column(col, justify="left" if col in ("figure", "") else "right")
-    for c in figures:
+    for c in result.figures:
         ch = c.change
-        flag = ("REGRESSED" if limit is not None and c.regressed(limit) else "within noise" if c.noise and c.worse
-                else "worse" if c.worse else "")
+        flag = "REGRESSED" if c.regressed else "within noise" if c.noise and c.worse else "worse" if c.worse else ""
         t.add_row(c.figure, _cell(c.old, c.unit), _cell(c.new, c.unit), f"{ch:+.1%}" if ch is not None else "-", flag)
     console.out_console.print(t)
-    if rec[0] != rec[1]:
-        console.out_console.print(f"recommended: {rec[0]} -> {rec[1]}")
+    rec = result.recommended or {}
+    if rec.get("old") != rec.get("new"):
+        console.out_console.print(f"recommended: {rec.get('old')} -> {rec.get('new')}")
 
 
 def _cell(x: float | None, unit: str) -> str:

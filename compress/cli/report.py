@@ -3,14 +3,13 @@ again, plus the latency-vs-fidelity (or accuracy) plot."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from compress.core import InputError, UsageError, console
+from compress.core import UsageError, console
 
 EPILOG = """\b
 Examples:
@@ -111,7 +110,7 @@ def _plot(rep: dict[str, Any], plot_path: Path | None, needed: bool) -> bytes | 
 
 def load_report(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """Read and validate a run report from its file or from the run's output folder; InputError otherwise."""
-    from compress.report import validate_report
+    from compress.report import read_json_file, validate_report
 
     obj, p = read_json_file(source, "give a `compress run` output folder or its report.json")
     validate_report(obj, source=str(p))
@@ -119,30 +118,3 @@ def load_report(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 
 
 # a profile is a few kB and a run report under 1 MB: a larger file is none of ours
-MAX_JSON_BYTES = 64 * 1024 * 1024
-
-
-def read_json_file(source: str | os.PathLike, hint: str) -> tuple[Any, Path]:
-    """The JSON document at `source` (a run's output folder means its report.json) and its path; one-line
-    InputErrors for a missing path, a folder without report.json, an oversized, non-UTF-8 or invalid file.
-    `hint` says what to give instead when nothing is there."""
-    p = Path(source).expanduser()
-    if not p.exists():
-        raise InputError(f"{source}: no such file or folder ({hint})")
-    if p.is_dir():
-        if not (p / "report.json").is_file():
-            raise InputError(f"{source}: no report.json in this folder (is it a `compress run` output folder?)")
-        p = p / "report.json"
-    try:
-        size = p.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise InputError(f"{p}: {size / 1e6:.0f} MB is no profile or report (limit {MAX_JSON_BYTES >> 20} MiB)")
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{p}: not a JSON file (not UTF-8 text)") from None
-    except OSError as e:
-        raise InputError(f"cannot read {p}: {e.strerror or e}") from None
-    try:
-        return json.loads(text), p
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None

@@ -8,7 +8,8 @@ from compress.core import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "budgets": ["Budgets", "Miss", "accuracy_drop", "enforce", "profile_misses", "run_misses"],
-    "regression": ["COMPARE_SCHEMA", "Change", "Comparison", "changes", "parse_limit"],
+    "documents": ["MAX_JSON_BYTES", "read_json_file"],
+    "regression": ["COMPARE_SCHEMA", "Change", "Comparison", "FigureJson", "changes", "parse_limit"],
     "html": ["render_html", "write_html"],
     "markdown": ["SCHEMA", "render_markdown", "validate_report", "write_markdown"],
     "plot": ["Point", "pareto_front", "plot_tradeoff", "render_png", "write_png"],

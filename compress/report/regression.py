@@ -36,6 +36,10 @@ class FigureJson(Result):
     worse: bool
     regressed: Optional[bool]  # None without --max-regression
 
+    def __str__(self) -> str:
+        pct = f" ({self.change:+.1%})" if self.change is not None else ""
+        return f"{self.figure} {_fmt(self.old)} -> {_fmt(self.new)}{self.unit}{pct}"
+
 
 class Comparison(Result):
     """`compress compare --json`: two profiles or two run reports, figure by figure."""
@@ -47,6 +51,10 @@ class Comparison(Result):
     max_regression: Optional[float]
     figures: list[FigureJson]
     recommended: Optional[dict[str, Optional[str]]] = None  # runs: {"old": ..., "new": ...}
+
+    def regressions(self) -> list[FigureJson]:
+        """The figures that moved the wrong way by more than max_regression (none without a limit)."""
+        return [f for f in self.figures if f.regressed]
 
 
 
@@ -80,11 +88,6 @@ class Change:
     def to_json(self, limit: Optional[float]) -> dict[str, Any]:
         return {**asdict(self), "change": self.change, "worse": self.worse,
                 "regressed": self.regressed(limit) if limit is not None else None}
-
-    def __str__(self) -> str:
-        c = self.change
-        pct = f" ({c:+.1%})" if c is not None else ""
-        return f"{self.figure} {_fmt(self.old)} -> {_fmt(self.new)}{self.unit}{pct}"
 
 
 def _fmt(x: Optional[float]) -> str:
