@@ -5,7 +5,12 @@ What other rooms may use is named here, and imported on first use (see compress/
 
 from compress.core import lazy_exports
 
+DEFAULT_NEW_TOKENS = 16  # --with-past: tokens of greedy generation checked against torch (here: no torch import)
+PAST_PREFIX = "past_key_values."  # a decoder's KV cache inputs (--with-past); runtime/runner.py keeps its own copy
+
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "generation": ["GenerationCheck", "GenerationExport", "export_with_past", "find_decoder",
+                   "onnx_greedy", "past_names", "present_names"],
     "metadata": ["get_metadata", "input_specs", "set_metadata"],
     "onnx_export": ["ExportResult", "export_onnx", "flatten_outputs", "silenced", "write_model"],
 }, modules=("metadata",))

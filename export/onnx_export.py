@@ -233,7 +233,7 @@ def export_onnx(
             write_model(proto, out_path, external)
             return ExportResult(
                 path=out_path, exporter=name, opset=got_opset, inputs=specs, outputs=out_names, parity=par.to_json(),
-                size_bytes=_size_with_data(out_path), external_data=external, attempts=attempts,
+                size_bytes=size_with_data(out_path), external_data=external, attempts=attempts,
             )
     reasons = "; ".join(f"{a['exporter']}: {a['error']}" for a in attempts)
     raise ModelError(f"export failed ({reasons})")
@@ -253,7 +253,7 @@ def write_model(proto: onnx.ModelProto, out_path: Path, external: bool) -> None:
         stale.unlink()
 
 
-def _size_with_data(path: Path) -> int:
+def size_with_data(path: Path) -> int:
     data = path.parent / (path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

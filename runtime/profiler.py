@@ -13,7 +13,7 @@ from typing import Any
 from compress.core import DeviceError, InputError, UsageError, first_line, warn
 from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
 from devices import providers as ep_registry
-from export import get_metadata
+from export import PAST_PREFIX, get_metadata
 from runtime.remote import Target, resolve_spec, run_runner_remote
 from runtime.result import ProfileResult
 from runtime.stream import ProgressFn, parse_output, stream_process
@@ -43,6 +43,8 @@ def profile_model(
     on_progress: ProgressFn | None = None,
     remote: RemoteSpec | None = None,
     remote_timeout: float | None = None,
+    prompt_len: int | None = None,
+    context_len: int | None = None,
 ) -> ProfileResult:
     """Time ONNX_PATH as PROFILE would run it and return the runner's result plus device and host facts.
 
@@ -54,6 +56,10 @@ def profile_model(
     the profile's EPs are sent as they are and the runner applies cpu_fallback there. The result's "host"
     then describes the device, "client" this machine, and "remote" how the device was reached; "measured_on"
     says which ("local" or "remote"). remote_timeout bounds the whole remote run (default: see _remote_timeout).
+
+    A decoder exported with its KV cache (past_key_values.* inputs) is timed as it generates: the prefill of
+    `prompt_len` tokens and one decode step after `context_len` tokens of past (defaults DEFAULT_PROMPT_LEN and
+    DEFAULT_CONTEXT_LEN, within the model's positions); the result's `generation` has both.
     """
     path = Path(onnx_path).expanduser()
     proto = _checked_proto(path)
@@ -67,7 +73,9 @@ def profile_model(
         chosen, missing = [[ep.name, dict(ep.options)] for ep in profile.execution_providers], []
     user = inputs or {}
     specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
-    check_shapes_given(path.name, proto, specs)
+    generation = generation_lengths(path.name, proto, prompt_len, context_len)
+    if generation is None:
+        check_shapes_given(path.name, proto, specs)
     config = {
         "providers": chosen,
         "threads": threads if threads is not None else profile.threads,
@@ -82,6 +90,7 @@ def profile_model(
         "seed": 0,
         "hotspots": hotspots,
         "inputs": specs or None,
+        "generation": generation,
     }
     if remote is None:
         _warn_oversubscribed(config["threads"])
@@ -228,6 +237,32 @@ def unsized_axis(dims: list[Any], given: Any = None) -> int | None:
     if given is not None:
         return None
     return next((i for i, d in enumerate(dims) if i > 0 and not (isinstance(d, int) and d > 0)), None)
+
+
+DEFAULT_PROMPT_LEN = 32
+DEFAULT_CONTEXT_LEN = 128
+
+
+def generation_lengths(shown: str, proto: Any, prompt_len: int | None,
+                       context_len: int | None) -> dict[str, int] | None:
+    """The prompt and context lengths to time a decoder with its KV cache at; None for any other model (where
+    asking for them is a UsageError). The defaults shrink to fit the positions the model has (its metadata's
+    max_positions); asking for more than it has is an error, not a silent extrapolation."""
+    decoder = any(i.name.startswith(PAST_PREFIX) for i in proto.graph.input)
+    if not decoder:
+        if prompt_len is not None or context_len is not None:
+            raise UsageError(f"{shown}: --prompt-len/--context-len time a decoder exported with its KV cache "
+                             "(compress export --with-past), and this model has no past_key_values inputs")
+        return None
+    meta = get_metadata(proto) or {}
+    limit = (meta.get("generation") or {}).get("max_positions") if isinstance(meta, dict) else None
+    limit = limit if isinstance(limit, int) and limit > 1 else None
+    for flag, n in (("--prompt-len", prompt_len), ("--context-len", context_len)):
+        if n is not None and limit is not None and n + (flag == "--context-len") > limit:
+            raise UsageError(f"{shown}: {flag} {n} is past the model's {limit} positions")
+    prompt = prompt_len or (min(DEFAULT_PROMPT_LEN, limit) if limit else DEFAULT_PROMPT_LEN)
+    context = context_len or (min(DEFAULT_CONTEXT_LEN, limit - 1) if limit else DEFAULT_CONTEXT_LEN)
+    return {"prompt_len": prompt, "context_len": context}
 
 
 def check_shapes_given(shown: str, proto: Any, specs: dict[str, dict[str, Any]]) -> None:

@@ -65,6 +65,27 @@ class Machine(OpenResult):
     cpu: Optional[str] = None
 
 
+class PhaseTiming(Result):
+    """One timed phase of generation: its runs, percentiles and how far to trust them."""
+
+    runs: int
+    latency_ms: Latency
+    spread: Spread
+
+
+class GenerationTiming(Result):
+    """A decoder with its KV cache (compress export --with-past) timed as it generates: the prefill of a prompt of
+    `prompt_len` tokens, and one decode step (one new token) after `context_len` tokens of past. The profile's
+    own latency_ms/spread are the decode step's: the figure generation repeats for every token."""
+
+    prompt_len: int
+    context_len: int
+    prefill: PhaseTiming
+    decode: PhaseTiming
+    tokens_per_s: Optional[float] = None  # decode: 1000 / its p50
+    prefill_tokens_per_s: Optional[float] = None  # prompt tokens per second of prefill
+
+
 class ProfileResult(Result):
     """One model profiled on one device with its profile's execution providers and threads."""
 
@@ -91,6 +112,7 @@ class ProfileResult(Result):
     available_providers: list[str]
     platform: dict[str, Any]
     hotspots: Optional[Any] = None
+    generation: Optional[GenerationTiming] = None  # decoders with their KV cache: prefill and per-token decode
     device: DeviceRef
     fallback: bool
     measured_on: Literal["local", "remote"]

@@ -46,6 +46,9 @@ DEFAULTS = {
     "hotspot_runs": 10,
     "inputs": None,
     "inputs_npz": None,
+    # A decoder with its KV cache: {"prompt_len": P, "context_len": C} times the prefill of P tokens and one decode
+    # step after C tokens of past (generation_feeds), instead of one forward pass on `inputs`.
+    "generation": None,
     # Missing providers: False refuses (the host already chose them); True drops them and adds CPU, for remote
     # runs where only the device knows what its onnxruntime has. The result lists what was dropped.
     "cpu_fallback": False,
@@ -167,6 +170,12 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise RunnerError("config", "inputs must be an object keyed by input name")
     if cfg["inputs_npz"] is not None and not isinstance(cfg["inputs_npz"], str):
         raise RunnerError("config", "inputs_npz must be a path")
+    g = cfg["generation"]
+    if g is not None:
+        if not isinstance(g, dict) or sorted(g) != ["context_len", "prompt_len"]:
+            raise RunnerError("config", "generation must be an object with prompt_len and context_len (got {!r})".format(g))
+        _int(g, "prompt_len", 1)
+        _int(g, "context_len", 1)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -334,6 +343,77 @@ def npz_feeds(np: Any, path: str, inputs: List[Any], shapes: Dict[str, List[int]
                 path, inp.name, list(arr.shape), _shape_text(inp.shape)))
         feeds[inp.name] = np.ascontiguousarray(arr.astype(ORT_TO_NUMPY[inp.type], copy=False))
     return feeds
+
+
+def timed(np: Any, sess: Any, out_names: List[str], feeds: Dict[str, Any], cfg: Dict[str, Any], progress: Progress,
+          phase: str = "") -> Tuple[List[float], Dict[str, Any], Dict[str, Any], float]:
+    """Warm up, then time `sess` on `feeds` (adaptive, or cfg["runs"] times): the samples, their percentiles, how
+    far to trust them (with the machine's load meanwhile), and the seconds the timing took."""
+    sess_run = sess.run
+
+    def run() -> Any:
+        return sess_run(out_names, feeds)
+
+    def report(done: int, total: Optional[int], what: str, now: Optional[float] = None, force: bool = False) -> None:
+        progress(done, total, phase + what, now=now, force=force)
+
+    try:
+        warm_up(run, cfg["warmup"], report)
+        adaptive = cfg["runs"] is None
+        load = MachineLoad()
+        t_start = time.perf_counter()
+        if adaptive:
+            lat, converged = time_adaptive(run, cfg, report)
+        else:
+            lat, converged = time_fixed(run, cfg["runs"], report), True
+        timing_s = time.perf_counter() - t_start
+        machine_load = load.finish()
+    except RunnerError:
+        raise
+    except Exception as e:
+        raise RunnerError("runtime", "inference failed: {}".format(one_line(e) or type(e).__name__))
+    latency, spread = summarise(np, lat, cfg["target_ci"], converged, adaptive)
+    spread.update(machine_load)
+    if not adaptive:  # the same test adaptive mode stops on, so the flag means one thing in both modes
+        spread["converged"] = (spread["p50_ci_rel"] is not None and spread["p50_ci_rel"] <= cfg["target_ci"]
+                               and _no_drift(lat, cfg["target_ci"]))
+    return lat, latency, spread, timing_s
+
+
+PAST_PREFIX = "past_key_values."
+
+
+def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Feeds for a decoder exported with its KV cache (compress export --with-past): the prefill (a prompt of
+    prompt_len tokens, an empty past) and one decode step (one token after a past of context_len). Token ids are
+    random below the vocabulary size and the past random: neither changes the work done, only the shapes do."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past = [i for i in sess.get_inputs() if i.name.startswith(PAST_PREFIX)]
+    if not past or "input_ids" not in inputs or "attention_mask" not in inputs:
+        raise RunnerError("model", "per-token timing needs a decoder exported with its KV cache (input_ids, "
+                                   "attention_mask, past_key_values.*), and this model has inputs {}".format(
+                                       ", ".join(inputs)))
+    shape = list(past[0].shape)
+    if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        raise RunnerError("model", "{}: expected [batch, heads, past, head_dim] with fixed heads and head_dim, got {}".format(
+            past[0].name, _shape_text(shape)))
+    heads, head_dim = shape[1], shape[3]
+    logits = sess.get_outputs()[0].shape
+    vocab = logits[-1] if logits and isinstance(logits[-1], int) and logits[-1] > 0 else 2
+    rng = np.random.default_rng(seed)
+    ids_type = ORT_TO_NUMPY.get(inputs["input_ids"].type, "int64")
+    mask_type = ORT_TO_NUMPY.get(inputs["attention_mask"].type, "int64")
+
+    def step(new: int, before: int, fill: Callable[[Tuple[int, ...], str], Any]) -> Dict[str, Any]:
+        feeds = {"input_ids": rng.integers(0, vocab, size=(1, new)).astype(ids_type),
+                 "attention_mask": np.ones((1, before + new), dtype=mask_type)}
+        for p in past:
+            feeds[p.name] = fill((1, heads, before, head_dim), ORT_TO_NUMPY.get(p.type, "float32"))
+        return feeds
+
+    prefill = step(prompt_len, 0, lambda shp, dt: np.zeros(shp, dtype=dt))
+    decode = step(1, context_len, lambda shp, dt: rng.standard_normal(shp).astype(dt))
+    return prefill, decode
 
 
 def build_feeds(np: Any, sess: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -739,35 +819,28 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter()
     sess = create_session(ort, model, cfg)
     load_ms = (time.perf_counter() - t0) * 1000.0
-    feeds = build_feeds(np, sess, cfg)
     out_names = [o.name for o in sess.get_outputs()]
-    sess_run = sess.run
-
-    def run() -> Any:
-        return sess_run(out_names, feeds)
-
-    try:
-        warm_up(run, cfg["warmup"], progress)
-        adaptive = cfg["runs"] is None
-        load = MachineLoad()
-        t_start = time.perf_counter()
-        if adaptive:
-            lat, converged = time_adaptive(run, cfg, progress)
-        else:
-            lat, converged = time_fixed(run, cfg["runs"], progress), True
-        timing_s = time.perf_counter() - t_start
-        machine_load = load.finish()
-    except RunnerError:
-        raise
-    except Exception as e:
-        raise RunnerError("runtime", "inference failed: {}".format(one_line(e) or type(e).__name__))
+    generation = None
+    timing_s = 0.0
+    if cfg["generation"]:  # a decoder with its KV cache: the prefill, then one decode step, each timed
+        prefill_feeds, feeds = generation_feeds(np, sess, cfg["generation"]["prompt_len"],
+                                                cfg["generation"]["context_len"], cfg["seed"])
+        lat_p, latency_p, spread_p, seconds = timed(np, sess, out_names, prefill_feeds, cfg, progress, "prefill ")
+        timing_s += seconds
+    else:
+        feeds = build_feeds(np, sess, cfg)
+    lat, latency, spread, seconds = timed(np, sess, out_names, feeds, cfg, progress, "decode " if cfg["generation"] else "")
+    timing_s += seconds
     rss = peak_rss_mb()  # before the profiling session exists, so the figure is the timed session's
-
-    latency, spread = summarise(np, lat, cfg["target_ci"], converged, adaptive)
-    spread.update(machine_load)
-    if not adaptive:  # the same test adaptive mode stops on, so the flag means one thing in both modes
-        spread["converged"] = (spread["p50_ci_rel"] is not None and spread["p50_ci_rel"] <= cfg["target_ci"]
-                               and _no_drift(lat, cfg["target_ci"]))
+    if cfg["generation"]:
+        g = cfg["generation"]
+        generation = {
+            "prompt_len": g["prompt_len"], "context_len": g["context_len"],
+            "prefill": {"runs": len(lat_p), "latency_ms": latency_p, "spread": spread_p},
+            "decode": {"runs": len(lat), "latency_ms": latency, "spread": spread},
+            "tokens_per_s": 1000.0 / latency["p50"] if latency["p50"] > 0 else None,
+            "prefill_tokens_per_s": g["prompt_len"] * 1000.0 / latency_p["p50"] if latency_p["p50"] > 0 else None,
+        }
     first = next(iter(feeds.values())) if feeds else None
     batch = int(first.shape[0]) if first is not None and first.ndim > 0 else 1
     result = {
@@ -795,8 +868,10 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         "platform": platform_info(),
         "hotspots": None,
     }
+    if generation is not None:
+        result["generation"] = generation
     if cfg["hotspots"]:
-        del sess, run, sess_run  # one session at a time: the device may not hold two copies of the weights
+        del sess  # one session at a time: the device may not hold two copies of the weights
         result["hotspots"] = hotspots(ort, model, cfg, feeds, out_names, progress)
     return result
 

@@ -10,6 +10,7 @@
     search    search.json of compress search         compress.tuning.SearchSummary
     sweep     sweep.json of compress sweep           compress.tuning.SweepSummary
     export    compress export --json                 export.ExportResult
+    decoder   compress export --with-past --json     export.GenerationExport
     device    a device profile (devices/profiles/*.yaml; compress devices show --json, list --json: a list of them)
                                                      devices.DeviceProfile
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from compress.report import regression, schema  # noqa: E402
 from compress.tuning import results as tuning  # noqa: E402
 from devices import DeviceProfile  # noqa: E402
-from export import ExportResult  # noqa: E402
+from export import ExportResult, GenerationExport  # noqa: E402
 from runtime import result as profile  # noqa: E402
 
 VERSION = 1
@@ -65,6 +66,8 @@ DOCS = [
     Doc("search", tuning.SearchSummary, tuning.SEARCH_SCHEMA_FILE, "edge-compress search (search.json)"),
     Doc("sweep", tuning.SweepSummary, tuning.SWEEP_SCHEMA_FILE, "edge-compress sweep (sweep.json)"),
     Doc("export", ExportResult, ROOT / "export" / "export.schema.json", "edge-compress export (compress export --json)"),
+    Doc("decoder", GenerationExport, ROOT / "export" / "decoder.schema.json",
+        "edge-compress decoder export with its KV cache (compress export --with-past --json)"),
     Doc("device", DeviceProfile, ROOT / "devices" / "device.schema.json",
         "edge-compress device profile (devices/profiles/*.yaml, compress devices show --json)"),
 ]

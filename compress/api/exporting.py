@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from compress.core import check_onnx_output
+from compress.core import UsageError, check_onnx_output
 from compress.data import DataOptions, data_opts, user_data
 from compress.models import (
     calib_samples,
@@ -18,7 +18,7 @@ from compress.models import (
     require_one_input_source,
 )
 from devices import load_profile
-from export import export_onnx
+from export import DEFAULT_NEW_TOKENS, export_onnx, export_with_past, find_decoder
 
 DEFAULT_OPSET = 18  # without a device profile to take one from
 
@@ -29,12 +29,16 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
            rtol: float = 1e-3, image_size: Optional[str] = None, crop_pct: Optional[float] = None,
            mean: Optional[str] = None, std: Optional[str] = None, interpolation: Optional[str] = None,
            seq_len: Optional[int] = None, tokenizer: Optional[str] = None, column: Optional[str] = None,
-           label_column: str = DataOptions.default("label_column"), skip_bad: bool = False,
-           on_stage: Optional[Callable[[str], None]] = None) -> Any:
+           label_column: str = DataOptions.default("label_column"), skip_bad: bool = False, with_past: bool = False,
+           new_tokens: int = DEFAULT_NEW_TOKENS, on_stage: Optional[Callable[[str], None]] = None) -> Any:
     """Export MODEL (FILE.py:factory, package.module:factory or a Hugging Face folder) to OUTPUT (.onnx), checked
     against torch on the example (and up to three more calibration samples); the export.ExportResult. Nothing is
     written unless onnxruntime's outputs match torch's within atol/rtol. Keyword arguments are `compress
     export`'s options; `on_stage(text)` hears what it is doing.
+
+    `with_past=True` exports a decoder for generation instead: its KV cache as inputs and outputs (one graph for
+    prefill and decode steps), written only when its greedy generation of `new_tokens` tokens from the example's
+    `input_ids` equals torch's token for token; the export.GenerationExport.
 
         >>> import compress
         >>> r = compress.export("compress.zoo:resnet_tiny", input_shape="1,3,32,32", output="tiny.onnx")
@@ -51,6 +55,8 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
                       seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
     say("loading model")
     loaded = load_model(model, weights)
+    if with_past:
+        find_decoder(loaded.module)  # a model with nothing to generate fails before any data is read
     with user_data(model_inputs(loaded, shapes), dopts, out.absolute().parent, calib, max_calib=4) as got:
         data = None
         if got.calib:
@@ -59,6 +65,13 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
         example = example_inputs(loaded, parsed, data)
         # parity on a few more real samples, one at a time
         extra = calib_samples(data, list(example), start=1, count=3) if data is not None else []
+        if with_past:
+            if "input_ids" not in example:
+                raise UsageError(f"--with-past needs the prompt as input_ids (--input-shape input_ids=1,LENGTH or "
+                                 f"text --calib); {model} takes {', '.join(example)}")
+            return export_with_past(loaded.module, example["input_ids"], out, opset=opset, new_tokens=new_tokens,
+                                    source=model, extra_meta={"weights": weights, "calib": calib, "device": device},
+                                    on_stage=say)
         say("exporting")
         return export_onnx(loaded.module, example, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter,
                            extra_cases=extra, atol=atol, rtol=rtol, source=model,

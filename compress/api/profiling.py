@@ -15,14 +15,16 @@ def profile(model: Union[str, Path], device: str = "host", *, input_shape: Union
             runs: Optional[int] = None, warmup: Optional[int] = None, threads: Optional[int] = None,
             max_seconds: Optional[float] = None, hotspots: bool = False, remote: Optional[str] = None,
             identity: Optional[str] = None, known_hosts: Optional[str] = None, remote_python: Optional[str] = None,
-            on_progress: Any = None) -> Any:
+            prompt_len: Optional[int] = None, context_len: Optional[int] = None, on_progress: Any = None) -> Any:
     """Time MODEL (.onnx) with onnxruntime as the device profile DEVICE (a bundled name or a YAML file)
     configures it; the runtime.ProfileResult (p50/p90/p99 in `latency_ms`, `spread`, `peak_rss_mb`, ...).
 
     Keyword arguments are `compress profile`'s options: `input_shape` ("input_ids=1,128", one or a list),
     `runs` (None: adaptive, until the p50's 95% CI is within 2%), `remote` (USER@HOST[:PORT]: time it on that
-    machine over SSH; host keys verified against `known_hosts`). `on_progress(done, total, phase)` hears the
-    runner's progress; None: nothing is reported.
+    machine over SSH; host keys verified against `known_hosts`). A decoder exported with its KV cache
+    (`compress export --with-past`) is timed as it generates: the prefill of `prompt_len` tokens and one decode
+    step after `context_len` tokens of past (`generation`: p50/p90 of each, tokens per second). `on_progress(done,
+    total, phase)` hears the runner's progress; None: nothing is reported.
 
         >>> import compress
         >>> r = compress.profile("model.onnx", device="host", runs=50)
@@ -38,7 +40,7 @@ def profile(model: Union[str, Path], device: str = "host", *, input_shape: Union
              "a profile for the device itself")
     return profile_model(model, dev, runs=runs, warmup=warmup, threads=threads, hotspots=hotspots,
                          max_seconds=max_seconds, on_progress=on_progress, remote=spec,
-                         inputs=input_specs(str(model), shapes))
+                         inputs=input_specs(str(model), shapes), prompt_len=prompt_len, context_len=context_len)
 
 
 def input_specs(model: str, input_shapes: Sequence[str]) -> Optional[dict[str, dict[str, Any]]]:

@@ -72,7 +72,8 @@ def prune(model: str, *, output: Union[str, Path], weights: Optional[str] = None
         measured = None
         if not no_measure or sparsity is not None:
             measured = _measure(loaded.module, prep.example, out, profile, sparsity is not None, no_measure, say)
-    return PruneReport(**{k: getattr(stage, k) for k in stage.model_fields_set}, calibration=prep.info,
+    notes = {"model_notes": loaded.notes} if loaded.notes else {}
+    return PruneReport(**{k: getattr(stage, k) for k in stage.model_fields_set}, calibration=prep.info, **notes,
                        device=profile.name, measured=measured,
                        onnx=ExportedFile(path=str(written.path), size_bytes=written.size_bytes, parity=written.parity,
                                          exporter=written.exporter))

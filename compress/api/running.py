@@ -102,4 +102,5 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
         prep = prepare_inputs(loaded, shapes, data.calib, max_samples=max_calib)
         data.describe(prep.info)
         return run_pipeline(Path(model) if onnx_in else loaded.module, prep, profile, Path(outdir), opts,
-                            on_stage=say, extra={"calibration": prep.info, **({"recipe": recipe} if recipe else {})})
+                            on_stage=say, extra={"calibration": prep.info, **({"model_notes": loaded.notes} if loaded.notes else {}),
+                                   **({"recipe": recipe} if recipe else {})})

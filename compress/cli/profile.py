@@ -21,6 +21,7 @@ Examples:
   compress profile model.onnx --device rpi4-cortex-a72 --remote pi@raspberrypi.local --remote-python '~/venv/bin/python'
   compress profile model.onnx --device ./my-pi.yaml            (a profile with a remote: section)
   compress profile model.onnx --device rpi4-cortex-a72 --max-p50-ms 12   (exit 3 when p50 is above 12 ms)
+  compress profile decoder.onnx --prompt-len 64 --context-len 256   (from export --with-past: prefill and per token)
 """
 
 _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling operators"}
@@ -36,6 +37,10 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed runs first (default 10).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the device profile's).")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="Time budget of adaptive timing (default 20).")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="A decoder exported with its KV cache (compress export --with-past): prompt tokens of the timed prefill (default 32).")
+@click.option("--context-len", type=click.IntRange(min=1), default=None,
+              help="Such a decoder: tokens of past before the timed decode step (default 128), within the model's positions.")
 @click.option("--hotspots", is_flag=True, help="Also report the slowest operator types and nodes (onnxruntime profiler).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the result as JSON to FILE ('-' for stdout, instead of the table).")
 @click.option("--remote", "remote_target", metavar="USER@HOST[:PORT]", default=None,
@@ -48,7 +53,8 @@ _PHASES = {"warmup": "warming up", "timing": "timing", "hotspots": "profiling op
               help="Python on the device that has onnxruntime and numpy (default: the profile's remote.python, else python3).")
 @budget_options(run=False)
 def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | None, warmup: int | None, threads: int | None,
-            max_seconds: float | None, hotspots: bool, json_out: str | None, remote_target: str | None,
+            max_seconds: float | None, prompt_len: int | None, context_len: int | None, hotspots: bool,
+            json_out: str | None, remote_target: str | None,
             identity: str | None, known_hosts: str | None, remote_python: str | None, **limits: float | None) -> None:
     """Time MODEL.onnx with onnxruntime as the device profile configures it.
 
@@ -80,8 +86,8 @@ def profile(model: str, device: str, input_shapes: tuple[str, ...], runs: int | 
     with console.progress(f"profiling on {where}", total=1) as step:
         result = profile_api(model, device, input_shape=input_shapes, runs=runs, warmup=warmup, threads=threads,
                              max_seconds=max_seconds, hotspots=hotspots, remote=remote_target, identity=identity,
-                             known_hosts=known_hosts, remote_python=remote_python,
-                             on_progress=_Bar(step, budget)).to_json()
+                             known_hosts=known_hosts, remote_python=remote_python, prompt_len=prompt_len,
+                             context_len=context_len, on_progress=_Bar(step, budget)).to_json()
     if json_out == "-":
         console.emit_json(result)
     else:
@@ -107,7 +113,11 @@ class _Bar:
     def __call__(self, done: int, total: int | None, phase: str) -> None:
         import time
 
-        label = _PHASES.get(phase, phase)
+        which, _, what = phase.rpartition(" ")  # "prefill timing", "decode warmup" for a decoder with its cache
+        label = (which + " " if which else "") + _PHASES.get(what, what)
+        if which and which != getattr(self, "_which", which):
+            self._timing_started = None  # the decode step's timing has its own budget
+        self._which = which
         if total is not None:
             self._step.update(completed=done, total=max(total, 1), description=label)
             return
@@ -136,8 +146,15 @@ def _print_summary(r: dict[str, Any]) -> None:
     t = Table(title=f"{r['model']} on {dev.get('name', '?')}", show_header=False, title_justify="left")
     t.add_column("metric", style="bold")
     t.add_column("value")
+    g = r.get("generation")
+    if g:  # a decoder with its KV cache: the per-token figures first; latency below is the decode step's
+        pre, dec = g["prefill"]["latency_ms"], g["decode"]["latency_ms"]
+        t.add_row(f"prefill ({g['prompt_len']} tokens)", f"p50 {_ms(pre['p50'])}, p90 {_ms(pre['p90'])}"
+                  + (f" ({g['prefill_tokens_per_s']:,.0f} prompt tokens/s)" if g.get("prefill_tokens_per_s") else ""))
+        t.add_row(f"decode, per token (after {g['context_len']})", f"p50 {_ms(dec['p50'])}, p90 {_ms(dec['p90'])}"
+                  + (f" ({g['tokens_per_s']:,.1f} tokens/s)" if g.get("tokens_per_s") else ""))
     for key in ("p50", "p90", "p99", "mean", "std", "min", "max"):
-        t.add_row(f"latency {key}", _ms(lat[key]))
+        t.add_row(f"{'decode step ' if g else ''}latency {key}", _ms(lat[key]))
     t.add_row("p50 95% CI", _ci_text(r))
     cv = f"{sp['cv'] * 100:.1f}%" if sp.get("cv") is not None else "n/a"
     t.add_row("IQR / CV", f"{_ms(sp['iqr_ms'])} / {cv}")

@@ -42,6 +42,7 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)  # HF config values (vocab sizes) for dummy inputs
     weights: str | None = None
     folder: Path | None = None  # a Hugging Face model's files (its tokenizer, preprocessor_config.json)
+    notes: list[str] = field(default_factory=list)  # what loading changed in the model, for the report
 
     @property
     def input_names(self) -> list[str]:
@@ -79,8 +80,43 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         load_weights(loaded.module, weights)
         loaded.weights = str(weights)
     loaded.module.eval()
+    loaded.notes += plain_forward(loaded.module)
     loaded.params = forward_params(loaded.module)
     return loaded
+
+
+def plain_forward(module: nn.Module) -> list[str]:
+    """Switch off the KV cache of every transformers model inside `module` (the model itself, or one a user's
+    wrapper holds) and say so: the forward that is traced, pruned, exported and judged is the plain one, tensors
+    in and tensors out. A decoder's config comes with `use_cache=True` (every checkpoint's config.json has it),
+    and its forward then builds and returns a cache object: Torch-Pruning's trace of a stock GPT-2 failed on it
+    ("unsupported operand type(s) for +: 'int' and 'NoneType'"), both ONNX exporters refused the DynamicCache
+    output, and nothing downstream wants it. What generation with a cache needs is exported separately."""
+    switched = [name or type(m).__name__ for name, m in module.named_modules()
+                if getattr(getattr(m, "config", None), "use_cache", False) is True
+                and not _config_set_by_parent(module, name)]
+    for _, m in module.named_modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "use_cache", False) is True:
+            cfg.use_cache = False
+    if not switched:
+        return []
+    return [f"KV cache switched off ({', '.join(switched)}: config.use_cache True -> False): the plain forward "
+            "is traced, pruned, exported and judged; outputs are the model's tensors without past key/values"]
+
+
+def _config_set_by_parent(root: nn.Module, name: str) -> bool:
+    """Whether the module at `name` shares its config object with an enclosing module (GPT2LMHeadModel and its
+    .transformer): one switch, named once, at the outermost."""
+    if not name:
+        return False
+    cfg = root.get_submodule(name).config
+    parts = name.split(".")
+    for i in range(len(parts)):
+        parent = root.get_submodule(".".join(parts[:i])) if i else root
+        if getattr(parent, "config", None) is cfg:
+            return True
+    return False
 
 
 def hub_folder(repo_id: str) -> Path:
@@ -217,9 +253,6 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     except Exception as e:
         raise ModelError(f"loading {folder} with transformers failed: {type(e).__name__}: {_first_line(e)}") from e
     _check_loading_info(folder, info)
-    # Plain tensors out, not cache objects, so the ONNX graph has only the outputs people use.
-    if hasattr(module.config, "use_cache"):
-        module.config.use_cache = False
     return LoadedModel(module=module, source=str(folder), kind="hf", config=raw_cfg, folder=folder)
 
 

@@ -110,6 +110,7 @@ def render_markdown(report: dict[str, Any], plot: Optional[str] = None) -> str:
     lines += _excluded_section(variants)
     lines += _stages_section(r, variants)
     lines += _data_section(r)
+    lines += _model_section(r)
     lines += _measure_section(r, variants)
     cmd = r.get("command")
     if isinstance(cmd, str) and cmd.strip():
@@ -575,6 +576,12 @@ def _data_section(r: dict[str, Any]) -> list[str]:
                    + (f", {n} samples read" if n is not None else "") + ")"
                    + "".join(f"; {note}" for note in as_list(d.get("notes"))))
     return (["## Data", ""] + out + [""]) if out else []
+
+
+def _model_section(r: dict[str, Any]) -> list[str]:
+    """What loading changed in the user's model before anything was built from it (a decoder's KV cache)."""
+    notes = as_list(r.get("model_notes"))
+    return (["## Model as loaded", ""] + [f"- {n}" for n in notes] + [""]) if notes else []
 
 
 def _threads_lines(tuning: dict[str, Any]) -> list[str]:

@@ -111,6 +111,7 @@ class PruneReport(PruneResult):
     (the calibration used, the file written, the measurement, the device)."""
 
     calibration: dict[str, Any]
+    model_notes: Optional[list[str]] = None  # what loading changed in the model (a decoder's KV cache switched off)
     onnx: ExportedFile
     measured: Optional[PruneMeasured] = None
     device: str
@@ -227,6 +228,7 @@ class RunReport(Result):
     model: str
     cache: CacheUse
     calibration: Optional[dict[str, Any]] = None
+    model_notes: Optional[list[str]] = None  # what loading changed in the model (a decoder's KV cache switched off)
     search_config: Optional[dict[str, Any]] = None  # a compress search trial's point in the space
     recipe: Optional[dict[str, Any]] = None  # compress run's options as resolved, keyed as --config takes them
 

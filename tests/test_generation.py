@@ -1,0 +1,159 @@
+"""Decoders as users load them (issue 21): a stock GPT-2 config (use_cache=True, as every checkpoint's config.json
+has it) goes through compress run, and `compress export --with-past` writes a decoder whose KV cache is an input
+and an output, checked here independently of the exporter's own check: its greedy tokens against torch's
+`generate()`, and its logits against torch's forward, both for a whole prompt at once and token by token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_GPT2 = ROOT / "bench" / "weights" / "tiny_gpt2_stdlib.safetensors"
+
+FACTORY = '''
+import torch, transformers
+from torch import nn
+
+
+class Logits(nn.Module):
+    """A stock-config GPT-2 (use_cache left at its default, True) returning its logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+
+    def forward(self, input_ids):
+        return self.lm(input_ids).logits
+
+
+def build():
+    return Logits().eval()
+'''
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, timeout=900,
+                          cwd=cwd, env={**os.environ, "EDGE_COMPRESS_CACHE": str((cwd or Path.cwd()) / "cache")})
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory) -> Path:
+    """bench/train_tiny_gpt2.py's byte-level GPT-2 (trained on the stdlib's source) as a Hugging Face folder, its
+    config as it was trained (use_cache True)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_tiny_gpt2 import load_tiny_gpt2
+
+    model, _ = load_tiny_gpt2(TINY_GPT2)
+    assert model.config.use_cache is True
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_stock_config_decoder_goes_through_run_and_the_report_says_the_cache_was_switched_off(tmp_path):
+    (tmp_path / "lm.py").write_text(FACTORY)
+    r = _cli("run", f"{tmp_path / 'lm.py'}:build", "--input-shape", "input_ids=1,16", "--prune", "0.3", "--no-recover",
+             "--quant", "int8", "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [v["name"] for v in rep["variants"]] == ["fp32", "pruned", "int8-unpruned", "int8"]
+    assert rep["stages"]["prune"]["structural"]["params_after"] < rep["stages"]["prune"]["structural"]["params_before"]
+    (note,) = rep["model_notes"]
+    assert note.startswith("KV cache switched off (lm: config.use_cache True -> False)")
+    assert "KV cache switched off" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def decoder(trained_folder) -> tuple[Path, dict]:
+    """The trained GPT-2 exported with its KV cache by `compress export --with-past`, and its --json."""
+    out = trained_folder.parent / "decoder.onnx"
+    r = _cli("export", str(trained_folder), "--input-shape", "input_ids=1,12", "--with-past", "--new-tokens", "24",
+             "--json", str(out.with_suffix(".json")), "-o", str(out), cwd=trained_folder.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_decoder_exported_with_past_generates_as_torch_does(trained_folder, decoder):
+    import onnx
+    import onnxruntime as ort
+    from transformers import GPT2LMHeadModel
+
+    out, doc = decoder
+    import jsonschema
+
+    jsonschema.validate(doc, json.loads((ROOT / "export" / "decoder.schema.json").read_text()))
+    assert (doc["layers"], doc["kv_heads"], doc["head_dim"], doc["vocab"]) == (4, 4, 64, 256)
+    assert doc["generation"]["matched"] == 24 and doc["generation"]["torch_tokens"] == doc["generation"]["onnx_tokens"]
+    meta = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "edge_compress"))
+    assert meta["generation"]["with_past"] and meta["generation"]["inputs"][:2] == ["input_ids", "attention_mask"]
+
+    # independently of the exporter's check: a real prompt, torch's greedy tokens, our own prefill + decode loop
+    lm = GPT2LMHeadModel.from_pretrained(trained_folder).eval()
+    prompt = list(b"import os\ndef main(")
+    with torch.no_grad():
+        want = lm.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=20, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        full_logits = lm(torch.tensor([prompt + want])).logits[0].numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    empty = {f"past_key_values.{i}.{kv}": np.zeros((1, 4, 0, 64), np.float32) for i in range(4) for kv in ("key", "value")}
+    seq = np.array([prompt + want], np.int64)
+    whole = sess.run(None, {"input_ids": seq, "attention_mask": np.ones_like(seq), **empty})
+    np.testing.assert_allclose(whole[0][0], full_logits, atol=1e-3)  # one prefill of everything
+    assert whole[1].shape == (1, 4, seq.shape[1], 64)  # present.0.key: the cache for every position
+
+    past, cur, got = dict(empty), np.array([prompt], np.int64), []
+    for step in range(20):
+        total = past["past_key_values.0.key"].shape[2] + cur.shape[1]
+        outs = sess.run(None, {"input_ids": cur, "attention_mask": np.ones((1, total), np.int64), **past})
+        np.testing.assert_allclose(outs[0][0, -1], full_logits[total - 1], atol=1e-3)
+        got.append(int(outs[0][0, -1].argmax()))
+        past = dict(zip(empty, outs[1:]))
+        cur = np.array([[got[-1]]], np.int64)
+    assert got == want, (bytes(got), bytes(want))
+
+
+def test_with_past_on_a_model_without_a_decoder_is_one_line(tmp_path):
+    r = _cli("export", "compress.zoo:resnet_tiny", "--input-shape", "1,3,32,32", "--with-past", "-o",
+             str(tmp_path / "x.onnx"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds no transformers model that can generate" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_decoder_is_profiled_per_token(decoder):
+    """compress profile on a decoder with its KV cache: the prefill of --prompt-len tokens and one decode step
+    after --context-len tokens of past, each with its percentiles; the profile's own latency is the decode step's."""
+    import compress
+    from compress.core import UsageError
+
+    out, _ = decoder
+    r = compress.profile(out, runs=10, prompt_len=20, context_len=100)
+    g = r.generation
+    assert (g.prompt_len, g.context_len, g.prefill.runs, g.decode.runs) == (20, 100, 10, 10)
+    assert g.decode.latency_ms.p50 == r.latency_ms.p50 > 0 and g.prefill.latency_ms.p90 >= g.prefill.latency_ms.p50 > 0
+    assert g.tokens_per_s == pytest.approx(1000 / g.decode.latency_ms.p50)
+    assert g.prefill_tokens_per_s == pytest.approx(20 * 1000 / g.prefill.latency_ms.p50)
+    shapes = {i.name: i.shape for i in r.inputs}  # the decode step's feeds
+    assert shapes["input_ids"] == [1, 1] and shapes["attention_mask"] == [1, 101]
+    assert shapes["past_key_values.3.value"] == [1, 4, 100, 64]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(r.to_json(), json.loads((ROOT / "runtime" / "profile.schema.json").read_text()))
+    default = compress.profile(out, runs=5)  # the defaults fit the model's 128 positions
+    assert (default.generation.prompt_len, default.generation.context_len) == (32, 127)
+    with pytest.raises(UsageError, match="past the model's 128 positions"):
+        compress.profile(out, runs=5, context_len=128)
+
+
+def test_per_token_flags_on_a_model_without_a_cache_are_refused(tmp_path, matmul_onnx):
+    r = _cli("profile", str(matmul_onnx(tmp_path / "m.onnx")), "--input-shape", "x=4,64", "--prompt-len", "8",
+             cwd=tmp_path)
+    assert r.returncode == 2 and "no past_key_values inputs" in r.stderr and r.stderr.count("\n") == 1
