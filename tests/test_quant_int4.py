@@ -206,3 +206,20 @@ def test_written_weights_are_the_rounding_the_proxy_models(tmp_path, block, bits
     h = np.maximum(np.maximum(x @ (w["w1"] - rtn_error(w["w1"], bits, block)), 0) @ w["w2"], 0)
     got = onnx_outputs(out, [{"x": x}])[0]
     assert np.allclose(np.asarray(got).reshape(-1), (h @ w["w3"]).reshape(-1), atol=1e-5)
+
+
+def test_matmul_of_two_activations_is_not_a_layer_whatever_produces_them():
+    """Attention's Q @ K^T where K comes from a Concat with the KV cache (a decoder exported with past): the
+    Concat's int `axis` was read as a Transpose perm and crashed; such a MatMul has no weight and is skipped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Concat", ["past", "k"], ["k_all"], axis=1, name="cat"),
+         helper.make_node("MatMul", ["q", "k_all"], ["scores"], name="qk"),
+         helper.make_node("MatMul", ["scores", "w"], ["y"], name="proj")],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+              for n, s in (("q", [4, 8]), ("past", [8, 2]), ("k", [8, 6]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [w])
+    layers = quantizable_layers(helper.make_model(g))
+    assert [(l.node, l.k, l.n) for l in layers] == [("proj", 8, 8)]

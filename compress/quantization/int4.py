@@ -109,10 +109,13 @@ def quantizable_layers(model: onnx.ModelProto) -> list[Layer]:
                 continue
             trans = bool(attrs.get("transB", 0))
         elif n.op_type == "MatMul" and w is None:
+            # a weight stored transposed (Transpose(W) -> MatMul); any other producer is an activation (attention's
+            # K from a Concat with the KV cache: reading its int `axis` as a perm crashed on every decoder with past)
             p = producers.get(n.input[1])
-            perm = {a.name: list(helper.get_attribute_value(a)) for a in p.attribute}.get("perm", [1, 0]) if p else None
-            if p is not None and p.op_type == "Transpose" and perm == [1, 0]:
-                w, trans = _float_init(inits, p.input[0]), True
+            if p is not None and p.op_type == "Transpose":
+                perm = {a.name: list(helper.get_attribute_value(a)) for a in p.attribute}.get("perm", [1, 0])
+                if perm == [1, 0]:
+                    w, trans = _float_init(inits, p.input[0]), True
         elif n.op_type != "MatMul":
             continue
         if w is None:
