@@ -226,7 +226,12 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
                          "nothing written")
     geometry = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "vocab": vocab}
     positions = max_positions(lm)
+    # the prefill of the example prompt, as the input specs every later stage synthesises data from (quantize's
+    # calibration and fidelity, a plain profile): a past of length 0, the prompt's ids and length
+    prefill = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt),
+               **{n: torch.zeros(1, kv_heads, 0, head_dim) for n in past_names(layers)}}
     metadata.set_metadata(proto, {"source": source, "exporter": "dynamo", "opset": opset,
+                                  "inputs": [spec.to_json() for spec in metadata.input_specs(prefill)],
                                   "generation": {"with_past": True, **geometry, "max_positions": positions,
                                                  "inputs": ins, "outputs": outs},
                                   **(extra_meta or {})})

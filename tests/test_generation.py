@@ -157,3 +157,22 @@ def test_per_token_flags_on_a_model_without_a_cache_are_refused(tmp_path, matmul
     r = _cli("profile", str(matmul_onnx(tmp_path / "m.onnx")), "--input-shape", "x=4,64", "--prompt-len", "8",
              cwd=tmp_path)
     assert r.returncode == 2 and "no past_key_values inputs" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_decoder_with_past_is_quantized_and_profiled_per_token(tmp_path, decoder):
+    """export --with-past -> quantize -> profile: the decoder's metadata gives quantize's synthetic data (the
+    prefill of the example prompt, an empty past), and the INT4 graph is still timed per token."""
+    import onnx
+
+    import compress
+
+    out, _ = decoder
+    r = _cli("quantize", str(out), "--to", "int4", "--no-measure", "--json", str(tmp_path / "q.json"), "-o",
+             str(tmp_path / "int4.onnx"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["quantizer"]["counts"]["int4"] > 0 and q["fidelity"]["cosine_min"] > 0.9
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    p = compress.profile(tmp_path / "int4.onnx", runs=5, prompt_len=8, context_len=16)
+    assert p.generation.decode.runs == 5 and {i.name: i.shape for i in p.inputs}["attention_mask"] == [1, 17]

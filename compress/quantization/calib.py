@@ -232,9 +232,11 @@ def _metadata_specs(proto: onnx.ModelProto) -> dict[str, dict[str, Any]]:
 
 
 def _fit_shape(spec_shape: Any, dims: list[Optional[int]]) -> list[int]:
-    """The metadata's shape where the graph agrees with it; else the graph's dims with symbolic ones as 1."""
+    """The metadata's shape where the graph agrees with it; else the graph's dims with symbolic ones as 1. A
+    metadata size of 0 stands where the graph is symbolic: a decoder's empty past (its prefill)."""
     if isinstance(spec_shape, list) and len(spec_shape) == len(dims) and all(
-            isinstance(s, int) and s > 0 and (d is None or s == d) for s, d in zip(spec_shape, dims)):
+            isinstance(s, int) and (s > 0 or s == 0 and d is None) and (d is None or s == d)
+            for s, d in zip(spec_shape, dims)):
         return list(spec_shape)
     return [d if d is not None else 1 for d in dims]
 
