@@ -20,6 +20,11 @@ Models (no hub: both are built here):
     source: bits per byte, and next-token agreement with fp32 (argmax equal). onnxruntime-genai has no GPT-2.
 Latency is the median of interleaved warm bursts (runtime.abtest.interleaved_latency, as compress run times
 variants), wall clock and the calling thread's CPU time, one intra-op thread by default.
+
+Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 42 s in all):
+decode per token vs fp32 (4.39 ms): INT8 2.01x, INT4 2.11x, genai int4 4.42x, genai fp32 1.16x; prefill of 64
+tokens (18.4 ms): INT8 2.64x, INT4 1.17x, genai int4 1.25x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 bits per byte
+(fp32 / INT8 / INT4), next-token agreement 99.10% / 97.22%. README "Generation" has the table.
 """
 
 from __future__ import annotations
