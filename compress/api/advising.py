@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from compress.core import InputError, UsageError, atomic_path, check_output_path
-from compress.data import DataOptions, data_opts, user_data
+from compress.data import DataOptions, data_opts_of, user_data
 from compress.models import onnx_model_inputs
 from compress.quantization import advise, advisor_report
 from compress.report import FormatAdvice
@@ -49,8 +49,7 @@ def formats(model: PathLike, device: str, *, calib: Optional[str] = None, max_ca
         raise UsageError(f"--plot {plot} is also the -o output; choose another path")
     if not Path(model).expanduser().is_file():
         raise InputError(f"model {model} not found")
-    dopts = data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation,
-                      seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    dopts = data_opts_of(locals())
     profile = load_profile(device)
     written = output or plot
     near = Path(written).expanduser().absolute().parent if written else Path(tempfile.gettempdir())

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import UsageError, check_onnx_output
-from compress.data import DataOptions, data_opts, user_data
+from compress.data import DataOptions, data_opts_of, user_data
 from compress.models import (
     calib_samples,
     check_calib_names,
@@ -51,8 +51,7 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
     parsed = [parse_input_shape(s) for s in shapes]
     if opset is None:
         opset = load_profile(device).opset if device else DEFAULT_OPSET
-    dopts = data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation,
-                      seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    dopts = data_opts_of(locals())
     say("loading model")
     loaded = load_model(model, weights)
     if with_past:

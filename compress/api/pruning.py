@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import check_onnx_output
-from compress.data import DataOptions, data_opts, user_data
+from compress.data import DataOptions, data_opts_of, user_data
 from compress.models import load_model, model_inputs, prepare_inputs, require_one_input_source
 from compress.pruning import SPARSITY_NOTE, PruneOptions, get_importance, prune_stage, zipped_size
 from compress.report import ExportedFile, PruneMeasured, PruneReport
@@ -55,8 +55,7 @@ def prune(model: str, *, output: Union[str, Path], weights: Optional[str] = None
     profile = load_profile(device)
     if opts.round_to is None and opts.ratio is not None:
         opts.round_to = profile.pruning.channel_multiple
-    dopts = data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation,
-                      seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    dopts = data_opts_of(locals())
     say("loading model")
     loaded = load_model(model, weights)
     with user_data(model_inputs(loaded, shapes), dopts, out.absolute().parent, calib, max_calib=max_calib) as data:

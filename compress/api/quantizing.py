@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from compress.core import check_onnx_output, warn
-from compress.data import DataOptions, data_opts, is_data, user_data
+from compress.data import DataOptions, data_opts_of, is_data, user_data
 from compress.evaluate import load_metric
 from compress.models import onnx_model_inputs
 from compress.quantization import QuantOptions, check_format, quant_stage
@@ -40,8 +40,7 @@ def quantize(model: Union[str, Path], *, output: Union[str, Path], to: str = Qua
     say = on_stage or (lambda s: None)
     model = str(model)
     out = check_onnx_output(str(output), [model, calib, device, eval, metric])
-    dopts = data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation,
-                      seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    dopts = data_opts_of(locals())
     eval_data = bool(eval) and is_data(eval)
     opts = QuantOptions(to=to, method=method, tolerance=tolerance, simulate=simulate, fp8_format=fp8_format,
                         max_calib=max_calib, measure=not no_measure, select_ops=not no_op_select, calib_name=calib,

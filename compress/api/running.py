@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import UsageError, check_output_path
-from compress.data import DataOptions, data_opts, is_data, user_data
+from compress.data import DataOptions, data_opts_of, is_data, user_data
 from compress.evaluate import load_metric
 from compress.models import load_run_model, model_inputs, prepare_inputs, require_one_input_source
 from compress.pipeline import RunOptions, StageCache, run_pipeline
@@ -85,8 +85,7 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
         check_format(profile, QuantOptions(to=quant, simulate=simulate, backend=backend, **int4))
     elif budget_mb is not None or avg_bits is not None:
         raise UsageError("--budget-mb/--avg-bits allocate bits per layer for --quant int4, not --quant none")
-    dopts = data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std, interpolation=interpolation,
-                      seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
+    dopts = data_opts_of(locals())
     if eval and not is_data(eval):
         load_metric(eval, metric)  # a FILE.py:FN fails here, before the model is loaded
     say("loading model")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import UsageError, check_foreign
-from compress.data import DataOptions, data_opts
+from compress.data import DataOptions, data_opts_of
 from compress.models import require_one_input_source
 from compress.tuning import SearchSettings, SearchSummary, SweepSummary, cells, load_sweep, run_search, run_sweep
 
@@ -49,9 +49,7 @@ def search(model: str, *, output: PathLike, weights: Optional[str] = None,
                               objective=objective, trials=trials, seed=seed, address=address, concurrency=concurrency,
                               runs=runs, prune_max=prune_max, quants=list(quant) or None, outdir=str(output),
                               resume=resume, command=command,
-                              data=data_opts(image_size=image_size, crop_pct=crop_pct, mean=mean, std=std,
-                                             interpolation=interpolation, seq_len=seq_len, tokenizer=tokenizer,
-                                             column=column, label_column=label_column, skip_bad=skip_bad))
+                              data=data_opts_of(locals()))
     settings.check()
     return run_search(settings, on_stage=on_stage or (lambda s: None), on_trial=on_trial or (lambda n: None))
 

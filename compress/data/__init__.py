@@ -10,6 +10,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "options": ["DataOptions"],
     "registry": ["DataSource", "ModelInputs", "SOURCES", "Sample", "register"],
     "resolve": ["Resolved", "is_data", "open_source", "read_option", "resolve_data", "source_forms"],
-    "user_files": ["UserData", "data_opts", "user_data"],
+    "user_files": ["UserData", "data_opts", "data_opts_of", "user_data"],
     "writer": ["materialize"],
 })

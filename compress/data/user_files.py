@@ -4,10 +4,11 @@ DataOptions, and the sources read into .npz files that live in a folder beside t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from compress.core import UsageError
 from compress.data.options import DataOptions
@@ -28,6 +29,12 @@ def data_opts(image_size: Optional[str] = None, crop_pct: Optional[float] = None
                        seq_len=seq_len, tokenizer=tokenizer, column=column, label_column=label_column, skip_bad=skip_bad)
     opts.check()
     return opts
+
+
+def data_opts_of(kwargs: Mapping[str, Any]) -> DataOptions:
+    """data_opts from the data flags among an API function's keyword arguments (its locals()): every command that
+    reads --calib/--eval DATA takes the same ten, by the same names, and this is the one place that lists them."""
+    return data_opts(**{name: kwargs[name] for name in inspect.signature(data_opts).parameters if name in kwargs})
 
 
 def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
