@@ -54,9 +54,10 @@ class GenerationExport(Result):
     opset: int
     decoder: str  # the module exported (a wrapper's inner transformers model is found and named)
     layers: int
-    kv_heads: int
+    kv_heads: int  # layer 0's; `cache_dims` has every cache tensor's (a pruned decoder's layers differ)
     head_dim: int
     vocab: int
+    cache_dims: list[list[int]]  # [heads, head_dim] of each past_key_values input, in input order
     inputs: list[str]
     outputs: list[str]
     size_bytes: int
@@ -131,15 +132,27 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in cache]  # legacy tuples
 
 
-def _geometry(lm: nn.Module, prompt: torch.Tensor) -> tuple[int, int, int, int]:
-    """(layers, kv_heads, head_dim, vocab) from one cached forward: whatever the config calls them (GQA too)."""
+def _geometry(lm: nn.Module, prompt: torch.Tensor) -> tuple[list[list[int]], int]:
+    """[heads, head_dim] of each cache tensor (per layer, key then value) and the vocabulary, from one cached
+    forward: whatever the config calls them (GQA too, and a pruned model whose layers kept different heads)."""
     with torch.no_grad():
         out = lm(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True, return_dict=True)
     layers = _layers(out.past_key_values)
     if not layers:
         raise ModelError(f"{type(lm).__name__} returned no KV cache with use_cache=True: it cannot be exported with past")
-    k = layers[0][0]
-    return len(layers), int(k.shape[1]), int(k.shape[3]), int(out.logits.shape[-1])
+    return [[int(t.shape[1]), int(t.shape[3])] for kv in layers for t in kv], int(out.logits.shape[-1])
+
+
+def empty_past(inputs: Any, batch: int = 1) -> dict[str, np.ndarray]:
+    """A past of length 0 for each past_key_values input of a graph (`inputs`: a session's get_inputs() or a
+    graph's input list), at its own heads and head size: the prefill's."""
+    out = {}
+    for i in inputs:
+        if not i.name.startswith(PAST_PREFIX):
+            continue
+        dims = list(i.shape) if hasattr(i, "shape") else [d.dim_value or None for d in i.type.tensor_type.shape.dim]
+        out[i.name] = np.zeros((batch, int(dims[1]), 0, int(dims[3])), np.float32)
+    return out
 
 
 def _torch_greedy(lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
@@ -152,12 +165,11 @@ def _torch_greedy(lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple
     return tokens, [lg[0].float().numpy() for lg in out.logits]
 
 
-def onnx_greedy(sess: Any, prompt: np.ndarray, new_tokens: int, layers: int, kv_heads: int, head_dim: int,
-                dtype: Any = np.float32) -> tuple[list[int], list[np.ndarray]]:
+def onnx_greedy(sess: Any, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy generation with the exported graph: the prompt as one prefill (past of length 0), then one token per
     step with the presents fed back as the past. Tokens and each step's next-token logits."""
-    past = [np.zeros((prompt.shape[0], kv_heads, 0, head_dim), dtype) for _ in range(2 * layers)]
-    names = past_names(layers)
+    start = empty_past(sess.get_inputs(), prompt.shape[0])
+    names, past = list(start), list(start.values())
     cur, tokens, logits = prompt.astype(np.int64), [], []
     for _ in range(new_tokens):
         total = past[0].shape[2] + cur.shape[1]
@@ -172,10 +184,25 @@ def onnx_greedy(sess: Any, prompt: np.ndarray, new_tokens: int, layers: int, kv_
     return tokens, logits
 
 
-def check_generation(sess: Any, lm: nn.Module, prompt: torch.Tensor, new_tokens: int, layers: int, kv_heads: int,
-                     head_dim: int) -> GenerationCheck:
+def decoder_geometry(path: str | Path) -> Optional[dict[str, Any]]:
+    """The `generation` block export_with_past wrote into a file's metadata (layers, kv_heads, head_dim,
+    cache_dims, vocab, max_positions, inputs, outputs); None for any other model."""
+    meta = metadata.get_metadata(onnx.load(str(path), load_external_data=False)) or {}
+    g = meta.get("generation") if isinstance(meta, dict) else None
+    return g if isinstance(g, dict) and g.get("with_past") else None
+
+
+def prefill_feeds(batch: dict[str, Any], inputs: Any) -> dict[str, np.ndarray]:
+    """A plain forward's batch ({input_ids: [n, length]}) as a decoder-with-past graph's prefill (`inputs`: its
+    graph inputs): a mask of ones and an empty past, so its logits answer for the same tokens."""
+    ids = np.asarray(batch["input_ids"].numpy() if hasattr(batch["input_ids"], "numpy") else batch["input_ids"])
+    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones(ids.shape, np.int64),
+            **empty_past(inputs, ids.shape[0])}
+
+
+def check_generation(sess: Any, lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> GenerationCheck:
     want, want_logits = _torch_greedy(lm, prompt, new_tokens)
-    got, got_logits = onnx_greedy(sess, prompt.numpy(), new_tokens, layers, kv_heads, head_dim)
+    got, got_logits = onnx_greedy(sess, prompt.numpy(), new_tokens)
     matched = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
     err = max((float(np.abs(a - b).max()) for a, b in zip(want_logits[:matched + 1], got_logits[:matched + 1])),
               default=0.0)
@@ -196,11 +223,12 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
     prompt = prompt.to(torch.int64)
     name, lm = find_decoder(module)
     lm = lm.eval()
-    layers, kv_heads, head_dim, vocab = _geometry(lm, prompt)
+    dims, vocab = _geometry(lm, prompt)
+    layers, (kv_heads, head_dim) = len(dims) // 2, dims[0]
     wrapper = _WithPast(lm, layers).eval()
     # trace with a non-empty past and more than one new token, so neither axis is specialised to 0 or 1
     trace_ids = prompt[:, : max(2, min(prompt.shape[1], 4))]
-    past = [torch.zeros(1, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    past = [torch.zeros(1, heads, 3, size) for heads, size in dims]
     mask = torch.ones(1, 3 + trace_ids.shape[1], dtype=torch.int64)
     auto = torch.export.Dim.AUTO
     dynamic = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
@@ -219,17 +247,17 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
             raise ModelError(f"exporting {type(lm).__name__} with its KV cache failed: {type(e).__name__}: "
                              f"{_first_line(e)}") from e
     say(f"greedy generation of {new_tokens} tokens, torch against onnxruntime")
-    check = check_generation(sessions.session(proto), lm, prompt, new_tokens, layers, kv_heads, head_dim)
+    check = check_generation(sessions.session(proto), lm, prompt, new_tokens)
     if check.matched < new_tokens:
         raise ModelError(f"the exported decoder's greedy generation left torch's at token {check.matched + 1} of "
                          f"{new_tokens} ({check.torch_tokens[check.matched]} vs {check.onnx_tokens[check.matched]}); "
                          "nothing written")
-    geometry = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "vocab": vocab}
+    geometry = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "vocab": vocab, "cache_dims": dims}
     positions = max_positions(lm)
     # the prefill of the example prompt, as the input specs every later stage synthesises data from (quantize's
     # calibration and fidelity, a plain profile): a past of length 0, the prompt's ids and length
     prefill = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt),
-               **{n: torch.zeros(1, kv_heads, 0, head_dim) for n in past_names(layers)}}
+               **{n: torch.zeros(1, heads, 0, size) for n, (heads, size) in zip(past_names(layers), dims)}}
     metadata.set_metadata(proto, {"source": source, "exporter": "dynamo", "opset": opset,
                                   "inputs": [spec.to_json() for spec in metadata.input_specs(prefill)],
                                   "generation": {"with_past": True, **geometry, "max_positions": positions,

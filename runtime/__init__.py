@@ -10,7 +10,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "MAX_BURST", "THREAD_GAIN", "WARM_BURST_MS", "TunedAB", "device_latency", "fewest_fastest", "interleaved_latency", "thread_candidates",
         "tuned_latency",
     ],
-    "profiler": ["DEFAULT_MAX_SECONDS", "check_model", "profile_model", "resolve_providers", "unsized_axis"],
+    "profiler": ["DEFAULT_MAX_SECONDS", "check_model", "decode_step_feeds", "profile_model", "resolve_providers",
+                 "unsized_axis"],
     "remote": ["Target", "probe", "resolve_spec"],
-    "result": ["Latency", "PROFILE_SCHEMA", "ProfileResult", "Spread", "check_profile"],
+    "result": ["GenerationTiming", "Latency", "PROFILE_SCHEMA", "ProfileResult", "Spread", "check_profile"],
 })

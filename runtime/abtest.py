@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from compress.core import RuntimeFailure, first_line, sessions
+from export import PAST_PREFIX
 from runtime.profiler import resolve_providers
 
 MAX_BURST = 50  # counted runs per model per round, however fast the model
@@ -54,6 +55,21 @@ class ABResult:
             "speedup_wall": {n: self.speedup(n, "wall") for n in self.wall_ms},
             "speedup_cpu": {n: self.speedup(n, "cpu") for n in self.cpu_ms},
         }
+
+
+def _own_cache_sizes(sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A decoder's KV-cache feeds at this model's own heads and head size, keeping the batch and past length the
+    feeds give: variants of one decoder share every other input, but a pruned one keeps fewer heads."""
+    out = dict(feeds)
+    rng = np.random.default_rng(0)
+    for i in sess.get_inputs():
+        have = out.get(i.name)
+        if have is None or not i.name.startswith(PAST_PREFIX) or have.ndim != len(i.shape):
+            continue
+        want = tuple(d if isinstance(d, int) else have.shape[k] for k, d in enumerate(i.shape))
+        if want != have.shape:
+            out[i.name] = rng.standard_normal(want).astype(have.dtype)
+    return out
 
 
 def _session(path: Path, providers: list[Any], threads: int, session_config: dict[str, str]) -> Any:
@@ -116,7 +132,7 @@ def interleaved_latency(
     runners = {}
     for n, s in opened.items():
         wanted = {i.name for i in s.get_inputs()}
-        f = {k: v for k, v in feeds.items() if k in wanted}
+        f = _own_cache_sizes(s, {k: v for k, v in feeds.items() if k in wanted})
         outs = [o.name for o in s.get_outputs()]
         runners[n] = (lambda s=s, f=f, outs=outs: s.run(outs, f))
     warm: dict[str, float] = {}

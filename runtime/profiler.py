@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.core import DeviceError, InputError, UsageError, first_line, warn
+import numpy as np
+
+from compress.core import DeviceError, InputError, UsageError, first_line, sessions, warn
 from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
 from devices import providers as ep_registry
 from export import PAST_PREFIX, get_metadata
 from runtime.remote import Target, resolve_spec, run_runner_remote
 from runtime.result import ProfileResult
+from runtime.runner import generation_feeds
 from runtime.stream import ProgressFn, parse_output, stream_process
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -263,6 +266,18 @@ def generation_lengths(shown: str, proto: Any, prompt_len: int | None,
     prompt = prompt_len or (min(DEFAULT_PROMPT_LEN, limit) if limit else DEFAULT_PROMPT_LEN)
     context = context_len or (min(DEFAULT_CONTEXT_LEN, limit - 1) if limit else DEFAULT_CONTEXT_LEN)
     return {"prompt_len": prompt, "context_len": context}
+
+
+def decode_step_feeds(onnx_path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The decode step a decoder with its KV cache is compared on (one token after the default context, within
+    its positions), built as the runner builds it on the device, and the lengths used. Variants whose caches differ
+    (a pruned one keeps fewer heads) are fed at their own sizes by interleaved_latency."""
+    path = Path(onnx_path)
+    lengths = generation_lengths(path.name, _checked_proto(path), None, None)
+    if lengths is None:
+        raise UsageError(f"{path.name}: not a decoder exported with its KV cache (no past_key_values inputs)")
+    _, decode = generation_feeds(np, sessions.session(path), lengths["prompt_len"], lengths["context_len"], seed=0)
+    return decode, lengths
 
 
 def check_shapes_given(shown: str, proto: Any, specs: dict[str, dict[str, Any]]) -> None:

@@ -393,11 +393,11 @@ def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed
         raise RunnerError("model", "per-token timing needs a decoder exported with its KV cache (input_ids, "
                                    "attention_mask, past_key_values.*), and this model has inputs {}".format(
                                        ", ".join(inputs)))
-    shape = list(past[0].shape)
-    if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-        raise RunnerError("model", "{}: expected [batch, heads, past, head_dim] with fixed heads and head_dim, got {}".format(
-            past[0].name, _shape_text(shape)))
-    heads, head_dim = shape[1], shape[3]
+    for p in past:  # each at its own heads and head size (a pruned decoder's layers differ)
+        shape = list(p.shape)
+        if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            raise RunnerError("model", "{}: expected [batch, heads, past, head_dim] with fixed heads and head_dim, got {}".format(
+                p.name, _shape_text(shape)))
     logits = sess.get_outputs()[0].shape
     vocab = logits[-1] if logits and isinstance(logits[-1], int) and logits[-1] > 0 else 2
     rng = np.random.default_rng(seed)
@@ -408,7 +408,7 @@ def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed
         feeds = {"input_ids": rng.integers(0, vocab, size=(1, new)).astype(ids_type),
                  "attention_mask": np.ones((1, before + new), dtype=mask_type)}
         for p in past:
-            feeds[p.name] = fill((1, heads, before, head_dim), ORT_TO_NUMPY.get(p.type, "float32"))
+            feeds[p.name] = fill((1, p.shape[1], before, p.shape[3]), ORT_TO_NUMPY.get(p.type, "float32"))
         return feeds
 
     prefill = step(prompt_len, 0, lambda shp, dt: np.zeros(shp, dtype=dt))

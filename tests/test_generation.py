@@ -176,3 +176,34 @@ def test_decoder_with_past_is_quantized_and_profiled_per_token(tmp_path, decoder
     assert "MatMulNBits" in ops
     p = compress.profile(tmp_path / "int4.onnx", runs=5, prompt_len=8, context_len=16)
     assert p.generation.decode.runs == 5 and {i.name: i.shape for i in p.inputs}["attention_mask"] == [1, 17]
+
+
+def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_token(tmp_path):
+    """compress run --generate on the stock-config decoder: fp32, pruned (fewer heads, so a KV cache of other
+    sizes), INT4 of each, every one exported with its cache and checked by greedy generation (fp32 and pruned),
+    timed per token (prefill and decode), judged on its logits as a prefill, compared on the decode step."""
+    (tmp_path / "lm.py").write_text(FACTORY)
+    r = _cli("run", f"{tmp_path / 'lm.py'}:build", "--input-shape", "input_ids=1,16", "--generate", "--prune", "0.3",
+             "--no-recover", "--quant", "int4", "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "out"),
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = [v["name"] for v in rep["variants"]]
+    assert names == ["fp32", "pruned", "int4-unpruned", "int4"]
+    assert rep["speedup_measure"].startswith("per token: the decode step after 63 tokens of past")
+    for v in rep["variants"]:
+        g = v["profile"]["generation"]
+        assert (g["prompt_len"], g["context_len"], g["decode"]["runs"]) == (32, 63, 5)
+        assert v["latency_ms"]["p50"] == pytest.approx(g["decode"]["latency_ms"]["p50"])
+        assert v["fidelity"]["cosine_min"] > 0.5  # judged on the logits of a prefill of the held-out tokens
+    fp32, pruned = rep["variants"][0], rep["variants"][1]
+    assert fp32["fidelity"]["cosine_min"] > 0.9999  # the with-past graph's prefill is the plain forward
+    assert fp32["parity"]["greedy_tokens_matched"] == pruned["parity"]["greedy_tokens_matched"] == 16
+    import onnx
+
+    heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value
+             for i in onnx.load(str(tmp_path / "out" / "pruned.onnx")).graph.input if i.name.startswith("past_")}
+    assert heads and max(heads.values()) < 4  # the pruned decoder's cache has fewer heads than fp32's four
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Per token" in md and "decode p50 per token (after 63)" in md
+    assert "per token" in r.stdout

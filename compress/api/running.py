@@ -27,6 +27,7 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
         no_op_select: bool = False, tolerance: float = RunOptions.default("tolerance"), eval: Optional[str] = None,
         metric: Optional[str] = None, backend: str = QuantOptions.default("backend"), runs: Optional[int] = None,
         tune_threads: bool = RunOptions.default("tune_threads"), overwrite: bool = False, force: bool = False,
+        generate: bool = False,
         image_size: Optional[str] = None, crop_pct: Optional[float] = None, mean: Optional[str] = None,
         std: Optional[str] = None, interpolation: Optional[str] = None, seq_len: Optional[int] = None,
         tokenizer: Optional[str] = None, column: Optional[str] = None,
@@ -40,6 +41,8 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
     Keyword arguments are `compress run`'s options (`no_recover=True` for --no-recover, `eval=` for --eval,
     `input_shape` one string or a list), with its defaults. `on_stage(text)` hears what the run is doing; None:
     nothing is reported. Bad options raise UsageError, bad inputs InputError, each with the CLI's one line.
+    `generate=True`: the model generates text; every variant is exported with its KV cache, timed per token
+    (prefill and decode) and compared and recommended on the decode step.
 
         >>> import compress
         >>> report = compress.run("compress.zoo:resnet_tiny", input_shape="1,3,32,32", quant="int8", output="out")
@@ -53,6 +56,9 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
     if onnx_in and prune is not None:
         raise UsageError(f"{model} is ONNX: pruning needs the PyTorch model (a factory or a Hugging Face folder); "
                          "drop --prune to quantize, profile and compare the ONNX file as it is")
+    if generate and onnx_in:
+        raise UsageError(f"--generate exports the PyTorch model with its KV cache; {model} is ONNX already: profile it "
+                         "per token with `compress profile` (a decoder from `compress export --with-past`)")
     if tolerance > 1 and not eval:
         raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
     inputs = [model, weights, calib, device, eval, metric]
@@ -96,7 +102,7 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
                           max_calib=max_calib, simulate=simulate, tolerance=tolerance, runs=runs, source=model,
                           select_ops=not no_op_select, evaluate=load_metric(data.eval, metric), backend=backend,
                           cache=StageCache(force=force), overwrite=overwrite, backoff=not no_backoff,
-                          tune_threads=tune_threads, command=command)
+                          tune_threads=tune_threads, command=command, generate=generate)
         say("preparing inputs")
         prep = prepare_inputs(loaded, shapes, data.calib, max_samples=max_calib)
         data.describe(prep.info)

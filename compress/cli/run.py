@@ -27,7 +27,7 @@ from compress.cli.recipe import config_option, resolved
 from compress.core import console
 from compress.pipeline import RunOptions
 from compress.pruning import PruneOptions
-from compress.report import box_f1
+from compress.report import box_f1, per_token_rows
 
 EPILOG = """\b
 Examples:
@@ -41,6 +41,7 @@ Examples:
   compress run model.py:build --calib calib.npz --eval labelled.npz --tolerance 0.005 -o out/
   compress run compress.zoo:resnet_demo --input-shape 1,3,224,224 --quant fp8 --simulate -o out-fp8/
   compress run compress.zoo:encoder_demo --calib calib.npz --quant int4 --avg-bits 4.5 -o out-int4/
+  compress run ./gpt2-folder --input-shape input_ids=1,32 --generate --quant int4 -o out-gen/   (per token)
   compress run --config recipes/rpi4.yaml --runs 50              (a recipe file; flags override its keys)
   compress run model.py:build --calib calib.npz --device rpi4-cortex-a72 --min-speedup 1.5 --max-p50-ms 12 -o out/
                                                   (CI: exit 3 when the recommended variant misses a budget)
@@ -80,6 +81,8 @@ Examples:
 @click.option("--tune-threads/--no-tune-threads", default=RunOptions.default("tune_threads"), show_default=True,
               help="Time each variant (fp32 too) at 1, 2, 4, ... up to the device's threads and keep its fastest; the "
                    "recommendation names that count. --no-tune-threads: the device profile's threads only.")
+@click.option("--generate", is_flag=True, help="The model generates text (a decoder): every variant is exported with "
+              "its KV cache, timed per token (prefill and decode) and compared and recommended on the decode step.")
 @click.option("--overwrite", is_flag=True, help="An -o folder holding files no run wrote is moved aside whole "
               "(to DIR.old-N) instead of refused; nothing in it is deleted.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "
@@ -94,7 +97,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
         quant: str, simulate: bool, no_op_select: bool,
         block_size: int, budget_mb: float | None, avg_bits: float | None, salience: str,
         tolerance: float, eval_spec: str | None, metric_spec: str | None, backend: str, runs: int | None,
-        tune_threads: bool, overwrite: bool, force: bool,
+        tune_threads: bool, generate: bool, overwrite: bool, force: bool,
         json_out: str | None, output: str, max_p50_ms: float | None, max_p99_ms: float | None,
         max_peak_rss_mb: float | None, min_speedup: float | None, max_accuracy_drop: float | None,
         **data_flags: Any) -> None:
@@ -137,7 +140,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
                          budget_mb=budget_mb, avg_bits=avg_bits, salience=salience, simulate=simulate,
                          no_op_select=no_op_select, tolerance=tolerance, eval=eval_spec, metric=metric_spec,
                          backend=backend, runs=runs, tune_threads=tune_threads, overwrite=overwrite, force=force,
-                         on_stage=lambda s: step.update(description=s),
+                         generate=generate, on_stage=lambda s: step.update(description=s),
                          command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]), recipe=recipe,
                          **data_flags).to_json()
     outdir = Path(output)
@@ -172,6 +175,14 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
                   *([f"{v['accuracy']:.4g}" if v.get("accuracy") is not None else "-"] if scored else []),
                   "yes" if v["name"] == "fp32" or v["within_tolerance"] else "no")
     console.out_console.print(t)
+    tok_header, tok_rows = per_token_rows(r)
+    if tok_rows:  # --generate: the table above is the decode step's
+        per = Table(title="per token", header_style="bold")
+        for i, col in enumerate(tok_header):
+            per.add_column(col, justify="left" if i == 0 else "right")
+        for row in tok_rows:
+            per.add_row(*row)
+        console.out_console.print(per)
     console.out_console.print(f"recommended: {r['recommended']} — {r['reason']}")
     spent = fmt_stage_seconds(r.get("stage_seconds"))
     if spent:

@@ -42,3 +42,6 @@ class RunOptions(Options):
     # with --prune and --quant: also quantize the unpruned model (variant '{quant}-unpruned'), so a cut that costs
     # too much accuracy does not take quantization down with it; compress search tries prune 0 itself and skips it
     backoff: bool = True
+    # --generate: the model generates text; variants are exported with the KV cache (export.generation), timed per
+    # token (prefill and decode: runtime's generation mode) and compared and recommended on the decode step
+    generate: bool = False

@@ -59,7 +59,15 @@ from compress.report import (
     write_markdown,
 )
 from devices import DeviceProfile, describe_host
-from export import export_onnx, get_metadata, input_specs, set_metadata
+from export import (
+    export_onnx,
+    export_with_past,
+    get_metadata,
+    input_specs,
+    prefill_feeds,
+    set_metadata,
+)
+from runtime import decode_step_feeds
 
 
 def _params(path: Path) -> int:
@@ -184,6 +192,14 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
         def export_variant(name: str, module: nn.Module) -> Built:
             on_stage(f"exporting {name}")
             path = work / f"{name}.onnx"
+            if opts.generate:  # with its KV cache, checked by greedy generation against torch
+                dec = export_with_past(module, example["input_ids"], path, opset=profile.opset, source=opts.source,
+                                       extra_meta={"variant": name}, on_stage=on_stage)
+                check = dec.generation
+                return Built(name=name, onnx=path.name, size_bytes=dec.size_bytes, params=_params(path),
+                             macs=_module_macs(name, module, example, path), simulated=False, excluded_layers=[],
+                             parity={"ok": True, "greedy_tokens_matched": check.matched,
+                                     "max_logit_abs_err": check.max_logit_abs_err})
             res = export_onnx(module, example, path, opset=profile.opset, dynamic_batch=True, source=opts.source,
                               extra_meta={"variant": name})
             return Built(name=name, onnx=path.name, size_bytes=res.size_bytes, params=_params(path),
@@ -233,10 +249,14 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             opts.on_result("prune", stages.prune)
         on_stage(f"profiling on {profile.name}")
         timer = opts.timer or time_variants
+        feeds, per_token = {k: t.numpy() for k, t in example.items()}, None
+        if opts.generate:  # compared on the decode step, the figure generation repeats for every token
+            feeds, per_token = _decode_feeds(work / "fp32.onnx")
         with clock("profile"):
-            timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile,
-                          {k: t.numpy() for k, t in example.items()}, opts.runs, opts.max_seconds, opts.ab_rounds,
-                          opts.tune_threads)
+            timed = timer({b.name: work / b.onnx for b in built if not b.simulated}, profile, feeds, opts.runs,
+                          opts.max_seconds, opts.ab_rounds, opts.tune_threads)
+        if per_token:
+            timed.speedup_measure = f"{per_token}: {timed.speedup_measure}"
         with clock("judge"):
             variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
         name, reason = recommend(variants, opts.tolerance, timed.threads_tuning)
@@ -294,11 +314,15 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
     parts = [work / base.onnx, Path(opts.calib) if opts.calib else None,
              qopts.model_dump(exclude={"evaluate", "calib_name"}), _metric_parts(opts.evaluate),
              profile.model_dump(mode="json", exclude={"source"})]
-    judge = work / "fp32.onnx" if base.name != "fp32" else None  # tolerance is on the whole chain
+    # tolerance is on the whole chain; --generate: against the base alone, whose KV cache a pruned model's (fewer
+    # heads) no longer fits
+    judge = work / "fp32.onnx" if base.name != "fp32" and not opts.generate else None
     parts.append(judge)
     stage = "quantize" if name == opts.quant else "quantize-unpruned"
+    # --generate: the graph takes a KV cache, which --calib's token ids lack; its metadata's prefill stands in
+    calib = None if opts.generate else opts.calib
     q = cache.run(stage, key_of("quantize", parts), [path],
-                  lambda: quant_stage(work / base.onnx, path, profile, opts.calib, qopts, on_stage,
+                  lambda: quant_stage(work / base.onnx, path, profile, calib, qopts, on_stage,
                                       reference_model=judge, torch_source=source), QuantResult)
     variant = Built(name=name, onnx=path.name, size_bytes=path.stat().st_size, params=_params(path),
                     macs=base.macs, parity=None, simulated=q.simulated, excluded_layers=q.excluded_layers,
@@ -314,6 +338,8 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
     variants: list[Variant] = []
     for b in built:
         runner, session_options = onnx_outputs, None
+        if opts.generate:  # the with-past graph on the plain forward's tokens, as a prefill: its logits
+            runner = _prefill_logits
         figures: dict[str, Any] = {}
         if b.simulated and quantizer is not None:  # no kernels for the format here: fidelity only
             runner, session_options = quantizer.outputs()
@@ -333,6 +359,20 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
         variants.append(Variant(**b.model_dump(exclude_unset=True), **figures, fidelity=fid, within_tolerance=ok,
                                 **scored))
     return variants
+
+
+def _prefill_logits(path: Path, batches: list[dict[str, Any]], session_options: Any = None) -> list[list[Any]]:
+    """onnx_outputs for a decoder exported with its KV cache: each held-out batch fed as a prefill (an empty
+    past at the graph's own cache sizes), and only the logits kept, the output the plain forward's reference has."""
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    return [o[:1] for o in onnx_outputs(path, [prefill_feeds(b, inputs) for b in batches], session_options)]
+
+
+def _decode_feeds(fp32: Path) -> tuple[dict[str, Any], str]:
+    """The decode step the variants are compared on, and how to say so."""
+    feeds, lengths = decode_step_feeds(fp32)
+    return feeds, (f"per token: the decode step after {lengths['context_len']} tokens of past (the prefill of "
+                   f"{lengths['prompt_len']} tokens is in each variant's profile)")
 
 
 def _function_file(spec: Optional[str]) -> Any:

@@ -88,5 +88,6 @@ def _timing(prof: ProfileResult, speedup: float) -> VariantTiming:
     return VariantTiming(latency_ms=Latency(p50=lat.p50, p90=lat.p90, p99=lat.p99, mean=lat.mean, std=lat.std),
                          profile=VariantProfile(runs=prof.runs, spread=prof.spread, providers=prof.providers,
                                                 threads=prof.threads, fallback=prof.fallback, load_ms=prof.load_ms,
-                                                peak_rss_mb=prof.peak_rss_mb),
+                                                peak_rss_mb=prof.peak_rss_mb,
+                                                **({"generation": prof.generation} if prof.generation else {})),
                          speedup_vs_fp32=speedup)

@@ -30,6 +30,7 @@ from compress.report.text import (
     fmt_stage_seconds,
     model_name,
     num,
+    per_token_rows,
     table,
     variant_label,
     variants_of,
@@ -227,6 +228,10 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     out += table(header, rows, ["l", "r", "r", "r"] + (["r"] if tuned else []) + ["r", "r", "r", "r"]
                  + (["r"] if scored else []) + ["c"])
     out.append("")
+    tok_header, tok_rows = per_token_rows(r)
+    if tok_rows:  # --generate: p50/p90 and speedup above are the decode step's
+        out += ["Per token (each variant exported with its KV cache; the table above times the decode step):", ""]
+        out += table(tok_header, tok_rows, ["l"] + ["r"] * (len(tok_header) - 1)) + [""]
     notes = ["★ recommended."]
     if metric == "boxes":
         notes.append("Fidelity: the F1 of the boxes each model keeps after NMS, matched to fp32's (same class, IoU "

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from compress.core import OpenResult, Result
 from compress.evaluate import judged
-from runtime import Latency, Spread
+from runtime import GenerationTiming, Latency, Spread
 
 REPORT_SCHEMA = "edge-compress/report/1"
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
@@ -165,6 +165,7 @@ class VariantProfile(Result):
     fallback: bool
     load_ms: float
     peak_rss_mb: Optional[float] = None
+    generation: Optional[GenerationTiming] = None  # --generate: prefill and per-token decode (latency_ms: decode)
 
 
 class VariantTiming(Result):
