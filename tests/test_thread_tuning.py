@@ -22,7 +22,7 @@ def _profiled(path, profile, *, runs=None, max_seconds=None, threads=None):
     ms = P50[(Path(path).stem, threads)]
     return SimpleNamespace(latency_ms=Latency(p50=ms, p90=ms, p99=ms, mean=ms, std=0.0), runs=8, spread=Spread(),
                            providers=["CPUExecutionProvider"], threads=threads, fallback=False, load_ms=1.0,
-                           peak_rss_mb=None, remote={"target": "me@board"}, host=None)
+                           peak_rss_mb=None, generation=None, remote={"target": "me@board"}, host=None)
 
 
 @pytest.fixture
