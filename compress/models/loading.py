@@ -92,31 +92,19 @@ def plain_forward(module: nn.Module) -> list[str]:
     and its forward then builds and returns a cache object: Torch-Pruning's trace of a stock GPT-2 failed on it
     ("unsupported operand type(s) for +: 'int' and 'NoneType'"), both ONNX exporters refused the DynamicCache
     output, and nothing downstream wants it. What generation with a cache needs is exported separately."""
-    switched = [name or type(m).__name__ for name, m in module.named_modules()
-                if getattr(getattr(m, "config", None), "use_cache", False) is True
-                and not _config_set_by_parent(module, name)]
-    for _, m in module.named_modules():
+    switched, seen = [], set()
+    for name, m in module.named_modules():  # parents first: a shared config is named at its outermost holder
         cfg = getattr(m, "config", None)
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
         if getattr(cfg, "use_cache", False) is True:
             cfg.use_cache = False
+            switched.append(name or type(m).__name__)
     if not switched:
         return []
     return [f"KV cache switched off ({', '.join(switched)}: config.use_cache True -> False): the plain forward "
             "is traced, pruned, exported and judged; outputs are the model's tensors without past key/values"]
-
-
-def _config_set_by_parent(root: nn.Module, name: str) -> bool:
-    """Whether the module at `name` shares its config object with an enclosing module (GPT2LMHeadModel and its
-    .transformer): one switch, named once, at the outermost."""
-    if not name:
-        return False
-    cfg = root.get_submodule(name).config
-    parts = name.split(".")
-    for i in range(len(parts)):
-        parent = root.get_submodule(".".join(parts[:i])) if i else root
-        if getattr(parent, "config", None) is cfg:
-            return True
-    return False
 
 
 def hub_folder(repo_id: str) -> Path:
