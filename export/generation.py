@@ -184,14 +184,6 @@ def onnx_greedy(sess: Any, prompt: np.ndarray, new_tokens: int) -> tuple[list[in
     return tokens, logits
 
 
-def decoder_geometry(path: str | Path) -> Optional[dict[str, Any]]:
-    """The `generation` block export_with_past wrote into a file's metadata (layers, kv_heads, head_dim,
-    cache_dims, vocab, max_positions, inputs, outputs); None for any other model."""
-    meta = metadata.get_metadata(onnx.load(str(path), load_external_data=False)) or {}
-    g = meta.get("generation") if isinstance(meta, dict) else None
-    return g if isinstance(g, dict) and g.get("with_past") else None
-
-
 def prefill_feeds(batch: dict[str, Any], inputs: Any) -> dict[str, np.ndarray]:
     """A plain forward's batch ({input_ids: [n, length]}) as a decoder-with-past graph's prefill (`inputs`: its
     graph inputs): a mask of ones and an empty past, so its logits answer for the same tokens."""
