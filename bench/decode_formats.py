@@ -13,17 +13,18 @@ Models (no hub: both are built here):
     export (compress export --with-past: export.generation), INT8 = onnxruntime's quantize_dynamic (the anchor
     recipe for dynamic INT8), INT4 = compress.quantization.int4.weight_only (MatMulNBits, 4 bits, block 32, every
     MatMul), and onnxruntime-genai's builder (`-p int4` and `-p fp32`, CPU) on the same weights, which fuses
-    attention (GroupQueryAttention) and RoPE. Every model takes the same feeds: a prompt of --prompt-len tokens
-    with an empty past (prefill), and one token after --context-len tokens of past (decode).
+    attention (GroupQueryAttention) and RoPE. Every model takes the same feeds, the runner's (runtime/runner.py
+    generation_feeds): a prompt of --prompt-len tokens with an empty past (prefill), and one token after
+    --context-len tokens of past (decode).
 (b) quality: the trained byte-level GPT-2 of bench/train_tiny_gpt2.py (stock config, 4 layers, n_embd 256),
     exported the same way; its INT8 and INT4 variants scored on 48 held-out windows of 128 bytes of the stdlib's
     source: bits per byte, and next-token agreement with fp32 (argmax equal). onnxruntime-genai has no GPT-2.
 Latency is the median of interleaved warm bursts (runtime.abtest.interleaved_latency, as compress run times
 variants), wall clock and the calling thread's CPU time, one intra-op thread by default.
 
-Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 42 s in all):
-decode per token vs fp32 (4.39 ms): INT8 2.01x, INT4 2.11x, genai int4 4.42x, genai fp32 1.16x; prefill of 64
-tokens (18.4 ms): INT8 2.64x, INT4 1.17x, genai int4 1.25x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 bits per byte
+Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, about 45 s):
+decode per token vs fp32 (4.10 ms): INT8 1.90x, INT4 2.04x, genai int4 4.31x, genai fp32 1.17x; prefill of 64
+tokens (18.7 ms): INT8 2.69x, INT4 1.20x, genai int4 1.27x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 bits per byte
 (fp32 / INT8 / INT4), next-token agreement 99.10% / 97.22%. README "Generation" has the table.
 """
 
@@ -43,24 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from compress.core import sessions  # noqa: E402
 from devices.host import describe_host  # noqa: E402
+from runtime.runner import generation_feeds  # noqa: E402
 
 LLAMA = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
-
-
-def feeds(prompt_len: int, context_len: int, kv_heads: int, head_dim: int, layers: int, vocab: int,
-          seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(prefill, decode) feeds: the same for every variant, as the runner builds them (runner.generation_feeds)."""
-    rng = np.random.default_rng(seed)
-    names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    prefill = {"input_ids": rng.integers(0, vocab, (1, prompt_len)).astype(np.int64),
-               "attention_mask": np.ones((1, prompt_len), np.int64),
-               **{n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in names}}
-    decode = {"input_ids": rng.integers(0, vocab, (1, 1)).astype(np.int64),
-              "attention_mask": np.ones((1, context_len + 1), np.int64),
-              **{n: rng.standard_normal((1, kv_heads, context_len, head_dim)).astype(np.float32) for n in names}}
-    return prefill, decode
 
 
 def quantized(fp32: Path, work: Path) -> dict[str, Path]:
@@ -185,7 +174,8 @@ def main() -> int:
               f"({r.generation.matched}/{r.generation.new_tokens})")
         anchors, why = genai(folder, work, args.genai_site)
         variants = {"fp32": ours, **quantized(ours, work), **anchors}
-        pre, dec = feeds(args.prompt_len, args.context_len, r.kv_heads, r.head_dim, r.layers, LLAMA["vocab_size"])
+        # the feeds the runner times a decoder on (every variant takes the same inputs)
+        pre, dec = generation_feeds(np, sessions.session(ours), args.prompt_len, args.context_len, seed=0)
         latency_table(variants, pre, dec, args.threads, args.rounds, args.prompt_len)
         if why:
             print(f"onnxruntime-genai rows missing: {why}")
