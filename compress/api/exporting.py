@@ -16,6 +16,7 @@ from compress.models import (
     model_inputs,
     parse_input_shape,
     require_one_input_source,
+    shape_args,
 )
 from devices import load_profile
 from export import DEFAULT_NEW_TOKENS, export_onnx, export_with_past, find_decoder
@@ -45,7 +46,7 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
         >>> r.exporter, r.parity["max_abs_err"]
     """
     say = on_stage or (lambda s: None)
-    shapes = (input_shape,) if isinstance(input_shape, str) else tuple(input_shape)
+    shapes = shape_args(input_shape)
     require_one_input_source(shapes, calib)
     out = check_onnx_output(str(output), [model, weights, calib, device])
     parsed = [parse_input_shape(s) for s in shapes]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from compress.core import UsageError, warn
-from compress.models import onnx_model_inputs, parse_input_shape
+from compress.models import onnx_model_inputs, parse_input_shape, shape_args
 from devices import load_profile
 from runtime import Target, profile_model, resolve_spec
 
@@ -30,7 +30,7 @@ def profile(model: Union[str, Path], device: str = "host", *, input_shape: Union
         >>> r = compress.profile("model.onnx", device="host", runs=50)
         >>> r.latency_ms.p50, r.peak_rss_mb
     """
-    shapes = (input_shape,) if isinstance(input_shape, str) else tuple(input_shape)
+    shapes = shape_args(input_shape)
     dev = load_profile(device)
     spec = resolve_spec(dev.remote, target=remote, identity=identity, known_hosts=known_hosts, python=remote_python,
                         base_dir=dev.source.parent if dev.source else None)

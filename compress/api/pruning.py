@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import check_onnx_output
 from compress.data import DataOptions, data_opts_of, user_data
-from compress.models import load_model, model_inputs, prepare_inputs, require_one_input_source
+from compress.models import load_model, model_inputs, prepare_inputs, require_one_input_source, shape_args
 from compress.pruning import SPARSITY_NOTE, PruneOptions, get_importance, prune_stage, zipped_size
 from compress.report import ExportedFile, PruneMeasured, PruneReport
 from devices import DeviceProfile, load_profile
@@ -43,7 +43,7 @@ def prune(model: str, *, output: Union[str, Path], weights: Optional[str] = None
         >>> p.structural["macs_ratio"], p.fidelity.cosine_mean, p.measured.latency["speedup_wall"]
     """
     say = on_stage or (lambda s: None)
-    shapes = (input_shape,) if isinstance(input_shape, str) else tuple(input_shape)
+    shapes = shape_args(input_shape)
     require_one_input_source(shapes, calib)
     out = check_onnx_output(str(output), [model, weights, calib, device, finetune])
     opts = PruneOptions(ratio=ratio, importance=importance, allocation=allocation, global_pruning=global_pruning,

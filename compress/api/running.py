@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from compress.core import UsageError, check_output_path
 from compress.data import DataOptions, data_opts_of, is_data, user_data
 from compress.evaluate import load_metric
-from compress.models import load_run_model, model_inputs, prepare_inputs, require_one_input_source
+from compress.models import load_run_model, model_inputs, prepare_inputs, require_one_input_source, shape_args
 from compress.pipeline import RunOptions, StageCache, run_pipeline
 from compress.pruning import PruneOptions, get_importance
 from compress.quantization import QuantOptions, check_format
@@ -49,7 +49,7 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
         >>> report.recommended, [(v.name, v.speedup_vs_fp32) for v in report.variants]
     """
     say = on_stage or (lambda s: None)
-    shapes = (input_shape,) if isinstance(input_shape, str) else tuple(input_shape)
+    shapes = shape_args(input_shape)
     model = str(model)
     require_one_input_source(shapes, calib)
     onnx_in = model.lower().endswith(".onnx")

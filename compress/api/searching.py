@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from compress.core import UsageError, check_foreign
 from compress.data import DataOptions, data_opts_of
-from compress.models import require_one_input_source
+from compress.models import require_one_input_source, shape_args
 from compress.tuning import SearchSettings, SearchSummary, SweepSummary, cells, load_sweep, run_search, run_sweep
 
 PathLike = Union[str, Path]
@@ -40,7 +40,7 @@ def search(model: str, *, output: PathLike, weights: Optional[str] = None,
         ...                     output="search-out")
         >>> s.recommended, s.recommended_settings, [c.name for c in s.candidates if c.pareto]
     """
-    shapes = [input_shape] if isinstance(input_shape, str) else list(input_shape)
+    shapes = list(shape_args(input_shape))
     require_one_input_source(shapes, calib)
     _check_outdir(output, [model, weights, calib, device, eval, metric])
     settings = SearchSettings(model=model, device=device, weights=weights, input_shapes=shapes, calib=calib,

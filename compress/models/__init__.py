@@ -8,7 +8,7 @@ from compress.core import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "inputs": ["Prepared", "calib_samples", "check_calib_names", "example_inputs", "load_calib", "npz_keys",
                "prepare_inputs"],
-    "shapes": ["parse_input_shape", "require_one_input_source"],
+    "shapes": ["parse_input_shape", "require_one_input_source", "shape_args"],
     "loading": ["LoadedModel", "load_model", "load_option_function"],
     "data_inputs": ["load_onnx_model", "load_run_model", "model_inputs"],
     "onnx_inputs": ["onnx_model_inputs"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from compress.core import UsageError
 
@@ -24,6 +25,11 @@ def require_one_input_source(input_shapes: tuple[str, ...] | list[str], calib: s
     """The model runs on shapes (random data) or on real samples, never on both or neither."""
     if bool(list(input_shapes)) == bool(calib):
         raise UsageError("give either --input-shape or --calib (exactly one)")
+
+
+def shape_args(input_shape: str | Sequence[str]) -> tuple[str, ...]:
+    """--input-shape as the Python API takes it: one NAME=SHAPE string or several."""
+    return (input_shape,) if isinstance(input_shape, str) else tuple(input_shape)
 
 
 def parse_input_shape(text: str) -> ShapeArg:
