@@ -820,20 +820,17 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     sess = create_session(ort, model, cfg)
     load_ms = (time.perf_counter() - t0) * 1000.0
     out_names = [o.name for o in sess.get_outputs()]
+    g = cfg["generation"]
     generation = None
-    timing_s = 0.0
-    if cfg["generation"]:  # a decoder with its KV cache: the prefill, then one decode step, each timed
-        prefill_feeds, feeds = generation_feeds(np, sess, cfg["generation"]["prompt_len"],
-                                                cfg["generation"]["context_len"], cfg["seed"])
-        lat_p, latency_p, spread_p, seconds = timed(np, sess, out_names, prefill_feeds, cfg, progress, "prefill ")
-        timing_s += seconds
+    if g:  # a decoder with its KV cache: the prefill, then one decode step (the profile's figures), each timed
+        prefill_feeds, feeds = generation_feeds(np, sess, g["prompt_len"], g["context_len"], cfg["seed"])
+        lat_p, latency_p, spread_p, prefill_s = timed(np, sess, out_names, prefill_feeds, cfg, progress, "prefill ")
     else:
         feeds = build_feeds(np, sess, cfg)
-    lat, latency, spread, seconds = timed(np, sess, out_names, feeds, cfg, progress, "decode " if cfg["generation"] else "")
-    timing_s += seconds
+    lat, latency, spread, timing_s = timed(np, sess, out_names, feeds, cfg, progress, "decode " if g else "")
     rss = peak_rss_mb()  # before the profiling session exists, so the figure is the timed session's
-    if cfg["generation"]:
-        g = cfg["generation"]
+    if g:
+        timing_s += prefill_s
         generation = {
             "prompt_len": g["prompt_len"], "context_len": g["context_len"],
             "prefill": {"runs": len(lat_p), "latency_ms": latency_p, "spread": spread_p},
