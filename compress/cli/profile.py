@@ -109,15 +109,15 @@ class _Bar:
     def __init__(self, step: console.Step, budget_s: float) -> None:
         self._step, self._budget = step, budget_s
         self._timing_started: float | None = None
+        self._which = ""  # the generation phase being timed ("prefill", "decode"), "" for any other model
 
     def __call__(self, done: int, total: int | None, phase: str) -> None:
         import time
 
         which, _, what = phase.rpartition(" ")  # "prefill timing", "decode warmup" for a decoder with its cache
         label = (which + " " if which else "") + _PHASES.get(what, what)
-        if which and which != getattr(self, "_which", which):
-            self._timing_started = None  # the decode step's timing has its own budget
-        self._which = which
+        if which != self._which:
+            self._timing_started, self._which = None, which  # the decode step's timing has its own budget
         if total is not None:
             self._step.update(completed=done, total=max(total, 1), description=label)
             return
