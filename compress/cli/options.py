@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Any, Callable
 
 import click
@@ -161,3 +163,8 @@ def budget_options(run: bool) -> Callable[[Callable[..., Any]], Callable[..., An
             f = opt(f)
         return f
     return add
+
+
+def command_line() -> str:
+    """The command as the user typed it, quoted to be pasted again (what a report's `command` records)."""
+    return "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])

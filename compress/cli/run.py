@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from compress.cli.options import (
     allocation_option,
     backend_option,
     budget_options,
+    command_line,
     data_options,
     eval_options,
     format_choice,
@@ -141,7 +140,7 @@ def run(model: str, weights: str | None, input_shapes: tuple[str, ...], calib: s
                          no_op_select=no_op_select, tolerance=tolerance, eval=eval_spec, metric=metric_spec,
                          backend=backend, runs=runs, tune_threads=tune_threads, overwrite=overwrite, force=force,
                          generate=generate, on_stage=lambda s: step.update(description=s),
-                         command="compress " + " ".join(shlex.quote(a) for a in sys.argv[1:]), recipe=recipe,
+                         command=command_line(), recipe=recipe,
                          **data_flags).to_json()
     outdir = Path(output)
     if not console.report_json(json_out, report):

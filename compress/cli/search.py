@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from compress.cli.options import data_options, eval_options, format_choice, max_calib_option, model_input_options
+from compress.cli.options import (
+    command_line,
+    data_options,
+    eval_options,
+    format_choice,
+    max_calib_option,
+    model_input_options,
+)
 from compress.core import EdgeError, console
 from compress.tuning import SearchSettings
 
@@ -72,7 +77,7 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
                             max_calib=max_calib, device=device, latency_budget=latency_budget, min_fidelity=min_fidelity,
                             eval=eval_spec, metric=metric_spec, max_accuracy_drop=max_accuracy_drop, objective=objective,
                             trials=trials, seed=seed, prune_max=prune_max, quant=quants, runs=runs, address=address,
-                            concurrency=concurrency, resume=resume, command=_command(),
+                            concurrency=concurrency, resume=resume, command=command_line(),
                             on_stage=lambda s: step.update(description=s),
                             on_trial=lambda n: step.update(completed=n), **data_flags)
     summary = result.to_json()
@@ -80,10 +85,6 @@ def search(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
         _print_summary(summary, Path(output))
     if result.recommended is None:
         raise _NoModel(result.reason)
-
-
-def _command() -> str:
-    return "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 class _NoModel(EdgeError):
@@ -153,7 +154,7 @@ def sweep(sweep_file: str, address: str | None, concurrency: int, resume: bool, 
     out = Path(output)
     with console.progress("sweeping", total=sweep_cells(sweep_file)) as step:
         summary = sweep_api(sweep_file, output=output, address=address, concurrency=concurrency, resume=resume,
-                            command=_command(), on_stage=lambda s: step.update(description=s),
+                            command=command_line(), on_stage=lambda s: step.update(description=s),
                             on_trial=lambda k: step.update(completed=k)).to_json()
     if not console.report_json(json_out, summary):
         done = sum(1 for c in summary["cells"] if c["status"] == "done")
