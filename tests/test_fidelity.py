@@ -160,3 +160,32 @@ def test_onnx_outputs_match_torch_and_feed_only_graph_inputs(tmp_path):
         onnx_outputs(tmp_path / "m.onnx", [{"x": torch.randn(1, 6)}])
     with pytest.raises(ModelError, match="cannot load"):
         onnx_outputs(tmp_path / "missing.onnx", batches)
+
+
+def test_language_model_outputs_are_judged_by_next_token_agreement_and_perplexity():
+    """Logits [N, T, V] of known tokens: uniform logits have perplexity V; logits that put all the mass on the
+    true next token have perplexity 1; one flipped arg-max among the judged positions costs exactly its share;
+    padded positions count for nothing; the tolerance rule then bounds 1 - next-token agreement."""
+    from compress.evaluate import judged
+
+    n, t, v = 3, 6, 11
+    ids = _rng(2).integers(0, v, size=(n, t))
+    uniform = np.zeros((n, t, v), np.float32)
+    sure = np.full((n, t, v), -30.0, np.float32)
+    sure[np.arange(n)[:, None], np.arange(t - 1)[None], ids[:, 1:]] = 30.0
+    f = fidelity([sure], [uniform], tokens=[{"input_ids": ids}])
+    assert f["reference_perplexity"] == pytest.approx(1.0, abs=1e-9)
+    assert f["perplexity"] == pytest.approx(v, rel=1e-9) and f["token_positions"] == n * (t - 1)
+    flipped = sure.copy()
+    flipped[1, 2] = -flipped[1, 2]  # that position's arg-max is another token now
+    mask = np.ones((n, t), np.int64)
+    mask[2, 3:] = 0  # the third row is padded after 3 tokens: it predicts 2 next tokens, not 5
+    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
+    f = fidelity([[sure[:2]], [sure[2:]]], [[flipped[:2]], [flipped[2:]]], tokens=batches)
+    assert f["token_positions"] == 5 + 5 + 2 and f["next_token_agreement"] == pytest.approx(11 / 12)
+    assert f["perplexity"] > 1.5 and judged(f) == ("next_token", pytest.approx(1 / 12))
+    assert "next_token_agreement" not in fidelity([sure], [flipped])  # not asked for: the cosine rule stands
+    bad = flipped.copy()
+    bad[0, 0, 0] = np.nan
+    f = fidelity([sure], [bad], tokens=[{"input_ids": ids}])
+    assert f["perplexity"] is None and f["nonfinite_samples"] == 1

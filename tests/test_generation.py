@@ -198,6 +198,12 @@ def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_
         assert v["fidelity"]["cosine_min"] > 0.5  # judged on the logits of a prefill of the held-out tokens
     fp32, pruned = rep["variants"][0], rep["variants"][1]
     assert fp32["fidelity"]["cosine_min"] > 0.9999  # the with-past graph's prefill is the plain forward
+    for v in rep["variants"]:  # judged as a generating model is: its next tokens, and perplexity on held-out ids
+        f = v["fidelity"]
+        assert f["token_positions"] == f["samples"] * 15 and 0 < f["next_token_agreement"] <= 1
+        assert f["reference_perplexity"] == pytest.approx(fp32["fidelity"]["perplexity"], rel=1e-4)
+        assert v["within_tolerance"] == (1 - f["next_token_agreement"] <= rep["tolerance"])
+    assert fp32["fidelity"]["next_token_agreement"] == 1.0 and 1 < fp32["fidelity"]["perplexity"] < 1000
     assert fp32["parity"]["greedy_tokens_matched"] == pruned["parity"]["greedy_tokens_matched"] == 16
     import onnx
 
@@ -205,5 +211,42 @@ def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_
              for i in onnx.load(str(tmp_path / "out" / "pruned.onnx")).graph.input if i.name.startswith("past_")}
     assert heads and max(heads.values()) < 4  # the pruned decoder's cache has fewer heads than fp32's four
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "Per token" in md and "decode p50 per token (after 63)" in md
+    assert "Per token" in md and "decode p50 per token (after 63)" in md and "next token 100.0%, ppl" in md
     assert "per token" in r.stdout
+
+
+def test_logits_are_judged_where_the_model_returns_hidden_states_beside_them(tmp_path):
+    """A transformers model asked for its hidden states returns them beside the logits: the run judges the
+    logits alone (its figure is recomputed here from the held-out rows on the logits, and differs from the figure
+    over every output), and --generate, whose graph returns logits and the cache, judges it too (it failed on
+    four reference outputs against one)."""
+    (tmp_path / "lm.py").write_text(FACTORY.replace("eos_token_id=0)", "eos_token_id=0, output_hidden_states=True)")
+                                    .replace("self.lm(input_ids).logits", "self.lm(input_ids)"))
+    ids = np.random.default_rng(0).integers(0, 100, size=(8, 16))
+    ids[7] = ids[6]  # the held-out quarter (rows 6, 7): one row twice, so dynamic INT8's per-batch range is the row's
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    r = _cli("run", f"{tmp_path / 'lm.py'}:build", "--calib", str(tmp_path / "ids.npz"), "--quant", "int8",
+             "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import onnx
+
+    from compress.evaluate import fidelity, onnx_outputs
+
+    outputs = [o.name for o in onnx.load(str(tmp_path / "out" / "fp32.onnx")).graph.output]
+    assert outputs[:2] == ["logits", "hidden_states_0"]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    int8 = rep["variants"][-1]
+    sys.path.insert(0, str(tmp_path))
+    import lm
+
+    with torch.no_grad():
+        ref = lm.build()(input_ids=torch.from_numpy(ids[6:7]))
+    got = onnx_outputs(tmp_path / "out" / f"{int8['name']}.onnx", [{"input_ids": ids[6:7]}])[0]
+    logits_only, everything = fidelity([ref.logits], got[:1]), fidelity([ref.logits, *ref.hidden_states], got)
+    assert int8["fidelity"]["cosine_min"] == pytest.approx(logits_only["cosine_min"], abs=1e-6)
+    assert everything["cosine_min"] != pytest.approx(logits_only["cosine_min"], abs=1e-6)
+    r = _cli("run", f"{tmp_path / 'lm.py'}:build", "--input-shape", "input_ids=1,16", "--generate", "--quant", "int8",
+             "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "gen"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "gen" / "report.json").read_text())
+    assert rep["variants"][0]["fidelity"]["next_token_agreement"] == 1.0

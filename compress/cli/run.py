@@ -26,7 +26,7 @@ from compress.cli.recipe import config_option, resolved
 from compress.core import console
 from compress.pipeline import RunOptions
 from compress.pruning import PruneOptions
-from compress.report import box_f1, per_token_rows
+from compress.report import fidelity_metric, fmt_fidelity, per_token_rows
 
 EPILOG = """\b
 Examples:
@@ -160,11 +160,9 @@ def _print_table(r: dict[str, Any], outdir: Path) -> None:
                                                                                        "fidelity"]
     for col in cols + (["accuracy"] if scored else []) + ["ok"]:
         t.add_column(col, justify="left" if col == "variant" else "right")
+    metric = fidelity_metric(r)  # one column compares like with like, as report.md's does
     for v in r["variants"]:
-        f = v["fidelity"]
-        fid = f"top-1 {f['top1_agreement']:.1%}" if f.get("top1_agreement") is not None else f"cos {f['cosine_min'] or 0:.4f}"
-        if box_f1(f) is not None:
-            fid = f"boxes F1 {box_f1(f):.1%}"
+        fid = fmt_fidelity(v["fidelity"], metric)
         mark = "*" if v["name"] == r["recommended"] else ""
         lat = v["latency_ms"]
         t.add_row(v["name"] + mark, f"{lat['p50']:.2f}" if lat else "simulated", f"{lat['p90']:.2f}" if lat else "-",

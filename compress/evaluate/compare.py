@@ -23,13 +23,15 @@ from torch import nn
 from compress.core import ModelError, RuntimeFailure, sessions
 from compress.core import first_line as _first_line
 from compress.evaluate.detection import box_fidelity, is_detection_head
+from compress.evaluate.tokens import token_fidelity, token_ids
 from export import flatten_outputs
 
 if TYPE_CHECKING:
     import onnx
 
 
-def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, Any]:
+def fidelity(reference: Sequence[Any], candidate: Sequence[Any],
+             tokens: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Compare two models' outputs on the same inputs.
 
     Each argument is either a list of outputs (one big batch) or a list over batches of such lists; batches are
@@ -37,7 +39,9 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
     all of that sample's outputs), rel_l2 (||ref - cand|| / ||ref|| over everything), top1_agreement (argmax over
     the last axis of the first output when it is [N, C] with C > 1, else None), samples and nonfinite_samples;
     and "boxes" where the first output is a YOLO detection head (compress.evaluate.detection: the boxes kept
-    after NMS, matched).
+    after NMS, matched). `tokens`: the inputs of a language model that generates (its batches, with `input_ids`):
+    where the first output is their logits [N, T, V], next_token_agreement, perplexity and reference_perplexity
+    too (compress.evaluate.tokens), and the tolerance bounds the agreement.
     """
     ref = _merge_batches(reference, "reference")
     cand = _merge_batches(candidate, "candidate")
@@ -55,6 +59,10 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, An
     }
     if is_detection_head(ref[0]):
         out["boxes"] = box_fidelity(ref[0], cand[0], finite)
+    got = token_ids(tokens) if tokens else None
+    judged_tokens = token_fidelity(ref[0], cand[0], *got, finite) if got else None
+    if judged_tokens:
+        out.update(judged_tokens)
     return out
 
 

@@ -9,11 +9,14 @@ from typing import Any
 
 def judged(fid: Mapping[str, Any]) -> tuple[str, float]:
     """(metric, error) that a tolerance bounds for these figures (a fidelity dict): 1 - the F1 of matched boxes
-    for a detector whose reference keeps boxes ("boxes"), 1 - top-1 agreement for a classifier ("top1"), else 1 -
+    for a detector whose reference keeps boxes ("boxes"), 1 - next-token agreement for a language model judged
+    as it generates ("next_token", compress.evaluate.tokens), 1 - top-1 agreement for a classifier ("top1"), else 1 -
     the worst per-sample cosine ("cosine_min"); every stage and the report judge by this one rule."""
     boxes = fid.get("boxes")
     if boxes and boxes.get("reference_boxes"):
         return "boxes", 1.0 - float(boxes["f1"])
+    if fid.get("next_token_agreement") is not None:
+        return "next_token", 1.0 - float(fid["next_token_agreement"])
     if fid.get("top1_agreement") is not None:
         return "top1", 1.0 - float(fid["top1_agreement"])
     cos = fid.get("cosine_min")

@@ -336,6 +336,7 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
     score and whether it is within the tolerance; simulated ones are run the way their backend runs them,
     untimed."""
     variants: list[Variant] = []
+    logits = _logits_index(work / built[0].onnx) if not opts.generate else 0  # with past: logits come first
     for b in built:
         runner, session_options = onnx_outputs, None
         if opts.generate:  # the with-past graph on the plain forward's tokens, as a prefill: its logits
@@ -347,7 +348,8 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
         else:
             t = timed.variants[b.name]
             figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
-        fid = Fidelity.from_json(fidelity(reference, runner(work / b.onnx, held_out)))
+        got = runner(work / b.onnx, held_out)
+        fid = Fidelity.from_json(fidelity(*_logits_only(reference, got, logits), tokens=held_out if opts.generate else None))
         ok = fid.within(opts.tolerance)  # matched boxes, top-1 or worst cosine; never with NaN/Inf outputs
         scored: dict[str, Any] = {}
         if opts.evaluate is not None:
@@ -359,6 +361,24 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
         variants.append(Variant(**b.model_dump(exclude_unset=True), **figures, fidelity=fid, within_tolerance=ok,
                                 **scored))
     return variants
+
+
+def _logits_index(fp32: Path) -> Optional[int]:
+    """Where the exported model's outputs hold `logits` beside other tensors (a transformers model asked for its
+    hidden states or attentions), the index of the logits: the output users judge a model by, and the one
+    compared. None: every output is."""
+    names = [o.name for o in onnx.load(str(fp32), load_external_data=False).graph.output]
+    return names.index("logits") if "logits" in names and len(names) > 1 else None
+
+
+def _logits_only(reference: list[list[Any]], candidate: list[list[Any]],
+                 index: Optional[int]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Both models' outputs per batch, narrowed to the logits where `index` says where they are (a prefill's
+    candidate holds them alone already)."""
+    def pick(outs: list[list[Any]]) -> list[list[Any]]:
+        return outs if index is None else [o[index:index + 1] if len(o) > 1 else o for o in outs]
+
+    return pick(reference), pick(candidate)
 
 
 def _prefill_logits(path: Path, batches: list[dict[str, Any]], session_options: Any = None) -> list[list[Any]]:

@@ -17,5 +17,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "REPORT_SCHEMA", "Built", "ExportedFile", "Fidelity", "FormatAdvice", "PruneMeasured", "PruneReport", "PruneResult", "QuantResult", "RunReport", "Stages", "ThreadTuning",
         "Variant", "VariantProfile", "VariantTiming", "check_report",
     ],
-    "text": ["box_f1", "code", "fmt_ms", "fmt_speedup", "fmt_stage_seconds", "per_token_rows", "table"],
+    "text": ["box_f1", "code", "fidelity_metric", "fmt_fidelity", "fmt_ms", "fmt_speedup", "fmt_stage_seconds", "per_token_rows", "table"],
 })

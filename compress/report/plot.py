@@ -92,6 +92,8 @@ def _ylabel(report: dict[str, Any], metric: str) -> str:
         return "--eval score (higher is better)" + (f"\n{ev}" if ev else "")
     if metric == "boxes":
         return "F1 of matched boxes vs fp32"
+    if metric == "next_token_agreement":
+        return "next-token agreement with fp32"
     return "top-1 agreement with fp32" if metric == "top1_agreement" else "min cosine similarity to fp32"
 
 

@@ -34,11 +34,17 @@ class Fidelity(OpenResult):
     samples: int
     nonfinite_samples: int = 0
     boxes: Optional[dict[str, Any]] = None  # detectors: boxes kept after NMS, matched (compress.evaluate.detection)
+    # language models judged as they generate (compress.evaluate.tokens): the share of held-out positions whose
+    # next token is the reference's, and each model's perplexity on those tokens
+    next_token_agreement: Optional[float] = None
+    perplexity: Optional[float] = None
+    reference_perplexity: Optional[float] = None
+    token_positions: Optional[int] = None
 
     def loss(self) -> float:
-        """What the tolerance bounds (compress.evaluate.judged: 1 - matched-box F1 for detectors, 1 - top-1
-        agreement for classifiers, else 1 - the worst per-sample cosine); infinite when some output is not
-        finite (an arg-max of NaN can still 'agree') or nothing was measured."""
+        """What the tolerance bounds (compress.evaluate.judged: 1 - matched-box F1 for detectors, 1 - next-token
+        agreement for decoders judged as they generate, 1 - top-1 agreement for classifiers, else 1 - the worst
+        per-sample cosine); infinite when some output is not finite (an arg-max of NaN can still 'agree') or nothing was measured."""
         if self.nonfinite_samples:
             return float("inf")
         return judged(self.model_dump())[1]

@@ -87,7 +87,8 @@ def fmt_cos(x: float) -> str:
 
 def fidelity_metric(report: dict[str, Any]) -> str:
     """'boxes' when every variant that has fidelity reports matched boxes of a reference that keeps some (a
-    detector), 'top1_agreement' when every one reports it (a classifier), else 'cosine_min'.
+    detector), 'next_token_agreement' when every one reports it (a decoder judged as it generates),
+    'top1_agreement' when every one reports it (a classifier), else 'cosine_min'.
 
     The same rule as compress.pipeline.run.within_tolerance, applied to the whole report so that one column
     (and one plot axis) compares like with like.
@@ -96,6 +97,8 @@ def fidelity_metric(report: dict[str, Any]) -> str:
     fids = [f for f in fids if f]
     if fids and all(box_f1(f) is not None for f in fids):
         return "boxes"
+    if fids and all(num(f.get("next_token_agreement")) is not None for f in fids):
+        return "next_token_agreement"
     if fids and all(num(f.get("top1_agreement")) is not None for f in fids):
         return "top1_agreement"
     return "cosine_min"
@@ -111,6 +114,9 @@ def fmt_fidelity(fid: Any, metric: str) -> str:
     f = as_dict(fid)
     if metric == "boxes" and box_f1(f) is not None:
         return f"boxes F1 {fmt_pct(box_f1(f))}"
+    if metric == "next_token_agreement" and num(f.get("next_token_agreement")) is not None:
+        ppl = num(f.get("perplexity"))
+        return f"next token {fmt_pct(f['next_token_agreement'])}" + (f", ppl {ppl:.4g}" if ppl is not None else "")
     if metric == "top1_agreement" and num(f.get("top1_agreement")) is not None:
         return f"top-1 {fmt_pct(f['top1_agreement'])}"
     if num(f.get("cosine_min")) is not None:
