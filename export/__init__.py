@@ -9,8 +9,9 @@ DEFAULT_NEW_TOKENS = 16  # --with-past: tokens of greedy generation checked agai
 PAST_PREFIX = "past_key_values."  # a decoder's KV cache inputs (--with-past); runtime/runner.py keeps its own copy
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "generation": ["GenerationCheck", "GenerationExport", "empty_past", "export_with_past", "find_decoder",
-                   "onnx_greedy", "past_names", "prefill_feeds", "present_names"],
+    "generation": ["GenerationCheck", "GenerationExport", "export_with_past", "find_decoder", "onnx_greedy",
+                   "past_names", "present_names"],
+    "past": ["empty_past", "prefill_feeds"],
     "metadata": ["get_metadata", "input_specs", "set_metadata"],
     "onnx_export": ["ExportResult", "export_onnx", "flatten_outputs", "silenced", "write_model"],
 }, modules=("metadata",))

@@ -31,6 +31,7 @@ from compress.core import ModelError, Result, UsageError, reraise_if_interrupted
 from compress.core import first_line as _first_line
 from export import DEFAULT_NEW_TOKENS, PAST_PREFIX, metadata
 from export.onnx_export import silenced, size_with_data, write_model
+from export.past import empty_past
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -143,18 +144,6 @@ def _geometry(lm: nn.Module, prompt: torch.Tensor) -> tuple[list[list[int]], int
     return [[int(t.shape[1]), int(t.shape[3])] for kv in layers for t in kv], int(out.logits.shape[-1])
 
 
-def empty_past(inputs: Any, batch: int = 1) -> dict[str, np.ndarray]:
-    """A past of length 0 for each past_key_values input of a graph (`inputs`: a session's get_inputs() or a
-    graph's input list), at its own heads and head size: the prefill's."""
-    out = {}
-    for i in inputs:
-        if not i.name.startswith(PAST_PREFIX):
-            continue
-        dims = list(i.shape) if hasattr(i, "shape") else [d.dim_value or None for d in i.type.tensor_type.shape.dim]
-        out[i.name] = np.zeros((batch, int(dims[1]), 0, int(dims[3])), np.float32)
-    return out
-
-
 def _torch_greedy(lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and each step's next-token logits from torch, with the cache, as generate() runs it."""
     with torch.no_grad():
@@ -182,14 +171,6 @@ def onnx_greedy(sess: Any, prompt: np.ndarray, new_tokens: int) -> tuple[list[in
         past = outs[1:]
         cur = np.array([[nxt]], np.int64)
     return tokens, logits
-
-
-def prefill_feeds(batch: dict[str, Any], inputs: Any) -> dict[str, np.ndarray]:
-    """A plain forward's batch ({input_ids: [n, length]}) as a decoder-with-past graph's prefill (`inputs`: its
-    graph inputs): a mask of ones and an empty past, so its logits answer for the same tokens."""
-    ids = np.asarray(batch["input_ids"].numpy() if hasattr(batch["input_ids"], "numpy") else batch["input_ids"])
-    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones(ids.shape, np.int64),
-            **empty_past(inputs, ids.shape[0])}
 
 
 def check_generation(sess: Any, lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> GenerationCheck:

@@ -185,6 +185,11 @@ def test_language_model_outputs_are_judged_by_next_token_agreement_and_perplexit
     assert f["token_positions"] == 5 + 5 + 2 and f["next_token_agreement"] == pytest.approx(11 / 12)
     assert f["perplexity"] > 1.5 and judged(f) == ("next_token", pytest.approx(1 / 12))
     assert "next_token_agreement" not in fidelity([sure], [flipped])  # not asked for: the cosine rule stands
+    # real text: the perplexity's relative increase is judged (flatter predictions on real text cost perplexity)
+    f = fidelity([sure], [sure / 10], tokens=[{"input_ids": ids}], real_tokens=True)
+    assert f["next_token_agreement"] == 1.0 and f["perplexity_increase"] == pytest.approx(f["perplexity"] - 1.0)
+    assert judged(f) == ("perplexity", pytest.approx(f["perplexity"] - 1.0)) and f["perplexity"] > 1.01
+    assert judged(fidelity([sure / 10], [sure], tokens=[{"input_ids": ids}], real_tokens=True)) == ("perplexity", 0.0)
     bad = flipped.copy()
     bad[0, 0, 0] = np.nan
     f = fidelity([sure], [bad], tokens=[{"input_ids": ids}])

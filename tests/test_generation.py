@@ -178,6 +178,36 @@ def test_decoder_with_past_is_quantized_and_profiled_per_token(tmp_path, decoder
     assert p.generation.decode.runs == 5 and {i.name: i.shape for i in p.inputs}["attention_mask"] == [1, 17]
 
 
+def test_decoder_with_past_is_calibrated_on_the_users_token_ids(tmp_path, trained_folder, decoder):
+    """--calib with token ids alone for a graph that also takes a KV cache and a mask: each sample is fed as a
+    prefill (an empty past, a mask of ones), so the INT8 scales and the fidelity come from the user's text, not
+    from the metadata's random prompt. The text: this file's own bytes, which the byte-level model reads."""
+    out, _ = decoder
+    text = np.frombuffer(Path(__file__).read_bytes()[:40 * 24], np.uint8).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=text.reshape(40, 24))
+    r = _cli("quantize", str(out), "--to", "int8", "--calib", str(tmp_path / "ids.npz"), "--no-measure", "--json",
+             str(tmp_path / "q.json"), "-o", str(tmp_path / "int8.onnx"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["calibration"]["source"].endswith("ids.npz") and q["calibration"]["samples"] == 40, q["calibration"]
+    assert q["fidelity"]["cosine_min"] > 0.99
+    # compress run --generate on the same text: the quantizer calibrates on it, and on real text the judge bounds
+    # perplexity's increase (INT8 of this model moves it by well under 1%)
+    r = _cli("run", str(trained_folder), "--calib", str(tmp_path / "ids.npz"), "--generate", "--quant", "int8",
+             "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    fp32, int8 = rep["variants"]
+    assert rep["stages"]["quantize"]["calibration"]["source"].endswith(".npz")
+    assert fp32["fidelity"]["perplexity_increase"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(int8["fidelity"]["perplexity_increase"]) < 0.01 and int8["within_tolerance"] is True
+    assert 1 < fp32["fidelity"]["reference_perplexity"] < 30  # it reads Python source well; 256 bytes are possible
+    np.savez(tmp_path / "bad.npz", tokens=text.reshape(40, 24))
+    r = _cli("quantize", str(out), "--to", "int8", "--calib", str(tmp_path / "bad.npz"), "-o",
+             str(tmp_path / "bad.onnx"), cwd=tmp_path)
+    assert r.returncode == 1 and "'tokens' is not an input name" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_token(tmp_path):
     """compress run --generate on the stock-config decoder: fp32, pruned (fewer heads, so a KV cache of other
     sizes), INT4 of each, every one exported with its cache and checked by greedy generation (fp32 and pruned),

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def fidelity(reference: Sequence[Any], candidate: Sequence[Any],
-             tokens: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+             tokens: Sequence[Mapping[str, Any]] | None = None, real_tokens: bool = False) -> dict[str, Any]:
     """Compare two models' outputs on the same inputs.
 
     Each argument is either a list of outputs (one big batch) or a list over batches of such lists; batches are
@@ -41,7 +41,8 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any],
     and "boxes" where the first output is a YOLO detection head (compress.evaluate.detection: the boxes kept
     after NMS, matched). `tokens`: the inputs of a language model that generates (its batches, with `input_ids`):
     where the first output is their logits [N, T, V], next_token_agreement, perplexity and reference_perplexity
-    too (compress.evaluate.tokens), and the tolerance bounds the agreement.
+    too (compress.evaluate.tokens); `real_tokens`: they are real text, and perplexity_increase is what the
+    tolerance bounds (else the agreement).
     """
     ref = _merge_batches(reference, "reference")
     cand = _merge_batches(candidate, "candidate")
@@ -60,7 +61,7 @@ def fidelity(reference: Sequence[Any], candidate: Sequence[Any],
     if is_detection_head(ref[0]):
         out["boxes"] = box_fidelity(ref[0], cand[0], finite)
     got = token_ids(tokens) if tokens else None
-    judged_tokens = token_fidelity(ref[0], cand[0], *got, finite) if got else None
+    judged_tokens = token_fidelity(ref[0], cand[0], *got, finite, real_tokens) if got else None
     if judged_tokens:
         out.update(judged_tokens)
     return out

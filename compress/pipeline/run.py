@@ -258,7 +258,8 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
         if per_token:
             timed.speedup_measure = f"{per_token}: {timed.speedup_measure}"
         with clock("judge"):
-            variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage)
+            variants = _judge(built, timed, reference, held_out, work, opts, quantizer, on_stage,
+                              real_data=inputs.info.get("source") != "random")
         name, reason = recommend(variants, opts.tolerance, timed.threads_tuning)
         reason += _prune_hint(variants, stages.prune)
         report = RunReport(
@@ -319,10 +320,8 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
     judge = work / "fp32.onnx" if base.name != "fp32" and not opts.generate else None
     parts.append(judge)
     stage = "quantize" if name == opts.quant else "quantize-unpruned"
-    # --generate: the graph takes a KV cache, which --calib's token ids lack; its metadata's prefill stands in
-    calib = None if opts.generate else opts.calib
     q = cache.run(stage, key_of("quantize", parts), [path],
-                  lambda: quant_stage(work / base.onnx, path, profile, calib, qopts, on_stage,
+                  lambda: quant_stage(work / base.onnx, path, profile, opts.calib, qopts, on_stage,
                                       reference_model=judge, torch_source=source), QuantResult)
     variant = Built(name=name, onnx=path.name, size_bytes=path.stat().st_size, params=_params(path),
                     macs=base.macs, parity=None, simulated=q.simulated, excluded_layers=q.excluded_layers,
@@ -331,10 +330,12 @@ def _quantize(quantizer: Backend, base: Built, module: Optional[nn.Module], exam
 
 
 def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[dict[str, torch.Tensor]],
-           work: Path, opts: RunOptions, quantizer: Optional[Backend], on_stage: Callable[[str], None]) -> list[Variant]:
+           work: Path, opts: RunOptions, quantizer: Optional[Backend], on_stage: Callable[[str], None],
+           real_data: bool = False) -> list[Variant]:
     """Each built model with its device figures, fidelity to the torch model on the held-out batches, --eval
     score and whether it is within the tolerance; simulated ones are run the way their backend runs them,
-    untimed."""
+    untimed. --generate: next-token agreement and perplexity too, judged on perplexity where the held-out
+    tokens are the user's (`real_data`), not random."""
     variants: list[Variant] = []
     logits = _logits_index(work / built[0].onnx) if not opts.generate else 0  # with past: logits come first
     for b in built:
@@ -349,7 +350,8 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
             t = timed.variants[b.name]
             figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
         got = runner(work / b.onnx, held_out)
-        fid = Fidelity.from_json(fidelity(*_logits_only(reference, got, logits), tokens=held_out if opts.generate else None))
+        fid = Fidelity.from_json(fidelity(*_logits_only(reference, got, logits), tokens=held_out if opts.generate else None,
+                                          real_tokens=real_data))
         ok = fid.within(opts.tolerance)  # matched boxes, top-1 or worst cosine; never with NaN/Inf outputs
         scored: dict[str, Any] = {}
         if opts.evaluate is not None:

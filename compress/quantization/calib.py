@@ -25,7 +25,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from compress.core import InputError, UsageError
 from compress.core import first_line as _first_line
 from compress.models import load_calib, npz_keys
-from export import get_metadata
+from export import PAST_PREFIX, get_metadata, prefill_feeds
 from runtime import unsized_axis
 
 CalibSource = Union[str, Path, Mapping[str, np.ndarray], None]
@@ -91,7 +91,7 @@ class CalibReader(CalibrationDataReader):
             self.path = None if isinstance(calib, Mapping) else str(calib)
             self.label = label or self.path or "calibration arrays"
             # feeds come in whole batches: read enough samples for one even when max_samples is smaller
-            total = self._open(calib, None if max_samples is None else max(max_samples, batch))
+            total = self._open(calib, None if max_samples is None else max(max_samples, batch), proto)
         self.count = total // batch
         if max_samples is not None:
             self.count = min(self.count, max(1, max_samples // batch))
@@ -111,7 +111,7 @@ class CalibReader(CalibrationDataReader):
 
     # --- sources ---------------------------------------------------------------------------------------------
 
-    def _open(self, calib: Any, cap: Optional[int]) -> int:
+    def _open(self, calib: Any, cap: Optional[int], proto: onnx.ModelProto) -> int:
         shown = self.label
         wanted = [i.name for i in self.inputs]
         if isinstance(calib, Mapping):
@@ -121,10 +121,13 @@ class CalibReader(CalibrationDataReader):
             source = None
         self.ignored = [k for k in keys if k not in wanted]
         missing = [n for n in wanted if n not in keys]
-        if missing:
+        prefill = bool(missing) and "input_ids" in keys and all(_prefill_fills(n) for n in missing)
+        if missing and not prefill:
             raise InputError(f"{shown}: no array for graph input(s) {', '.join(missing)} (it has {', '.join(keys) or 'none'})")
         if source is None:  # lazily: memory-mapped or decompressed up to `cap` samples, the graph inputs only
-            source = load_calib(calib, max_samples=cap, keys=wanted)
+            source = load_calib(calib, max_samples=cap, keys=[n for n in wanted if n in keys])
+        if prefill:  # a decoder with its KV cache: the token ids as its prefill (an empty past, a mask of ones)
+            source = {**prefill_feeds(source, proto.graph.input), **{k: source[k] for k in wanted if k in keys}}
         counts = {}
         for inp in self.inputs:
             try:
@@ -216,6 +219,11 @@ def calibration_feeds(model: Path, source: Any, seed: int, max_samples: Optional
         return [reader.feed(i) for i in range(reader.count)]
     finally:
         reader.close()
+
+
+def _prefill_fills(name: str) -> bool:
+    """Inputs a decoder-with-past graph's prefill fills itself when the data holds its token ids alone."""
+    return name.startswith(PAST_PREFIX) or name == "attention_mask"
 
 
 def _dims_text(dims: list[Optional[int]]) -> str:

@@ -239,7 +239,8 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     elif metric == "next_token_agreement":
         ref = next((num(as_dict(v.get("fidelity")).get("reference_perplexity")) for v in variants_of(r)), None)
         notes.append("Fidelity: the share of held-out positions whose next token (arg-max) is fp32's; ppl: the "
-                     "perplexity on the held-out tokens" + (f" (the PyTorch model's: {ref:.4g})." if ref else "."))
+                     "perplexity on the held-out tokens" + (f" (the PyTorch model's: {ref:.4g})" if ref else "")
+                     + ", and its relative increase over that where the tokens are your text (--calib).")
     elif metric == "top1_agreement":
         notes.append("Fidelity: top-1 agreement with fp32 on held-out inputs.")
     else:
@@ -247,9 +248,9 @@ def _variants_section(r: dict[str, Any], variants: list[dict[str, Any]], plot: O
     if tol is not None and r.get("eval"):
         notes.append(f"Within tolerance: the --eval score ({r['eval']}) is at most {tol:g} below fp32's.")
     elif tol is not None:
-        notes.append(f"Within tolerance: loss vs fp32 ≤ {tol:g} (1 − matched-box F1 for detectors, 1 − next-token "
-                     "agreement for decoders run with --generate, 1 − top-1 agreement for classifiers, else 1 − min "
-                     "cosine).")
+        notes.append(f"Within tolerance: loss vs fp32 ≤ {tol:g} (1 − matched-box F1 for detectors; with --generate "
+                     "the relative perplexity increase on your text, or 1 − next-token agreement on random tokens; "
+                     "1 − top-1 agreement for classifiers; else 1 − min cosine).")
     if any(v.get("simulated") for v in variants):
         notes.append("Simulated variants have no hardware here: fidelity only, no latency, never recommended.")
     out += [" ".join(notes), ""]
@@ -516,7 +517,7 @@ def _quant_lines(q: dict[str, Any], variants: list[dict[str, Any]], suffix: str 
                    + (f" ({n} held-out samples)" if n else ""))
     fb = as_dict(q.get("fallback"))
     if fb:
-        metric = {"top1": "top-1 error", "next_token": "next-token error", "cosine_min": "1 − min cosine"}.get(fb.get("metric"), fb.get("metric", "error"))
+        metric = {"top1": "top-1 error", "next_token": "next-token error", "perplexity": "perplexity increase", "cosine_min": "1 − min cosine"}.get(fb.get("metric"), fb.get("metric", "error"))
         eb, ea = num(fb.get("error_before")), num(fb.get("error"))
         txt = f"- **Fallback** (tolerance {fb.get('tolerance', NA)} on {metric}): "
         txt += f"error {eb:.4g} with every layer quantized" if eb is not None else "error n/a with every layer quantized"

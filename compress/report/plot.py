@@ -78,7 +78,8 @@ def tradeoff_data(report: dict[str, Any]) -> dict[str, Any]:
         base = next((v for v in variants if v.get("name") == "fp32"), variants[0] if variants else {})
         base_acc = num(base.get("accuracy"))
         threshold = None if base_acc is None else base_acc - tol
-    elif tol is not None:
+    elif tol is not None and not any(num(as_dict(v.get("fidelity")).get("perplexity_increase")) is not None
+                                     for v in variants):  # judged on perplexity, which is not this axis
         threshold = 1.0 - tol
     return {"y": metric, "timed": timed, "untimed": untimed, "front": pareto_front(timed), "threshold": threshold}
 

@@ -40,11 +40,13 @@ class Fidelity(OpenResult):
     perplexity: Optional[float] = None
     reference_perplexity: Optional[float] = None
     token_positions: Optional[int] = None
+    perplexity_increase: Optional[float] = None  # on real text: perplexity / reference_perplexity - 1, judged
 
     def loss(self) -> float:
-        """What the tolerance bounds (compress.evaluate.judged: 1 - matched-box F1 for detectors, 1 - next-token
-        agreement for decoders judged as they generate, 1 - top-1 agreement for classifiers, else 1 - the worst
-        per-sample cosine); infinite when some output is not finite (an arg-max of NaN can still 'agree') or nothing was measured."""
+        """What the tolerance bounds (compress.evaluate.judged: 1 - matched-box F1 for detectors; for decoders
+        judged as they generate, the relative perplexity increase on real text or 1 - next-token agreement; 1 -
+        top-1 agreement for classifiers; else 1 - the worst per-sample cosine); infinite when some output is not
+        finite (an arg-max of NaN can still 'agree') or nothing was measured."""
         if self.nonfinite_samples:
             return float("inf")
         return judged(self.model_dump())[1]

@@ -115,8 +115,9 @@ def fmt_fidelity(fid: Any, metric: str) -> str:
     if metric == "boxes" and box_f1(f) is not None:
         return f"boxes F1 {fmt_pct(box_f1(f))}"
     if metric == "next_token_agreement" and num(f.get("next_token_agreement")) is not None:
-        ppl = num(f.get("perplexity"))
-        return f"next token {fmt_pct(f['next_token_agreement'])}" + (f", ppl {ppl:.4g}" if ppl is not None else "")
+        ppl, up = num(f.get("perplexity")), num(f.get("perplexity_increase"))
+        return (f"next token {fmt_pct(f['next_token_agreement'])}" + (f", ppl {ppl:.4g}" if ppl is not None else "")
+                + (f" ({up:+.1%})" if up is not None else ""))
     if metric == "top1_agreement" and num(f.get("top1_agreement")) is not None:
         return f"top-1 {fmt_pct(f['top1_agreement'])}"
     if num(f.get("cosine_min")) is not None:
