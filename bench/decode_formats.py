@@ -8,24 +8,29 @@ what each format costs in next-token agreement and bits per byte.
 
 Models (no hub: both are built here):
 (a) latency: a Llama-architecture decoder from its config (random seeded weights): hidden 512, 8 layers, 8 heads
-    with 2 KV heads (GQA), MLP 1408, vocab 8000, 2048 positions; 36 M parameters, 146 MB in fp32: large enough
+    with 2 KV heads (GQA), MLP 1408, vocab 8000, 2048 positions; 31 M parameters, 124 MB in fp32: large enough
     that a decode step streams its weights from memory, as on a board. Variants: fp32 and INT8/INT4 of our
-    export (compress export --with-past: export.generation), INT8 = onnxruntime's quantize_dynamic (the anchor
-    recipe for dynamic INT8), INT4 = compress.quantization.int4.weight_only (MatMulNBits, 4 bits, block 32, every
-    MatMul), and onnxruntime-genai's builder (`-p int4` and `-p fp32`, CPU) on the same weights, which fuses
-    attention (GroupQueryAttention) and RoPE. Every model takes the same feeds, the runner's (runtime/runner.py
+    export (compress export --with-past: export.generation, opset 23, whose Attention, RotaryEmbedding and
+    RMSNormalization onnxruntime runs fused; the same at opset 18 beside it), INT8 = onnxruntime's
+    quantize_dynamic (the anchor recipe for dynamic INT8), INT4 = compress.quantization.int4.weight_only
+    (MatMulNBits, 4 bits, block 32, every MatMul), INT4 mixed = compress.quantize --to int4 --avg-bits 5 (the
+    layers whose 4 bits cost most kept at 8, measured on random token ids: the weights are random too), and
+    onnxruntime-genai's builder (`-p int4` and `-p fp32`, CPU) on the same weights, which fuses attention with
+    the cache (GroupQueryAttention). Every model takes the same feeds, the runner's (runtime/runner.py
     generation_feeds): a prompt of --prompt-len tokens with an empty past (prefill), and one token after
     --context-len tokens of past (decode).
 (b) quality: the trained byte-level GPT-2 of bench/train_tiny_gpt2.py (stock config, 4 layers, n_embd 256),
-    exported the same way; its INT8 and INT4 variants scored on 48 held-out windows of 128 bytes of the stdlib's
-    source: bits per byte, and next-token agreement with fp32 (argmax equal). onnxruntime-genai has no GPT-2.
+    exported the same way; its INT8 and INT4 variants (the mixed one calibrated on 32 training windows) scored on
+    48 held-out windows of 128 bytes of the stdlib's source: bits per byte, and next-token agreement with fp32
+    (argmax equal). onnxruntime-genai has no GPT-2.
 Latency is the median of interleaved warm bursts (runtime.abtest.interleaved_latency, as compress run times
 variants), wall clock and the calling thread's CPU time, one intra-op thread by default.
 
-Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, about 45 s):
-decode per token vs fp32 (4.10 ms): INT8 1.90x, INT4 2.04x, genai int4 4.31x, genai fp32 1.17x; prefill of 64
-tokens (18.7 ms): INT8 2.69x, INT4 1.20x, genai int4 1.27x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 bits per byte
-(fp32 / INT8 / INT4), next-token agreement 99.10% / 97.22%. README "Generation" has the table.
+Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 104 s):
+decode per token vs fp32 (4.05 ms): INT8 2.18x, INT4 2.39x, INT4 mixed 2.23x, INT4 at opset 18 1.83x (fp32 at
+opset 18 0.90x), genai int4 3.77x, genai fp32 1.10x; prefill of 64 tokens (18.4 ms): INT8 2.82x, INT4 1.21x,
+INT4 mixed 1.24x, genai int4 1.24x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 / 2.2385 bits per byte (fp32 / INT8 /
+INT4 / INT4 mixed), next-token agreement 99.10% / 97.18% / 98.34%. README "Generation" has the table.
 """
 
 from __future__ import annotations
@@ -52,11 +57,14 @@ LLAMA = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidde
              num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def quantized(fp32: Path, work: Path) -> dict[str, Path]:
-    """INT8 (onnxruntime quantize_dynamic) and INT4 (ours: MatMulNBits, block 32) of one exported decoder."""
+def quantized(fp32: Path, work: Path, calib: np.ndarray, mixed: bool = True) -> dict[str, Path]:
+    """INT8 (onnxruntime quantize_dynamic), INT4 (ours: MatMulNBits, block 32, every MatMul) and INT4 mixed by
+    salience (compress.quantize --to int4 --avg-bits 5: the layers whose 4 bits cost most kept at 8, measured on
+    `calib`, token ids each fed as a prefill) of one exported decoder."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import compress
     from compress.quantization.int4 import quantizable_layers, weight_only
 
     int8 = work / f"{fp32.stem}.int8.onnx"
@@ -64,7 +72,13 @@ def quantized(fp32: Path, work: Path) -> dict[str, Path]:
     proto = onnx.load(str(fp32))
     int4 = work / f"{fp32.stem}.int4.onnx"
     onnx.save_model(weight_only(proto, {layer.node: 4 for layer in quantizable_layers(proto)}, block_size=32), str(int4))
-    return {"int8-dynamic": int8, "int4": int4}
+    if not mixed:
+        return {"int8-dynamic": int8, "int4": int4}
+    np.savez(work / f"{fp32.stem}.calib.npz", input_ids=calib)
+    mixed = work / f"{fp32.stem}.int4-mixed.onnx"
+    compress.quantize(fp32, to="int4", avg_bits=5.0, calib=str(work / f"{fp32.stem}.calib.npz"), output=mixed,
+                      no_measure=True)
+    return {"int8-dynamic": int8, "int4": int4, "int4-mixed": mixed}
 
 
 def genai(folder: Path, work: Path, site: str | None) -> tuple[dict[str, Path], str]:
@@ -172,8 +186,14 @@ def main() -> int:
         print(f"\n(a) llama-edge: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"{r.layers} layers, {r.kv_heads} KV heads x {r.head_dim}; greedy tokens of our export match torch "
               f"({r.generation.matched}/{r.generation.new_tokens})")
+        ids = np.random.default_rng(0).integers(0, LLAMA["vocab_size"], size=(16, 32))  # random weights: any text
         anchors, why = genai(folder, work, args.genai_site)
-        variants = {"fp32": ours, **quantized(ours, work), **anchors}
+        # the same at opset 18 (the exporter's separate ops), to show what opset 23's fused Attention, RotaryEmbedding
+        # and RMSNormalization buy
+        old = work / "fp32-opset18.onnx"
+        export_with_past(model, torch.randint(0, LLAMA["vocab_size"], (1, 12)), old, new_tokens=8, opset=18)
+        variants = {"fp32": ours, **quantized(ours, work, ids), "fp32-opset18": old,
+                    "int4-opset18": quantized(old, work, ids, mixed=False)["int4"], **anchors}
         # the feeds the runner times a decoder on (every variant takes the same inputs)
         pre, dec = generation_feeds(np, sessions.session(ours), args.prompt_len, args.context_len, seed=0)
         latency_table(variants, pre, dec, args.threads, args.rounds, args.prompt_len)
@@ -189,7 +209,9 @@ def main() -> int:
         g = export_with_past(gpt2, torch.tensor([list(b"import os\ndef main(")]), tiny, new_tokens=16)
         print(f"\n(b) tiny GPT-2 (trained, stock config): greedy tokens of our export match torch "
               f"({g.generation.matched}/{g.generation.new_tokens}); 48 held-out windows of 128 bytes")
-        quality({"fp32": tiny, **quantized(tiny, work)}, byte_windows(stdlib_split()[1], 48, 128, seed=1))
+        train, held = stdlib_split()
+        quality({"fp32": tiny, **quantized(tiny, work, byte_windows(train, 32, 128, seed=2))},
+                byte_windows(held, 48, 128, seed=1))
     return 0
 
 

@@ -88,6 +88,12 @@ class DeviceProfile(_Strict):
         description="onnxruntime session config entries, e.g. session.intra_op.allow_spinning: '0'",
     )
     opset: int = Field(18, ge=13, le=23)
+    generation_opset: int = Field(
+        23, ge=13, le=23,
+        description="opset of decoders exported with their KV cache (export --with-past, run --generate): at 23 "
+                    "the exporter writes Attention, RotaryEmbedding and RMSNormalization, which onnxruntime (1.23 "
+                    "and later) runs fused; set it to `opset` where the device's onnxruntime is older",
+    )
     quantization: QuantizationPrefs = Field(default_factory=QuantizationPrefs)
     pruning: PruningPrefs = Field(default_factory=PruningPrefs)
     fp8: bool = Field(False, description="the device has FP8 (E4M3/E5M2) tensor hardware")

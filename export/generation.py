@@ -29,7 +29,7 @@ from torch import nn
 
 from compress.core import ModelError, Result, UsageError, reraise_if_interrupted, sessions
 from compress.core import first_line as _first_line
-from export import DEFAULT_NEW_TOKENS, PAST_PREFIX, metadata
+from export import DEFAULT_NEW_TOKENS, GENERATION_OPSET, PAST_PREFIX, metadata
 from export.onnx_export import silenced, size_with_data, write_model
 from export.past import empty_past
 
@@ -183,7 +183,7 @@ def check_generation(sess: Any, lm: nn.Module, prompt: torch.Tensor, new_tokens:
                            torch_tokens=want, onnx_tokens=got, max_logit_abs_err=err)
 
 
-def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Path, *, opset: int = 18,
+def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Path, *, opset: int = GENERATION_OPSET,
                      new_tokens: int = DEFAULT_NEW_TOKENS, source: str = "", extra_meta: Optional[dict[str, Any]] = None,
                      quiet: bool = True, on_stage: Optional[Callable[[str], None]] = None) -> GenerationExport:
     """Export the decoder in `module` with its KV cache as inputs and outputs to `out_path`; written only when the

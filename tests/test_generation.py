@@ -94,7 +94,14 @@ def test_decoder_exported_with_past_generates_as_torch_does(trained_folder, deco
     jsonschema.validate(doc, json.loads((ROOT / "export" / "decoder.schema.json").read_text()))
     assert (doc["layers"], doc["kv_heads"], doc["head_dim"], doc["vocab"]) == (4, 4, 64, 256)
     assert doc["generation"]["matched"] == 24 and doc["generation"]["torch_tokens"] == doc["generation"]["onnx_tokens"]
-    meta = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "edge_compress"))
+    proto = onnx.load(str(out))
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "edge_compress"))
+    # without --opset or --device: the generation opset, whose Attention onnxruntime runs fused
+    from devices import DeviceProfile
+    from export import GENERATION_OPSET
+
+    assert doc["opset"] == GENERATION_OPSET == DeviceProfile.model_fields["generation_opset"].default == 23
+    assert sum(n.op_type == "Attention" and n.domain == "" for n in proto.graph.node) == 4  # one per layer
     assert meta["generation"]["with_past"] and meta["generation"]["inputs"][:2] == ["input_ids", "attention_mask"]
 
     # independently of the exporter's check: a real prompt, torch's greedy tokens, our own prefill + decode loop

@@ -19,7 +19,7 @@ from compress.models import (
     shape_args,
 )
 from devices import load_profile
-from export import DEFAULT_NEW_TOKENS, export_onnx, export_with_past, find_decoder
+from export import DEFAULT_NEW_TOKENS, GENERATION_OPSET, export_onnx, export_with_past, find_decoder
 
 DEFAULT_OPSET = 18  # without a device profile to take one from
 
@@ -50,8 +50,10 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
     require_one_input_source(shapes, calib)
     out = check_onnx_output(str(output), [model, weights, calib, device])
     parsed = [parse_input_shape(s) for s in shapes]
-    if opset is None:
-        opset = load_profile(device).opset if device else DEFAULT_OPSET
+    if opset is None:  # a decoder with its cache takes the device's generation opset (fused attention at 23)
+        prof = load_profile(device) if device else None
+        opset = (prof.generation_opset if with_past else prof.opset) if prof else \
+            (GENERATION_OPSET if with_past else DEFAULT_OPSET)
     dopts = data_opts_of(locals())
     say("loading model")
     loaded = load_model(model, weights)
@@ -63,8 +65,6 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
             data = load_calib(got.calib)
             check_calib_names(data, loaded, calib)
         example = example_inputs(loaded, parsed, data)
-        # parity on a few more real samples, one at a time
-        extra = calib_samples(data, list(example), start=1, count=3) if data is not None else []
         if with_past:
             if "input_ids" not in example:
                 raise UsageError(f"--with-past needs the prompt as input_ids (--input-shape input_ids=1,LENGTH or "
@@ -72,6 +72,8 @@ def export(model: str, *, output: Union[str, Path], weights: Optional[str] = Non
             return export_with_past(loaded.module, example["input_ids"], out, opset=opset, new_tokens=new_tokens,
                                     source=model, extra_meta={"weights": weights, "calib": calib, "device": device},
                                     on_stage=say)
+        # parity on a few more real samples, one at a time
+        extra = calib_samples(data, list(example), start=1, count=3) if data is not None else []
         say("exporting")
         return export_onnx(loaded.module, example, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter,
                            extra_cases=extra, atol=atol, rtol=rtol, source=model,

@@ -25,7 +25,8 @@ Examples:
 @model_input_options
 @data_options
 @click.option("--device", default=None, help="Device profile (name or YAML) whose opset to use.")
-@click.option("--opset", type=click.IntRange(7, 23), default=None, help="ONNX opset (default: the device profile's, else 18).")
+@click.option("--opset", type=click.IntRange(7, 23), default=None,
+              help="ONNX opset (default: the device profile's, else 18; --with-past: its generation_opset, else 23).")
 @click.option("--dynamic-batch", is_flag=True, help="Make the first axis of every input symbolic.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True, help="auto: dynamo, falling back to TorchScript.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Parity: absolute tolerance.")

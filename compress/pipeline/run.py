@@ -193,7 +193,8 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             on_stage(f"exporting {name}")
             path = work / f"{name}.onnx"
             if opts.generate:  # with its KV cache, checked by greedy generation against torch
-                dec = export_with_past(module, example["input_ids"], path, opset=profile.opset, source=opts.source,
+                dec = export_with_past(module, example["input_ids"], path, opset=profile.generation_opset,
+                                       source=opts.source,
                                        extra_meta={"variant": name}, on_stage=on_stage)
                 check = dec.generation
                 return Built(name=name, onnx=path.name, size_bytes=dec.size_bytes, params=_params(path),

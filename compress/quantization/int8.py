@@ -504,7 +504,16 @@ def _quantize_dynamic(src: Path, dst: Path, preset: Preset, include: Optional[Se
     big = (src.stat().st_size + _data_size(src)) >= 2 * 1024**3
     with quiet_onnxruntime():
         quantize_dynamic(str(src), str(dst), nodes_to_quantize=list(include) if include else None,
-                         nodes_to_exclude=list(exclude), use_external_data_format=big, **args)
+                         nodes_to_exclude=[*exclude, *_onnx_attention(src)], use_external_data_format=big, **args)
+
+
+def _onnx_attention(src: Path) -> list[str]:
+    """ONNX's own Attention nodes (opset 23: a decoder exported for generation): onnxruntime's quantizer maps the
+    op type "Attention" to its contrib QAttention without reading the domain, and wrote a graph it then cannot
+    load ("invalid model ... QAttention"). The projections around them are MatMuls and are quantized; the
+    attention itself multiplies activations by activations and stays in float."""
+    graph = onnx.load(str(src), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
 
 
 def _simulated(model: onnx.ModelProto, quantized: Callable[[onnx.NodeProto], bool], op_types: Sequence[str],
@@ -627,7 +636,8 @@ def _quantize_static(src: Path, dst: Path, preset: Preset, reader: CalibReader, 
     try:
         with quiet_onnxruntime():
             quantize_static(str(src), str(dst), reader, calibrate_method=_calib_method(method),
-                            nodes_to_quantize=list(include) if include else None, nodes_to_exclude=list(exclude),
+                            nodes_to_quantize=list(include) if include else None,
+                            nodes_to_exclude=[*exclude, *_onnx_attention(src)],
                             use_external_data_format=big, **preset.static_args(), **extra)
     except ValueError as e:
         if "bins" not in str(e):
