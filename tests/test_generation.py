@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,7 +102,9 @@ def test_decoder_exported_with_past_generates_as_torch_does(trained_folder, deco
     from export import GENERATION_OPSET
 
     assert doc["opset"] == GENERATION_OPSET == DeviceProfile.model_fields["generation_opset"].default == 23
-    assert sum(n.op_type == "Attention" and n.domain == "" for n in proto.graph.node) == 4  # one per layer
+    attention = [n for n in proto.graph.node if n.op_type == "Attention" and n.domain == ""]
+    assert len(attention) == 4 == doc["attention_with_past"]  # one per layer, each taking its cache itself
+    assert {o for n in attention for o in n.output[1:]} == {o.name for o in proto.graph.output[1:]}
     assert meta["generation"]["with_past"] and meta["generation"]["inputs"][:2] == ["input_ids", "attention_mask"]
 
     # independently of the exporter's check: a real prompt, torch's greedy tokens, our own prefill + decode loop
@@ -287,3 +290,60 @@ def test_logits_are_judged_where_the_model_returns_hidden_states_beside_them(tmp
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "gen" / "report.json").read_text())
     assert rep["variants"][0]["fidelity"]["next_token_agreement"] == 1.0
+
+
+def _attention_graph(extra_consumer: bool) -> Any:
+    """One grouped-query attention layer as the exporter writes it (4 query heads, 2 KV heads): the past joined
+    to the new K/V, returned as the present, repeated for the query heads, then ONNX Attention with a mask;
+    `extra_consumer`: the joined K also feeds another output, so it is not the cache's alone."""
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    vi = helper.make_tensor_value_info
+    nodes, outs = [], [vi("y", f, None), vi("present.0.key", f, None), vi("present.0.value", f, None)]
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [1, 4, -1, 8])
+    expand = helper.make_tensor("expand_to", TensorProto.INT64, [5], [1, 2, 2, 1, 1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+    for x in ("key", "value"):
+        nodes += [helper.make_node("Concat", [f"past_key_values.0.{x}", f"new_{x}"], [f"present.0.{x}"], axis=2),
+                  helper.make_node("Unsqueeze", [f"present.0.{x}", "axes"], [f"u_{x}"]),
+                  helper.make_node("Expand", [f"u_{x}", "expand_to"], [f"e_{x}"]),
+                  helper.make_node("Reshape", [f"e_{x}", "shape"], [f"r_{x}"])]
+    nodes.append(helper.make_node("Attention", ["q", "r_key", "r_value", "mask"], ["y"], scale=0.25))
+    if extra_consumer:
+        nodes.append(helper.make_node("Identity", ["present.0.key"], ["seen"]))
+        outs.append(vi("seen", f, None))
+    ins = [vi("q", f, [1, 4, 1, 8]), vi("new_key", f, [1, 2, 1, 8]), vi("new_value", f, [1, 2, 1, 8]),
+           vi("mask", TensorProto.BOOL, [1, 1, 1, "total"]),
+           vi("past_key_values.0.key", f, [1, 2, "past", 8]), vi("past_key_values.0.value", f, [1, 2, "past", 8])]
+    graph = helper.make_graph(nodes, "layer", ins, outs, initializer=[shape, expand, axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def test_attention_takes_the_cache_itself_only_where_the_pattern_is_exact():
+    """export.attention_past: the join and the repeat fold into the Attention node (outputs identical, fewer
+    nodes); a joined K that feeds anything else stays as exported."""
+    import onnxruntime as ort
+    from onnx import ModelProto
+
+    from export.attention_past import attention_takes_past
+
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.normal(size=(1, 4, 1, 8)), "new_key": rng.normal(size=(1, 2, 1, 8)),
+             "new_value": rng.normal(size=(1, 2, 1, 8)), "past_key_values.0.key": rng.normal(size=(1, 2, 5, 8)),
+             "past_key_values.0.value": rng.normal(size=(1, 2, 5, 8))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    feeds["mask"] = np.array([[[[True, True, False, True, True, True]]]])
+    plain = _attention_graph(extra_consumer=False)
+    fused = ModelProto()
+    fused.CopyFrom(plain)
+    assert attention_takes_past(fused) == 1
+    assert [n.op_type for n in fused.graph.node] == ["Attention"]
+    def run(m: ModelProto) -> list[np.ndarray]:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for a, b in zip(run(plain), run(fused)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    shared = _attention_graph(extra_consumer=True)
+    before = shared.SerializeToString()
+    assert attention_takes_past(shared) == 0 and shared.SerializeToString() == before
