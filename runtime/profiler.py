@@ -6,6 +6,7 @@ tool's torch-laden process) and so that the code that times a model here is the 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def profile_model(
         chosen, missing = [[ep.name, dict(ep.options)] for ep in profile.execution_providers], []
     user = inputs or {}
     specs = {name: {**meta_inputs.get(name, {}), **user.get(name, {})} for name in {**meta_inputs, **user}}
-    generation = generation_lengths(path.name, proto, prompt_len, context_len)
+    generation = generation_lengths(path.name, proto, prompt_len, context_len, path.parent)
     if generation is None:
         check_shapes_given(path.name, proto, specs)
     config = {
@@ -203,7 +204,14 @@ def _checked_proto(path: Path) -> Any:
     if not path.is_file():
         raise InputError(f"model {path} is not a file")
     try:
-        onnx.checker.check_model(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            # onnxruntime registers some of its own ops in the ONNX domain (onnxruntime-genai's models use
+            # SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization there), which onnx's checker
+            # knows nothing of: the runner's session is the judge of those
+            if "No Op registered for" not in str(e):
+                raise
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError, ValidationError, OSError: all mean "not a usable model"
         raise InputError(f"{path} is not a valid ONNX model: {first_line(e)}") from e
@@ -246,11 +254,13 @@ DEFAULT_PROMPT_LEN = 32
 DEFAULT_CONTEXT_LEN = 128
 
 
-def generation_lengths(shown: str, proto: Any, prompt_len: int | None,
-                       context_len: int | None) -> dict[str, int] | None:
+def generation_lengths(shown: str, proto: Any, prompt_len: int | None, context_len: int | None,
+                       folder: Path | None = None) -> dict[str, Any] | None:
     """The prompt and context lengths to time a decoder with its KV cache at; None for any other model (where
     asking for them is a UsageError). The defaults shrink to fit the positions the model has (its metadata's
-    max_positions); asking for more than it has is an error, not a silent extrapolation."""
+    max_positions, or an onnxruntime-genai folder's context_length); asking for more than it has is an error,
+    not a silent extrapolation. `folder`: the model's, for onnxruntime-genai's genai_config.json ("sizes": the
+    cache's heads and head size its graph leaves symbolic, which the runner is given)."""
     decoder = any(i.name.startswith(PAST_PREFIX) for i in proto.graph.input)
     if not decoder:
         if prompt_len is not None or context_len is not None:
@@ -259,13 +269,38 @@ def generation_lengths(shown: str, proto: Any, prompt_len: int | None,
         return None
     meta = get_metadata(proto) or {}
     limit = (meta.get("generation") or {}).get("max_positions") if isinstance(meta, dict) else None
-    limit = limit if isinstance(limit, int) and limit > 1 else None
+    sizes = genai_sizes(folder) if folder is not None else {}
+    genai_limit = sizes.pop("max_positions", None)
+    limit = limit if isinstance(limit, int) and limit > 1 else genai_limit
     for flag, n in (("--prompt-len", prompt_len), ("--context-len", context_len)):
         if n is not None and limit is not None and n + (flag == "--context-len") > limit:
             raise UsageError(f"{shown}: {flag} {n} is past the model's {limit} positions")
     prompt = prompt_len or (min(DEFAULT_PROMPT_LEN, limit) if limit else DEFAULT_PROMPT_LEN)
     context = context_len or (min(DEFAULT_CONTEXT_LEN, limit - 1) if limit else DEFAULT_CONTEXT_LEN)
-    return {"prompt_len": prompt, "context_len": context}
+    return {"prompt_len": prompt, "context_len": context, **({"sizes": sizes} if sizes else {})}
+
+
+GENAI_CONFIG = "genai_config.json"
+GENAI_CONFIG_MAX_BYTES = 1 << 20
+
+
+def genai_sizes(folder: Path) -> dict[str, int]:
+    """kv_heads, head_size and max_positions of an onnxruntime-genai model folder (its genai_config.json: the
+    builder leaves the graph's head size symbolic, `kv_cache_dim`); {} without one. A config that cannot be read
+    is an error: it is the model's own description."""
+    cfg = folder / GENAI_CONFIG
+    if not cfg.is_file():
+        return {}
+    try:
+        if cfg.stat().st_size > GENAI_CONFIG_MAX_BYTES:
+            raise ValueError(f"larger than {GENAI_CONFIG_MAX_BYTES} bytes")
+        model = json.loads(cfg.read_text())["model"]
+        dec = model["decoder"]
+        sizes = {"kv_heads": dec.get("num_key_value_heads") or dec["num_attention_heads"], "head_size": dec["head_size"],
+                 "max_positions": model.get("context_length")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{cfg}: not an onnxruntime-genai config this can read ({first_line(e)})") from e
+    return {k: v for k, v in sizes.items() if isinstance(v, int) and v > 0}
 
 
 def decode_step_feeds(onnx_path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -273,10 +308,11 @@ def decode_step_feeds(onnx_path: str | Path) -> tuple[dict[str, Any], dict[str, 
     its positions), built as the runner builds it on the device, and the lengths used. Variants whose caches differ
     (a pruned one keeps fewer heads) are fed at their own sizes by interleaved_latency."""
     path = Path(onnx_path)
-    lengths = generation_lengths(path.name, _checked_proto(path), None, None)
+    lengths = generation_lengths(path.name, _checked_proto(path), None, None, path.parent)
     if lengths is None:
         raise UsageError(f"{path.name}: not a decoder exported with its KV cache (no past_key_values inputs)")
-    _, decode = generation_feeds(np, sessions.session(path), lengths["prompt_len"], lengths["context_len"], seed=0)
+    _, decode = generation_feeds(np, sessions.session(path), lengths["prompt_len"], lengths["context_len"], seed=0,
+                                 sizes=lengths.get("sizes"))
     return decode, lengths
 
 

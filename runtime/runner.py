@@ -172,10 +172,17 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise RunnerError("config", "inputs_npz must be a path")
     g = cfg["generation"]
     if g is not None:
-        if not isinstance(g, dict) or sorted(g) != ["context_len", "prompt_len"]:
-            raise RunnerError("config", "generation must be an object with prompt_len and context_len (got {!r})".format(g))
+        if not isinstance(g, dict) or sorted(k for k in g if k != "sizes") != ["context_len", "prompt_len"]:
+            raise RunnerError("config", "generation must be an object with prompt_len and context_len, and optionally "
+                                        "sizes (got {!r})".format(g))
         _int(g, "prompt_len", 1)
         _int(g, "context_len", 1)
+        sizes = g.get("sizes")
+        if sizes is not None:
+            if not isinstance(sizes, dict) or not set(sizes) <= {"kv_heads", "head_size"}:
+                raise RunnerError("config", "generation.sizes must be an object with kv_heads and head_size")
+            for key in sizes:
+                _int(sizes, key, 1)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -383,21 +390,29 @@ def timed(np: Any, sess: Any, out_names: List[str], feeds: Dict[str, Any], cfg: 
 PAST_PREFIX = "past_key_values."
 
 
-def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed: int,
+                     sizes: Optional[Dict[str, int]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Feeds for a decoder exported with its KV cache (compress export --with-past): the prefill (a prompt of
     prompt_len tokens, an empty past) and one decode step (one token after a past of context_len). Token ids are
-    random below the vocabulary size and the past random: neither changes the work done, only the shapes do."""
+    random below the vocabulary size and the past random: neither changes the work done, only the shapes do.
+    `sizes` ({"kv_heads", "head_size"}) stand where the graph leaves them symbolic (onnxruntime-genai's models
+    name the head size kv_cache_dim; their genai_config.json has it)."""
     inputs = {i.name: i for i in sess.get_inputs()}
     past = [i for i in sess.get_inputs() if i.name.startswith(PAST_PREFIX)]
     if not past or "input_ids" not in inputs or "attention_mask" not in inputs:
         raise RunnerError("model", "per-token timing needs a decoder exported with its KV cache (input_ids, "
                                    "attention_mask, past_key_values.*), and this model has inputs {}".format(
                                        ", ".join(inputs)))
+    given = sizes or {}
+    dims = {}
     for p in past:  # each at its own heads and head size (a pruned decoder's layers differ)
         shape = list(p.shape)
-        if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        heads = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else given.get("kv_heads")
+        size = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else given.get("head_size")
+        if len(shape) != 4 or not heads or not size:
             raise RunnerError("model", "{}: expected [batch, heads, past, head_dim] with fixed heads and head_dim, got {}".format(
                 p.name, _shape_text(shape)))
+        dims[p.name] = (heads, size)
     logits = sess.get_outputs()[0].shape
     vocab = logits[-1] if logits and isinstance(logits[-1], int) and logits[-1] > 0 else 2
     rng = np.random.default_rng(seed)
@@ -408,7 +423,7 @@ def generation_feeds(np: Any, sess: Any, prompt_len: int, context_len: int, seed
         feeds = {"input_ids": rng.integers(0, vocab, size=(1, new)).astype(ids_type),
                  "attention_mask": np.ones((1, before + new), dtype=mask_type)}
         for p in past:
-            feeds[p.name] = fill((1, p.shape[1], before, p.shape[3]), ORT_TO_NUMPY.get(p.type, "float32"))
+            feeds[p.name] = fill((1, dims[p.name][0], before, dims[p.name][1]), ORT_TO_NUMPY.get(p.type, "float32"))
         return feeds
 
     prefill = step(prompt_len, 0, lambda shp, dt: np.zeros(shp, dtype=dt))
@@ -823,7 +838,7 @@ def profile(model: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     g = cfg["generation"]
     generation = None
     if g:  # a decoder with its KV cache: the prefill, then one decode step (the profile's figures), each timed
-        prefill_feeds, feeds = generation_feeds(np, sess, g["prompt_len"], g["context_len"], cfg["seed"])
+        prefill_feeds, feeds = generation_feeds(np, sess, g["prompt_len"], g["context_len"], cfg["seed"], g.get("sizes"))
         lat_p, latency_p, spread_p, prefill_s = timed(np, sess, out_names, prefill_feeds, cfg, progress, "prefill ")
     else:
         feeds = build_feeds(np, sess, cfg)

@@ -347,3 +347,29 @@ def test_attention_takes_the_cache_itself_only_where_the_pattern_is_exact():
     shared = _attention_graph(extra_consumer=True)
     before = shared.SerializeToString()
     assert attention_takes_past(shared) == 0 and shared.SerializeToString() == before
+
+
+def test_onnxruntime_genai_layout_is_profiled_per_token_with_its_config(tmp_path, decoder):
+    """onnxruntime-genai's builder leaves the cache's head size symbolic (kv_cache_dim) and says it in
+    genai_config.json beside the model: profile reads it there (and the context length as the positions); without
+    the config the head size is unknown, and that is one line, not a traceback."""
+    import onnx
+
+    out, _ = decoder
+    proto = onnx.load(str(out))
+    for v in [*proto.graph.input, *proto.graph.output]:
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    del proto.metadata_props[:]  # not ours: no edge_compress metadata
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    onnx.save_model(proto, str(folder / "model.onnx"))
+    r = _cli("profile", str(folder / "model.onnx"), "--runs", "5", cwd=tmp_path)
+    assert r.returncode != 0 and "fixed heads and head_dim" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"context_length": 100, "decoder": {
+        "head_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 4}}}))
+    r = _cli("profile", str(folder / "model.onnx"), "--runs", "5", "--json", str(tmp_path / "p.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert (p["generation"]["prompt_len"], p["generation"]["context_len"]) == (32, 99)  # capped by its 100 positions
+    assert {i["name"]: i["shape"] for i in p["inputs"]}["past_key_values.0.key"] == [1, 4, 99, 64]

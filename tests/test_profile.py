@@ -299,6 +299,24 @@ def test_profile_model_result(mm_model: Path) -> None:
     assert seen and seen[-1][2] == "timing" and seen[-1][0] == 5
 
 
+def test_onnxruntime_ops_in_the_onnx_domain_are_left_to_onnxruntime(tmp_path: Path) -> None:
+    """onnxruntime registers SimplifiedLayerNormalization in the ONNX domain (onnxruntime-genai's models use it);
+    onnx's checker does not know it, and the profile used to refuse such a model as 'not a valid ONNX model'.
+    A model onnx cannot parse is still refused before any runner starts."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    scale = numpy_helper.from_array(np.ones(64, np.float32), "scale")
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["y"], axis=-1, epsilon=1e-6)
+    model = helper.make_model(helper.make_graph([node], "rms", [x], [y], [scale]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "rms.onnx"
+    onnx.save(model, str(path))
+    assert profiler.profile_model(path, _device("cpu"), **FAST).runs == 5
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="is not a valid ONNX model"):
+        profiler.profile_model(tmp_path / "junk.onnx", _device("cpu"), **FAST)
+
+
 def test_profile_model_honours_metadata_input_specs(tmp_path: Path) -> None:
     meta = {"schema": "edge-compress/onnx/1", "inputs": [{"name": "x", "shape": [4, 32], "dtype": "float32", "low": -1.0, "high": 1.0}]}
     path = _save(_matmul_graph(), tmp_path / "meta.onnx", meta)
