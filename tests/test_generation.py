@@ -252,6 +252,7 @@ def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_
     assert heads and max(heads.values()) < 4  # the pruned decoder's cache has fewer heads than fp32's four
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Per token" in md and "decode p50 per token (after 63)" in md and "next token 100.0%, ppl" in md
+    assert "peak RSS MB" in md and all(v["profile"]["peak_rss_mb"] > 0 for v in rep["variants"])
     assert "per token" in r.stdout
 
 

@@ -178,8 +178,8 @@ def table(header: list[str], rows: Iterable[list[Any]], align: Optional[list[str
 
 
 def per_token_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """`compress run --generate`: each timed variant's prefill and per-token decode figures (header, rows); no
-    rows for a run that did not time generation."""
+    """`compress run --generate`: each timed variant's prefill and per-token decode figures and the peak memory of
+    the process that timed both (header, rows); no rows for a run that did not time generation."""
     rows, header = [], []
     for i, v in enumerate(variants_of(report)):
         g = as_dict(as_dict(v.get("profile")).get("generation"))
@@ -187,8 +187,9 @@ def per_token_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         pre, dec = as_dict(as_dict(g.get("prefill")).get("latency_ms")), as_dict(as_dict(g.get("decode")).get("latency_ms"))
         header = ["variant", f"prefill p50 ({g.get('prompt_len')} tokens)", "prefill p90",
-                  f"decode p50 per token (after {g.get('context_len')})", "decode p90", "tokens/s"]
-        tps = num(g.get("tokens_per_s"))
+                  f"decode p50 per token (after {g.get('context_len')})", "decode p90", "tokens/s", "peak RSS MB"]
+        tps, rss = num(g.get("tokens_per_s")), num(as_dict(v.get("profile")).get("peak_rss_mb"))
         rows.append([variant_label(v, i), fmt_ms(num(pre.get("p50"))), fmt_ms(num(pre.get("p90"))),
-                     fmt_ms(num(dec.get("p50"))), fmt_ms(num(dec.get("p90"))), "n/a" if tps is None else f"{tps:,.0f}"])
+                     fmt_ms(num(dec.get("p50"))), fmt_ms(num(dec.get("p90"))), "n/a" if tps is None else f"{tps:,.0f}",
+                     "n/a" if rss is None else f"{rss:,.0f}"])
     return header, rows
