@@ -11,8 +11,8 @@ Models (no hub: both are built here):
     with 2 KV heads (GQA), MLP 1408, vocab 8000, 2048 positions; 31 M parameters, 124 MB in fp32: large enough
     that a decode step streams its weights from memory, as on a board. Variants: fp32 and INT8/INT4 of our
     export (compress export --with-past: export.generation, opset 23, whose Attention, RotaryEmbedding and
-    RMSNormalization onnxruntime runs fused, each Attention taking its KV cache itself: export.attention_past;
-    the same at opset 18 beside it), INT8 = onnxruntime's
+    RMSNormalization onnxruntime runs fused, each Attention taking its KV cache itself: export.attention_past,
+    the MatMuls of one activation joined: export.sibling_matmuls; the same at opset 18 beside it), INT8 = onnxruntime's
     quantize_dynamic (the anchor recipe for dynamic INT8), INT4 = compress.quantization.int4.weight_only
     (MatMulNBits, 4 bits, block 32, every MatMul), INT4 mixed = compress.quantize --to int4 --avg-bits 5 (the
     layers whose 4 bits cost most kept at 8, measured on random token ids: the weights are random too), and
@@ -27,10 +27,10 @@ Models (no hub: both are built here):
 Latency is the median of interleaved warm bursts (runtime.abtest.interleaved_latency, as compress run times
 variants), wall clock and the calling thread's CPU time, one intra-op thread by default.
 
-Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 102 s):
-decode per token vs fp32 (3.94 ms): INT8 2.37x, INT4 2.63x, INT4 mixed 3.22x, INT4 at opset 18 1.80x (fp32 at
-opset 18 0.85x), genai int4 3.92x, genai fp32 1.02x; prefill of 64 tokens (18.3 ms): INT8 2.86x, INT4 1.21x,
-INT4 mixed 1.23x, genai int4 1.21x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 / 2.2385 bits per byte (fp32 / INT8 /
+Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 81 s):
+decode per token vs fp32 (3.70 ms): INT8 2.38x, INT4 3.48x, INT4 mixed 3.36x, INT4 at opset 18 1.84x (fp32 at
+opset 18 0.86x), genai int4 3.79x, genai fp32 1.04x; prefill of 64 tokens (18.4 ms): INT8 2.91x, INT4 1.23x,
+INT4 mixed 1.25x, genai int4 1.23x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 / 2.2385 bits per byte (fp32 / INT8 /
 INT4 / INT4 mixed), next-token agreement 99.10% / 97.18% / 98.34%. README "Generation" has the table.
 """
 

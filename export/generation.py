@@ -33,6 +33,7 @@ from export import DEFAULT_NEW_TOKENS, GENERATION_OPSET, PAST_PREFIX, metadata
 from export.attention_past import attention_takes_past
 from export.onnx_export import silenced, size_with_data, write_model
 from export.past import empty_past
+from export.sibling_matmuls import join_sibling_matmuls
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -66,6 +67,7 @@ class GenerationExport(Result):
     generation: GenerationCheck
     notes: list[str] = Field(default_factory=list)
     attention_with_past: int = 0  # layers whose Attention takes the cache itself (export.attention_past)
+    joined_matmuls: int = 0  # MatMuls of one activation joined into one per group (export.sibling_matmuls)
 
 
 def find_decoder(module: nn.Module) -> tuple[str, nn.Module]:
@@ -233,11 +235,11 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
                              f"{_first_line(e)}") from e
     exported = onnx.ModelProto()
     exported.CopyFrom(proto)
-    fused = attention_takes_past(proto)
+    fused, joined = attention_takes_past(proto), join_sibling_matmuls(proto)
     say(f"greedy generation of {new_tokens} tokens, torch against onnxruntime")
     check = _checked(proto, lm, prompt, new_tokens)
-    if fused and (check is None or check.matched < new_tokens):  # the rewrite is kept only where it checks out
-        proto, fused = exported, 0
+    if (fused or joined) and (check is None or check.matched < new_tokens):  # rewrites stay only if they check out
+        proto, fused, joined = exported, 0, 0
         check = _checked(proto, lm, prompt, new_tokens)
     if check is None:
         raise ModelError(f"onnxruntime cannot load the exported {type(lm).__name__} with its KV cache")
@@ -254,11 +256,13 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
     metadata.set_metadata(proto, {"source": source, "exporter": "dynamo", "opset": opset,
                                   "inputs": [spec.to_json() for spec in metadata.input_specs(prefill)],
                                   "generation": {"with_past": True, **geometry, "max_positions": positions,
-                                                 "inputs": ins, "outputs": outs, "attention_with_past": fused},
+                                                 "inputs": ins, "outputs": outs, "attention_with_past": fused,
+                                                 "joined_matmuls": joined},
                                   **(extra_meta or {})})
     say("writing")
     write_model(proto, out_path, external=False)
     notes = [] if not name else [f"exported {name} ({type(lm).__name__}), the decoder inside {type(module).__name__}"]
     return GenerationExport(path=out_path, exporter="dynamo", opset=opset, decoder=name or type(lm).__name__,
                             **geometry, inputs=ins, outputs=outs, size_bytes=size_with_data(out_path),
-                            generation=check, notes=notes, attention_with_past=fused)
+                            generation=check, notes=notes, attention_with_past=fused,
+                            joined_matmuls=joined)

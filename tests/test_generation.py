@@ -374,3 +374,61 @@ def test_onnxruntime_genai_layout_is_profiled_per_token_with_its_config(tmp_path
     p = json.loads((tmp_path / "p.json").read_text())
     assert (p["generation"]["prompt_len"], p["generation"]["context_len"]) == (32, 99)  # capped by its 100 positions
     assert {i["name"]: i["shape"] for i in p["inputs"]}["past_key_values.0.key"] == [1, 4, 99, 64]
+
+
+def test_llama_with_grouped_query_attention_exports_with_its_cache_folded_in(tmp_path):
+    """A Llama (RoPE, 4 query heads over 2 KV heads) from its stock config: every layer's Attention takes its
+    cache itself, its Q/K/V and gate/up projections are joined (5 MatMuls of 2 activations per layer), and the
+    greedy generation still equals torch's; its INT4 is profiled per token."""
+    import onnx
+    import transformers
+
+    import compress
+
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    lm.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    r = compress.export(str(tmp_path / "llama"), input_shape="input_ids=1,8", with_past=True, new_tokens=12,
+                        output=tmp_path / "llama.onnx")
+    assert r.generation.matched == 12 and r.attention_with_past == 2 and r.joined_matmuls == 10
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "llama.onnx")).graph.node]
+    assert ops.count("Attention") == 2 and ops.count("RotaryEmbedding") == 4 and ops.count("MatMul") == 2 * 4 + 1
+    q = compress.quantize(tmp_path / "llama.onnx", to="int4", output=tmp_path / "int4.onnx", no_measure=True)
+    assert q.quantizer["counts"]["int4"] == 2 * 4 + 1
+    p = compress.profile(tmp_path / "int4.onnx", runs=5, prompt_len=8, context_len=16)
+    assert p.generation.decode.runs == 5
+
+
+def test_matmuls_of_one_activation_are_joined_exactly():
+    """export.sibling_matmuls: three products of x by constant weights become one MatMul and a Split with the same
+    outputs; a product by a non-constant and a single one are left alone."""
+    import onnxruntime as ort
+    from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+    from export.sibling_matmuls import join_sibling_matmuls
+
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    vi = helper.make_tensor_value_info
+    ws = [numpy_helper.from_array(rng.normal(size=(8, n)).astype(np.float32), f"w{i}") for i, n in enumerate((8, 4, 4))]
+    lone = numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "lone")
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(3)]
+    nodes += [helper.make_node("MatMul", ["x", "b"], ["xb"], name="dynamic"),
+              helper.make_node("MatMul", ["z", "lone"], ["zl"], name="single"),
+              helper.make_node("Add", ["y1", "y2"], ["sum"])]
+    graph = helper.make_graph(nodes, "g", [vi("x", f, [2, 3, 8]), vi("b", f, [8, 5]), vi("z", f, [2, 6])],
+                              [vi(n, f, None) for n in ("y0", "sum", "xb", "zl")], [*ws, lone])
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    joined = ModelProto()
+    joined.CopyFrom(plain)
+    assert join_sibling_matmuls(joined) == 3
+    assert [n.op_type for n in joined.graph.node] == ["MatMul", "Split", "MatMul", "MatMul", "Add"]
+    assert sorted(t.name for t in joined.graph.initializer) == ["lone", "mm0_joined.split", "mm0_joined.weight"]
+    feeds = {"x": rng.normal(size=(2, 3, 8)).astype(np.float32), "b": rng.normal(size=(8, 5)).astype(np.float32),
+             "z": rng.normal(size=(2, 6)).astype(np.float32)}
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for m in (plain, joined)]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

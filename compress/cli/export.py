@@ -64,7 +64,8 @@ def export(model: str, weights: str | None, input_shapes: tuple[str, ...], calib
             f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}): {result.decoder} with its KV "
             f"cache, {result.layers} layers x {result.kv_heads} KV heads x {result.head_dim}"
             + (f"; {result.attention_with_past} Attention nodes take the cache themselves" if result.attention_with_past
-               else "") + "\n"
+               else "")
+            + (f"; {result.joined_matmuls} MatMuls of shared inputs joined" if result.joined_matmuls else "") + "\n"
             f"greedy generation of {g.new_tokens} tokens from a {g.prompt_tokens}-token prompt matches torch token for "
             f"token (max next-token logit abs err {g.max_logit_abs_err:.1e})", markup=False)
         return
