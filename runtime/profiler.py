@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from compress.core import DeviceError, InputError, UsageError, first_line, sessions, warn
+from compress.core import DeviceError, InputError, UsageError, first_line, warn
 from devices import DeviceProfile, RemoteSpec, describe_host, normalize_arch
 from devices import providers as ep_registry
 from export import PAST_PREFIX, get_metadata
@@ -308,12 +309,37 @@ def decode_step_feeds(onnx_path: str | Path) -> tuple[dict[str, Any], dict[str, 
     its positions), built as the runner builds it on the device, and the lengths used. Variants whose caches differ
     (a pruned one keeps fewer heads) are fed at their own sizes by interleaved_latency."""
     path = Path(onnx_path)
-    lengths = generation_lengths(path.name, _checked_proto(path), None, None, path.parent)
+    proto = _checked_proto(path)
+    lengths = generation_lengths(path.name, proto, None, None, path.parent)
     if lengths is None:
         raise UsageError(f"{path.name}: not a decoder exported with its KV cache (no past_key_values inputs)")
-    _, decode = generation_feeds(np, sessions.session(path), lengths["prompt_len"], lengths["context_len"], seed=0,
+    _, decode = generation_feeds(np, _GraphArgs(proto), lengths["prompt_len"], lengths["context_len"], seed=0,
                                  sizes=lengths.get("sizes"))
     return decode, lengths
+
+
+class _GraphArgs:
+    """A graph's inputs and outputs as an onnxruntime session lists them (name, shape, type), read from the
+    graph itself: the decode step's feeds need only those, not a session holding every weight."""
+
+    def __init__(self, proto: Any) -> None:
+        from onnx import helper as onnx_helper
+
+        def arg(vi: Any) -> Any:
+            t = vi.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            kind = onnx_helper.tensor_dtype_to_string(t.elem_type).rpartition(".")[2].lower()
+            return SimpleNamespace(name=vi.name, shape=shape, type=f"tensor({kind})")
+
+        weights = {t.name for t in proto.graph.initializer}
+        self.inputs = [arg(vi) for vi in proto.graph.input if vi.name not in weights]
+        self.outputs = [arg(vi) for vi in proto.graph.output]
+
+    def get_inputs(self) -> list[Any]:
+        return self.inputs
+
+    def get_outputs(self) -> list[Any]:
+        return self.outputs
 
 
 def check_shapes_given(shown: str, proto: Any, specs: dict[str, dict[str, Any]]) -> None:
