@@ -195,12 +195,21 @@ def test_decoder_with_past_is_calibrated_on_the_users_token_ids(tmp_path, traine
     out, _ = decoder
     text = np.frombuffer(Path(__file__).read_bytes()[:40 * 24], np.uint8).astype(np.int64)
     np.savez(tmp_path / "ids.npz", input_ids=text.reshape(40, 24))
-    r = _cli("quantize", str(out), "--to", "int8", "--calib", str(tmp_path / "ids.npz"), "--no-measure", "--json",
-             str(tmp_path / "q.json"), "-o", str(tmp_path / "int8.onnx"), cwd=tmp_path)
+    r = _cli("quantize", str(out), "--to", "int8", "--calib", str(tmp_path / "ids.npz"), "--tolerance", "0.01",
+             "--no-measure", "--json", str(tmp_path / "q.json"), "-o", str(tmp_path / "int8.onnx"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     q = json.loads((tmp_path / "q.json").read_text())
     assert q["calibration"]["source"].endswith("ids.npz") and q["calibration"]["samples"] == 40, q["calibration"]
     assert q["fidelity"]["cosine_min"] > 0.99
+    # the float fallback aims at what compress run --generate judges: perplexity on the user's text, next-token
+    # agreement on synthetic tokens
+    assert q["fallback"]["metric"] == "perplexity" and q["fidelity"]["perplexity_increase"] < 0.01, q["fallback"]
+    r = _cli("quantize", str(out), "--to", "int8", "--tolerance", "0.01", "--no-measure", "--json", str(tmp_path / "q2.json"), "-o",
+             str(tmp_path / "int8-synthetic.onnx"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((tmp_path / "q2.json").read_text())
+    assert q["fallback"]["metric"] == "next_token" and q["fidelity"].get("perplexity_increase") is None
+    assert 0.9 < q["fidelity"]["next_token_agreement"] <= 1
     # compress run --generate on the same text: the quantizer calibrates on it, and on real text the judge bounds
     # perplexity's increase (INT8 of this model moves it by well under 1%)
     r = _cli("run", str(trained_folder), "--calib", str(tmp_path / "ids.npz"), "--generate", "--quant", "int8",

@@ -41,7 +41,9 @@ Examples:
 @click.option("--method", type=click.Choice(list(CALIBRATION_METHODS)), default=QuantOptions.default("method"), show_default=True,
               help="INT8 activation calibration. With --backend ort, entropy is onnxruntime's as quantize_static runs it "
                    "(128 bins for 128 levels): it keeps the whole range, the scales of minmax.")
-@click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers) or 1 - min cosine (or the drop of the --eval score) is within this.")
+@click.option("--tolerance", type=float, help="Keep the most sensitive layers in float until 1 - top-1 agreement (classifiers), the relative "
+              "perplexity increase on --calib text or 1 - next-token agreement (decoders with their KV cache), or 1 - "
+              "min cosine (or the drop of the --eval score) is within this.")
 @eval_options
 @backend_option
 @click.option("--simulate", is_flag=True, help="FP8 on a device without FP8 hardware: measure fidelity only (marked simulated).")

@@ -121,7 +121,8 @@ class CalibReader(CalibrationDataReader):
             source = None
         self.ignored = [k for k in keys if k not in wanted]
         missing = [n for n in wanted if n not in keys]
-        prefill = bool(missing) and "input_ids" in keys and all(_prefill_fills(n) for n in missing)
+        decoder = any(n.startswith(PAST_PREFIX) for n in wanted)  # an encoder's missing mask stays an error
+        prefill = decoder and bool(missing) and "input_ids" in keys and all(_prefill_fills(n) for n in missing)
         if missing and not prefill:
             raise InputError(f"{shown}: no array for graph input(s) {', '.join(missing)} (it has {', '.join(keys) or 'none'})")
         if source is None:  # lazily: memory-mapped or decompressed up to `cap` samples, the graph inputs only

@@ -39,7 +39,8 @@ from compress.evaluate import fidelity, onnx_outputs
 from compress.quantization.fp8 import tensor_values
 from compress.quantization.ops import is_quantizable
 
-METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1", "boxes")
+METRICS = ("cosine_min", "cosine_mean", "rel_l2", "top1", "boxes", "next_token", "perplexity")
+TOKEN_METRICS = ("next_token", "perplexity")  # a decoder's, measured with its token ids (compress.evaluate.tokens)
 LINEAR_UP_TO = 16  # candidates; beyond, fallback grows its exclusions in doubling batches
 # ops that make a copied node quantized (QDQ, dynamic INT8)
 QUANTIZING = ("DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
@@ -77,6 +78,11 @@ def metric_error(fid: Mapping[str, Any], metric: str) -> float:
         return 1.0 - float(fid["boxes"]["f1"])
     if metric == "rel_l2":
         return math.inf if fid.get("rel_l2") is None else float(fid["rel_l2"])
+    if metric in TOKEN_METRICS:  # the rule compress.evaluate.judged applies to a decoder
+        key = "next_token_agreement" if metric == "next_token" else "perplexity_increase"
+        if fid.get(key) is None:
+            raise UsageError(f"metric {metric!r} needs a decoder's logits and its token ids; use cosine_min")
+        return 1.0 - float(fid[key]) if metric == "next_token" else max(0.0, float(fid[key]))
     return 1.0 - float(fid[metric])
 
 
@@ -84,8 +90,10 @@ class _Scorer:
     """Measures a candidate model: fidelity to the fp32 reference on the eval feeds, or a user's score."""
 
     def __init__(self, src: Path, eval_feeds: Feeds, reference: Outputs | None, runner: Runner,
-                 evaluate: Evaluate | None) -> None:
+                 evaluate: Evaluate | None, metric: str = "cosine_min") -> None:
         self.feeds, self.runner, self.evaluate = eval_feeds, runner, evaluate
+        self.tokens = eval_feeds if metric in TOKEN_METRICS else None  # the feeds' token ids, for a decoder
+        self.real_tokens = metric == "perplexity"
         if evaluate is not None:
             self.reference_score = float(evaluate(src))
             self.reference = None
@@ -98,7 +106,7 @@ class _Scorer:
         if self.evaluate is not None:
             score = float(self.evaluate(path))
             return {"score": score, "reference_score": self.reference_score, "drop": self.reference_score - score}
-        return fidelity(self.reference, self.runner(path, self.feeds))
+        return fidelity(self.reference, self.runner(path, self.feeds), tokens=self.tokens, real_tokens=self.real_tokens)
 
     def error(self, fid: Mapping[str, Any], metric: str) -> float:
         return float(fid["drop"]) if self.evaluate is not None else metric_error(fid, metric)
@@ -539,14 +547,16 @@ def fallback(
     if tolerance < 0 or not math.isfinite(tolerance):
         raise UsageError(f"tolerance {tolerance}: must be a finite number >= 0")
     if evaluate is None:
-        metric_error({"cosine_min": 1.0, "cosine_mean": 1.0, "rel_l2": 0.0, "top1_agreement": 1.0}, metric)  # validates
+        metric_error({"cosine_min": 1.0, "cosine_mean": 1.0, "rel_l2": 0.0, "top1_agreement": 1.0,  # validates
+                      "next_token_agreement": 1.0, "perplexity_increase": 0.0}, metric)
     ranked = [r for r in sensitivities if r.get("salience") is not None]
     if growth == "auto":
         growth = "linear" if len(ranked) <= LINEAR_UP_TO else "doubling"
     if growth not in ("linear", "doubling"):
         raise UsageError(f"growth {growth!r}: one of auto, linear, doubling")
     limit = len(ranked) if max_excluded is None else max(0, min(max_excluded, len(ranked)))
-    scorer = _Scorer(Path(reference_model) if reference_model else src, eval_feeds, reference, runner, evaluate)
+    scorer = _Scorer(Path(reference_model) if reference_model else src, eval_feeds, reference, runner, evaluate,
+                     metric)
     steps: list[dict[str, Any]] = []
     tried: dict[int, dict[str, Any]] = {}
 

@@ -45,7 +45,7 @@ from compress.quantization.sensitivity import (
 )
 from compress.report import QuantResult
 from devices import DeviceProfile, describe_host, usable_cores
-from export import write_model
+from export import PAST_PREFIX, write_model
 from runtime import device_latency, resolve_providers, thread_candidates, tuned_latency
 
 TorchSource = tuple[Any, dict[str, Any], list[dict[str, Any]]]  # (nn.Module, example inputs, calibration batches)
@@ -216,8 +216,19 @@ def _error(model: Path, fp32: Path, judge: _Judge, runner: Callable[..., Any], h
     if judge.score is not None:
         got = report["eval"][report["format"]] if measured else judge.score(model)
         return "score_drop", report["eval"]["fp32"] - got
-    fid = report["fidelity"] if measured and judge.model == fp32 else fidelity(judge.outputs, runner(model, held))
+    fid = report["fidelity"] if measured and judge.model == fp32 else _fidelity(judge.outputs, runner(model, held),
+                                                                                  held, report)
     return judged(fid)
+
+
+def _fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
+              held: list[dict[str, np.ndarray]], report: dict[str, Any]) -> dict[str, Any]:
+    """compress.evaluate.fidelity, and for a decoder fed its KV cache (its prefill: past_key_values.* feeds) the
+    rule compress run --generate judges it by: perplexity on the user's text (--calib), next-token agreement on
+    synthetic tokens, so that the float fallback aims at what the run will judge."""
+    decoder = bool(held) and any(k.startswith(PAST_PREFIX) for k in held[0]) and "input_ids" in held[0]
+    real = (report.get("calibration") or {}).get("source") != "synthetic"
+    return fidelity(reference, candidate, tokens=held if decoder else None, real_tokens=decoder and real)
 
 
 def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated: Callable[[str], Requantize],
@@ -249,7 +260,7 @@ def _recalibrate(fp32: Path, first: Path, work: Path, method: str, recalibrated:
         tried.append({"method": other, "error": round(e, 6)})
         if e <= tolerance:
             report["calibration"] = {**report["calibration"], "tried": tried, "method": other}
-            report["fidelity"] = fidelity(reference, runner(out, held))
+            report["fidelity"] = _fidelity(reference, runner(out, held), held, report)
             if judge.score is not None:
                 report["eval"][report["format"]] = judge.score(out)
             return out, other, e
@@ -334,7 +345,7 @@ def _fallback(fp32: Path, first: Path, work: Path, quantize: Callable[[Path, Pat
         return first
     if score is not None:
         report["eval"][report["format"]] = fb["fidelity"]["score"]
-    report["fidelity"] = fidelity(reference, runner(second, held))
+    report["fidelity"] = _fidelity(reference, runner(second, held), held, report)
     report["excluded_layers"] = fb.get("excluded", []) + report["excluded_layers"]
     return second
 
@@ -417,7 +428,7 @@ def _judged(backend: Backend, made: Quantized, job: QuantJob, report: dict[str, 
     runner, runner_options = backend.outputs()
     reference = onnx_outputs(fp32, held)
     steps("fidelity", "measuring fidelity on held-out inputs")
-    report["fidelity"] = fidelity(reference, runner(first, held))
+    report["fidelity"] = _fidelity(reference, runner(first, held), held, report)
     report.update(made.report)
     report["excluded_layers"] = made.excluded_layers + _op_selection_reasons(report.get("op_selection"))
     judge = _Judge(Path(reference_model) if reference_model else fp32, reference)
