@@ -72,7 +72,18 @@ def attention_takes_past(model: onnx.ModelProto) -> int:
         dropped.update(id(n) for n in (kc, vc, *kchain, *vchain))
         rewritten += 1
     if dropped:
-        kept = [n for n in graph.node if id(n) not in dropped]
+        kept = _live([n for n in graph.node if id(n) not in dropped], outputs)
         del graph.node[:]
         graph.node.extend(kept)
     return rewritten
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` without those whose results nothing reads any more (the shape arithmetic that fed the repeat's
+    Expand and Reshape), backwards in one pass: graph order is topological."""
+    needed, kept = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output if o):
+            kept.append(n)
+            needed.update(i for i in n.input if i)
+    return kept[::-1]

@@ -194,8 +194,7 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             path = work / f"{name}.onnx"
             if opts.generate:  # with its KV cache, checked by greedy generation against torch
                 dec = export_with_past(module, example["input_ids"], path, opset=profile.generation_opset,
-                                       source=opts.source,
-                                       extra_meta={"variant": name}, on_stage=on_stage)
+                                       source=opts.source, extra_meta={"variant": name}, on_stage=on_stage)
                 check = dec.generation
                 return Built(name=name, onnx=path.name, size_bytes=dec.size_bytes, params=_params(path),
                              macs=_module_macs(name, module, example, path), simulated=False, excluded_layers=[],
@@ -350,10 +349,9 @@ def _judge(built: list[Built], timed: Timings, reference: Any, held_out: list[di
         else:
             t = timed.variants[b.name]
             figures = {"latency_ms": t.latency_ms, "profile": t.profile, "speedup_vs_fp32": t.speedup_vs_fp32}
-        got = runner(work / b.onnx, held_out)
-        fid = Fidelity.from_json(fidelity(*_logits_only(reference, got, logits), tokens=held_out if opts.generate else None,
-                                          real_tokens=real_data))
-        ok = fid.within(opts.tolerance)  # matched boxes, top-1 or worst cosine; never with NaN/Inf outputs
+        ref, got = _logits_only(reference, runner(work / b.onnx, held_out), logits)
+        fid = Fidelity.from_json(fidelity(ref, got, tokens=held_out if opts.generate else None, real_tokens=real_data))
+        ok = fid.within(opts.tolerance)  # compress.evaluate.judged's rule; never with NaN/Inf outputs
         scored: dict[str, Any] = {}
         if opts.evaluate is not None:
             on_stage(f"scoring {b.name} with --eval")
