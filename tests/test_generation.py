@@ -169,6 +169,27 @@ def test_per_token_flags_on_a_model_without_a_cache_are_refused(tmp_path, matmul
     assert r.returncode == 2 and "no past_key_values inputs" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_an_onnx_decoder_with_its_cache_goes_through_run_per_token(tmp_path, decoder, matmul_onnx):
+    """compress run on the exported decoder itself (no PyTorch model): the data gives its prefill's token ids,
+    every variant is timed per token and judged on the prefill's logits against the file's own; --generate on an
+    ONNX file without a cache is one line."""
+    out, _ = decoder
+    text = np.frombuffer(Path(__file__).read_bytes()[:32 * 24], np.uint8).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=text.reshape(32, 24))
+    r = _cli("run", str(out), "--calib", str(tmp_path / "ids.npz"), "--quant", "int8", "--runs", "5",
+             "--no-tune-threads", "-o", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    fp32, int8 = rep["variants"]
+    assert rep["speedup_measure"].startswith("per token") and int8["profile"]["generation"]["decode"]["runs"] == 5
+    assert fp32["fidelity"]["next_token_agreement"] == 1.0 and fp32["fidelity"]["perplexity_increase"] == 0.0
+    assert int8["fidelity"]["token_positions"] == 8 * 23 and abs(int8["fidelity"]["perplexity_increase"]) < 0.02
+    assert "a decoder with its KV cache" in rep["model_notes"][0]
+    r = _cli("run", str(matmul_onnx(tmp_path / "m.onnx")), "--input-shape", "x=4,64", "--generate", "-o",
+             str(tmp_path / "no"), cwd=tmp_path)
+    assert r.returncode == 2 and "no past_key_values inputs" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_decoder_with_past_is_quantized_and_profiled_per_token(tmp_path, decoder):
     """export --with-past -> quantize -> profile: the decoder's metadata gives quantize's synthetic data (the
     prefill of the example prompt, an empty past), and the INT4 graph is still timed per token."""

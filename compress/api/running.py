@@ -56,9 +56,6 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
     if onnx_in and prune is not None:
         raise UsageError(f"{model} is ONNX: pruning needs the PyTorch model (a factory or a Hugging Face folder); "
                          "drop --prune to quantize, profile and compare the ONNX file as it is")
-    if generate and onnx_in:
-        raise UsageError(f"--generate exports the PyTorch model with its KV cache; {model} is ONNX already: profile it "
-                         "per token with `compress profile` (a decoder from `compress export --with-past`)")
     if tolerance > 1 and not eval:
         raise UsageError(f"--tolerance {tolerance}: a loss of fidelity is at most 1 (larger values only make sense with --eval)")
     inputs = [model, weights, calib, device, eval, metric]
@@ -96,6 +93,13 @@ def run(model: Union[str, Path], *, output: Union[str, Path], weights: Optional[
         load_metric(eval, metric)  # a FILE.py:FN fails here, before the model is loaded
     say("loading model")
     loaded = load_run_model(model, weights)
+    if onnx_in and not generate and loaded.generates:  # a decoder with its cache is timed as it generates
+        generate = True
+        loaded.notes.append("a decoder with its KV cache (past_key_values.* inputs): run as with --generate, each "
+                            "variant timed per token and judged on its prefill's logits")
+    if generate and onnx_in and not loaded.generates:
+        raise UsageError(f"--generate times a decoder with its KV cache, and {model} has no past_key_values inputs: "
+                         "export the PyTorch model with `compress export --with-past`, or pass the model itself")
     with user_data(model_inputs(loaded, shapes), dopts, Path(outdir).absolute().parent, calib, eval,
                    max_calib) as data:
         opts = RunOptions(prune=prune_opts, quant=quant, int4=int4, calib=data.calib, calib_name=calib,

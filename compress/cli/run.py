@@ -81,7 +81,8 @@ Examples:
               help="Time each variant (fp32 too) at 1, 2, 4, ... up to the device's threads and keep its fastest; the "
                    "recommendation names that count. --no-tune-threads: the device profile's threads only.")
 @click.option("--generate", is_flag=True, help="The model generates text (a decoder): every variant is exported with "
-              "its KV cache, timed per token (prefill and decode) and compared and recommended on the decode step.")
+              "its KV cache, timed per token (prefill and decode) and compared and recommended on the decode step. "
+              "An ONNX decoder that takes its cache (compress export --with-past) is always run so.")
 @click.option("--overwrite", is_flag=True, help="An -o folder holding files no run wrote is moved aside whole "
               "(to DIR.old-N) instead of refused; nothing in it is deleted.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones from the stage cache "

@@ -33,6 +33,7 @@ class ModelInputs:
     dtypes: dict[str, str] = field(default_factory=dict)
     folder: Optional[Path] = None
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    decoder: bool = False  # an ONNX decoder with its KV cache: data gives its prefill's token ids, not the past
 
 
 @dataclass

@@ -22,7 +22,7 @@ def model_inputs(loaded: LoadedModel, input_shapes: Iterable[str] = ()) -> Model
         base = onnx_model_inputs(loaded.source)
         given = {s.name or base.names[0]: tuple(s.shape) for s in map(parse_input_shape, input_shapes)}
         return ModelInputs(names=base.names, required=base.required, dtypes=base.dtypes, folder=base.folder,
-                           shapes={**base.shapes, **given})
+                           shapes={**base.shapes, **given}, decoder=base.decoder)
     shapes: dict[str, tuple[Optional[int], ...]] = {}
     dtypes: dict[str, str] = {}
     names = loaded.input_names
@@ -43,9 +43,12 @@ def load_onnx_model(path: str | Path) -> LoadedModel:
     inputs --calib and --input-shape name, all required."""
     p = Path(path).expanduser()
     check_model(p)
-    names = onnx_model_inputs(p).names
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    return LoadedModel(module=None, source=str(path), kind="onnx", params=params)  # type: ignore[arg-type]
+    got = onnx_model_inputs(p)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind) if n in got.required else inspect.Parameter(n, kind, default=None)
+              for n in got.names]
+    return LoadedModel(module=None, source=str(path), kind="onnx", params=params,  # type: ignore[arg-type]
+                       generates=got.decoder)
 
 
 def load_run_model(spec: str, weights: Optional[str] = None) -> LoadedModel:

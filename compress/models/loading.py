@@ -43,6 +43,7 @@ class LoadedModel:
     weights: str | None = None
     folder: Path | None = None  # a Hugging Face model's files (its tokenizer, preprocessor_config.json)
     notes: list[str] = field(default_factory=list)  # what loading changed in the model, for the report
+    generates: bool = False  # an ONNX decoder with its KV cache (past_key_values.* inputs): timed per token
 
     @property
     def input_names(self) -> list[str]:

@@ -60,6 +60,7 @@ from compress.report import (
 )
 from devices import DeviceProfile, describe_host
 from export import (
+    PAST_PREFIX,
     export_onnx,
     export_with_past,
     get_metadata,
@@ -154,6 +155,8 @@ def _take_onnx(src: Path, dst: Path, example: dict[str, torch.Tensor]) -> Built:
     sequence length is otherwise 1) and the copy says where it came from."""
     proto = onnx.load(str(src), load_external_data=True)
     meta = get_metadata(proto) or {}
+    if any(i.name.startswith(PAST_PREFIX) for i in proto.graph.input):  # a decoder with its cache: its prefill
+        example = {k: torch.from_numpy(v) for k, v in prefill_feeds(example, proto.graph.input).items()}
     if not meta.get("inputs"):  # the example holds the graph's fed inputs only (compress.models.load_onnx_model)
         set_metadata(proto, {**meta, "source": str(src), "exporter": meta.get("exporter", "none: taken as ONNX"),
                              "inputs": [spec.to_json() for spec in input_specs(example)]})
@@ -231,7 +234,10 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
             cache.events["prune"] = prune_cache.events["prune"]
             stages.prune = got.stage
             built.append(got.built)
-        reference = onnx_outputs(work / "fp32.onnx", held_out) if isinstance(model, Path) else torch_outputs(model, held_out)
+        if isinstance(model, Path):  # the ONNX file is the reference; a decoder with its cache, as a prefill
+            reference = (_prefill_logits if opts.generate else onnx_outputs)(work / "fp32.onnx", held_out)
+        else:
+            reference = torch_outputs(model, held_out)
         if quantizer is not None:
             if opts.prune is not None and opts.backoff:  # the back-off: quantization alone, should the cut not pay
                 with clock("quantize_unpruned"):
