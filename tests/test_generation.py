@@ -72,6 +72,12 @@ def test_stock_config_decoder_goes_through_run_and_the_report_says_the_cache_was
     (note,) = rep["model_notes"]
     assert note.startswith("KV cache switched off (lm: config.use_cache True -> False)")
     assert "KV cache switched off" in (tmp_path / "out" / "report.md").read_text()
+    # the same model and example with --generate, beside that run's stage cache: its export is another file
+    r = _cli("run", f"{tmp_path / 'lm.py'}:build", "--input-shape", "input_ids=1,16", "--generate", "--runs", "5",
+             "--no-tune-threads", "-o", str(tmp_path / "gen"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "gen" / "report.json").read_text())
+    assert rep["cache"]["stages"]["export"] == "miss" and rep["variants"][0]["profile"]["generation"]
 
 
 @pytest.fixture(scope="module")

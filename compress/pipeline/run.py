@@ -190,7 +190,8 @@ def run_pipeline(model: nn.Module | Path, inputs: Prepared, profile: DeviceProfi
         cache = opts.cache or StageCache(enabled=False)
         clock = StageClock()
         stages = Stages()
-        base_key = [example, profile.opset, opts.source]
+        # a decoder exported with its cache (--generate) is another file than its plain export: another key
+        base_key = [example, profile.opset, opts.source, {"with_past": profile.generation_opset} if opts.generate else None]
 
         def export_variant(name: str, module: nn.Module) -> Built:
             on_stage(f"exporting {name}")
