@@ -33,6 +33,7 @@ from export import DEFAULT_NEW_TOKENS, GENERATION_OPSET, PAST_PREFIX, metadata
 from export.attention_past import attention_takes_past
 from export.onnx_export import silenced, size_with_data, write_model
 from export.past import empty_past
+from export.rotary_batch import rotary_caches_at_batch
 from export.sibling_matmuls import join_sibling_matmuls
 
 INPUTS = ("input_ids", "attention_mask")
@@ -235,6 +236,7 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
                              f"{_first_line(e)}") from e
     exported = onnx.ModelProto()
     exported.CopyFrom(proto)
+    rotary_caches_at_batch(proto)  # not a speed-up: without it onnxruntime runs the decoder at batch 1 only
     fused, joined = attention_takes_past(proto), join_sibling_matmuls(proto)
     say(f"greedy generation of {new_tokens} tokens, torch against onnxruntime")
     check = _checked(proto, lm, prompt, new_tokens)

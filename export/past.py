@@ -25,8 +25,14 @@ def empty_past(inputs: Any, batch: int = 1) -> dict[str, np.ndarray]:
 
 
 def prefill_feeds(batch: Mapping[str, Any], inputs: Any) -> dict[str, np.ndarray]:
-    """A plain forward's batch ({input_ids: [n, length]}) as a decoder-with-past graph's prefill (`inputs`: its
-    graph inputs): a mask of ones and an empty past, so its logits answer for the same tokens."""
-    ids = np.asarray(batch["input_ids"].numpy() if hasattr(batch["input_ids"], "numpy") else batch["input_ids"])
-    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones(ids.shape, np.int64),
+    """A plain forward's batch ({input_ids: [n, length]}, and its attention_mask where it has one: padded text)
+    as a decoder-with-past graph's prefill (`inputs`: its graph inputs): that mask, else ones, and an empty past,
+    so its logits answer for the same tokens."""
+    ids = _array(batch["input_ids"])
+    mask = _array(batch["attention_mask"]) if batch.get("attention_mask") is not None else np.ones(ids.shape, np.int64)
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
             **empty_past(inputs, ids.shape[0])}
+
+
+def _array(x: Any) -> np.ndarray:
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)

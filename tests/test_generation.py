@@ -431,10 +431,39 @@ def test_llama_with_grouped_query_attention_exports_with_its_cache_folded_in(tmp
     assert r.generation.matched == 12 and r.attention_with_past == 2 and r.joined_matmuls == 10
     ops = [n.op_type for n in onnx.load(str(tmp_path / "llama.onnx")).graph.node]
     assert ops.count("Attention") == 2 and ops.count("RotaryEmbedding") == 4 and ops.count("MatMul") == 2 * 4 + 1
+    # a batch of prompts at once (the judge's prefill of tokenized text): the rotary caches follow the batch
+    import onnxruntime as ort
+
+    from export import prefill_feeds
+
+    sess = ort.InferenceSession(str(tmp_path / "llama.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 300, size=(3, 10))
+    both = sess.run(["logits"], prefill_feeds({"input_ids": ids}, sess.get_inputs()))[0]
+    for i in range(3):
+        one = sess.run(["logits"], prefill_feeds({"input_ids": ids[i:i + 1]}, sess.get_inputs()))[0]
+        np.testing.assert_allclose(both[i:i + 1], one, atol=1e-4)
     q = compress.quantize(tmp_path / "llama.onnx", to="int4", output=tmp_path / "int4.onnx", no_measure=True)
     assert q.quantizer["counts"]["int4"] == 2 * 4 + 1
     p = compress.profile(tmp_path / "int4.onnx", runs=5, prompt_len=8, context_len=16)
     assert p.generation.decode.runs == 5
+    # text through the folder's own tokenizer, which (as GPT-2's and Llama's) has no padding token: padded with
+    # its end-of-text token, the padding masked out of the perplexity
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for w in Path(__file__).read_text().split() if w.isidentifier()})[:290]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "llama")
+    lines = [" ".join(words[i:i + 3 + i % 9]) for i in range(0, 240, 6)]  # 40 texts of 3 to 11 words
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    r = _cli("run", str(tmp_path / "llama"), "--calib", str(tmp_path / "text.txt"), "--seq-len", "12", "--generate",
+             "--runs", "5", "--no-tune-threads", "-o", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    f = rep["variants"][0]["fidelity"]
+    assert f["perplexity_increase"] == pytest.approx(0.0, abs=1e-4) and f["token_positions"] < f["samples"] * 11
+    assert any("padded with the end-of-text token" in n for n in rep["calibration"]["data"]["calib"]["notes"])
 
 
 def test_matmuls_of_one_activation_are_joined_exactly():

@@ -128,6 +128,12 @@ class Tokenize:
         except Exception as e:  # OSError for a folder without one, ValueError for an unknown kind, ...
             raise InputError(f"{shown}: no tokenizer could be loaded from {folder} ({type(e).__name__}: "
                              f"{first_line(e)}); give --tokenizer FOLDER") from e
+        if self.tok.pad_token is None:  # a decoder's tokenizer (GPT-2, Llama) has none; padding is masked out anyway
+            if self.tok.eos_token is None:
+                raise InputError(f"{shown}: the tokenizer in {folder} has neither a padding nor an end-of-text token "
+                                 "to pad with; give --seq-len no longer than the shortest text, or set pad_token")
+            self.tok.pad_token = self.tok.eos_token
+            notes.append(f"padded with the end-of-text token {self.tok.eos_token!r} (the tokenizer has no padding token)")
         notes.append(f"tokenized with {type(self.tok).__name__} from {folder}, padded and truncated to {self.seq_len}")
 
     def stream(self, records: Iterable[tuple[str, Optional[int]]]) -> Iterator[Sample]:
