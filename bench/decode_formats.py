@@ -27,10 +27,10 @@ Models (no hub: both are built here):
 Latency is the median of interleaved warm bursts (runtime.abtest.interleaved_latency, as compress run times
 variants), wall clock and the calling thread's CPU time, one intra-op thread by default.
 
-Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 81 s):
-decode per token vs fp32 (3.70 ms): INT8 2.38x, INT4 3.48x, INT4 mixed 3.36x, INT4 at opset 18 1.84x (fp32 at
-opset 18 0.86x), genai int4 3.79x, genai fp32 1.04x; prefill of 64 tokens (18.4 ms): INT8 2.91x, INT4 1.23x,
-INT4 mixed 1.25x, genai int4 1.23x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 / 2.2385 bits per byte (fp32 / INT8 /
+Run of 2026-12-05 (AMD EPYC, 2 cores, AVX-512 VNNI, onnxruntime 1.32.0, onnxruntime-genai 0.18.0, 78 s):
+decode per token vs fp32 (3.75 ms): INT8 2.48x, INT4 3.43x, INT4 mixed 3.14x, INT4 at opset 18 1.80x (fp32 at
+opset 18 0.86x), genai int4 3.56x, genai fp32 1.10x; prefill of 64 tokens (17.7 ms): INT8 2.85x, INT4 1.19x,
+INT4 mixed 1.22x, genai int4 1.19x. Tiny GPT-2: 2.2370 / 2.2367 / 2.2402 / 2.2385 bits per byte (fp32 / INT8 /
 INT4 / INT4 mixed), next-token agreement 99.10% / 97.18% / 98.34%. README "Generation" has the table.
 """
 

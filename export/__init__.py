@@ -7,7 +7,7 @@ from compress.core import lazy_exports
 
 DEFAULT_NEW_TOKENS = 16  # --with-past: tokens of greedy generation checked against torch (here: no torch import)
 # --with-past: ONNX Attention (given the KV cache), RotaryEmbedding and RMSNormalization, run fused: INT4 decode
-# 1.065 ms against 2.015 at opset 18 (bench/decode_formats.py). devices' generation_opset defaults to the same.
+# 1.095 ms against 2.090 at opset 18 (bench/decode_formats.py). devices' generation_opset defaults to the same.
 GENERATION_OPSET = 23
 PAST_PREFIX = "past_key_values."  # a decoder's KV cache inputs (--with-past); runtime/runner.py keeps its own copy
 
