@@ -5,8 +5,10 @@ that transformers computes once for every sequence of the batch ([1, sequence, h
 torch). ONNX's operator takes no broadcast there (3-D caches are [batch, sequence, head_size / 2]), and
 onnxruntime refuses any batch but 1 ("Inputs 'cos_cache' and 'sin_cache' are expected to have the same shape
 as input 'x', got 1 and 32": a decoder's prefill of 32 tokenized texts at once). So the caches are expanded to
-the batch of the graph's input_ids first. The same Shape/Concat/Expand, written once and read by every layer,
-is a handful of tiny ops per step.
+the batch of the graph's input_ids first: a Shape/Concat/Expand per cos and sin tensor the exporter wrote (one
+per layer, all alike), which onnxruntime's common-subexpression pass merges (5 Expand ran per decode step on the
+Llama of bench/decode_formats.py). A one-off interleaved A/B on it (AMD EPYC, AVX-512 VNNI, one thread) found
+no cost: INT4 decode 1.075 ms without, 1.042 ms with.
 """
 
 from __future__ import annotations
