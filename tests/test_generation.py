@@ -248,10 +248,12 @@ def test_decoder_with_past_is_calibrated_on_the_users_token_ids(tmp_path, traine
     assert fp32["fidelity"]["perplexity_increase"] == pytest.approx(0.0, abs=1e-4)
     assert abs(int8["fidelity"]["perplexity_increase"]) < 0.01 and int8["within_tolerance"] is True
     assert 1 < fp32["fidelity"]["reference_perplexity"] < 30  # it reads Python source well; 256 bytes are possible
-    np.savez(tmp_path / "bad.npz", tokens=text.reshape(40, 24))
+    # an .npz without the token ids: one line naming what is missing (the prefill fills the mask and the past)
+    np.savez(tmp_path / "bad.npz", tokens=text.reshape(40, 24), mask=np.ones((40, 24), np.int64))
     r = _cli("quantize", str(out), "--to", "int8", "--calib", str(tmp_path / "bad.npz"), "-o",
              str(tmp_path / "bad.onnx"), cwd=tmp_path)
-    assert r.returncode == 1 and "'tokens' is not an input name" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 1 and "no array for graph input(s) input_ids (it has tokens, mask)" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "bad.onnx").exists()
 
 
 def test_run_generate_builds_every_variant_with_its_cache_and_compares_them_per_token(tmp_path):

@@ -124,7 +124,8 @@ class CalibReader(CalibrationDataReader):
         decoder = any(n.startswith(PAST_PREFIX) for n in wanted)  # an encoder's missing mask stays an error
         prefill = decoder and bool(missing) and "input_ids" in keys and all(_prefill_fills(n) for n in missing)
         if missing and not prefill:
-            raise InputError(f"{shown}: no array for graph input(s) {', '.join(missing)} (it has {', '.join(keys) or 'none'})")
+            told = [n for n in missing if not (decoder and _prefill_fills(n))] or missing  # a decoder's: its ids
+            raise InputError(f"{shown}: no array for graph input(s) {', '.join(told)} (it has {', '.join(keys) or 'none'})")
         if source is None:  # lazily: memory-mapped or decompressed up to `cap` samples, the graph inputs only
             source = load_calib(calib, max_samples=cap, keys=[n for n in wanted if n in keys])
         if prefill:  # a decoder with its KV cache: the token ids as its prefill (an empty past, a mask of ones)
