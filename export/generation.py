@@ -234,9 +234,9 @@ def export_with_past(module: nn.Module, prompt: torch.Tensor, out_path: str | Pa
             reraise_if_interrupted(e)
             raise ModelError(f"exporting {type(lm).__name__} with its KV cache failed: {type(e).__name__}: "
                              f"{_first_line(e)}") from e
-    exported = onnx.ModelProto()
-    exported.CopyFrom(proto)
     rotary_caches_at_batch(proto)  # not a speed-up: without it onnxruntime runs the decoder at batch 1 only
+    exported = onnx.ModelProto()  # what the speed-ups fall back to: with the rotary fix, which must stay
+    exported.CopyFrom(proto)
     fused, joined = attention_takes_past(proto), join_sibling_matmuls(proto)
     say(f"greedy generation of {new_tokens} tokens, torch against onnxruntime")
     check = _checked(proto, lm, prompt, new_tokens)

@@ -238,9 +238,13 @@ def graph_input_dims(proto: Any) -> dict[str, list[Any]]:
     weights = {t.name for t in proto.graph.initializer}  # old IRs list weights as inputs; they are not fed
     for vi in proto.graph.input:
         if vi.name not in weights and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                             for d in vi.type.tensor_type.shape.dim]
+            dims[vi.name] = _declared_dims(vi)
     return dims
+
+
+def _declared_dims(vi: Any) -> list[Any]:
+    """A graph value's dims as declared: an int, the symbolic name (str), or None (unnamed)."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
 
 
 def unsized_axis(dims: list[Any], given: Any = None) -> int | None:
@@ -326,10 +330,8 @@ class _GraphArgs:
         from onnx import helper as onnx_helper
 
         def arg(vi: Any) -> Any:
-            t = vi.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-            kind = onnx_helper.tensor_dtype_to_string(t.elem_type).rpartition(".")[2].lower()
-            return SimpleNamespace(name=vi.name, shape=shape, type=f"tensor({kind})")
+            kind = onnx_helper.tensor_dtype_to_string(vi.type.tensor_type.elem_type).rpartition(".")[2].lower()
+            return SimpleNamespace(name=vi.name, shape=_declared_dims(vi), type=f"tensor({kind})")
 
         weights = {t.name for t in proto.graph.initializer}
         self.inputs = [arg(vi) for vi in proto.graph.input if vi.name not in weights]
